@@ -1,0 +1,25 @@
+"""Types of the compiled data plane (built from ext/engine.pyx)."""
+
+class Engine:
+    """Worker threads forwarding TCP and UDP without the GIL.
+
+    Every method that changes forwarding returns once all workers have applied it.
+    """
+
+    workers: int
+    pipe_size: int
+
+    def __init__(self, workers: int = 0, pipe_size: int = 1 << 20, copy_buffer: int = 256 * 1024) -> None: ...
+    def add_rule(self, proto: str, listen_host: str, listen_port: int, count: int) -> tuple[int, int]:
+        """Bind ``count`` sockets (not yet accepting). Returns (rule id, first real port)."""
+    def configure(self, rule_id: int, *, connect_timeout: float, idle_timeout: float,
+                  half_closed_timeout: float, splice: int, splice_threshold: int,
+                  udp_idle_timeout: float, udp_max_sessions: int, max_connections: int,
+                  allow: tuple[str, ...], source: tuple[str, ...]) -> None: ...
+    def set_target(self, rule_id: int, host: str | None, port: int, close_live: bool) -> None:
+        """Point the rule at host:port (port + i for listener i); ``None`` makes it pending."""
+    def remove_rule(self, rule_id: int, close_live: bool) -> None: ...
+    def counters(self, rule_id: int) -> dict[str, int]: ...
+    def sessions(self, rule_id: int) -> list[tuple[str, int]]: ...
+    def live_connections(self) -> int: ...
+    def close(self) -> None: ...

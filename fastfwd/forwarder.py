@@ -1,0 +1,302 @@
+"""The Python API: a Forwarder owning the data-plane engine and the table of rules.
+
+Usable from asyncio (and uvloop)::
+
+    async with fastfwd.Forwarder() as fw:
+        web = await fw.add(fastfwd.Rule.parse("0:127.0.0.1:8080"))
+        print(web.port, fw.counters(web).bytes_up)
+
+Engine calls return once every worker has applied them (microseconds; the workers never
+wait on Python), so when ``add``/``resolve``/``apply`` return, traffic already flows.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+
+from .rules import Rule, is_ip
+
+log = logging.getLogger("fastfwd")
+
+_SPLICE_MODES = {"never": 0, "auto": 1, "always": 2}
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Per-rule counters, summed over the workers. ``up`` is client to target."""
+
+    accepted: int = 0
+    active: int = 0
+    refused: int = 0
+    connect_failed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_spliced: int = 0
+    bytes_copied: int = 0
+    splice_fallbacks: int = 0
+    accept_paused: int = 0
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+    sessions_active: int = 0
+    sessions_created: int = 0
+    sessions_evicted: int = 0
+    sessions_expired: int = 0
+    drops: int = 0
+    truncated: int = 0
+
+
+@dataclass(eq=False)
+class ActiveRule:
+    """A rule the forwarder holds. ``port`` is the first real listening port (useful with port 0)."""
+
+    rule: Rule
+    id: int
+    port: int
+    target_ip: str | None = None
+    #: Set while the rule is in the engine; a removed rule keeps its last value False.
+    installed: bool = field(default=True, repr=False)
+
+    @property
+    def pending(self) -> bool:
+        """True while the target is a name with no known address: the port refuses connections."""
+        return self.target_ip is None
+
+    @property
+    def state(self) -> str:
+        return "pending" if self.pending else "active"
+
+
+@dataclass
+class Diff:
+    """What ``apply`` did to the rule table."""
+
+    added: list[ActiveRule] = field(default_factory=list)
+    removed: list[ActiveRule] = field(default_factory=list)
+    retargeted: list[ActiveRule] = field(default_factory=list)
+    reconfigured: list[ActiveRule] = field(default_factory=list)
+    unchanged: list[ActiveRule] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.retargeted or self.reconfigured)
+
+
+class Forwarder:
+    """Owns the engine's worker threads and the rules forwarded by them.
+
+    ``workers`` defaults to the CPUs this process may run on. ``hosts`` maps target names to
+    addresses known up front; :meth:`resolve` changes them at run time.
+    """
+
+    def __init__(self, rules: Iterable[Rule] = (), *, workers: int | None = None,
+                 pipe_size: int = 1 << 20, hosts: Mapping[str, str] | None = None) -> None:
+        self._initial = list(rules)
+        self._workers = workers or len(os.sched_getaffinity(0))
+        self._pipe_size = pipe_size
+        self._names: dict[str, str] = dict(hosts or {})
+        self._table: dict[tuple, ActiveRule] = {}
+        self._engine = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        from . import _engine  # the compiled data plane; imported late so the CLI and hook start fast
+
+        if self._engine is not None:
+            return
+        self._engine = _engine.Engine(workers=self._workers, pipe_size=self._pipe_size)
+        try:
+            await self.apply(self._initial)
+        except BaseException:
+            self._engine.close()
+            self._engine = None
+            raise
+
+    async def close(self, drain: float = 0.0) -> None:
+        """Stop forwarding. With ``drain`` > 0, stop accepting first and let live connections
+        finish for up to that many seconds before closing what is left."""
+        if self._engine is None:
+            return
+        if drain > 0:
+            for active in list(self._table.values()):
+                self._uninstall(active, close_live=False)
+            deadline = asyncio.get_running_loop().time() + drain
+            while self._engine.live_connections() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+        self._engine.close()
+        self._engine = None
+        self._table.clear()
+
+    async def __aenter__(self) -> "Forwarder":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    # -- rules -------------------------------------------------------------------------------
+    @property
+    def rules(self) -> list[ActiveRule]:
+        return list(self._table.values())
+
+    def find(self, rule: Rule | ActiveRule) -> ActiveRule | None:
+        key = rule.rule.key if isinstance(rule, ActiveRule) else rule.key
+        return self._table.get(key)
+
+    async def add(self, rule: Rule) -> ActiveRule:
+        """Start forwarding ``rule``. Raises OSError (port in use, address not local, ...)."""
+        engine = self._require()
+        if rule.key in self._table and rule.listen_port:
+            raise ValueError(f"{rule}: a rule already listens on these ports")
+        rule_id, port = engine.add_rule(rule.proto, rule.listen_host, rule.listen_port, rule.count)
+        active = ActiveRule(rule=rule, id=rule_id, port=port)
+        try:
+            self._configure(active)
+            self._point(active, close_live=False)
+        except BaseException:
+            engine.remove_rule(rule_id, True)
+            raise
+        self._table[rule.key if rule.listen_port else (*rule.key[:2], port, 1)] = active
+        log.info("forwarding %s%s", _describe(active), " (pending: no address yet)" if active.pending else "")
+        return active
+
+    async def remove(self, rule: Rule | ActiveRule) -> None:
+        active = self.find(rule) if not isinstance(rule, ActiveRule) else rule
+        if active is None or not active.installed:
+            raise KeyError(f"no such rule: {rule}")
+        self._uninstall(active, close_live=active.rule.options.on_remove == "close")
+        self._table = {k: v for k, v in self._table.items() if v is not active}
+        log.info("removed %s", _describe(active))
+
+    async def apply(self, rules: Iterable[Rule]) -> Diff:
+        """Make the table equal to ``rules``, touching only what differs.
+
+        Unchanged rules keep their listeners, connections and sessions; a rule whose target
+        changed is re-pointed in place; one whose options changed is reconfigured in place.
+        New listeners are bound before anything is removed, so a port clash leaves the old
+        table running; ports that move from a removed rule to a new one are bound after it.
+        """
+        self._require()
+        wanted: dict[tuple, Rule] = {}
+        for rule in rules:
+            if rule.key in wanted:
+                raise ValueError(f"{rule}: listed twice")
+            wanted[rule.key] = rule
+        diff = Diff()
+        gone = [a for k, a in self._table.items() if k not in wanted]
+        fresh = [r for k, r in wanted.items() if k not in self._table]
+        later = [r for r in fresh if any(_overlaps(r, a.rule) for a in gone)]
+        try:
+            for rule in fresh:
+                if rule not in later:
+                    diff.added.append(await self.add(rule))
+        except BaseException:
+            for active in diff.added:
+                await self.remove(active)
+            raise
+        for key, rule in wanted.items():
+            active = self._table.get(key)
+            if active is None or active in diff.added:
+                continue
+            old, active.rule = active.rule, rule
+            if old.options != rule.options:
+                self._configure(active)
+                diff.reconfigured.append(active)
+            if (old.target_host, old.target_port) != (rule.target_host, rule.target_port):
+                self._point(active, close_live=rule.options.on_retarget == "close")
+                diff.retargeted.append(active)
+            elif old.options == rule.options:
+                diff.unchanged.append(active)
+        for active in gone:
+            await self.remove(active)
+            diff.removed.append(active)
+        for rule in later:
+            diff.added.append(await self.add(rule))
+        return diff
+
+    async def resolve(self, name: str, ip: str | None) -> list[ActiveRule]:
+        """Tell the forwarder where ``name`` lives now (``None``: nowhere). Rules targeting it
+        are re-pointed (or made pending) before this returns. Returns the rules it touched."""
+        self._require()
+        if ip is not None and not is_ip(ip):
+            raise ValueError(f"{ip!r} is not an IP address")
+        if self._names.get(name) == ip:
+            return []
+        if ip is None:
+            self._names.pop(name, None)
+        else:
+            self._names[name] = ip
+        touched = [a for a in self._table.values() if a.rule.target_host == name]
+        for active in touched:
+            self._point(active, close_live=active.rule.options.on_retarget == "close")
+        return touched
+
+    @property
+    def names(self) -> dict[str, str]:
+        """Target names with a known address."""
+        return dict(self._names)
+
+    # -- observation -------------------------------------------------------------------------
+    def counters(self, rule: Rule | ActiveRule) -> Counters:
+        active = rule if isinstance(rule, ActiveRule) else self.find(rule)
+        if active is None or not active.installed:
+            raise KeyError(f"no such rule: {rule}")
+        return Counters(**self._require().counters(active.id))
+
+    def sessions(self, rule: Rule | ActiveRule) -> list[tuple[str, int]]:
+        """Client addresses of the rule's live UDP sessions."""
+        active = rule if isinstance(rule, ActiveRule) else self.find(rule)
+        if active is None or not active.installed:
+            raise KeyError(f"no such rule: {rule}")
+        return self._require().sessions(active.id)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _require(self):
+        if self._engine is None:
+            raise RuntimeError("the forwarder is not started (use 'async with' or await start())")
+        return self._engine
+
+    def _configure(self, active: ActiveRule) -> None:
+        o = active.rule.options
+        self._require().configure(
+            active.id,
+            connect_timeout=o.connect_timeout, idle_timeout=o.idle_timeout,
+            half_closed_timeout=o.half_closed_timeout, splice=_SPLICE_MODES[o.splice],
+            splice_threshold=o.splice_threshold, udp_idle_timeout=o.udp_idle_timeout,
+            udp_max_sessions=o.udp_max_sessions, max_connections=o.max_connections,
+            allow=o.allow, source=o.source)
+
+    def _point(self, active: ActiveRule, close_live: bool) -> None:
+        host = active.rule.target_host
+        ip = host if is_ip(host) else self._names.get(host)
+        was = active.target_ip
+        self._require().set_target(active.id, ip, active.rule.target_port, close_live)
+        active.target_ip = ip
+        if was is not None and ip is None:
+            log.warning("%s is pending: %s has no address", _describe(active), host)
+        elif was is not None and ip != was:
+            log.info("%s re-pointed from %s to %s", _describe(active), was, ip)
+
+    def _uninstall(self, active: ActiveRule, close_live: bool) -> None:
+        if active.installed:
+            self._require().remove_rule(active.id, close_live)
+            active.installed = False
+
+
+def _describe(active: ActiveRule) -> str:
+    label = f"{active.rule.name}: " if active.rule.name else ""
+    return f"{label}{active.rule}" + (f" ({active.target_ip})" if active.rule.target_is_name and active.target_ip else "")
+
+
+def _overlaps(a: Rule, b: Rule) -> bool:
+    return (a.proto == b.proto and a.listen_port and b.listen_port
+            and a.listen_port < b.listen_port + b.count and b.listen_port < a.listen_port + a.count)
+
+
+COUNTER_NAMES = tuple(f.name for f in fields(Counters))

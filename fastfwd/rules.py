@@ -1,0 +1,206 @@
+"""Forwarding rules: the typed rule objects, their options, and the port-spec syntax.
+
+A spec reads ``[ADDR:]PORT[-END]:HOST:PORT[-END]``; IPv6 addresses go in brackets
+(``[::1]:5353:[::1]:53``). HOST is an IP literal or a name that host entries or DHCP
+leases resolve. A port range maps one to one onto a target range of the same length.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Proto = Literal["tcp", "udp"]
+SpliceMode = Literal["auto", "always", "never"]
+LivePolicy = Literal["keep", "close"]
+
+#: Where a spec without an address listens: loopback, so a quick forward never
+#: publishes a port to the network by surprise. Say ``0.0.0.0:PORT`` to publish.
+DEFAULT_LISTEN = "127.0.0.1"
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+class SpecError(ValueError):
+    """A port spec or rule field that cannot be used; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Per-rule behaviour. Times are in seconds; 0 disables a timeout or a cap."""
+
+    #: Give up on a target that has not completed the TCP handshake by then.
+    connect_timeout: float = 10.0
+    #: Close a TCP connection with no traffic either way for this long.
+    idle_timeout: float = 3600.0
+    #: Close a connection this long after one direction finished (FIN) and the other went quiet.
+    half_closed_timeout: float = 120.0
+    #: ``auto`` copies short exchanges and switches a direction to splice(2) once it has
+    #: moved ``splice_threshold`` bytes; ``always`` splices from the first byte; ``never`` copies.
+    splice: SpliceMode = "auto"
+    splice_threshold: int = 65536
+    #: A UDP session (one client address) ends after this long without a datagram either way.
+    udp_idle_timeout: float = 60.0
+    #: At most this many UDP sessions per rule; a new client evicts the least recently active.
+    udp_max_sessions: int = 4096
+    #: Refuse TCP connections beyond this many open at once (0: no cap).
+    max_connections: int = 0
+    #: Only these source networks may connect (CIDRs); empty allows all. Others are refused and counted.
+    allow: tuple[str, ...] = ()
+    #: Local addresses to spread upstream connections over (more ports in TIME_WAIT before running out).
+    source: tuple[str, ...] = ()
+    #: What happens to live TCP connections when the rule's target changes: ``keep`` lets
+    #: them run to their end on the old target, ``close`` resets them. UDP sessions always move.
+    on_retarget: LivePolicy = "keep"
+    #: What happens to live TCP connections and UDP sessions when the rule is removed.
+    on_remove: LivePolicy = "keep"
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "idle_timeout", "half_closed_timeout", "udp_idle_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise SpecError(f"{name}: expected a number of seconds >= 0, got {value!r}")
+        for name in ("splice_threshold", "udp_max_sessions", "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SpecError(f"{name}: expected an integer >= 0, got {value!r}")
+        if self.splice not in ("auto", "always", "never"):
+            raise SpecError(f"splice: expected 'auto', 'always' or 'never', got {self.splice!r}")
+        for name in ("on_retarget", "on_remove"):
+            if getattr(self, name) not in ("keep", "close"):
+                raise SpecError(f"{name}: expected 'keep' or 'close', got {getattr(self, name)!r}")
+        allow = tuple(self.allow)
+        for cidr in allow:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise SpecError(f"allow: {cidr!r} is not a CIDR network") from None
+        source = tuple(self.source)
+        for addr in source:
+            parse_ip(addr, "source")
+        object.__setattr__(self, "allow", allow)
+        object.__setattr__(self, "source", source)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One forward: ``count`` consecutive listen ports onto ``count`` consecutive target ports.
+
+    ``target_host`` is an IP literal or a name resolved at run time; a rule whose name is not
+    resolved yet is *pending*. ``listen_port`` 0 asks the kernel for a free port.
+    """
+
+    proto: Proto
+    listen_port: int
+    target_host: str
+    target_port: int
+    listen_host: str = DEFAULT_LISTEN
+    count: int = 1
+    name: str | None = None
+    options: RuleOptions = field(default_factory=RuleOptions)
+
+    def __post_init__(self) -> None:
+        if self.proto not in ("tcp", "udp"):
+            raise SpecError(f"proto: expected 'tcp' or 'udp', got {self.proto!r}")
+        object.__setattr__(self, "listen_host", str(parse_ip(self.listen_host, "listen address")))
+        check_target_host(self.target_host)
+        if self.count < 1:
+            raise SpecError(f"port count must be at least 1, got {self.count}")
+        if self.listen_port == 0 and self.count != 1:
+            raise SpecError("listen port 0 (any free port) cannot start a range")
+        _check_port_range(self.listen_port, self.count, "listen", allow_zero=True)
+        _check_port_range(self.target_port, self.count, "target", allow_zero=False)
+
+    @classmethod
+    def parse(cls, spec: str, proto: Proto = "tcp", *, name: str | None = None,
+              options: RuleOptions | None = None) -> "Rule":
+        """Parse ``[ADDR:]PORT[-END]:HOST:PORT[-END]`` into a rule."""
+        parts = split_hostports(spec)
+        if len(parts) == 3:
+            listen_host, (lport, lcount), thost, (tport, tcount) = (
+                DEFAULT_LISTEN, parse_ports(parts[0]), parts[1], parse_ports(parts[2]))
+        elif len(parts) == 4:
+            listen_host, (lport, lcount), thost, (tport, tcount) = (
+                parts[0], parse_ports(parts[1]), parts[2], parse_ports(parts[3]))
+        else:
+            raise SpecError(f"{spec!r}: expected [ADDR:]PORT[-END]:HOST:PORT[-END]")
+        if lcount != tcount:
+            raise SpecError(f"{spec!r}: listen range has {lcount} ports but target range has {tcount}")
+        try:
+            return cls(proto=proto, listen_host=listen_host, listen_port=lport, count=lcount,
+                       target_host=thost, target_port=tport, name=name,
+                       options=options or RuleOptions())
+        except SpecError as exc:
+            raise SpecError(f"{spec!r}: {exc}") from None
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        """What identifies a rule across reloads: its protocol and listening ports."""
+        return (self.proto, self.listen_host, self.listen_port, self.count)
+
+    @property
+    def target_is_name(self) -> bool:
+        return not is_ip(self.target_host)
+
+    def with_target(self, host: str, port: int | None = None) -> "Rule":
+        return replace(self, target_host=host, target_port=self.target_port if port is None else port)
+
+    def __str__(self) -> str:
+        def hp(host: str, port: int) -> str:
+            host = f"[{host}]" if ":" in host else host
+            last = port + self.count - 1
+            return f"{host}:{port}" + (f"-{last}" if self.count > 1 else "")
+        return f"{self.proto} {hp(self.listen_host, self.listen_port)} -> {hp(self.target_host, self.target_port)}"
+
+
+def split_hostports(text: str) -> list[str]:
+    """Split on the ':' outside brackets; bracketed IPv6 literals lose their brackets."""
+    if text.count("[") != text.count("]"):
+        raise SpecError(f"{text!r}: unbalanced '[' and ']'")
+    parts = re.split(r":(?![^\[]*\])", text.strip())
+    return [p[1:-1] if p.startswith("[") and p.endswith("]") else p for p in parts]
+
+
+def parse_ports(text: str) -> tuple[int, int]:
+    """``PORT`` or ``PORT-END`` into (first port, count)."""
+    first, sep, last = text.partition("-")
+    try:
+        lo = int(first)
+        hi = int(last) if sep else lo
+    except ValueError:
+        raise SpecError(f"{text!r} is not a port or a port range") from None
+    for port in (lo, hi):
+        if not 0 <= port <= 65535:
+            raise SpecError(f"port {port} is out of range 0-65535")
+    if hi < lo:
+        raise SpecError(f"range {lo}-{hi} is reversed")
+    return lo, hi - lo + 1
+
+
+def parse_ip(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise SpecError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_target_host(host: str) -> None:
+    if not is_ip(host) and not _HOSTNAME.match(host):
+        raise SpecError(f"target host {host!r} is neither an IP address nor a valid host name")
+
+
+def _check_port_range(first: int, count: int, what: str, allow_zero: bool) -> None:
+    if not (0 if allow_zero else 1) <= first <= 65535:
+        raise SpecError(f"{what} port {first} is out of range {0 if allow_zero else 1}-65535")
+    if first + count - 1 > 65535:
+        raise SpecError(f"{what} range {first}-{first + count - 1} runs past port 65535")
