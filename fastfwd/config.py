@@ -1,0 +1,413 @@
+"""The TOML config file: loading, complete validation, and the typed settings it yields.
+
+Validation collects every problem before giving up, and each message names its key path
+(``forward[3].listen: range 8000-7999 is reversed``), so one run of ``fastfwd check`` shows
+everything to fix. ``docs/config.md`` is the reference for the schema and its defaults.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_target_host,
+                    is_ip, parse_ports, split_hostports)
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_OPTION_KEYS = tuple(f.name for f in fields(RuleOptions))
+_TUPLE_OPTIONS = ("allow", "source")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. ``errors`` holds one message per problem, each naming its key path."""
+
+    def __init__(self, errors: list[str], source: str = "<config>") -> None:
+        self.errors = list(errors)
+        self.source = source
+        super().__init__("\n".join(f"{source}: {e}" for e in self.errors))
+
+
+def runtime_dir() -> Path:
+    """Where sockets go by default: /run/fastfwd for root, a per-user directory otherwise."""
+    if os.geteuid() == 0:
+        return Path("/run/fastfwd")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/fastfwd-{os.geteuid()}"
+    return Path(base) / "fastfwd"
+
+
+def state_dir() -> Path:
+    """Where leases are kept across restarts by default."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/fastfwd")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fastfwd"
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """A target name known to the config: by MAC (resolved through DHCP leases) or a fixed IP."""
+
+    name: str
+    mac: str | None = None
+    ip: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    #: Worker threads; None means one per CPU this process may run on.
+    workers: int | None = None
+    #: Size asked for each splice pipe (F_SETPIPE_SZ); the kernel may grant less.
+    pipe_size: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    lease_socket: str = field(default_factory=lambda: str(runtime_dir() / "lease.sock"))
+    control_socket: str = field(default_factory=lambda: str(runtime_dir() / "control.sock"))
+    state_dir: str = field(default_factory=lambda: str(state_dir()))
+    #: Who may connect to the sockets besides root and the daemon's own user (names or ids).
+    allow_users: tuple[str | int, ...] = ()
+    allow_groups: tuple[str | int, ...] = ()
+    #: On SIGTERM, how long live connections may take to finish before they are closed.
+    drain_deadline: float = 30.0
+    #: ``ADDR:PORT`` for Prometheus metrics over HTTP; None serves them on the control socket only.
+    metrics_listen: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Where target addresses come from besides fixed ``ip`` entries."""
+
+    #: Leases from the lease socket (the DHCP hook). Off: no lease socket is opened.
+    dhcp: bool = True
+    #: The kernel neighbour table (addresses seen on the bridge); used by the VM-host tooling.
+    neighbours: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    rules: tuple[Rule, ...] = ()
+    hosts: Mapping[str, HostEntry] = field(default_factory=dict)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    control: ControlSettings = field(default_factory=ControlSettings)
+    sources: SourceSettings = field(default_factory=SourceSettings)
+    source: str = "<config>"
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read: {getattr(exc, 'strerror', None) or exc}"], str(path)) from None
+    return parse_config(text, str(path), base=path.parent)
+
+
+def parse_config(text: str, source: str = "<config>", *, base: Path | None = None) -> Config:
+    """Validate config text completely. Relative paths in [control] are taken from ``base``."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML: {exc}"], source) from None
+    v = _Validator(base or Path.cwd())
+    config = v.config(doc, source)
+    if v.errors:
+        raise ConfigError(list(dict.fromkeys(v.errors)), source)
+    return config
+
+
+class _Validator:
+    """Walks the parsed document, recording every problem under its key path."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.errors: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def table(self, doc: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The table at ``path`` with unknown keys reported (naming the closest valid one)."""
+        if not isinstance(doc, dict):
+            self.error(path, f"expected a table, got {_kind(doc)}")
+            return {}
+        for key in doc:
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(keys)}"
+                self.error(f"{path}.{key}" if path else key, f"unknown key ({hint})")
+        return {k: v for k, v in doc.items() if k in keys}
+
+    def config(self, doc: dict[str, Any], source: str) -> Config:
+        top = self.table(doc, "", ("forward", "hosts", "defaults", "engine", "control", "sources"))
+        hosts = self.hosts(top.get("hosts", {}))
+        sources = self.settings(SourceSettings, top.get("sources", {}), "sources")
+        defaults = self.options(self.table(top.get("defaults", {}), "defaults", _OPTION_KEYS), "defaults",
+                                RuleOptions())
+        forwards = top.get("forward", [])
+        if not isinstance(forwards, list):
+            self.error("forward", "expected an array of tables ([[forward]])")
+            forwards = []
+        rules: list[tuple[str, Rule]] = []
+        for i, entry in enumerate(forwards):
+            rules.extend((f"forward[{i}]", r) for r in self.forward(entry, f"forward[{i}]", defaults, hosts, sources))
+        self.overlaps(rules)
+        return Config(
+            rules=tuple(r for _, r in rules), hosts=hosts,
+            engine=self.settings(EngineSettings, top.get("engine", {}), "engine"),
+            control=self.settings(ControlSettings, top.get("control", {}), "control"),
+            sources=sources, source=source)
+
+    # -- sections ----------------------------------------------------------------------------
+    def hosts(self, doc: Any) -> dict[str, HostEntry]:
+        if not isinstance(doc, dict):
+            self.error("hosts", f"expected a table of [hosts.NAME] entries, got {_kind(doc)}")
+            return {}
+        hosts = {}
+        for name, entry in doc.items():
+            path = f"hosts.{name}"
+            try:
+                check_target_host(name)
+            except SpecError:
+                self.error(path, f"{name!r} is not a valid host name")
+                continue
+            entry = self.table(entry, path, ("mac", "ip"))
+            if len(entry) != 1:
+                self.error(path, "give exactly one of 'mac' or 'ip'")
+                continue
+            if "mac" in entry:
+                mac = entry["mac"].lower() if isinstance(entry["mac"], str) else None
+                if mac is None or not _MAC.match(mac):
+                    self.error(f"{path}.mac", f"{entry['mac']!r} is not a MAC address (like 52:54:00:12:34:56)")
+                    continue
+                hosts[name] = HostEntry(name, mac=mac)
+            else:
+                ip = self.check(f"{path}.ip", entry["ip"], _ip)
+                if ip is not None:
+                    hosts[name] = HostEntry(name, ip=ip)
+        return hosts
+
+    def settings(self, cls: type, doc: Any, path: str) -> Any:
+        """A settings dataclass from its table; each field checked by its ``_SETTINGS`` checker."""
+        checks = _SETTINGS[cls]
+        values = {}
+        for key, value in self.table(doc, path, tuple(checks)).items():
+            checked = self.check(f"{path}.{key}", value, checks[key])
+            if checked is not None:
+                values[key] = _resolve_path(self.base, checked) if key in _PATHS else checked
+        return cls(**values)
+
+    def options(self, doc: Any, path: str, base: RuleOptions) -> RuleOptions:
+        """RuleOptions from the option keys of ``doc`` over ``base``; each field checked alone
+        so that every bad one is reported."""
+        good: dict[str, Any] = {}
+        for key in _OPTION_KEYS:
+            if key not in doc:
+                continue
+            value = doc[key]
+            if key in _TUPLE_OPTIONS:
+                if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                    self.error(f"{path}.{key}", f"expected an array of strings, got {value!r}")
+                    continue
+                value = tuple(value)
+            try:
+                RuleOptions(**{key: value})
+            except SpecError as exc:
+                self.error(f"{path}.{key}", str(exc).removeprefix(f"{key}: "))
+                continue
+            good[key] = value
+        return RuleOptions(**{**{f: getattr(base, f) for f in _OPTION_KEYS}, **good})
+
+    def forward(self, doc: Any, path: str, defaults: RuleOptions, hosts: Mapping[str, HostEntry],
+                sources: SourceSettings) -> list[Rule]:
+        entry = self.table(doc, path, ("proto", "listen", "to", "name") + _OPTION_KEYS)
+        if not isinstance(doc, dict):
+            return []
+        protos = self.check(f"{path}.proto", entry.get("proto", "tcp"), _protos)
+        name = entry.get("name")
+        if name is not None and not isinstance(name, str):
+            self.error(f"{path}.name", f"expected a string, got {_kind(name)}")
+        options = self.options(entry, path, defaults)
+        listen = target = None
+        for key in ("listen", "to"):
+            if key not in entry:
+                self.error(path, f"missing required key {key!r}")
+        if "listen" in entry:
+            listen = self.check(f"{path}.listen", entry["listen"], _listen)
+        if "to" in entry:
+            target = self.check(f"{path}.to", entry["to"], _target)
+        if listen and target:
+            (lhost, lport, lcount), (thost, tport, tcount) = listen, target
+            if lcount != tcount:
+                self.error(path, f"listen has {lcount} ports but to has {tcount}")
+                return []
+            if thost not in hosts and not is_ip(thost) and not sources.dhcp:
+                self.error(f"{path}.to", f"{thost!r} is not in [hosts] and DHCP names are off ([sources] dhcp = false)")
+                return []
+            try:
+                return [Rule(proto=p, listen_host=lhost, listen_port=lport, count=lcount,
+                             target_host=thost, target_port=tport, name=name, options=options)
+                        for p in protos or ()]
+            except SpecError as exc:
+                self.error(path, str(exc))
+        return []
+
+    def overlaps(self, rules: list[tuple[str, Rule]]) -> None:
+        """Two rules of one protocol may not share a port on addresses that clash, nor two
+        entries a name (status and metrics tell rules apart by it)."""
+        named: dict[str, str] = {}
+        for path, rule in rules:
+            if rule.name is not None and named.setdefault(rule.name, path) != path:
+                self.error(f"{path}.name", f"{rule.name!r} is already the name of {named[rule.name]}")
+        for i, (path, rule) in enumerate(rules):
+            for other_path, other in rules[:i]:
+                if other_path != path and _clash(rule, other):
+                    self.error(f"{path}.listen", f"{rule.proto} {_ports(rule)} overlaps {other_path} ({other})")
+                    break
+
+    def check(self, path: str, value: Any, checker: Callable[[Any], Any]) -> Any:
+        """Run one value checker; a SpecError becomes an error at ``path`` and gives None."""
+        try:
+            return checker(value)
+        except SpecError as exc:
+            self.error(path, str(exc))
+            return None
+
+
+# -- value checkers: each returns the typed value or raises SpecError naming the problem -------
+def _kind(value: Any) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _expect(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise SpecError(f"expected {what}, got {value!r}")
+    return value
+
+
+def _ip(value: Any) -> str:
+    if not isinstance(value, str) or not is_ip(value):
+        raise SpecError(f"{value!r} is not an IPv4 or IPv6 address")
+    return str(ipaddress.ip_address(value))
+
+
+def _protos(value: Any) -> tuple[Proto, ...]:
+    if value == "both" or (isinstance(value, list) and sorted(value) == ["tcp", "udp"]):
+        return ("tcp", "udp")
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value in ("tcp", "udp"):
+        return (value,)
+    raise SpecError(f"expected 'tcp', 'udp', 'both' or [\"tcp\", \"udp\"], got {value!r}")
+
+
+def _listen(value: Any) -> tuple[str, int, int]:
+    """``[ADDR:]PORT[-END]`` (or a bare integer port) into (address, first port, count)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    _expect(value, str, "'[ADDR:]PORT[-END]'")
+    parts = split_hostports(value)
+    if len(parts) > 2:
+        raise SpecError(f"{value!r}: expected [ADDR:]PORT[-END] (IPv6 addresses go in brackets)")
+    host = parts[0] if len(parts) == 2 else DEFAULT_LISTEN
+    if not is_ip(host):
+        raise SpecError(f"listen address {host!r} is not an IPv4 or IPv6 address")
+    first, count = parse_ports(parts[-1])
+    if first == 0 and count > 1:
+        raise SpecError("port 0 (any free port) cannot start a range")
+    return str(ipaddress.ip_address(host)), first, count
+
+
+def _target(value: Any) -> tuple[str, int, int]:
+    """``HOST:PORT[-END]`` into (host, first port, count)."""
+    _expect(value, str, "'HOST:PORT[-END]'")
+    parts = split_hostports(value)
+    if len(parts) != 2:
+        raise SpecError(f"{value!r}: expected HOST:PORT[-END] (IPv6 addresses go in brackets)")
+    check_target_host(parts[0])
+    first, count = parse_ports(parts[1])
+    if first == 0:
+        raise SpecError("target port 0 is not a port")
+    return parts[0], first, count
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _pipe_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 4096 <= value <= 1 << 30:
+        raise SpecError(f"expected a byte count from 4096 to {1 << 30}, got {value!r}")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise SpecError(f"expected a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"expected a file path, got {value!r}")
+    return value
+
+
+def _principals(value: Any) -> tuple[str | int, ...]:
+    if not isinstance(value, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in value):
+        raise SpecError(f"expected an array of names or numeric ids, got {value!r}")
+    return tuple(value)
+
+
+def _flag(value: Any) -> bool:
+    return _expect(value, bool, "true or false")
+
+
+def _hostport(value: Any) -> str:
+    _expect(value, str, "'ADDR:PORT'")
+    parts = split_hostports(value)
+    if len(parts) != 2 or not is_ip(parts[0]):
+        raise SpecError(f"{value!r}: expected ADDR:PORT with an IP address (IPv6 in brackets)")
+    if parse_ports(parts[1])[1] != 1:
+        raise SpecError(f"{value!r}: expected one port, not a range")
+    return value
+
+
+_SETTINGS: dict[type, dict[str, Callable[[Any], Any]]] = {
+    EngineSettings: {"workers": _positive_int, "pipe_size": _pipe_size},
+    ControlSettings: {"lease_socket": _path, "control_socket": _path, "state_dir": _path,
+                      "allow_users": _principals, "allow_groups": _principals,
+                      "drain_deadline": _seconds, "metrics_listen": _hostport},
+    SourceSettings: {"dhcp": _flag, "neighbours": _flag},
+}
+_PATHS = ("lease_socket", "control_socket", "state_dir")
+
+
+def _resolve_path(base: Path, value: str) -> str:
+    """Relative paths in a config file mean relative to the file, not to wherever the daemon started."""
+    return str(base / value)
+
+
+def _ports(rule: Rule) -> str:
+    last = rule.listen_port + rule.count - 1
+    return f"port {rule.listen_port}" if rule.count == 1 else f"ports {rule.listen_port}-{last}"
+
+
+def _clash(a: Rule, b: Rule) -> bool:
+    """Same protocol, overlapping ports, and addresses that would both bind them (equal, or a wildcard)."""
+    if a.proto != b.proto or not a.listen_port or not b.listen_port:
+        return False
+    if not (a.listen_port < b.listen_port + b.count and b.listen_port < a.listen_port + a.count):
+        return False
+    wild = {"0.0.0.0", "::"}
+    return a.listen_host == b.listen_host or a.listen_host in wild or b.listen_host in wild
