@@ -1,0 +1,102 @@
+"""A disposable VM-host lab in network namespaces, for the tests and the lease-latency script.
+
+Everything a :class:`Lab` makes (namespaces, the links inside them, processes started in them)
+carries a short random suffix so parallel runs never clash, and is torn down by ``close()``
+even after a failure. Nothing is created in the caller's own namespace.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Sequence
+
+from pyroute2 import IPRoute, netns
+
+
+def suffix() -> str:
+    return secrets.token_hex(3)
+
+
+class Lab:
+    def __init__(self) -> None:
+        self.id = suffix()
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def netns(self, role: str) -> str:
+        """A new namespace ``ffw-<role>-<id>`` with loopback up."""
+        name = f"ffw-{role}-{self.id}"
+        netns.create(name)
+        self.namespaces.append(name)
+        with IPRoute(netns=name) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        return name
+
+    def veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str, *,
+             mac_b: str | None = None) -> None:
+        """A veth pair with ``name_a`` in ``ns_a`` and ``name_b`` in ``ns_b``, both up."""
+        with IPRoute(netns=ns_a) as ipr:
+            ipr.link("add", ifname=name_a, kind="veth", peer=name_b)
+            ipr.link("set", index=ipr.link_lookup(ifname=name_b)[0], net_ns_fd=ns_b)
+            ipr.link("set", index=ipr.link_lookup(ifname=name_a)[0], state="up")
+        with IPRoute(netns=ns_b) as ipr:
+            attrs = {"address": mac_b} if mac_b else {}
+            ipr.link("set", index=ipr.link_lookup(ifname=name_b)[0], state="up", **attrs)
+
+    @staticmethod
+    def argv(ns: str, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv]
+
+    def run(self, ns: str, argv: Sequence[str], *, timeout: float = 30,
+            check: bool = True, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(ns, argv), capture_output=True, text=True,
+                              timeout=timeout, check=check, env=env)
+
+    def spawn(self, ns: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        """Start a process in ``ns`` (``ip netns exec`` execs it, so the pid is the process's
+        own); it is stopped by ``stop`` or ``close``."""
+        proc = subprocess.Popen(self.argv(ns, argv), **kwargs)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+             timeout: float = 5) -> int:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if proc in self.procs:
+            self.procs.remove(proc)
+        return proc.returncode
+
+    def close(self) -> None:
+        for proc in list(self.procs):
+            self.stop(proc)
+        for name in reversed(self.namespaces):
+            _kill_remaining(name)
+            netns.remove(name)
+        self.namespaces.clear()
+
+
+def _kill_remaining(ns: str) -> None:
+    """Processes left in the namespace (daemons that forked away from us, like dnsmasq) would
+    keep it alive after its name is gone: kill them, by pid, once we know they are in it."""
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+

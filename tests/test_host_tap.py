@@ -1,0 +1,95 @@
+"""TAP devices in a throw-away namespace: vnet_hdr, owner, bridge port, host-side MAC, and
+that the owner (and only the owner) can attach to the device as a VMM would."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastfwd.host.lab import Lab
+from fastfwd.host.links import delete_link, ensure_bridge, link_state
+from fastfwd.host.tap import check_ifname, create_tap, host_side_mac, tap_name
+
+root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+# What a VMM does with the TAP: attach to it with TUNSETIFF, as its own user. /dev/net/tun is
+# opened first, as root, since some hosts (and containers) keep it at mode 0600.
+ATTACH = """
+import fcntl, os, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+uid = int(sys.argv[2])
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))
+print("attached")
+"""
+
+
+def test_tap_names() -> None:
+    assert tap_name("vm1") == "tap-vm1"
+    long = tap_name("8f0c7f6e-2a3b-4c1d-9e8f-0a1b2c3d4e5f")
+    assert long.startswith("tap-") and len(long) == 15
+    assert long == tap_name("8f0c7f6e-2a3b-4c1d-9e8f-0a1b2c3d4e5f")
+    assert tap_name("vm 1") != tap_name("vm 2")
+    for bad in ("", "a" * 16, "has space", "a/b", ".."):
+        with pytest.raises(ValueError):
+            check_ifname(bad)
+
+
+def test_host_side_mac() -> None:
+    assert host_side_mac("52:54:00:12:34:56") == "fe:54:00:12:34:56"
+
+
+@pytest.fixture
+def lab():
+    with Lab() as lab:
+        yield lab
+
+
+@root
+def test_create_tap(lab: Lab) -> None:
+    ns = lab.netns("tap")
+    ensure_bridge("br0", netns=ns)
+    index = create_tap("tap-vm1", "br0", "nobody", guest_mac="52:54:00:12:34:56", netns=ns)
+    out = lab.run(ns, ["ip", "-d", "-j", "link", "show", "tap-vm1"]).stdout
+    (link,) = json.loads(out)
+    data = link["linkinfo"]["info_data"]
+    assert link["ifindex"] == index
+    assert data["type"] == "tap" and data["vnet_hdr"] is True and data["pi"] is False
+    assert data["user"] == "nobody"
+    assert link["master"] == "br0" and "UP" in link["flags"]
+    assert link["address"] == "fe:54:00:12:34:56"
+    # Again: reused, not duplicated or refused.
+    assert create_tap("tap-vm1", "br0", 65534, netns=ns) == index
+
+
+@root
+def test_owner_can_attach_others_cannot(lab: Lab) -> None:
+    ns = lab.netns("tapown")
+    ensure_bridge("br0", netns=ns)
+    create_tap("tap-own", "br0", "nobody", netns=ns)
+
+    def attach(uid: int) -> subprocess.CompletedProcess[str]:
+        return lab.run(ns, [sys.executable, "-c", ATTACH, "tap-own", str(uid)], check=False)
+
+    assert attach(65534).stdout.strip() == "attached"
+    refused = attach(4242)
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+
+
+@root
+def test_refuses_missing_bridge_and_non_tap(lab: Lab) -> None:
+    ns = lab.netns("tapbad")
+    with pytest.raises(LookupError):
+        create_tap("tap-x", "nobridge", 0, netns=ns)
+    ensure_bridge("br0", netns=ns)
+    with pytest.raises(ValueError):
+        create_tap("br0", "br0", 0, netns=ns)
+    create_tap("tap-x", "br0", 0, netns=ns)
+    assert delete_link("tap-x", netns=ns) is True
+    assert link_state("tap-x", netns=ns) is None
+    assert delete_link("tap-x", netns=ns) is False
