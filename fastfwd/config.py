@@ -9,17 +9,16 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .leases import HostEntry, LeaseError
 from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_target_host,
                     is_ip, parse_ports, split_hostports)
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _OPTION_KEYS = tuple(f.name for f in fields(RuleOptions))
 _TUPLE_OPTIONS = ("allow", "source")
 
@@ -47,15 +46,6 @@ def state_dir() -> Path:
         return Path("/var/lib/fastfwd")
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "fastfwd"
-
-
-@dataclass(frozen=True)
-class HostEntry:
-    """A target name known to the config: by MAC (resolved through DHCP leases) or a fixed IP."""
-
-    name: str
-    mac: str | None = None
-    ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,16 +172,11 @@ class _Validator:
             if len(entry) != 1:
                 self.error(path, "give exactly one of 'mac' or 'ip'")
                 continue
-            if "mac" in entry:
-                mac = entry["mac"].lower() if isinstance(entry["mac"], str) else None
-                if mac is None or not _MAC.match(mac):
-                    self.error(f"{path}.mac", f"{entry['mac']!r} is not a MAC address (like 52:54:00:12:34:56)")
-                    continue
-                hosts[name] = HostEntry(name, mac=mac)
-            else:
-                ip = self.check(f"{path}.ip", entry["ip"], _ip)
-                if ip is not None:
-                    hosts[name] = HostEntry(name, ip=ip)
+            (key, value), = entry.items()
+            try:
+                hosts[name.lower()] = HostEntry(**{key: value})
+            except LeaseError as exc:
+                self.error(f"{path}.{key}", str(exc).removeprefix(f"{key}: "))
         return hosts
 
     def settings(self, cls: type, doc: Any, path: str) -> Any:
@@ -293,12 +278,6 @@ def _expect(value: Any, kind: type, what: str) -> Any:
     return value
 
 
-def _ip(value: Any) -> str:
-    if not isinstance(value, str) or not is_ip(value):
-        raise SpecError(f"{value!r} is not an IPv4 or IPv6 address")
-    return str(ipaddress.ip_address(value))
-
-
 def _protos(value: Any) -> tuple[Proto, ...]:
     if value == "both" or (isinstance(value, list) and sorted(value) == ["tcp", "udp"]):
         return ("tcp", "udp")
@@ -336,7 +315,9 @@ def _target(value: Any) -> tuple[str, int, int]:
     first, count = parse_ports(parts[1])
     if first == 0:
         raise SpecError("target port 0 is not a port")
-    return parts[0], first, count
+    # Names compare case-insensitively, and DHCP names arrive lowercased.
+    host = parts[0] if is_ip(parts[0]) else parts[0].lower()
+    return host, first, count
 
 
 def _positive_int(value: Any) -> int:

@@ -1,0 +1,190 @@
+"""The ``fastfwd`` command: run the daemon, check a config, query status, feed leases, DHCP hook.
+
+Every failure a user can cause ends in one line on stderr naming the problem and a non-zero
+exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .rules import DEFAULT_LISTEN, Rule, SpecError
+
+SPEC_HELP = f"""\
+port specs:
+  [ADDR:]PORT[-END]:HOST:PORT[-END]
+    ADDR   where to listen; without it, {DEFAULT_LISTEN} (loopback only), so a quick forward
+           never publishes a port by surprise. Say 0.0.0.0:PORT (or [::]:PORT) to publish.
+    HOST   an IPv4/IPv6 address, or a name resolved through [hosts] or DHCP leases.
+    PORT-END  a range, mapped one to one onto a target range of the same length.
+  IPv6 addresses go in brackets.
+
+examples:
+  fastfwd run -t 8080:127.0.0.1:80                       loopback 8080 -> local web server
+  fastfwd run -t 0.0.0.0:2222:192.168.122.10:22          publish SSH of a VM
+  fastfwd run -t 127.0.0.1:8000-8099:10.0.0.2:9000-9099  100 ports as one rule
+  fastfwd run -u [::1]:5353:[::1]:53                     UDP over IPv6
+  fastfwd run -c /etc/fastfwd/fastfwd.toml               rules from a watched config file
+  fastfwd check /etc/fastfwd/fastfwd.toml                validate without running
+  fastfwd status --json
+"""
+
+_DEFAULT_SOCKETS = "default: [control] in the config, else /run/fastfwd (root) or $XDG_RUNTIME_DIR/fastfwd"
+
+
+class UsageError(Exception):
+    """A problem the user caused, reported as one line and exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastfwd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="High-performance TCP/UDP port forwarder for Linux.", epilog=SPEC_HELP)
+    parser.add_argument("--version", action="version", version=f"fastfwd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="forward ports until SIGTERM (drain) or SIGINT", epilog=SPEC_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Forward ports from a config file, from -t/-u specs, or both. The config file "
+                    "is watched and reloaded on change and on SIGHUP; SIGTERM stops accepting and "
+                    "lets live connections finish (up to [control] drain_deadline); a second "
+                    "SIGTERM or SIGINT stops at once.")
+    run.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see docs/config.md)")
+    run.add_argument("-t", "--tcp", metavar="SPEC", action="append", default=[], help="forward TCP (repeatable)")
+    run.add_argument("-u", "--udp", metavar="SPEC", action="append", default=[], help="forward UDP (repeatable)")
+    run.add_argument("--workers", type=int, metavar="N", help="worker threads (default: [engine] workers, else one per CPU)")
+    run.add_argument("--control-socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
+    run.add_argument("--lease-socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
+    run.add_argument("--state-dir", metavar="DIR", help="where leases persist (default: [control] state_dir)")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=_run)
+
+    check = sub.add_parser("check", help="validate a config file and list every problem")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=_check)
+
+    status = sub.add_parser("status", help="rules (active/pending), counters and leases of a running daemon")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
+    status.set_defaults(func=_status)
+
+    lease = sub.add_parser(
+        "lease", help="send a lease event or snapshot to a running daemon by hand",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  fastfwd lease add 52:54:00:12:34:56 192.168.122.10 vm1\n"
+               "  fastfwd lease del 52:54:00:12:34:56 192.168.122.10\n"
+               "  fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 ...\n")
+    lease.add_argument("--socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
+    lease.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action in ("add", "old", "del"):
+        ev = lsub.add_parser(action, help=f"a DHCP '{action}' event")
+        ev.add_argument("mac")
+        ev.add_argument("ip")
+        ev.add_argument("hostname", nargs="?")
+    snap = lsub.add_parser("snapshot", help="the complete lease table; leases not listed are gone")
+    snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]")
+    lease.set_defaults(func=_lease)
+
+    hook = sub.add_parser("hook", help="dnsmasq --dhcp-script entry point (add|old|del MAC IP [HOSTNAME])",
+                          add_help=False)
+    hook.add_argument("args", nargs=argparse.REMAINDER)
+    hook.set_defaults(func=_hook)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"fastfwd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cli_rules(tcp: Sequence[str], udp: Sequence[str]) -> list[Rule]:
+    """Rules from -t/-u specs; a bad one is a UsageError naming the flag and the problem."""
+    rules = []
+    for flag, proto, specs in (("-t", "tcp", tcp), ("-u", "udp", udp)):
+        for spec in specs:
+            try:
+                rule = Rule.parse(spec, proto)
+            except SpecError as exc:
+                named = str(exc) if str(exc).startswith(repr(spec)) else f"{spec!r}: {exc}"
+                raise UsageError(f"{flag} {named}") from None
+            # Names compare case-insensitively, and DHCP names arrive lowercased.
+            rules.append(rule.with_target(rule.target_host.lower()) if rule.target_is_name else rule)
+    return rules
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{exc.source}: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .daemon import DaemonError, Overrides, run_daemon
+
+    rules = cli_rules(args.tcp, args.udp)
+    if not rules and not args.config:
+        raise UsageError("nothing to forward: give -c FILE and/or -t/-u SPEC (see fastfwd run --help)")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers: expected an integer >= 1, got {args.workers}")
+    config = _load(args.config) if args.config else Config(source="command line")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    overrides = Overrides(workers=args.workers, control_socket=args.control_socket,
+                          lease_socket=args.lease_socket, state_dir=args.state_dir)
+    try:
+        return run_daemon(config, args.config, rules, overrides)
+    except DaemonError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    names = sorted({r.target_host for r in config.rules if r.target_is_name})
+    print(f"{args.file}: ok, {len(config.rules)} rule(s), {len(config.hosts)} host(s)"
+          + (f", target names: {', '.join(names)}" if names else ""))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import show_status
+
+    return show_status(args.socket, as_json=args.json)
+
+
+def _lease(args: argparse.Namespace) -> int:
+    from .status import send_lease
+
+    if args.action == "snapshot":
+        leases = []
+        for item in args.leases:
+            mac, _, rest = item.partition("=")
+            ip, _, hostname = rest.partition("=")
+            if not mac or not ip:
+                raise UsageError(f"snapshot entry {item!r}: expected MAC=IP[=HOSTNAME]")
+            leases.append({"mac": mac, "ip": ip, "hostname": hostname or None})
+        message: dict = {"snapshot": leases}
+    else:
+        message = {"event": args.action, "mac": args.mac, "ip": args.ip, "hostname": args.hostname}
+    return send_lease(args.socket, message, args.timeout)
+
+
+def _hook(args: argparse.Namespace) -> int:
+    from .hook import main as hook_main
+
+    return hook_main(args.args)
+
+

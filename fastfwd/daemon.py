@@ -1,0 +1,224 @@
+"""The daemon: one Forwarder on uvloop, kept equal to the config file, the CLI rules and the
+rules added at run time, with targets resolved from host entries and DHCP leases.
+
+Lifecycle: SIGHUP (or a change to the config file) reloads; a reload is validated completely
+before anything changes and applied as a diff. SIGTERM stops accepting and lets live
+connections finish up to ``[control] drain_deadline``, then exits 0; a second SIGTERM or a
+SIGINT stops at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from .config import Config, ConfigError, ControlSettings, load_config
+from .forwarder import Diff, Forwarder
+from .leases import STATE_FILE, LeaseChange, LeaseTable, name_updates, resolve_names
+from .rules import Rule, split_hostports
+from .watcher import watch_config
+
+log = logging.getLogger("fastfwd")
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line settings that win over the config file's."""
+
+    workers: int | None = None
+    control_socket: str | None = None
+    lease_socket: str | None = None
+    state_dir: str | None = None
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | Path | None = None,
+                 cli_rules: Iterable[Rule] = (), overrides: Overrides = Overrides()) -> None:
+        self.config = config
+        self.path = Path(config_path) if config_path is not None else None
+        self.cli_rules = list(cli_rules)
+        #: Rules added through the control socket; they live until removed the same way.
+        self.runtime_rules: dict[tuple, Rule] = {}
+        self.overrides = overrides
+        self.control = self._control_settings(config)
+        self.leases = LeaseTable()
+        self.fw: Forwarder | None = None
+        self._names: dict[str, str] = {}
+        self._reload_lock = asyncio.Lock()
+        self._stop: asyncio.Future[str] | None = None
+
+    # -- what should be forwarded -------------------------------------------------------------
+    def wanted_rules(self, config: Config | None = None) -> list[Rule]:
+        return [*(config or self.config).rules, *self.cli_rules, *self.runtime_rules.values()]
+
+    def _control_settings(self, config: Config) -> ControlSettings:
+        o = self.overrides
+        given = {"control_socket": o.control_socket, "lease_socket": o.lease_socket, "state_dir": o.state_dir}
+        return dataclasses.replace(config.control, **{k: v for k, v in given.items() if v is not None})
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start forwarding every wanted rule; a rule that cannot listen is a DaemonError."""
+        engine = self.config.engine
+        self.leases = LeaseTable.restore(Path(self.control.state_dir) / STATE_FILE)
+        self._names = resolve_names(self.config.hosts, self.leases)
+        fw = Forwarder(workers=self.overrides.workers or engine.workers, pipe_size=engine.pipe_size,
+                       hosts=self._names)
+        try:
+            await fw.start()
+        except ImportError as exc:
+            raise DaemonError(f"the data-plane engine is not built ({exc}); run: python setup.py build_ext --inplace") from None
+        self.fw = fw
+        for rule in self.wanted_rules():
+            try:
+                await fw.add(rule)  # one by one, so a failure names its rule
+            except (OSError, ValueError) as exc:
+                await fw.close()
+                raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
+        log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(fw.rules), fw.workers,
+                 f", config {self.path}" if self.path else "")
+
+    async def run(self) -> int:
+        """Serve until stopped by a signal. Returns the exit status."""
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        signals = {signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term, signal.SIGINT: self._on_int}
+        for sig, handler in signals.items():
+            loop.add_signal_handler(sig, handler)
+        try:
+            await self.start()
+            tasks = [asyncio.create_task(self._watch())] if self.path else []
+            servers = await self._serve()
+            how = await self._stop
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for server in servers:
+                server.close()
+            await self._shutdown(how)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        return 0
+
+    def stop(self, how: str = "now") -> None:
+        """Ask ``run`` to end: ``drain`` waits for live connections, ``now`` does not."""
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(how)
+
+    async def _shutdown(self, how: str) -> None:
+        assert self.fw is not None
+        if how == "drain":
+            deadline = self.control.drain_deadline
+            log.info("draining: no new connections, waiting up to %gs for live ones", deadline)
+            self._stop = asyncio.get_running_loop().create_future()  # a second signal lands here
+            drain = asyncio.ensure_future(self.fw.close(drain=deadline))
+            await asyncio.wait([drain, self._stop], return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                log.info("stopping now: live connections closed")
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain
+        await self.fw.close()
+        log.info("fastfwd stopped")
+
+    def _on_hup(self) -> None:
+        asyncio.ensure_future(self.reload("SIGHUP"))
+
+    def _on_term(self) -> None:
+        self.stop("drain" if self._stop is not None and not self._stop.done() else "now")
+
+    def _on_int(self) -> None:
+        self.stop("now")
+
+    # -- reloading ----------------------------------------------------------------------------
+    async def reload(self, why: str = "reload") -> Diff | None:
+        """Re-read the config file and apply it as a diff. On any problem, log it and change
+        nothing (returns None)."""
+        if self.path is None:
+            log.info("%s: no config file, nothing to reload", why)
+            return None
+        assert self.fw is not None
+        async with self._reload_lock:
+            try:
+                config = load_config(self.path)
+            except ConfigError as exc:
+                log.error("%s: %s rejected, rules unchanged:\n  %s", why, exc.source, "\n  ".join(exc.errors))
+                return None
+            if (config.engine, self._control_settings(config), config.sources) != (
+                    self.config.engine, self.control, self.config.sources):
+                log.warning("%s: [engine], [control] and [sources] changes take effect at the next start", why)
+            try:
+                diff = await self.fw.apply(self.wanted_rules(config))
+            except (OSError, ValueError) as exc:
+                fresh = [str(r) for r in self.wanted_rules(config) if self.fw.find(r) is None]
+                log.error("%s: %s rejected, rules unchanged: %s (new: %s)", why, self.path, _reason(exc),
+                          "; ".join(fresh) or "none")
+                return None
+            self.config = config
+            await self._resolve()
+            log.info("%s: %s applied: %d added, %d removed, %d re-pointed, %d reconfigured, %d unchanged",
+                     why, self.path, len(diff.added), len(diff.removed), len(diff.retargeted),
+                     len(diff.reconfigured), len(diff.unchanged))
+            return diff
+
+    async def _watch(self) -> None:
+        assert self.path is not None
+        async for _ in watch_config(self.path):
+            await self.reload("config changed")
+
+    # -- leases and names ---------------------------------------------------------------------
+    async def leases_changed(self, changes: list[LeaseChange]) -> None:
+        """Called after the lease table changed: re-point every name whose address moved, so
+        that when this returns, affected rules already forward to their new targets."""
+        for change in changes:
+            lease = change.new or change.old
+            assert lease is not None
+            log.info("lease %s: %s %s%s", "gone" if change.new is None else "set", lease.mac, lease.ip,
+                     f" ({lease.hostname})" if lease.hostname else "")
+        await self._resolve()
+
+    async def _resolve(self) -> None:
+        assert self.fw is not None
+        names = resolve_names(self.config.hosts, self.leases)
+        for name, ip in name_updates(self._names, names).items():
+            touched = await self.fw.resolve(name, ip)
+            log.info("name %s is now %s (%d rule(s))", name, ip or "unknown, its rules are pending", len(touched))
+        self._names = names
+
+    # -- servers ------------------------------------------------------------------------------
+    async def _serve(self) -> list[asyncio.AbstractServer]:
+        """The optional metrics HTTP endpoint (lease and control sockets come with their servers)."""
+        assert self.fw is not None
+        servers: list[asyncio.AbstractServer] = []
+        if self.control.metrics_listen:
+            from .metrics import serve_http
+
+            host, port = split_hostports(self.control.metrics_listen)
+            try:
+                servers.append(await serve_http(self.fw, host, int(port)))
+            except OSError as exc:
+                await self.fw.close()
+                raise DaemonError(f"metrics on {self.control.metrics_listen}: {_reason(exc)}") from None
+        return servers
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def run_daemon(config: Config, config_path: str | Path | None, cli_rules: Iterable[Rule],
+               overrides: Overrides = Overrides()) -> int:
+    """Run the daemon on uvloop until a signal stops it; returns the exit status."""
+    return uvloop.run(Daemon(config, config_path, cli_rules, overrides).run())

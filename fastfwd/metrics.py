@@ -1,0 +1,81 @@
+"""Per-rule counters in the Prometheus text format, served on the control socket and, when
+``[control] metrics_listen`` is set, over HTTP from the daemon's event loop.
+
+The collector reads the engine's counters at scrape time: nothing is copied or kept between
+scrapes, so there is no second set of numbers to drift from the engine's.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .forwarder import COUNTER_NAMES, Forwarder
+
+log = logging.getLogger("fastfwd")
+
+#: Counters that go up and down; every other engine counter only grows.
+_GAUGES = {"active": "TCP connections open now", "sessions_active": "UDP sessions open now"}
+_LABELS = ["rule", "proto", "listen", "target"]
+
+
+class RuleCollector:
+    """A prometheus-client collector over a running Forwarder's rules."""
+
+    def __init__(self, fw: Forwarder) -> None:
+        self.fw = fw
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            name: (GaugeMetricFamily(f"fastfwd_{name}", _GAUGES[name], labels=_LABELS) if name in _GAUGES
+                   else CounterMetricFamily(f"fastfwd_{name}", f"per-rule {name.replace('_', ' ')}", labels=_LABELS))
+            for name in COUNTER_NAMES}
+        pending = GaugeMetricFamily("fastfwd_rule_pending", "1 while the rule's target has no address",
+                                    labels=_LABELS)
+        for active in self.fw.rules:
+            if not active.installed:
+                continue
+            rule = active.rule
+            labels = [rule.name or str(rule), rule.proto, f"{rule.listen_host}:{active.port}",
+                      f"{rule.target_host}:{rule.target_port}"]
+            counters = self.fw.counters(active)
+            for name, family in families.items():
+                family.add_metric(labels, getattr(counters, name))
+            pending.add_metric(labels, 1 if active.pending else 0)
+        yield from families.values()
+        yield pending
+
+
+def render(fw: Forwarder) -> bytes:
+    """The exposition text for every rule of ``fw``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RuleCollector(fw))
+    return generate_latest(registry)
+
+
+async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
+    """A minimal HTTP/1.0 endpoint answering every GET with the metrics (on the event loop,
+    so a scrape never races a rule change)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if request.startswith(b"GET "):
+                body = render(fw)
+                head = f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\nContent-Length: {len(body)}\r\n\r\n"
+            else:
+                body, head = b"", "HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # a client that hangs up or talks nonsense just goes away
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host.strip("[]"), port)
+    log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
+    return server
