@@ -1,0 +1,100 @@
+"""The lease socket: DHCP events and snapshots in, one reply each once forwarding follows them.
+
+Messages (one JSON object per line)::
+
+    {"event": "add"|"old"|"del", "mac": "52:54:00:12:34:56", "ip": "10.0.0.5", "hostname": "vm1"}
+    {"snapshot": [{"mac": ..., "ip": ..., "hostname": ...}, ...]}
+
+Replies: ``{"ok": true, "changed": N}`` once the table has the change, it is saved, and the
+daemon's ``on_change`` callback (which re-points the rules) has returned; or
+``{"ok": false, "error": "..."}`` with nothing changed. Messages are applied one at a time,
+in arrival order, so a reply also means every earlier message is live.
+
+Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 80,000 leases).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .leases import Lease, LeaseChange, LeaseError, LeaseTable
+from .unixserver import Access, JsonLineServer, Request, RequestError
+
+log = logging.getLogger("fastfwd.leases")
+
+EVENT_MAX = 64 << 10
+SNAPSHOT_MAX = 8 << 20
+
+OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
+
+
+class LeaseServer(JsonLineServer):
+    """Serves ``table`` on ``path``; ``on_change(changes)`` must return once rules are live."""
+
+    def __init__(self, path: str | os.PathLike[str], table: LeaseTable, on_change: OnChange, *,
+                 access: Access = Access(), **limits: Any) -> None:
+        super().__init__(path, self._handle, name="lease", access=access, line_limit=EVENT_MAX,
+                         max_line=SNAPSHOT_MAX, **limits)
+        self.table = table
+        self._on_change = on_change
+        self._lock = asyncio.Lock()
+
+    async def _handle(self, request: Request) -> dict[str, Any]:
+        event, leases = _parse(request)
+        async with self._lock:
+            try:
+                changes = (self.table.apply_snapshot(leases) if event is None
+                           else self.table.apply_event(event, leases[0]))
+            except LeaseError as exc:
+                raise RequestError(str(exc)) from None
+            for change in changes:
+                _log_change(change)
+            if changes:
+                try:
+                    await self._on_change(changes)
+                except Exception as exc:
+                    log.exception("leases recorded but re-pointing rules failed")
+                    raise RequestError(f"lease recorded, but re-pointing rules failed: {exc}") from None
+        return {"changed": len(changes)}
+
+
+def _parse(request: Request) -> tuple[Any, list[Lease]]:
+    """Validate a whole message before anything is applied: ``(event, leases)``, where the
+    event is None for a snapshot (an event's name is checked by the table)."""
+    doc = request.message
+    if not isinstance(doc, dict):
+        raise RequestError(f"expected a JSON object, got {type(doc).__name__}")
+    try:
+        if "snapshot" in doc:
+            if set(doc) != {"snapshot"}:
+                raise LeaseError("a snapshot message has only the 'snapshot' key")
+            if not isinstance(doc["snapshot"], list):
+                raise LeaseError(f"snapshot: expected a list of leases, got {type(doc['snapshot']).__name__}")
+            leases = []
+            for i, entry in enumerate(doc["snapshot"]):
+                try:
+                    leases.append(Lease.from_message(entry))
+                except LeaseError as exc:
+                    raise LeaseError(f"snapshot[{i}]: {exc}") from None
+            return None, leases
+        if request.size > EVENT_MAX:
+            raise LeaseError(f"event line too long (limit {EVENT_MAX} bytes)")
+        if "event" not in doc:
+            raise LeaseError("expected an 'event' or a 'snapshot' key")
+        if not isinstance(doc["event"], str):
+            raise LeaseError(f"event: expected a string, got {type(doc['event']).__name__}")
+        return doc["event"], [Lease.from_message(doc, extra=("event",))]
+    except LeaseError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def _log_change(change: LeaseChange) -> None:
+    old, new = change.old, change.new
+    if new is None and old is not None:
+        log.info("lease gone: %s %s%s", old.mac, old.ip, f" ({old.hostname})" if old.hostname else "")
+    elif new is not None:
+        was = f" (was {old.ip}{' ' + old.hostname if old and old.hostname else ''})" if old else ""
+        log.info("lease: %s %s%s%s", new.mac, new.ip, f" {new.hostname}" if new.hostname else "", was)

@@ -1,0 +1,311 @@
+"""The lease table: which machine (MAC) holds which address, as the DHCP server reports it.
+
+Leases are keyed by MAC *and* address family, so a dual-stack guest keeps its IPv4 and its
+IPv6 lease side by side (an IPv6 event never overwrites the IPv4 target). Events are
+reconciled rather than trusted one by one: an address handed to a new MAC is taken from the
+MAC that held it before (its ``del`` may have been lost), and a ``del`` for an address the
+MAC no longer holds changes nothing (it arrived after the newer ``add``).
+
+The table persists to one JSON file in the state directory: written to a temporary file,
+fsynced, renamed over the old one, and the directory fsynced, so a crash leaves either the
+old or the new file. A file that fails its checksum or does not parse is rejected whole
+(moved aside to ``leases.json.corrupt``) and the table starts empty: a damaged file cannot
+say which of its entries are still true. Entries of an intact file that fail validation are
+skipped one by one, with a log line each.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("fastfwd.leases")
+
+Event = Literal["add", "old", "del"]
+EVENTS: tuple[Event, ...] = ("add", "old", "del")
+
+STATE_FILE = "leases.json"
+_STATE_VERSION = 1
+#: A state file larger than this is not lease data (tens of thousands of leases fit easily).
+_STATE_MAX_BYTES = 64 << 20
+
+_MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class LeaseError(ValueError):
+    """A lease field or message that cannot be used; the message names the problem."""
+
+
+def normalize_mac(value: object) -> str:
+    """``AA:bb:CC:dd:EE:ff`` into ``aa:bb:cc:dd:ee:ff``; anything else is a LeaseError."""
+    if not isinstance(value, str) or not _MAC.match(value.lower()):
+        raise LeaseError(f"mac: {value!r} is not a MAC address like 52:54:00:12:34:56")
+    return value.lower()
+
+
+def normalize_ip(value: object) -> str:
+    """An IPv4 or IPv6 address in its compressed form (so equal addresses compare equal)."""
+    if not isinstance(value, str):
+        raise LeaseError(f"ip: expected a string, got {type(value).__name__}")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address") from None
+
+
+def normalize_hostname(value: object) -> str | None:
+    """A host name by RFC 1123 (labels of 1-63 letters, digits and inner hyphens; 253 in all),
+    lowercased since names compare case-insensitively. None or "" means no name."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise LeaseError(f"hostname: expected a string, got {type(value).__name__}")
+    name = value.lower()
+    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        raise LeaseError(f"hostname: {value[:80]!r} is not a valid host name")
+    return name
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One address held by one machine. ``seen`` is when the DHCP server last confirmed it."""
+
+    mac: str
+    ip: str
+    hostname: str | None = None
+    seen: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.mac, ipaddress.ip_address(self.ip).version)
+
+    @classmethod
+    def from_message(cls, doc: object, *, seen: float | None = None,
+                     extra: Iterable[str] = ()) -> "Lease":
+        """Validate ``{"mac", "ip", "hostname"?}``; ``extra`` names further keys the caller reads."""
+        if not isinstance(doc, dict):
+            raise LeaseError(f"expected a lease object, got {type(doc).__name__}")
+        unknown = set(doc) - {"mac", "ip", "hostname", *extra}
+        if unknown:
+            raise LeaseError(f"unknown key {sorted(unknown)[0]!r}")
+        for key in ("mac", "ip"):
+            if key not in doc:
+                raise LeaseError(f"missing {key!r}")
+        return cls(mac=normalize_mac(doc["mac"]), ip=normalize_ip(doc["ip"]),
+                   hostname=normalize_hostname(doc.get("hostname")),
+                   seen=time.time() if seen is None else seen)
+
+    def same(self, other: "Lease | None") -> bool:
+        """Equal but for ``seen``: what matters for forwarding."""
+        return other is not None and (self.mac, self.ip, self.hostname) == (other.mac, other.ip, other.hostname)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mac": self.mac, "ip": self.ip, "hostname": self.hostname, "seen": self.seen}
+
+
+@dataclass(frozen=True)
+class LeaseChange:
+    """One lease that appeared (``old`` None), went (``new`` None) or changed."""
+
+    old: Lease | None
+    new: Lease | None
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """A ``[hosts.NAME]`` entry: the name follows a MAC's lease, or stands for a fixed IP."""
+
+    mac: str | None = None
+    ip: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mac is None) == (self.ip is None):
+            raise LeaseError("a host entry needs exactly one of 'mac' or 'ip'")
+        if self.mac is not None:
+            object.__setattr__(self, "mac", normalize_mac(self.mac))
+        if self.ip is not None:
+            object.__setattr__(self, "ip", normalize_ip(self.ip))
+
+
+class LeaseTable:
+    """The current leases. With a ``state_file``, every change is saved before it is returned."""
+
+    def __init__(self, leases: Iterable[Lease] = (), *, state_file: str | os.PathLike[str] | None = None) -> None:
+        self._leases: dict[tuple[str, int], Lease] = {}
+        for lease in leases:
+            self._put(lease)
+        self.state_file = Path(state_file) if state_file is not None else None
+
+    # -- reading -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def __iter__(self):
+        return iter(sorted(self._leases.values(), key=lambda lease: lease.key))
+
+    def for_mac(self, mac: str) -> Lease | None:
+        """The MAC's lease, IPv4 before IPv6: the address a guest is most often reached on."""
+        mac = normalize_mac(mac)
+        return self._leases.get((mac, 4)) or self._leases.get((mac, 6))
+
+    # -- changing ----------------------------------------------------------------------------
+    def apply_event(self, event: str, lease: Lease) -> list[LeaseChange]:
+        """Apply one DHCP event. ``add``/``old`` set the lease; ``del`` removes it if the MAC
+        still holds that address. Returns what changed (a refreshed ``seen`` alone is not a change)."""
+        if event not in EVENTS:
+            raise LeaseError(f"event: expected one of {', '.join(EVENTS)}, got {event!r:.80}")
+        before = dict(self._leases)
+        if event == "del":
+            held = self._leases.get(lease.key)
+            if held is not None and held.ip == lease.ip:
+                del self._leases[lease.key]
+        else:
+            self._put(lease)
+        return self._commit(before)
+
+    def apply_snapshot(self, leases: Iterable[Lease]) -> list[LeaseChange]:
+        """Make the table exactly ``leases``: anything absent is gone. Validated whole first, so
+        a snapshot that lists a MAC twice per family, or one address twice, changes nothing."""
+        wanted: dict[tuple[str, int], Lease] = {}
+        owners: dict[str, str] = {}
+        for lease in leases:
+            if lease.key in wanted:
+                raise LeaseError(f"snapshot lists {lease.mac} twice for IPv{lease.key[1]}")
+            if lease.ip in owners:
+                raise LeaseError(f"snapshot gives {lease.ip} to both {owners[lease.ip]} and {lease.mac}")
+            wanted[lease.key] = lease
+            owners[lease.ip] = lease.mac
+        before = dict(self._leases)
+        self._leases = wanted
+        return self._commit(before)
+
+    def _put(self, lease: Lease) -> None:
+        # The newest holder of an address wins: the previous holder's del may have been lost.
+        for key, held in list(self._leases.items()):
+            if held.ip == lease.ip and key != lease.key:
+                del self._leases[key]
+        self._leases[lease.key] = lease
+
+    def _commit(self, before: Mapping[tuple[str, int], Lease]) -> list[LeaseChange]:
+        changes = [LeaseChange(before.get(key), self._leases.get(key))
+                   for key in sorted(before.keys() | self._leases.keys())
+                   if not _same(before.get(key), self._leases.get(key))]
+        if changes and self.state_file is not None:
+            self.save()
+        return changes
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the table to ``state_file`` atomically (temp file, fsync, rename, fsync dir)."""
+        if self.state_file is None:
+            raise RuntimeError("this lease table has no state file")
+        entries = [lease.to_json() for lease in self]
+        doc = {"version": _STATE_VERSION, "sha256": _digest(entries), "leases": entries}
+        directory = self.state_file.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.state_file.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_file)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)  # makes the rename itself survive a power cut
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def restore(cls, state_file: str | os.PathLike[str]) -> "LeaseTable":
+        """The table saved in ``state_file``, bound to it for later saves. A missing file gives
+        an empty table; a damaged one is moved aside to ``*.corrupt`` and gives an empty table."""
+        path = Path(state_file)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)  # a write cut short by a crash: never valid state
+        table = cls(state_file=path)
+        try:
+            raw = path.read_bytes() if path.stat().st_size <= _STATE_MAX_BYTES else None
+        except FileNotFoundError:
+            return table
+        entries = _verified_entries(raw)
+        if entries is None:
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            log.error("lease state %s is damaged (cut short or altered); moved to %s, starting with no leases",
+                      path, aside)
+            return table
+        for i, entry in enumerate(entries):
+            try:
+                seen = entry.get("seen") if isinstance(entry, dict) else None
+                if not isinstance(seen, (int, float)) or isinstance(seen, bool):
+                    raise LeaseError("seen: expected a time")
+                table._put(Lease.from_message(entry, seen=float(seen), extra=("seen",)))
+            except LeaseError as exc:
+                log.warning("lease state %s: entry %d skipped: %s", path, i, exc)
+        log.info("restored %d lease(s) from %s", len(table), path)
+        return table
+
+
+def _same(a: Lease | None, b: Lease | None) -> bool:
+    return a is b or (a is not None and a.same(b))
+
+
+def _digest(entries: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _verified_entries(raw: bytes | None) -> list[Any] | None:
+    """The entries of an intact state file, or None if it is damaged in any way."""
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("version") != _STATE_VERSION:
+        return None
+    entries = doc.get("leases")
+    if not isinstance(entries, list) or doc.get("sha256") != _digest(entries):
+        return None
+    return entries
+
+
+def resolve_names(hosts: Mapping[str, HostEntry], table: LeaseTable) -> dict[str, str]:
+    """Every target name with a known address: DHCP host names from the leases, then the
+    ``[hosts]`` entries, which win over a DHCP name they share (even while their MAC has no
+    lease: an explicit entry is never silently replaced by whatever guest claims the name)."""
+    names: dict[str, str] = {}
+    # IPv6 first and oldest first, so IPv4 and the most recently seen guest overwrite them.
+    for lease in sorted(table, key=lambda lease: (-lease.key[1], lease.seen, lease.mac)):
+        if lease.hostname is not None:
+            names[lease.hostname] = lease.ip
+    for name, entry in hosts.items():
+        lease = table.for_mac(entry.mac) if entry.mac is not None else None
+        ip = entry.ip if entry.mac is None else (lease.ip if lease is not None else None)
+        if ip is None:
+            names.pop(name, None)
+        else:
+            names[name] = ip
+    return names
+
+
+def name_updates(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, str | None]:
+    """The names whose address differs between two ``resolve_names`` results (None: gone),
+    i.e. the calls the daemon makes to ``Forwarder.resolve``."""
+    return {name: after.get(name) for name in sorted(before.keys() | after.keys())
+            if before.get(name) != after.get(name)}

@@ -1,0 +1,72 @@
+"""A blocking client for the daemon's JSON-lines sockets: one request, one reply.
+
+Kept free of asyncio and the engine, so the DHCP hook and ``fastfwd status`` start fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+#: Replies larger than this are not from fastfwd (a status of thousands of rules fits easily).
+MAX_REPLY = 64 << 20
+
+
+class DaemonError(Exception):
+    """The daemon could not be reached in time, or its reply was unusable. One line."""
+
+
+def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Send ``message`` to the socket at ``path`` and return the daemon's reply object.
+
+    ``timeout`` bounds the whole exchange. A reply with ``"ok": false`` is returned, not
+    raised: the caller decides how to report it.
+    """
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(os.fspath(path))
+        except FileNotFoundError:
+            raise DaemonError(f"cannot reach fastfwd at {path}: no such socket (is the daemon running?)") from None
+        except ConnectionRefusedError:
+            raise DaemonError(f"cannot reach fastfwd at {path}: connection refused (is the daemon running?)") from None
+        except PermissionError:
+            raise DaemonError(f"cannot reach fastfwd at {path}: permission denied") from None
+        except OSError as exc:
+            raise DaemonError(f"cannot reach fastfwd at {path}: {exc.strerror or exc}") from None
+        try:
+            sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            reply = _read_line(sock, deadline)
+        except (TimeoutError, socket.timeout):
+            raise DaemonError(f"no reply from fastfwd at {path} within {timeout:g}s") from None
+        except OSError as exc:
+            raise DaemonError(f"lost the connection to fastfwd at {path}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    try:
+        doc = json.loads(reply)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
+        raise DaemonError(f"unusable reply from {path}: {reply[:100]!r}")
+    return doc
+
+
+def _read_line(sock: socket.socket, deadline: float) -> bytes:
+    buf = bytearray()
+    while b"\n" not in buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise DaemonError("the daemon closed the connection without a reply")
+        buf += chunk
+        if len(buf) > MAX_REPLY:
+            raise DaemonError(f"reply larger than {MAX_REPLY} bytes")
+    return bytes(buf[: buf.index(b"\n")])

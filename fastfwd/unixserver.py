@@ -1,0 +1,284 @@
+"""The JSON-lines Unix socket server under the lease and control sockets.
+
+What both sockets share lives here once: the socket file (restrictive mode, a stale file
+replaced only when nothing answers on it), who may connect (SO_PEERCRED, checked before a
+byte is read), and the framing: one JSON object per line in, exactly one JSON reply line
+out, with bounded buffers so hostile or broken clients cannot grow the daemon's memory.
+
+Memory bound: every connection buffers at most about ``2 * line_limit``; lines longer than
+that (up to ``max_line``) are read only while holding one of a few *large-line slots*, so the
+total stays near ``max_clients * 2 * line_limit + large_slots * max_line``.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fastfwd.unixserver")
+
+#: Linux >= 4.13: the peer's supplementary groups, fixed at connect time (not in Python's socket module).
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+class RequestError(ValueError):
+    """A request the server refuses; its message goes back as ``{"ok": false, "error": ...}``."""
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """Who is on the other end, as the kernel recorded it when the peer connected."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may use a socket: root and the daemon's own user always; then ``uids``, and members
+    (primary or supplementary) of ``gids``. The socket file is 0600, or 0660 owned by
+    ``group`` when one is set, so other users cannot even connect; list a user's group here
+    to let them in."""
+
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    group: int | None = None
+
+    @classmethod
+    def from_names(cls, users: Iterable[str | int] = (), groups: Iterable[str | int] = ()) -> "Access":
+        """Resolve user and group names (or ids); the first group owns the socket file.
+        Raises KeyError naming an unknown user or group."""
+        uids = frozenset(u if isinstance(u, int) else pwd.getpwnam(u).pw_uid for u in users)
+        gids = [g if isinstance(g, int) else grp.getgrnam(g).gr_gid for g in groups]
+        return cls(uids=uids, gids=frozenset(gids), group=gids[0] if gids else None)
+
+    @property
+    def mode(self) -> int:
+        return 0o660 if self.group is not None else 0o600
+
+    def allows(self, peer: PeerCred) -> bool:
+        if peer.uid in (0, os.geteuid()) or peer.uid in self.uids:
+            return True
+        return bool(({peer.gid} | peer.groups) & (self.gids | ({self.group} - {None})))
+
+
+def peer_credentials(sock: socket.socket) -> PeerCred:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
+        groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:  # older kernels: the primary group is all we know
+        groups = frozenset()
+    return PeerCred(pid=pid, uid=uid, gid=gid, groups=groups)
+
+
+def bind_unix(path: str | os.PathLike[str], access: Access) -> socket.socket:
+    """A listening Unix socket at ``path`` with ``access``'s mode and group from the start.
+
+    It is bound under a temporary name in a private directory, given its mode, then renamed
+    into place, so no one ever sees it with a wider mode. An existing socket file is replaced
+    only if nothing accepts on it (a stale file from a crash); a live one, or a file that is
+    not a socket, raises instead of being taken over.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fastfwd-bind-") as private:
+            tmp = os.path.join(private, "s")
+            sock.bind(tmp)
+            if access.group is not None:
+                os.chown(tmp, -1, access.group)
+            os.chmod(tmp, access.mode)
+            os.replace(tmp, path)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _check_replaceable(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", str(path))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return  # stale: nothing listens there
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot tell whether it is in use ({exc.strerror})", str(path)) from None
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process is listening on this socket", str(path))
+
+
+@dataclass(frozen=True)
+class Request:
+    """One decoded request line."""
+
+    message: Any
+    size: int
+    peer: PeerCred
+
+
+Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+
+
+class LineTooLong(Exception):
+    pass
+
+
+class JsonLineServer:
+    """Serves ``handler`` on a Unix socket: one JSON reply per JSON request line.
+
+    The handler returns the reply object (``"ok": true`` is added) or raises RequestError
+    for an error reply. A refused peer gets one error reply and is disconnected. A line over
+    ``max_line`` gets an error reply and the connection is closed (the stream cannot be
+    trusted to resynchronise). Each line must arrive within ``idle_timeout`` seconds.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], handler: Handler, *, name: str,
+                 access: Access = Access(), line_limit: int = 64 << 10, max_line: int = 64 << 10,
+                 large_slots: int = 4, max_clients: int = 2048, idle_timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.name = name
+        self._handler = handler
+        self._access = access
+        self._line_limit = line_limit
+        self._max_line = max(max_line, line_limit)
+        self._large = asyncio.Semaphore(large_slots)
+        self._max_clients = max_clients
+        self._idle_timeout = idle_timeout
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        sock = bind_unix(self.path, self._access)
+        self._inode = os.stat(self.path).st_ino
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=self._line_limit)
+        log.info("%s socket listening on %s (mode %o)", self.name, self.path, self._access.mode)
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._server = None
+        try:  # remove the socket file only if it is still ours, not a successor's
+            if os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def __aenter__(self) -> "JsonLineServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._converse(reader, writer)
+        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass  # the peer went away or stalled: nothing to answer
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tasks) > self._max_clients:
+            await _reply(writer, {"ok": False, "error": "too many clients; try again"})
+            return
+        peer = peer_credentials(writer.get_extra_info("socket"))
+        if not self._access.allows(peer):
+            log.warning("%s socket: refused pid %d (uid %d, gid %d): not an allowed user or group",
+                        self.name, peer.pid, peer.uid, peer.gid)
+            await _reply(writer, {"ok": False, "error": "permission denied: not an allowed user or group"})
+            return
+        while True:
+            try:
+                async with asyncio.timeout(self._idle_timeout):
+                    line = await self._read_line(reader)
+            except LineTooLong:
+                await _reply(writer, {"ok": False, "error": f"line too long (limit {self._max_line} bytes)"})
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            await _reply(writer, await self._answer(line, peer))
+
+    async def _read_line(self, reader: asyncio.StreamReader) -> bytes:
+        """The next line ('' at EOF); one cut short by EOF still counts as a line."""
+        try:
+            return await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+        except asyncio.LimitOverrunError as exc:
+            if self._max_line <= self._line_limit:
+                raise LineTooLong from None
+            consumed = exc.consumed
+        async with self._large:
+            buf = bytearray()
+            while True:
+                if len(buf) + consumed > self._max_line:
+                    raise LineTooLong
+                buf += await reader.readexactly(consumed)
+                try:
+                    chunk = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as exc:
+                    chunk = exc.partial
+                except asyncio.LimitOverrunError as exc:
+                    consumed = exc.consumed
+                    continue
+                if len(buf) + len(chunk) > self._max_line:
+                    raise LineTooLong
+                return bytes(buf + chunk)
+
+    async def _answer(self, line: bytes, peer: PeerCred) -> dict[str, Any]:
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            return {"ok": False, "error": "not valid JSON"}
+        try:
+            reply = await self._handler(Request(message=message, size=len(line), peer=peer))
+        except RequestError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug or an engine failure must not take the socket down
+            log.exception("%s socket: request failed", self.name)
+            return {"ok": False, "error": f"internal error: {exc}"}
+        return {"ok": True, **reply}
+
+
+async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+    writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()
