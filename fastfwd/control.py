@@ -1,0 +1,163 @@
+"""The control socket: status, counters, leases and run-time rule changes, for ``fastfwd status``.
+
+Requests (one JSON object per line), each answered by one reply line::
+
+    {"cmd": "status"}                       rules (state, target, counters), leases
+    {"cmd": "status", "sessions": true}     ... and each UDP rule's client addresses
+    {"cmd": "add", "spec": "0.0.0.0:2222:vm1:22", "proto": "tcp", "name": "ssh", "options": {...}}
+    {"cmd": "remove", "spec": "0.0.0.0:2222:vm1:22", "proto": "tcp"}
+    {"cmd": "metrics"}                      Prometheus text in "text"
+
+The server asks the daemon only through :class:`ControlTarget`, so it does not depend on
+the daemon's internals.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .leases import Lease
+from .rules import Rule, RuleOptions, SpecError
+from .unixserver import Access, JsonLineServer, Request, RequestError
+
+if TYPE_CHECKING:
+    from .forwarder import ActiveRule, Counters
+
+
+class ControlTarget(Protocol):
+    """What the control socket needs from the daemon."""
+
+    @property
+    def rules(self) -> list[ActiveRule]: ...
+
+    def counters(self, rule: ActiveRule) -> Counters: ...
+
+    def sessions(self, rule: ActiveRule) -> list[tuple[str, int]]: ...
+
+    @property
+    def leases(self) -> Iterable[Lease]: ...
+
+    async def add_rule(self, rule: Rule) -> ActiveRule:
+        """Forward ``rule`` from now on (kept across config reloads); OSError/ValueError if it cannot."""
+        ...
+
+    async def remove_rule(self, rule: Rule) -> None:
+        """Stop the rule listening on ``rule``'s ports; KeyError if there is none."""
+        ...
+
+    def metrics(self) -> str:
+        """Prometheus text exposition."""
+        ...
+
+
+class ControlServer(JsonLineServer):
+    def __init__(self, path: str | os.PathLike[str], target: ControlTarget, *,
+                 access: Access = Access(), **limits: Any) -> None:
+        super().__init__(path, self._handle, name="control", access=access, **limits)
+        self._target = target
+
+    async def _handle(self, request: Request) -> dict[str, Any]:
+        doc = request.message
+        if not isinstance(doc, dict) or not isinstance(doc.get("cmd"), str):
+            raise RequestError('expected an object with a "cmd" string')
+        cmd = doc["cmd"]
+        if cmd == "status":
+            return self._status(sessions=doc.get("sessions") is True)
+        if cmd == "metrics":
+            return {"text": self._target.metrics()}
+        if cmd == "add":
+            try:
+                active = await self._target.add_rule(_rule(doc, ("cmd", "spec", "proto", "name", "options")))
+            except (OSError, ValueError) as exc:
+                raise RequestError(f"cannot add: {exc}") from None
+            return {"rule": self._describe(active, sessions=False)}
+        if cmd == "remove":
+            try:
+                await self._target.remove_rule(_rule(doc, ("cmd", "spec", "proto")))
+            except KeyError:
+                raise RequestError(f"no rule listens on {doc['spec']}") from None
+            return {}
+        raise RequestError(f"unknown cmd {cmd[:40]!r}: expected status, add, remove or metrics")
+
+    def _status(self, sessions: bool) -> dict[str, Any]:
+        return {"rules": [self._describe(a, sessions) for a in self._target.rules],
+                "leases": [lease.to_json() for lease in self._target.leases]}
+
+    def _describe(self, active: ActiveRule, sessions: bool) -> dict[str, Any]:
+        rule = active.rule
+        # Rule's own rendering ("tcp LISTEN -> TARGET") keeps bracketed IPv6 and ranges consistent.
+        listen, target = str(rule).split(" ", 1)[1].split(" -> ")
+        out = {"name": rule.name, "proto": rule.proto, "listen": listen, "port": active.port,
+               "target": target, "target_ip": active.target_ip, "state": active.state,
+               "counters": dataclasses.asdict(self._target.counters(active))}
+        if sessions and rule.proto == "udp":
+            out["sessions"] = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._target.sessions(active)]
+        return out
+
+
+def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
+    """The rule a request names, every field checked."""
+    unknown = set(doc) - set(keys)
+    if unknown:
+        raise RequestError(f"unknown key {sorted(unknown)[0]!r} for {doc['cmd']}")
+    spec, proto, name, options = doc.get("spec"), doc.get("proto", "tcp"), doc.get("name"), doc.get("options", {})
+    if not isinstance(spec, str):
+        raise RequestError('"spec" must be a port spec string like "0.0.0.0:2222:vm1:22"')
+    if proto not in ("tcp", "udp"):
+        raise RequestError('"proto" must be "tcp" or "udp"')
+    if name is not None and not isinstance(name, str):
+        raise RequestError('"name" must be a string')
+    if not isinstance(options, dict):
+        raise RequestError('"options" must be an object of rule options')
+    try:
+        opts = RuleOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+        return Rule.parse(spec, proto, name=name, options=opts)
+    except TypeError as exc:  # an unknown option name
+        raise RequestError(f"options: {exc}") from None
+    except SpecError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def format_status(reply: dict[str, Any], now: float | None = None) -> str:
+    """A ``status`` reply as the tables ``fastfwd status`` prints."""
+    now = time.time() if now is None else now
+    rows = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE", "CONNS", "ACCEPTED", "UP", "DOWN", "SESSIONS")]
+    for r in reply.get("rules", []):
+        c = r["counters"]
+        up, down = (c["bytes_up"], c["bytes_down"]) if r["proto"] == "tcp" else (c["datagrams_up"], c["datagrams_down"])
+        unit = _bytes if r["proto"] == "tcp" else str
+        rows.append((r["name"] or "-", r["proto"], r["listen"], r["target"], r["target_ip"] or "-", r["state"],
+                     str(c["active"]) if r["proto"] == "tcp" else "-",
+                     str(c["accepted"]) if r["proto"] == "tcp" else "-",
+                     unit(up), unit(down), str(c["sessions_active"]) if r["proto"] == "udp" else "-"))
+    lease_rows = [("MAC", "IP", "HOSTNAME", "SEEN")]
+    for lease in reply.get("leases", []):
+        lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))
+    parts = [_table(rows) if len(rows) > 1 else "no rules",
+             _table(lease_rows) if len(lease_rows) > 1 else "no leases"]
+    return "\n\n".join(parts)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _bytes(n: int) -> str:
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"

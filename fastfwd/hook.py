@@ -1,0 +1,131 @@
+"""The DHCP hook: dnsmasq's ``--dhcp-script``, forwarding lease events to the lease socket.
+
+dnsmasq runs it as ``SCRIPT add|old|del MAC IP [HOSTNAME]`` for each lease change (``old``
+for leases it already had, at its start and on SIGHUP), and with other actions (``init``,
+``tftp``, ``arp-add``, ``arp-del``, ``relay-snoop``, ...) that say nothing about leases: those
+exit 0 at once (``init`` must print the lease database; printing nothing means "none").
+For DHCPv6, dnsmasq passes the client's DUID where the MAC goes and the MAC, if known, in
+``DNSMASQ_MAC``; a v6 lease with no known MAC cannot be keyed and is skipped with a note.
+
+``SCRIPT snapshot LEASEFILE`` sends every IPv4 lease in a dnsmasq lease file as one snapshot
+(for example after a restart of both), which the daemon reconciles against its table.
+
+Exit status: 0 done or ignored; 1 the daemon could not be reached in time or refused the
+event (one line on stderr says why); 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .leases import LeaseError, normalize_hostname, normalize_ip, normalize_mac
+from .unixclient import DaemonError, call
+
+SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
+_LEASE_ACTIONS = ("add", "old", "del")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        message = _message(args.action, args.args)
+    except (LeaseError, OSError) as exc:
+        print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
+        return 2
+    if message is None:
+        return 0
+    try:
+        reply = call(args.socket or _default_socket(), message, timeout=args.timeout)
+    except DaemonError as exc:
+        print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
+        return 1
+    if not reply["ok"]:
+        print(f"fastfwd-dhcp-hook: {args.action} refused: {reply.get('error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastfwd-dhcp-hook",
+        description="dnsmasq --dhcp-script: send lease events to fastfwd's lease socket.")
+    parser.add_argument("--socket", help=f"the lease socket (default: ${SOCKET_ENV}, else the daemon's default)",
+                        default=os.environ.get(SOCKET_ENV))
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the daemon's reply (default: 10)")
+    parser.add_argument("action", help="add, old, del, snapshot; anything else is ignored")
+    # REMAINDER: dnsmasq's own arguments (a TFTP file name, say) may start with '-'.
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="add|old|del: MAC IP [HOSTNAME]; snapshot: LEASEFILE")
+    return parser
+
+
+def _message(action: str, args: list[str]) -> dict[str, Any] | None:
+    """The lease socket message for dnsmasq's arguments; None for actions that carry no lease."""
+    if action == "snapshot":
+        if len(args) != 1:
+            raise LeaseError("snapshot takes one argument: the dnsmasq lease file")
+        return {"snapshot": _read_lease_file(args[0])}
+    if action not in _LEASE_ACTIONS:
+        return None
+    if len(args) not in (2, 3):
+        raise LeaseError(f"{action} takes MAC IP [HOSTNAME], got {len(args)} argument(s)")
+    mac = args[0]
+    if os.environ.get("DNSMASQ_IAID") is not None or not _is_mac(mac):
+        mac = os.environ.get("DNSMASQ_MAC", "")  # DHCPv6: the argument is the client's DUID
+        if not _is_mac(mac):
+            print(f"fastfwd-dhcp-hook: {action} {args[1]}: no MAC known for this lease; skipped", file=sys.stderr)
+            return None
+    message: dict[str, Any] = {"event": action, "mac": normalize_mac(mac), "ip": normalize_ip(args[1])}
+    if len(args) == 3:
+        message["hostname"] = _hostname(args[2])
+    return message
+
+
+def _read_lease_file(path: str) -> list[dict[str, Any]]:
+    """IPv4 leases of a dnsmasq lease file: ``EXPIRY MAC IP HOSTNAME|* CLIENTID`` per line;
+    the DHCPv6 part (after the ``duid`` line) is keyed by DUID, not MAC, and is left out."""
+    leases = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if fields[:1] == ["duid"]:
+                break
+            if len(fields) < 4:
+                raise LeaseError(f"{path}:{number}: not a dnsmasq lease line")
+            try:
+                lease = {"mac": normalize_mac(fields[1]), "ip": normalize_ip(fields[2]),
+                         "hostname": _hostname(fields[3]) if fields[3] != "*" else None}
+            except LeaseError as exc:
+                raise LeaseError(f"{path}:{number}: {exc}") from None
+            leases.append(lease)
+    return leases
+
+
+def _is_mac(text: str) -> bool:
+    try:
+        normalize_mac(text)
+    except LeaseError:
+        return False
+    return True
+
+
+def _hostname(text: str) -> str | None:
+    """A client-chosen name that is not a valid host name is dropped, not fatal: the lease
+    (and the rules that follow its MAC) still matter."""
+    try:
+        return normalize_hostname(text)
+    except LeaseError:
+        print(f"fastfwd-dhcp-hook: ignoring invalid host name {text[:80]!r}", file=sys.stderr)
+        return None
+
+
+def _default_socket() -> str:
+    from .config import runtime_dir  # only when no socket is named: config costs a little start time
+
+    return str(runtime_dir() / "lease.sock")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
