@@ -1,0 +1,250 @@
+"""Shared by the control-plane tests: the table of bad configs with the exact error each must
+give, and loopback echo/sink servers plus a daemon process runner."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+#: (config text, the error line it must produce). Each is a complete file on its own.
+BAD_CONFIGS: list[tuple[str, str]] = [
+    ('[[forward]]\nlisten = "8000-7999"\nto = "127.0.0.1:9000-9001"\n',
+     "forward[0].listen: range 8000-7999 is reversed"),
+    ('[[forward]]\nlisten = 8000\nto = "127.0.0.1:9000"\nconect_timeout = 3\n',
+     "forward[0].conect_timeout: unknown key (did you mean 'connect_timeout'?)"),
+    ('[[forward]]\nproto = "sctp"\nlisten = 8000\nto = "127.0.0.1:9000"\n',
+     "forward[0].proto: expected 'tcp', 'udp', 'both' or [\"tcp\", \"udp\"], got 'sctp'"),
+    ('[[forward]]\nlisten = "8000-8009"\nto = "127.0.0.1:9000-9004"\n',
+     "forward[0]: listen has 10 ports but to has 5"),
+    ('[[forward]]\nlisten = "1.2.3:8000"\nto = "127.0.0.1:9000"\n',
+     "forward[0].listen: listen address '1.2.3' is not an IPv4 or IPv6 address"),
+    ('[[forward]]\nlisten = 8000\nto = "bad_host:9000"\n',
+     "forward[0].to: target host 'bad_host' is neither an IP address nor a valid host name"),
+    ('[[forward]]\nlisten = 8000\nto = "127.0.0.1:70000"\n',
+     "forward[0].to: port 70000 is out of range 0-65535"),
+    ('[[forward]]\nlisten = 8000\n',
+     "forward[0]: missing required key 'to'"),
+    ('[[forward]]\nlisten = 8000\nto = "127.0.0.1:9000"\nsplice = "maybe"\n',
+     "forward[0].splice: expected 'auto', 'always' or 'never', got 'maybe'"),
+    ('[[forward]]\nlisten = 8000\nto = "127.0.0.1:9000"\nidle_timeout = -1\n',
+     "forward[0].idle_timeout: expected a number of seconds >= 0, got -1"),
+    ('[[forward]]\nlisten = 8000\nto = "127.0.0.1:9000"\nudp_max_sessions = 1.5\n',
+     "forward[0].udp_max_sessions: expected an integer >= 0, got 1.5"),
+    ('[[forward]]\nlisten = 8000\nto = "127.0.0.1:9000"\nallow = "10.0.0.0/8"\n',
+     "forward[0].allow: expected an array of strings, got '10.0.0.0/8'"),
+    ('[[forward]]\nlisten = 8000\nto = "127.0.0.1:9000"\nallow = ["10.0.0.0/33"]\n',
+     "forward[0].allow: '10.0.0.0/33' is not a CIDR network"),
+    ('[[forward]]\nlisten = 8000\nto = "127.0.0.1:9000"\non_remove = "drop"\n',
+     "forward[0].on_remove: expected 'keep' or 'close', got 'drop'"),
+    ('[[forward]]\nlisten = "8000-8010"\nto = "127.0.0.1:9000-9010"\n'
+     '[[forward]]\nlisten = "0.0.0.0:8005"\nto = "127.0.0.1:9000"\n',
+     "forward[1].listen: tcp port 8005 overlaps forward[0] (tcp 127.0.0.1:8000-8010 -> 127.0.0.1:9000-9010)"),
+    ('[[forward]]\nname = "web"\nlisten = 8000\nto = "127.0.0.1:9000"\n'
+     '[[forward]]\nname = "web"\nlisten = 8001\nto = "127.0.0.1:9000"\n',
+     "forward[1].name: 'web' is already the name of forward[0]"),
+    ('[hosts.vm1]\nmac = "52:54:00:zz:00:01"\n',
+     "hosts.vm1.mac: '52:54:00:zz:00:01' is not a MAC address like 52:54:00:12:34:56"),
+    ('[hosts.vm1]\nmac = "52:54:00:00:00:01"\nip = "10.0.0.1"\n',
+     "hosts.vm1: give exactly one of 'mac' or 'ip'"),
+    ('[hosts.vm1]\nip = "10.0.0.300"\n',
+     "hosts.vm1.ip: '10.0.0.300' is not an IPv4 or IPv6 address"),
+    ('[sources]\ndhcp = false\n[[forward]]\nlisten = 8000\nto = "vm9:22"\n',
+     "forward[0].to: 'vm9' is not in [hosts] and DHCP names are off ([sources] dhcp = false)"),
+    ('[engine]\nworkers = 0\n', "engine.workers: expected an integer >= 1, got 0"),
+    ('[engine]\npipesize = 65536\n', "engine.pipesize: unknown key (did you mean 'pipe_size'?)"),
+    ('[control]\ndrain_deadline = "soon"\n',
+     "control.drain_deadline: expected a number of seconds >= 0, got 'soon'"),
+    ('[control]\nmetrics_listen = "localhost:9100"\n',
+     "control.metrics_listen: 'localhost:9100': expected ADDR:PORT with an IP address (IPv6 in brackets)"),
+    ('[forwards]\n', "forwards: unknown key (did you mean 'forward'?)"),
+    ('[[forward]\n', "invalid TOML: Expected ']]' at the end of an array declaration (at line 1, column 10)"),
+]
+
+
+def bad_config_ids() -> list[str]:
+    return [error.split(":")[0] + ":" + error.split(":")[1][:30] for _, error in BAD_CONFIGS]
+
+
+# -- loopback peers ----------------------------------------------------------------------------
+class EchoServer:
+    """A TCP server on loopback that echoes each connection's bytes back, in a thread."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+class UdpEcho:
+    """A UDP server on loopback replying to each datagram with a tag and the datagram."""
+
+    def __init__(self, tag: bytes) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.tag = tag
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.sock.sendto(self.tag + data, addr)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def echo_roundtrip(port: int, size: int = 256 * 1024, timeout: float = 10.0) -> bool:
+    """Send ``size`` random bytes through 127.0.0.1:``port`` to an echo server, half-close,
+    and compare the SHA-256 of what comes back. False if the connection fails."""
+    payload = os.urandom(size)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+            sender.start()
+            got = hashlib.sha256()
+            n = 0
+            while data := s.recv(1 << 16):
+                got.update(data)
+                n += len(data)
+            sender.join(timeout)
+    except OSError:
+        return False
+    return n == size and got.digest() == hashlib.sha256(payload).digest()
+
+
+def udp_ask(port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:
+    """One datagram to 127.0.0.1:``port`` and its reply (None if none comes)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(payload, ("127.0.0.1", port))
+        try:
+            return s.recv(65535)
+        except TimeoutError:
+            return None
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail the test (never hang) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def engine_built() -> bool:
+    try:
+        from fastfwd import _engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_engine = pytest.mark.skipif(not engine_built(), reason="the data-plane engine is not built")
+
+
+# -- the daemon as a process ---------------------------------------------------------------------
+class DaemonProcess:
+    """``fastfwd run`` in a child process with its log captured to a file."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.log_path = tmp / "daemon.log"
+        self.control_socket = tmp / "control.sock"
+        self.lease_socket = tmp / "lease.sock"
+        cmd = [sys.executable, "-m", "fastfwd", "run", "--log-level", "debug",
+               "--control-socket", str(self.control_socket), "--lease-socket", str(self.lease_socket),
+               "--state-dir", str(tmp / "state"), *args]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
+        wait_until(lambda: self.log().count(text) >= count or self.proc.poll() is not None, timeout,
+                   f"{text!r} in the daemon log")
+        assert self.log().count(text) >= count, f"daemon exited early:\n{self.log()}"
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@contextlib.contextmanager
+def daemon(tmp: Path, *args: str, ready: str = "fastfwd started") -> Iterator[DaemonProcess]:
+    proc = DaemonProcess(tmp, *args)
+    try:
+        proc.wait_log(ready)
+        yield proc
+    finally:
+        proc.stop()
