@@ -6,12 +6,13 @@ exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, ControlSettings, load_config
 from .rules import DEFAULT_LISTEN, Rule, SpecError
 
 SPEC_HELP = f"""\
@@ -70,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="rules (active/pending), counters and leases of a running daemon")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--sessions", action="store_true", help="also list each UDP rule's client addresses")
     status.add_argument("--socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
+    status.add_argument("-c", "--config", metavar="FILE", help="take the socket path from this config file")
     status.set_defaults(func=_status)
 
     lease = sub.add_parser(
@@ -79,15 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  fastfwd lease add 52:54:00:12:34:56 192.168.122.10 vm1\n"
                "  fastfwd lease del 52:54:00:12:34:56 192.168.122.10\n"
                "  fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 ...\n")
-    lease.add_argument("--socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
-    lease.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
+    common.add_argument("-c", "--config", metavar="FILE", help="take the socket path from this config file")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ("add", "old", "del"):
-        ev = lsub.add_parser(action, help=f"a DHCP '{action}' event")
+        ev = lsub.add_parser(action, help=f"a DHCP '{action}' event", parents=[common])
         ev.add_argument("mac")
         ev.add_argument("ip")
         ev.add_argument("hostname", nargs="?")
-    snap = lsub.add_parser("snapshot", help="the complete lease table; leases not listed are gone")
+    snap = lsub.add_parser("snapshot", help="the complete lease table; leases not listed are gone",
+                           parents=[common])
     snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]")
     lease.set_defaults(func=_lease)
 
@@ -160,14 +166,15 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .status import show_status
+    from .control import format_status
 
-    return show_status(args.socket, as_json=args.json)
+    reply = _call(args.socket or _settings(args).control_socket,
+                  {"cmd": "status", **({"sessions": True} if args.sessions else {})}, timeout=10.0)
+    print(json.dumps(reply, indent=2) if args.json else format_status(reply))
+    return 0
 
 
 def _lease(args: argparse.Namespace) -> int:
-    from .status import send_lease
-
     if args.action == "snapshot":
         leases = []
         for item in args.leases:
@@ -179,7 +186,26 @@ def _lease(args: argparse.Namespace) -> int:
         message: dict = {"snapshot": leases}
     else:
         message = {"event": args.action, "mac": args.mac, "ip": args.ip, "hostname": args.hostname}
-    return send_lease(args.socket, message, args.timeout)
+    reply = _call(args.socket or _settings(args).lease_socket, message, timeout=args.timeout)
+    print(f"ok, {reply['changed']} lease(s) changed; rules follow")
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> ControlSettings:
+    return _load(args.config).control if args.config else ControlSettings()
+
+
+def _call(path: str, message: dict, timeout: float) -> dict:
+    """One request to a daemon socket; an unreachable daemon or an error reply is a UsageError."""
+    from .unixclient import DaemonError, call
+
+    try:
+        reply = call(path, message, timeout=timeout)
+    except DaemonError as exc:
+        raise UsageError(str(exc)) from None
+    if not reply["ok"]:
+        raise UsageError(f"refused: {reply.get('error')}")
+    return reply
 
 
 def _hook(args: argparse.Namespace) -> int:

@@ -20,9 +20,12 @@ from pathlib import Path
 import uvloop
 
 from .config import Config, ConfigError, ControlSettings, load_config
-from .forwarder import Diff, Forwarder
+from .control import ControlServer
+from .forwarder import ActiveRule, Counters, Diff, Forwarder
+from .lease_server import LeaseServer
 from .leases import STATE_FILE, LeaseChange, LeaseTable, name_updates, resolve_names
 from .rules import Rule, split_hostports
+from .unixserver import Access, JsonLineServer
 from .watcher import watch_config
 
 log = logging.getLogger("fastfwd")
@@ -98,15 +101,19 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
         try:
             await self.start()
-            tasks = [asyncio.create_task(self._watch())] if self.path else []
-            servers = await self._serve()
+            try:
+                servers = await self._serve()
+            except DaemonError:
+                await self.fw.close()
+                raise
+            watcher = asyncio.create_task(self._watch()) if self.path else None
             how = await self._stop
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for server in servers:
-                server.close()
-            await self._shutdown(how)
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            await _close_all(servers)
+            async with self._reload_lock:  # a reload under way finishes before the engine goes
+                await self._shutdown(how)
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -180,13 +187,8 @@ class Daemon:
 
     # -- leases and names ---------------------------------------------------------------------
     async def leases_changed(self, changes: list[LeaseChange]) -> None:
-        """Called after the lease table changed: re-point every name whose address moved, so
+        """The lease server's callback after the table changed (it logs the leases): re-point every name whose address moved, so
         that when this returns, affected rules already forward to their new targets."""
-        for change in changes:
-            lease = change.new or change.old
-            assert lease is not None
-            log.info("lease %s: %s %s%s", "gone" if change.new is None else "set", lease.mac, lease.ip,
-                     f" ({lease.hostname})" if lease.hostname else "")
         await self._resolve()
 
     async def _resolve(self) -> None:
@@ -197,21 +199,79 @@ class Daemon:
             log.info("name %s is now %s (%d rule(s))", name, ip or "unknown, its rules are pending", len(touched))
         self._names = names
 
-    # -- servers ------------------------------------------------------------------------------
-    async def _serve(self) -> list[asyncio.AbstractServer]:
-        """The optional metrics HTTP endpoint (lease and control sockets come with their servers)."""
-        assert self.fw is not None
-        servers: list[asyncio.AbstractServer] = []
-        if self.control.metrics_listen:
-            from .metrics import serve_http
+    # -- what the control socket asks (control.ControlTarget) ---------------------------------
+    @property
+    def rules(self) -> list[ActiveRule]:
+        return self.fw.rules if self.fw is not None else []
 
-            host, port = split_hostports(self.control.metrics_listen)
-            try:
+    def counters(self, rule: ActiveRule) -> Counters:
+        assert self.fw is not None
+        return self.fw.counters(rule)
+
+    def sessions(self, rule: ActiveRule) -> list[tuple[str, int]]:
+        assert self.fw is not None
+        return self.fw.sessions(rule)
+
+    async def add_rule(self, rule: Rule) -> ActiveRule:
+        assert self.fw is not None
+        active = await self.fw.add(rule)
+        self.runtime_rules[active.rule.key] = active.rule
+        return active
+
+    async def remove_rule(self, rule: Rule) -> None:
+        """Remove a rule added at run time. Rules of the config file or the command line are
+        refused: the next reload would bring them back, so removing them would only mislead."""
+        assert self.fw is not None
+        active = self.fw.find(rule)
+        if active is None:
+            raise KeyError(str(rule))
+        if active.rule.key not in self.runtime_rules:
+            raise ValueError(f"{active.rule} comes from the config file or the command line; edit those instead")
+        await self.fw.remove(active)
+        del self.runtime_rules[active.rule.key]
+
+    def metrics(self) -> str:
+        from .metrics import render
+
+        assert self.fw is not None
+        return render(self.fw).decode()
+
+    # -- servers ------------------------------------------------------------------------------
+    async def _serve(self) -> list[JsonLineServer | asyncio.AbstractServer]:
+        """The control socket, the lease socket (unless DHCP is off) and the optional metrics
+        HTTP endpoint. A failure to open any of them is a DaemonError."""
+        assert self.fw is not None
+        c = self.control
+        try:
+            access = Access.from_names(c.allow_users, c.allow_groups)
+        except KeyError as exc:
+            raise DaemonError(f"control: unknown user or group {exc}") from None
+        servers: list[JsonLineServer | asyncio.AbstractServer] = []
+        units: list[tuple[str, JsonLineServer]] = [(c.control_socket, ControlServer(c.control_socket, self, access=access))]
+        if self.config.sources.dhcp:
+            units.append((c.lease_socket, LeaseServer(c.lease_socket, self.leases, self.leases_changed, access=access)))
+        try:
+            for path, server in units:
+                await server.start()
+                servers.append(server)
+            if c.metrics_listen:
+                from .metrics import serve_http
+
+                host, port = split_hostports(c.metrics_listen)
+                path = c.metrics_listen
                 servers.append(await serve_http(self.fw, host, int(port)))
-            except OSError as exc:
-                await self.fw.close()
-                raise DaemonError(f"metrics on {self.control.metrics_listen}: {_reason(exc)}") from None
+        except OSError as exc:
+            await _close_all(servers)
+            raise DaemonError(f"{path}: {_reason(exc)}") from None
         return servers
+
+
+async def _close_all(servers: Iterable[JsonLineServer | asyncio.AbstractServer]) -> None:
+    for server in servers:
+        if isinstance(server, JsonLineServer):
+            await server.close()
+        else:
+            server.close()
 
 
 def _reason(exc: BaseException) -> str:
