@@ -1,0 +1,148 @@
+"""Changing rules while traffic flows: removing one closes its listener and leaves every other
+connection alone; adding one loses nothing; re-pointing a rule moves new connections and
+UDP sessions but keeps live TCP connections where they are."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import fastfwd
+from netutil import (LOOP4, TIMEOUT, Progress, Received, SyncForwarder, TcpServer, UdpEcho, closed_how,
+                     connect, echo_handler, echo_once, exchange, exchange_handler, free_port_range, is_refused,
+                     make_rule, payload, spawn, udp_roundtrip, udp_socket, wait_for)
+
+MB = 1 << 20
+
+
+def test_remove_closes_the_listener(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port)
+        with connect(rule.port) as sock:
+            assert echo_once(sock, b"before") == b"before"
+        fwd.remove(rule)
+        assert is_refused(rule.port)
+
+
+def test_remove_keeps_live_connections_by_default(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port)
+        with connect(rule.port) as sock:
+            assert echo_once(sock, b"before") == b"before"
+            fwd.remove(rule)
+            assert is_refused(rule.port)
+            assert echo_once(sock, b"after removal") == b"after removal"
+
+
+def test_remove_with_close_policy_ends_live_connections(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port, on_remove="close")
+        with connect(rule.port) as sock:
+            assert echo_once(sock, b"before") == b"before"
+            fwd.remove(rule)
+            assert closed_how(sock) in ("eof", "reset")
+
+
+def run_gated_transfers(fwd: SyncForwarder, n: int, size: int, change) -> None:
+    """Start ``n`` two-way transfers of ``size`` bytes each way through one rule; once every
+    one of them is halfway in both directions, call ``change()``; then let them finish and
+    check every byte at both ends."""
+    gate = threading.Event()
+    down = payload(size, seed=20)
+    ups = [payload(size, seed=30 + i) for i in range(n)]
+    with TcpServer(exchange_handler(down, gate)) as server:
+        rule = fwd.forward(server.port)
+        progress = [Progress() for _ in range(n)]
+        clients = [spawn(exchange, rule.port, up, LOOP4, gate, p) for up, p in zip(ups, progress)]
+        try:
+            wait_for(lambda: all(p.nbytes >= size // 2 for p in progress)
+                     and fwd.counters(rule).bytes_up >= n * (size // 2),
+                     what="every transfer to be halfway")
+            change()
+            assert all(c.is_alive() for c in clients), "a transfer ended before the gate opened"
+        finally:
+            gate.set()
+        for client in clients:
+            assert client.result(60) == Received.of(down)
+        assert sorted(server.result() for _ in range(n)) == sorted(Received.of(up) for up in ups)
+    counters = fwd.wait_counter(rule, "bytes_down", n * size)
+    assert counters.bytes_up == n * size
+
+
+def test_removing_a_rule_leaves_other_rules_transfers_intact(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as other_server:
+        other = fwd.forward(other_server.port)
+        bystander = connect(other.port)
+        try:
+            assert echo_once(bystander, b"b") == b"b"
+
+            def remove_other() -> None:
+                fwd.remove(other)
+                assert is_refused(other.port)
+
+            run_gated_transfers(fwd, 1, 32 * MB, remove_other)
+        finally:
+            bystander.close()
+
+
+def test_adding_a_rule_while_eight_transfers_run_loses_nothing(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as other_server:
+        added: list[fastfwd.ActiveRule] = []
+
+        def add_one() -> None:
+            added.append(fwd.forward(other_server.port))
+            with connect(added[0].port) as sock:
+                assert echo_once(sock, b"new rule") == b"new rule"
+
+        run_gated_transfers(fwd, 8, 8 * MB, add_one)
+        assert fwd.counters(added[0]).accepted == 1
+
+
+def test_apply_touches_only_what_changed(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as server:
+        base = free_port_range(2)
+        a, b = (make_rule(server.port, listen_port=base + i) for i in range(2))
+        assert [x.rule for x in fwd.apply([a]).added] == [a]
+        with connect(base) as on_a:
+            assert echo_once(on_a, b"one") == b"one"
+            diff = fwd.apply([a, b])
+            assert ([x.rule for x in diff.added], [x.rule for x in diff.unchanged]) == ([b], [a])
+            assert not diff.removed
+            assert echo_once(on_a, b"untouched") == b"untouched"
+            with connect(base + 1) as on_b:
+                assert echo_once(on_b, b"two") == b"two"
+            diff = fwd.apply([b])
+            assert [x.rule for x in diff.removed] == [a]
+            assert is_refused(base)
+            assert echo_once(on_a, b"still alive") == b"still alive"
+
+
+def tell_address(conn: socket.socket) -> None:
+    """Handler: say which address the server listens on, then echo until EOF."""
+    conn.sendall(conn.getsockname()[0].encode().ljust(16))
+    echo_handler(conn)
+
+
+def test_retarget_moves_new_connections_and_keeps_live_ones(fwd: SyncForwarder) -> None:
+    with TcpServer(tell_address, "127.0.0.1") as one, TcpServer(tell_address, "127.0.0.2", one.port):
+        rule = fwd.add(make_rule(one.port).with_target("vm1"))
+        assert rule.pending
+        with connect(rule.port) as sock:  # pending: refused
+            assert closed_how(sock) in ("eof", "reset")
+        fwd.resolve("vm1", "127.0.0.1")
+        with connect(rule.port) as old:
+            assert old.recv(16).strip() == b"127.0.0.1"
+            fwd.resolve("vm1", "127.0.0.2")
+            with connect(rule.port) as new:
+                assert new.recv(16).strip() == b"127.0.0.2"
+            assert echo_once(old, b"kept") == b"kept"
+
+
+def test_retarget_moves_udp_sessions_at_once(fwd: SyncForwarder) -> None:
+    with UdpEcho("127.0.0.1") as one, UdpEcho("127.0.0.2", one.port) as two:
+        rule = fwd.add(make_rule(one.port, "udp").with_target("vm1"))
+        fwd.resolve("vm1", "127.0.0.1")
+        with udp_socket(timeout=TIMEOUT) as sock:
+            assert udp_roundtrip(sock, (LOOP4, rule.port), b"first") == b"first"
+            fwd.resolve("vm1", "127.0.0.2")
+            assert udp_roundtrip(sock, (LOOP4, rule.port), b"second") == b"second"
+        assert (one.total, two.total) == (1, 1), "the session kept sending to the old target"

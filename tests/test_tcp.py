@@ -1,0 +1,127 @@
+"""TCP forwarding integrity: bytes hashed at the far end, both directions at once, every
+splice mode; the counters that prove zero copy; many connections at once; IPv6; port ranges."""
+from __future__ import annotations
+
+import random
+import socket
+
+import pytest
+
+from fastfwd import Counters
+
+from netutil import (LOOP4, LOOP6, SPLICE_MODES, SPLICE_THRESHOLD, AsyncEchoServer, Received,
+                     SyncForwarder, TcpServer, connect, echo_handler, echo_once, exchange,
+                     exchange_handler, free_port_range, make_rule, many_echo, payload, wait_for)
+
+MB = 1 << 20
+
+
+def two_way(fwd: SyncForwarder, size: int, splice: str, host: str = LOOP4) -> tuple[int, Counters]:
+    """Move ``size`` bytes each way at once through a fresh rule; check both digests at the far
+    ends. Returns the total bytes moved and the rule's counters once they account for all."""
+    up, down = payload(size, seed=1), payload(size, seed=2)
+    with TcpServer(exchange_handler(down), host) as server:
+        rule = fwd.forward(server.port, host=host, splice=splice)
+        got_down = exchange(rule.port, up, host)
+        got_up = server.result()
+    assert got_up == Received.of(up), "client-to-server stream corrupted"
+    assert got_down == Received.of(down), "server-to-client stream corrupted"
+    total = 2 * size
+    counters = fwd.wait_counter(rule, "bytes_down", size)
+    assert (counters.bytes_up, counters.bytes_down) == (size, size)
+    assert counters.accepted == 1
+    return total, counters
+
+
+@pytest.mark.parametrize("size", [1 * MB, 200 * MB], ids=["1MB", "200MB"])
+@pytest.mark.parametrize("splice", SPLICE_MODES)
+def test_two_way_transfer_is_intact(fwd: SyncForwarder, splice: str, size: int) -> None:
+    total, counters = two_way(fwd, size, splice)
+    assert counters.bytes_spliced + counters.bytes_copied == total
+    assert counters.splice_fallbacks == 0
+    if splice == "always":
+        assert counters.bytes_copied == 0
+        assert counters.bytes_spliced == total
+    elif splice == "never":
+        assert counters.bytes_spliced == 0
+        assert counters.bytes_copied == total
+    else:  # auto: each direction copies at most the promotion threshold, then splices
+        assert counters.bytes_copied <= 2 * SPLICE_THRESHOLD
+        assert counters.bytes_spliced >= total - 2 * SPLICE_THRESHOLD
+
+
+def test_auto_splice_keeps_short_exchanges_on_copy(fwd: SyncForwarder) -> None:
+    """Below the promotion threshold, auto never splices."""
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port, splice="auto")
+        with connect(rule.port) as sock:
+            for i in range(20):
+                message = payload(1000, seed=i + 3)
+                assert echo_once(sock, message) == message
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+        server.result()
+    counters = fwd.wait_counter(rule, "bytes_down", 20_000)
+    assert counters.bytes_spliced == 0
+    assert counters.bytes_copied == 40_000
+
+
+def test_active_counts_live_connections(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port)
+        socks = [connect(rule.port) for _ in range(3)]
+        try:
+            for s in socks:
+                assert echo_once(s, b"hi") == b"hi"
+            assert fwd.wait_counter(rule, "active", 3).accepted == 3
+        finally:
+            for s in socks:
+                s.close()
+        wait_for(lambda: fwd.counters(rule).active == 0, what="active back to 0")
+
+
+def test_thousand_concurrent_connections(fwd: SyncForwarder) -> None:
+    rng = random.Random(1000)
+    payloads = [payload(rng.randrange(0, 96 * 1024), seed=i + 10) for i in range(1000)]
+    with AsyncEchoServer() as server:
+        rule = fwd.forward(server.port)
+        results = many_echo(rule.port, payloads, timeout=90)
+        expected = [Received.of(p) for p in payloads]
+        assert results == expected, f"{sum(a != b for a, b in zip(results, expected))} echoes corrupted"
+        assert sorted(server.received) == sorted(expected), "the server read something else"
+    counters = fwd.wait_counter(rule, "accepted", 1000)
+    assert counters.accepted == 1000
+    assert counters.connect_failed == 0
+    total = sum(len(p) for p in payloads)
+    assert fwd.wait_counter(rule, "bytes_down", total).bytes_up == total
+
+
+@pytest.mark.parametrize("splice", ["always", "never"])
+def test_ipv6(fwd: SyncForwarder, splice: str) -> None:
+    two_way(fwd, 4 * MB, splice, host=LOOP6)
+
+
+def test_port_range_maps_one_to_one(fwd: SyncForwarder) -> None:
+    """Ten listen ports onto ten target ports: listen port i reaches target port i."""
+    count = 10
+    servers: list[TcpServer] = []
+    target = free_port_range(count)
+    try:
+        servers = [TcpServer(tag_handler, port=target + i) for i in range(count)]
+        listen = free_port_range(count, start=target + count + 100)
+        rule = fwd.add(make_rule(target, listen_port=listen, count=count))
+        assert rule.port == listen
+        for i in range(count):
+            with connect(listen + i) as sock:
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(64) == str(target + i).encode(), f"listen port {listen + i}"
+    finally:
+        for s in servers:
+            s.close()
+
+
+def tag_handler(conn: socket.socket) -> None:
+    """Reply with the port the server listens on."""
+    conn.sendall(str(conn.getsockname()[1]).encode())
+    conn.shutdown(socket.SHUT_WR)
+    conn.recv(1)

@@ -1,0 +1,164 @@
+"""TCP failure paths: resets cross the forwarder, a refusing or silent target closes the
+client and is counted, caps and allow-lists refuse, and running out of file descriptors
+neither stops the forwarder nor makes it spin."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from netutil import (LOOP4, TIMEOUT, ChildForwarder, SyncForwarder, TcpServer, blackhole, closed_how,
+                     connect, cpu_seconds, echo_handler, echo_once, end_of_stream, make_rule, refusing_port,
+                     reset, spec, wait_for)
+
+
+def echo_once_then(after):
+    """Handler: echo the first message (proving both legs are up), then hand over to ``after``."""
+    def handle(conn: socket.socket) -> object:
+        conn.sendall(conn.recv(65536))
+        return after(conn)
+    return handle
+
+
+def test_client_reset_reaches_server(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_once_then(end_of_stream)) as server:
+        rule = fwd.forward(server.port)
+        sock = connect(rule.port)
+        assert echo_once(sock, b"ping") == b"ping"
+        reset(sock)
+        assert server.result() == "reset"
+    wait_for(lambda: fwd.counters(rule).active == 0, what="no active connection")
+
+
+def test_server_reset_reaches_client(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_once_then(reset)) as server:
+        rule = fwd.forward(server.port)
+        with connect(rule.port) as sock:
+            assert echo_once(sock, b"ping") == b"ping"
+            assert closed_how(sock) == "reset"
+        server.result()
+    wait_for(lambda: fwd.counters(rule).active == 0, what="no active connection")
+
+
+def test_refused_target_closes_client_and_is_counted(fwd: SyncForwarder) -> None:
+    with refusing_port() as dead:
+        rule = fwd.forward(dead.getsockname()[1])
+        with connect(rule.port) as sock:
+            assert closed_how(sock, timeout=5) in ("eof", "reset")
+    counters = fwd.wait_counter(rule, "connect_failed", 1)
+    assert counters.connect_failed == 1
+    assert counters.bytes_up == counters.bytes_down == 0
+
+
+@pytest.mark.root
+def test_connect_timeout_to_blackholed_target(fwd: SyncForwarder) -> None:
+    with blackhole() as dead:
+        with pytest.raises(TimeoutError):  # the namespace really swallows the SYN
+            socket.create_connection((dead, 9), timeout=0.3)
+        rule = fwd.add(make_rule(9, host=dead, listen_host=LOOP4, connect_timeout=0.5))
+        with connect(rule.port) as sock:
+            # the kernel would retry the SYN for about two minutes: only the 0.5 s timer ends it this soon
+            assert closed_how(sock, timeout=10) in ("eof", "reset")
+        assert fwd.wait_counter(rule, "connect_failed", 1).connect_failed == 1
+
+
+def test_max_connections_refuses_beyond_cap(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port, max_connections=2)
+        first, second = connect(rule.port), connect(rule.port)
+        try:
+            for sock in (first, second):
+                assert echo_once(sock, b"in") == b"in"
+            with connect(rule.port) as third:
+                assert closed_how(third) in ("eof", "reset")
+            assert fwd.wait_counter(rule, "refused", 1).refused == 1
+            assert echo_once(first, b"still") == b"still"
+        finally:
+            first.close()
+            second.close()
+        wait_for(lambda: fwd.counters(rule).active == 0, what="no active connection")
+        with connect(rule.port) as again:
+            assert echo_once(again, b"room again") == b"room again"
+
+
+def test_allow_list_refuses_other_sources(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler) as server:
+        closed = fwd.forward(server.port, allow=("192.0.2.0/24",))
+        with connect(closed.port) as sock:
+            assert closed_how(sock) in ("eof", "reset")
+        assert fwd.wait_counter(closed, "refused", 1).accepted <= 1
+        opened = fwd.forward(server.port, allow=("127.0.0.0/8",))
+        with connect(opened.port) as sock:
+            assert echo_once(sock, b"welcome") == b"welcome"
+
+
+# -- fd exhaustion ---------------------------------------------------------------------------
+
+NOFILE = 64
+#: A forwarder spinning on a listener it cannot accept from burns about a full CPU-second per
+#: second; an idle one next to nothing.
+SPIN_LIMIT = 0.3
+
+
+def try_echo(port: int, message: bytes) -> tuple[socket.socket | None, str]:
+    """Connect and echo once: (the open socket, "ok"), or (None, how it was turned away)."""
+    sock = connect(port, timeout=5)
+    try:
+        if echo_once(sock, message) == message:
+            return sock, "ok"
+    except ConnectionResetError:
+        sock.close()
+        return None, "reset"
+    except EOFError:
+        sock.close()
+        return None, "eof"
+    except TimeoutError:
+        sock.close()
+        return None, "hung"
+    sock.close()
+    return None, "garbled"
+
+
+def test_fd_exhaustion_refuses_extra_keeps_existing_and_recovers() -> None:
+    with TcpServer(echo_handler) as server, \
+            ChildForwarder.start([(spec(server.port), "tcp", {"splice": "never"})], nofile=NOFILE) as child:
+        port = child.ports[0]
+        live: list[socket.socket] = []
+        outcome = "ok"
+        try:
+            for i in range(NOFILE):  # each forwarded connection needs two fds: this must run out
+                sock, outcome = try_echo(port, b"conn %d" % i)
+                if sock is None:
+                    break
+                live.append(sock)
+            assert outcome in ("eof", "reset"), f"connection {len(live)} beyond the limit was {outcome}"
+            assert len(live) >= 5, "the forwarder ran out of fds almost at once"
+
+            # while exhausted: newcomers are turned away, without spinning
+            before = cpu_seconds(child.pid)
+            started = time.monotonic()
+            extras = [connect(port, timeout=5) for _ in range(3)]
+            time.sleep(1.0)
+            burn = (cpu_seconds(child.pid) - before) / (time.monotonic() - started)
+            for sock in extras:
+                with sock:
+                    assert closed_how(sock, timeout=10) in ("eof", "reset")
+            assert burn < SPIN_LIMIT, f"the exhausted forwarder burned {burn:.2f} CPU-s per second"
+
+            for i, sock in enumerate(live):  # the existing connections keep flowing
+                assert echo_once(sock, b"still here %d" % i) == b"still here %d" % i
+            assert child.counters()[0]["refused"] >= 1
+        finally:
+            for sock in live:
+                sock.close()
+
+        # fds come back: service resumes by itself
+        def served() -> bool:
+            sock, how = try_echo(port, b"back")
+            if sock is not None:
+                sock.close()
+            return how == "ok"
+        wait_for(served, timeout=TIMEOUT, interval=0.2, what="service to resume")
+        assert child.proc.poll() is None, "the forwarder exited"
+    assert child.proc.returncode == 0
