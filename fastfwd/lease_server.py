@@ -50,8 +50,6 @@ class LeaseServer(JsonLineServer):
                            else self.table.apply_event(event, leases[0]))
             except LeaseError as exc:
                 raise RequestError(str(exc)) from None
-            for change in changes:
-                _log_change(change)
             if changes:
                 try:
                     await self._on_change(changes)
@@ -90,11 +88,3 @@ def _parse(request: Request) -> tuple[Any, list[Lease]]:
     except LeaseError as exc:
         raise RequestError(str(exc)) from None
 
-
-def _log_change(change: LeaseChange) -> None:
-    old, new = change.old, change.new
-    if new is None and old is not None:
-        log.info("lease gone: %s %s%s", old.mac, old.ip, f" ({old.hostname})" if old.hostname else "")
-    elif new is not None:
-        was = f" (was {old.ip}{' ' + old.hostname if old and old.hostname else ''})" if old else ""
-        log.info("lease: %s %s%s%s", new.mac, new.ip, f" {new.hostname}" if new.hostname else "", was)

@@ -48,7 +48,7 @@ class LeaseError(ValueError):
 
 def normalize_mac(value: object) -> str:
     """``AA:bb:CC:dd:EE:ff`` into ``aa:bb:cc:dd:ee:ff``; anything else is a LeaseError."""
-    if not isinstance(value, str) or not _MAC.match(value.lower()):
+    if not isinstance(value, str) or not _MAC.fullmatch(value.lower()):
         raise LeaseError(f"mac: {value!r} is not a MAC address like 52:54:00:12:34:56")
     return value.lower()
 
@@ -71,7 +71,7 @@ def normalize_hostname(value: object) -> str | None:
     if not isinstance(value, str):
         raise LeaseError(f"hostname: expected a string, got {type(value).__name__}")
     name = value.lower()
-    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
         raise LeaseError(f"hostname: {value[:80]!r} is not a valid host name")
     return name
 

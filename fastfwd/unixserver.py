@@ -99,7 +99,7 @@ def bind_unix(path: str | os.PathLike[str], access: Access) -> socket.socket:
     _check_replaceable(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fastfwd-bind-") as private:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ffbind-") as private:
             tmp = os.path.join(private, "s")
             sock.bind(tmp)
             if access.group is not None:

@@ -1,0 +1,305 @@
+"""The lease table: validation, events, snapshots, name resolution and crash-safe persistence."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fastfwd.leases import (STATE_FILE, HostEntry, Lease, LeaseChange, LeaseError, LeaseTable,
+                            name_updates, normalize_hostname, normalize_ip, normalize_mac,
+                            resolve_names)
+
+REPO = Path(__file__).resolve().parents[1]
+A, B, C = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
+
+
+def lease(mac: str, ip: str, hostname: str | None = None, seen: float = 1000.0) -> Lease:
+    return Lease(mac=mac, ip=ip, hostname=hostname, seen=seen)
+
+
+# -- validation --------------------------------------------------------------------------------
+def test_mac_is_normalized_to_lowercase() -> None:
+    assert normalize_mac("52:54:00:AB:cd:EF") == "52:54:00:ab:cd:ef"
+
+
+@pytest.mark.parametrize("bad", ["52:54:00:ab:cd", "52-54-00-ab-cd-ef", "5254.00ab.cdef", "52:54:00:ab:cd:eg",
+                                 "52:54:00:ab:cd:ef:00", " 52:54:00:ab:cd:ef", "52:54:00:ab:cd:ef\n", "", 525400, None, ["52:54:00:ab:cd:ef"]])
+def test_bad_mac_is_rejected(bad: object) -> None:
+    with pytest.raises(LeaseError, match="mac"):
+        normalize_mac(bad)
+
+
+def test_ip_is_normalized_to_its_compressed_form() -> None:
+    assert normalize_ip("10.0.0.5") == "10.0.0.5"
+    assert normalize_ip("FD00:0:0::0005") == "fd00::5"
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.256", "10.0.0", "fd00::5::1", "vm1", "", "10.0.0.5/24", 167772165, None])
+def test_bad_ip_is_rejected(bad: object) -> None:
+    with pytest.raises(LeaseError, match="ip"):
+        normalize_ip(bad)
+
+
+def test_hostname_follows_rfc_1123_and_is_lowercased() -> None:
+    assert normalize_hostname("VM-1") == "vm-1"
+    assert normalize_hostname("1vm.example") == "1vm.example"
+    assert normalize_hostname("a" * 63) == "a" * 63
+    assert normalize_hostname(".".join(["a" * 63] * 3) + "." + "b" * 61) is not None  # 253 characters
+    assert normalize_hostname(None) is None and normalize_hostname("") is None
+
+
+@pytest.mark.parametrize("bad", ["-vm", "vm-", "vm_1", "vm 1", "a" * 64, "vm..x", ".vm", "vm.",
+                                 ".".join(["a" * 63] * 4), "vm\n", "ví", 5, ["vm"]])
+def test_bad_hostname_is_rejected(bad: object) -> None:
+    with pytest.raises(LeaseError, match="hostname"):
+        normalize_hostname(bad)
+
+
+def test_lease_message_rejects_unknown_and_missing_keys() -> None:
+    with pytest.raises(LeaseError, match="unknown key 'expires'"):
+        Lease.from_message({"mac": A, "ip": "10.0.0.1", "expires": 5})
+    with pytest.raises(LeaseError, match="missing 'ip'"):
+        Lease.from_message({"mac": A})
+    with pytest.raises(LeaseError, match="expected a lease object"):
+        Lease.from_message([A, "10.0.0.1"])
+
+
+def test_host_entry_takes_exactly_one_of_mac_or_ip() -> None:
+    assert HostEntry(mac="52:54:00:AA:BB:CC").mac == "52:54:00:aa:bb:cc"
+    assert HostEntry(ip="fd00:0::1").ip == "fd00::1"
+    for bad in ({}, {"mac": A, "ip": "10.0.0.1"}):
+        with pytest.raises(LeaseError, match="exactly one"):
+            HostEntry(**bad)
+    with pytest.raises(LeaseError):
+        HostEntry(mac="nope")
+
+
+# -- events ------------------------------------------------------------------------------------
+def test_add_then_del_reports_each_change() -> None:
+    table = LeaseTable()
+    added = table.apply_event("add", lease(A, "10.0.0.1", "vm1"))
+    assert added == [LeaseChange(None, lease(A, "10.0.0.1", "vm1"))]
+    assert table.for_mac(A) == lease(A, "10.0.0.1", "vm1")
+    gone = table.apply_event("del", lease(A, "10.0.0.1"))
+    assert gone == [LeaseChange(lease(A, "10.0.0.1", "vm1"), None)]
+    assert len(table) == 0 and table.for_mac(A) is None
+
+
+def test_old_refreshing_the_same_lease_is_no_change_but_updates_seen() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1", "vm1", seen=1.0)])
+    assert table.apply_event("old", lease(A, "10.0.0.1", "vm1", seen=2.0)) == []
+    assert table.for_mac(A).seen == 2.0
+
+
+def test_new_address_for_a_mac_replaces_the_old_one() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1")])
+    changes = table.apply_event("add", lease(A, "10.0.0.7"))
+    assert changes == [LeaseChange(lease(A, "10.0.0.1"), lease(A, "10.0.0.7"))]
+    assert [x.ip for x in table] == ["10.0.0.7"]
+
+
+def test_late_del_for_an_address_the_mac_no_longer_holds_changes_nothing() -> None:
+    table = LeaseTable([lease(A, "10.0.0.7")])
+    assert table.apply_event("del", lease(A, "10.0.0.1")) == []
+    assert table.for_mac(A).ip == "10.0.0.7"
+
+
+def test_address_given_to_a_new_mac_is_taken_from_its_previous_holder() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1", "old-vm")])
+    changes = table.apply_event("add", lease(B, "10.0.0.1", "new-vm"))
+    assert LeaseChange(lease(A, "10.0.0.1", "old-vm"), None) in changes
+    assert LeaseChange(None, lease(B, "10.0.0.1", "new-vm")) in changes
+    assert table.for_mac(A) is None
+
+
+def test_ipv4_and_ipv6_leases_of_one_mac_live_side_by_side() -> None:
+    table = LeaseTable()
+    table.apply_event("add", lease(A, "10.0.0.1"))
+    table.apply_event("add", lease(A, "fd00::1"))
+    assert len(table) == 2
+    assert table.for_mac(A).ip == "10.0.0.1"  # IPv4 first
+    table.apply_event("del", lease(A, "10.0.0.1"))
+    assert table.for_mac(A).ip == "fd00::1"
+
+
+def test_unknown_event_is_rejected_and_changes_nothing() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1")])
+    with pytest.raises(LeaseError, match="event"):
+        table.apply_event("renew", lease(A, "10.0.0.2"))
+    assert [x.ip for x in table] == ["10.0.0.1"]
+
+
+# -- snapshots ---------------------------------------------------------------------------------
+def test_snapshot_reconciles_anything_absent_is_gone() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1"), lease(B, "10.0.0.2"), lease(C, "10.0.0.3", "c")])
+    changes = table.apply_snapshot([lease(A, "10.0.0.1"), lease(C, "10.0.0.9", "c")])
+    assert changes == [LeaseChange(lease(B, "10.0.0.2"), None),
+                       LeaseChange(lease(C, "10.0.0.3", "c"), lease(C, "10.0.0.9", "c"))]
+    assert {x.mac: x.ip for x in table} == {A: "10.0.0.1", C: "10.0.0.9"}
+
+
+def test_empty_snapshot_clears_the_table() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1")])
+    assert len(table.apply_snapshot([])) == 1 and len(table) == 0
+
+
+@pytest.mark.parametrize("snapshot, error", [
+    ([lease(A, "10.0.0.1"), lease(A, "10.0.0.2")], "twice"),
+    ([lease(A, "10.0.0.1"), lease(B, "10.0.0.1")], "both"),
+])
+def test_inconsistent_snapshot_changes_nothing(snapshot: list[Lease], error: str) -> None:
+    table = LeaseTable([lease(C, "10.0.0.3")])
+    with pytest.raises(LeaseError, match=error):
+        table.apply_snapshot(snapshot)
+    assert [x.mac for x in table] == [C]
+
+
+# -- names -------------------------------------------------------------------------------------
+def test_dhcp_hostnames_resolve_to_their_address() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1", "vm1"), lease(B, "10.0.0.2")])
+    assert resolve_names({}, table) == {"vm1": "10.0.0.1"}
+
+
+def test_host_entries_by_mac_and_by_ip() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1"), lease(B, "fd00::2")])
+    hosts = {"web": HostEntry(mac=A), "db": HostEntry(mac=B), "fixed": HostEntry(ip="192.0.2.1"),
+             "off": HostEntry(mac=C)}
+    assert resolve_names(hosts, table) == {"web": "10.0.0.1", "db": "fd00::2", "fixed": "192.0.2.1"}
+
+
+def test_explicit_host_entry_wins_over_a_dhcp_hostname_even_without_a_lease() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1", "web"), lease(B, "10.0.0.2", "db")])
+    hosts = {"web": HostEntry(ip="192.0.2.1"), "db": HostEntry(mac=C)}
+    assert resolve_names(hosts, table) == {"web": "192.0.2.1"}
+
+
+def test_shared_dhcp_hostname_goes_to_the_most_recently_seen_and_prefers_ipv4() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1", "vm", seen=1.0), lease(B, "10.0.0.2", "vm", seen=2.0),
+                        lease(C, "fd00::3", "vm", seen=3.0)])
+    assert resolve_names({}, table) == {"vm": "10.0.0.2"}
+
+
+def test_name_updates_lists_moved_new_and_gone_names() -> None:
+    before = {"a": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3"}
+    after = {"a": "10.0.0.1", "b": "10.0.0.9", "d": "10.0.0.4"}
+    assert name_updates(before, after) == {"b": "10.0.0.9", "c": None, "d": "10.0.0.4"}
+
+
+# -- persistence -------------------------------------------------------------------------------
+def test_changes_are_saved_and_restored(tmp_path: Path) -> None:
+    state = tmp_path / STATE_FILE
+    table = LeaseTable.restore(state)
+    assert len(table) == 0 and not state.exists()
+    table.apply_event("add", lease(A, "10.0.0.1", "vm1", seen=5.0))
+    table.apply_event("add", lease(B, "fd00::2", seen=6.0))
+    again = LeaseTable.restore(state)
+    assert list(again) == list(table) == [lease(A, "10.0.0.1", "vm1", 5.0), lease(B, "fd00::2", None, 6.0)]
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temp file left behind
+
+
+def test_no_change_writes_nothing(tmp_path: Path) -> None:
+    state = tmp_path / STATE_FILE
+    table = LeaseTable.restore(state)
+    table.apply_event("del", lease(A, "10.0.0.1"))
+    assert not state.exists()
+
+
+def _saved(tmp_path: Path) -> tuple[Path, bytes]:
+    state = tmp_path / STATE_FILE
+    table = LeaseTable.restore(state)
+    table.apply_snapshot([lease(A, "10.0.0.1", "vm1"), lease(B, "10.0.0.2", "vm2"), lease(C, "fd00::3")])
+    return state, state.read_bytes()
+
+
+def test_state_file_cut_short_anywhere_never_loads(tmp_path: Path) -> None:
+    state, whole = _saved(tmp_path)
+    cuts = sorted({1, 10, len(whole) // 3, len(whole) // 2, len(whole) - 30, len(whole) - 3, len(whole) - 2})
+    for cut in cuts:
+        state.write_bytes(whole[:cut])
+        table = LeaseTable.restore(state)
+        assert len(table) == 0, f"cut at {cut} of {len(whole)} loaded"
+        aside = state.with_name(STATE_FILE + ".corrupt")
+        assert aside.read_bytes() == whole[:cut] and not state.exists()
+
+
+def test_state_file_with_an_altered_entry_is_rejected_whole(tmp_path: Path) -> None:
+    state, whole = _saved(tmp_path)
+    state.write_bytes(whole.replace(b"10.0.0.2", b"10.0.0.9"))  # still valid JSON, checksum now wrong
+    assert len(LeaseTable.restore(state)) == 0
+    assert state.with_name(STATE_FILE + ".corrupt").exists()
+
+
+@pytest.mark.parametrize("text", ["", "null", "[]", '{"version": 99, "leases": []}', "\x00\x00\x00"])
+def test_state_file_that_is_not_lease_state_is_rejected(tmp_path: Path, text: str) -> None:
+    state = tmp_path / STATE_FILE
+    state.write_text(text)
+    assert len(LeaseTable.restore(state)) == 0
+    assert state.with_name(STATE_FILE + ".corrupt").exists()
+
+
+def test_intact_state_keeps_the_entries_that_validate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fastfwd.leases import _digest
+
+    entries = [lease(A, "10.0.0.1", "vm1").to_json(), {"mac": "bogus", "ip": "10.0.0.2", "hostname": None, "seen": 1.0},
+               {"mac": B, "ip": "10.0.0.3", "hostname": None}]
+    state = tmp_path / STATE_FILE
+    state.write_text(json.dumps({"version": 1, "sha256": _digest(entries), "leases": entries}))
+    table = LeaseTable.restore(state)
+    assert [x.mac for x in table] == [A]
+    assert "entry 1 skipped" in caplog.text and "entry 2 skipped" in caplog.text
+
+
+def test_restore_removes_temp_files_of_an_interrupted_write(tmp_path: Path) -> None:
+    state, whole = _saved(tmp_path)
+    partial = tmp_path / f".{STATE_FILE}.abc123.tmp"
+    partial.write_bytes(whole[:20])
+    assert len(LeaseTable.restore(state)) == 3
+    assert not partial.exists()
+
+
+_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from fastfwd.leases import Lease, LeaseTable
+    table = LeaseTable.restore(sys.argv[1])
+    for i in range(1, 10**6):
+        table.apply_event("add", Lease(mac="52:54:00:00:%02x:%02x" % (i // 256 % 256, i % 256),
+                                       ip="10.1.%d.%d" % (i // 256 % 256, i % 256), seen=float(i)))
+        print("saved", flush=True)
+        if sys.argv[2] == "after-save" and i == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_kill_9_right_after_a_save_restores_everything(tmp_path: Path) -> None:
+    state = tmp_path / STATE_FILE
+    proc = subprocess.run([sys.executable, "-c", _WRITER, str(state), "after-save"], cwd=REPO,
+                          capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    table = LeaseTable.restore(state)
+    assert len(table) == 5 and table.for_mac("52:54:00:00:00:05").ip == "10.1.0.5"
+
+
+def test_kill_9_in_the_middle_of_writing_leaves_a_consistent_state(tmp_path: Path) -> None:
+    state = tmp_path / STATE_FILE
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(state), "forever"], cwd=REPO,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        for _ in range(20):  # 20 saves done; the writer is now busy with the next ones
+            assert proc.stdout.readline() == b"saved\n"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    table = LeaseTable.restore(state)
+    n = len(table)
+    assert n >= 20
+    # Every save holds leases 1..n: a torn or partial write would break the sequence or be rejected.
+    assert sorted(x.seen for x in table) == [float(i) for i in range(1, n + 1)]
+    assert not state.with_name(STATE_FILE + ".corrupt").exists()
