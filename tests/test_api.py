@@ -1,0 +1,173 @@
+"""The Python API as a program uses it (asyncio, and uvloop when installed), and the CLI's
+``run -t/-u`` forwarding end to end in a child process."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+import fastfwd
+from netutil import (LOOP4, TIMEOUT, TcpServer, UdpEcho, connect, connect_retry, echo_handler, echo_once,
+                     free_port_range, is_refused, make_rule, run_async, start_cli, stop_process,
+                     udp_roundtrip, udp_socket)
+
+
+def echo_through(port: int, message: bytes) -> bytes:
+    with connect(port) as sock:
+        return echo_once(sock, message)
+
+
+async def exercise(server_port: int) -> None:
+    """What a load-testing script does: start, add, use, read counters, remove, stop."""
+    async with fastfwd.Forwarder(workers=2) as fw:
+        rule = await fw.add(fastfwd.Rule.parse(f"0:127.0.0.1:{server_port}", "tcp",
+                                               options=fastfwd.RuleOptions(splice="always")))
+        assert isinstance(rule, fastfwd.ActiveRule)
+        assert rule.port > 0 and rule.state == "active"
+        assert fw.rules == [rule]
+        assert await asyncio.to_thread(echo_through, rule.port, b"api") == b"api"
+        counters = fw.counters(rule)
+        assert isinstance(counters, fastfwd.Counters)
+        assert counters.accepted == 1 and counters.bytes_up == 3
+        await fw.remove(rule)
+        assert fw.rules == []
+        with pytest.raises(KeyError):
+            fw.counters(rule)
+        with pytest.raises(KeyError):
+            await fw.remove(rule)
+        assert await asyncio.to_thread(is_refused, rule.port)
+
+
+def test_asyncio_api() -> None:
+    with TcpServer(echo_handler) as server:
+        run_async(exercise(server.port))
+
+
+def test_uvloop_api() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    with TcpServer(echo_handler) as server:
+        uvloop.run(asyncio.wait_for(exercise(server.port), 60))
+
+
+def test_listen_port_zero_reports_the_real_port_for_udp() -> None:
+    async def main(server_port: int) -> None:
+        async with fastfwd.Forwarder(workers=1) as fw:
+            rule = await fw.add(make_rule(server_port, "udp"))
+            assert rule.port > 0
+
+            def roundtrip() -> bytes:
+                with udp_socket() as sock:
+                    return udp_roundtrip(sock, (LOOP4, rule.port), b"udp api")
+            assert await asyncio.to_thread(roundtrip) == b"udp api"
+            assert fw.counters(rule).sessions_created == 1
+            assert fw.sessions(rule) != []
+
+    with UdpEcho() as server:
+        run_async(main(server.port))
+
+
+def test_rules_given_up_front_and_closing_stops_everything() -> None:
+    async def main(server_port: int) -> tuple[int, socket.socket]:
+        base = free_port_range(1)
+        async with fastfwd.Forwarder([make_rule(server_port, listen_port=base)], workers=2) as fw:
+            (rule,) = fw.rules
+            assert rule.port == base
+            sock = await asyncio.to_thread(connect, base)
+            assert await asyncio.to_thread(echo_once, sock, b"up front") == b"up front"
+        return base, sock
+
+    with TcpServer(echo_handler) as server:
+        port, live = run_async(main(server.port))
+        with live:
+            assert is_refused(port)
+            live.settimeout(5)
+            with pytest.raises((ConnectionResetError, EOFError, BrokenPipeError)):
+                echo_once(live, b"after close")
+
+
+def test_drain_lets_live_connections_finish() -> None:
+    async def main(server_port: int) -> None:
+        fw = fastfwd.Forwarder(workers=2)
+        await fw.start()
+        rule = await fw.add(make_rule(server_port))
+        sock = await asyncio.to_thread(connect, rule.port)
+        closing = asyncio.ensure_future(fw.close(drain=TIMEOUT))
+        for _ in range(200):  # the listener goes first
+            if await asyncio.to_thread(is_refused, rule.port):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("still accepting while draining")
+        assert not closing.done()
+        assert await asyncio.to_thread(echo_once, sock, b"draining") == b"draining"
+        sock.close()
+        await asyncio.wait_for(closing, TIMEOUT)  # returns once the last connection ended
+
+    with TcpServer(echo_handler) as server:
+        run_async(main(server.port))
+
+
+def test_misuse_is_reported() -> None:
+    async def main() -> None:
+        fw = fastfwd.Forwarder(workers=1)
+        with pytest.raises(RuntimeError, match="not started"):
+            await fw.add(make_rule(9))
+        async with fw:
+            rule = make_rule(9, listen_port=free_port_range(1))
+            await fw.add(rule)
+            with pytest.raises(ValueError, match="already listens"):
+                await fw.add(rule)
+            with pytest.raises(ValueError, match="listed twice"):
+                await fw.apply([rule, rule])
+            with pytest.raises(ValueError, match="not an IP address"):
+                await fw.resolve("vm1", "not-an-ip")
+    run_async(main())
+
+
+def test_pending_rule_refuses_until_its_name_resolves() -> None:
+    async def main(server_port: int) -> None:
+        async with fastfwd.Forwarder(workers=2) as fw:
+            rule = await fw.add(make_rule(server_port).with_target("web"))
+            assert rule.pending and rule.state == "pending"
+
+            def turned_away() -> bool:
+                with connect(rule.port) as sock:
+                    sock.settimeout(5)
+                    try:
+                        return sock.recv(1) == b""
+                    except ConnectionResetError:
+                        return True
+            assert await asyncio.to_thread(turned_away)
+            assert [r.id for r in await fw.resolve("web", "127.0.0.1")] == [rule.id]
+            assert not rule.pending
+            assert await asyncio.to_thread(echo_through, rule.port, b"resolved") == b"resolved"
+            await fw.resolve("web", None)
+            assert rule.pending
+            assert await asyncio.to_thread(turned_away)
+
+    with TcpServer(echo_handler) as server:
+        run_async(main(server.port))
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+def test_cli_run_forwards_tcp_and_udp(tmp_path: Path) -> None:
+    with TcpServer(echo_handler) as tcp_server, UdpEcho() as udp_server:
+        base = free_port_range(2, kinds=(socket.SOCK_STREAM, socket.SOCK_DGRAM))
+        proc = start_cli("run", "-t", f"{base}:127.0.0.1:{tcp_server.port}",
+                         "-u", f"127.0.0.1:{base + 1}:127.0.0.1:{udp_server.port}", "--workers", "2",
+                         "--control-socket", str(tmp_path / "control.sock"),
+                         "--lease-socket", str(tmp_path / "lease.sock"), "--state-dir", str(tmp_path))
+        try:
+            with connect_retry(base) as sock:
+                assert echo_once(sock, b"cli tcp") == b"cli tcp"
+            with udp_socket() as sock:
+                assert udp_roundtrip(sock, (LOOP4, base + 1), b"cli udp") == b"cli udp"
+        finally:
+            status = stop_process(proc, signal.SIGINT)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        assert status == 0, err
+        assert is_refused(base)

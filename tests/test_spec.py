@@ -1,0 +1,130 @@
+"""Port specs: what parses into which rule, and the one clear error for each bad input; a port
+already in use is an error naming the port, from the API and from the CLI."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from fastfwd import DEFAULT_LISTEN, Rule, SpecError
+from netutil import LOOP4, SyncForwarder, TcpServer, connect, echo_handler, echo_once, make_rule, run_cli
+
+
+@pytest.mark.parametrize("text, proto, expected", [
+    ("8080:127.0.0.1:80", "tcp", Rule("tcp", 8080, "127.0.0.1", 80, DEFAULT_LISTEN)),
+    ("0.0.0.0:2222:192.168.122.10:22", "tcp", Rule("tcp", 2222, "192.168.122.10", 22, "0.0.0.0")),
+    ("127.0.0.1:8000-8099:10.0.0.2:9000-9099", "tcp", Rule("tcp", 8000, "10.0.0.2", 9000, "127.0.0.1", 100)),
+    ("[::1]:5353:[::1]:53", "udp", Rule("udp", 5353, "::1", 53, "::1")),
+    ("[::]:80:vm1:8080", "tcp", Rule("tcp", 80, "vm1", 8080, "::")),
+    ("0:vm-2.example.org:22", "tcp", Rule("tcp", 0, "vm-2.example.org", 22)),
+    ("65535:127.0.0.1:65535", "udp", Rule("udp", 65535, "127.0.0.1", 65535)),
+])
+def test_good_specs(text: str, proto: str, expected: Rule) -> None:
+    rule = Rule.parse(text, proto)  # type: ignore[arg-type]
+    assert rule == expected
+    assert Rule.parse(str(rule).split(" ", 1)[1].replace(" -> ", ":"), proto) == rule  # type: ignore[arg-type]
+
+
+def test_default_listen_address_is_loopback() -> None:
+    assert DEFAULT_LISTEN == "127.0.0.1"
+    assert Rule.parse("8080:10.0.0.2:80").listen_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("9000-8000:127.0.0.1:80-79", "range 9000-8000 is reversed"),
+    ("8000-8009:127.0.0.1:9009-9000", "range 9009-9000 is reversed"),
+    ("70000:127.0.0.1:80", "port 70000 is out of range 0-65535"),
+    ("8080:127.0.0.1:99999", "port 99999 is out of range"),
+    ("8080:127.0.0.1:0", "target port 0 is out of range 1-65535"),
+    ("http:127.0.0.1:80", "'http' is not a port or a port range"),
+    ("8080:127.0.0.1:-1", "is not a port or a port range"),
+    ("8080:bad_host!:80", "target host 'bad_host!' is neither an IP address nor a valid host name"),
+    ("8080:-leading.example:80", "is neither an IP address nor a valid host name"),
+    ("localhost:8080:127.0.0.1:80", "listen address 'localhost' is not an IPv4 or IPv6 address"),
+    ("999.1.1.1:8080:127.0.0.1:80", "listen address '999.1.1.1' is not an IPv4 or IPv6 address"),
+    ("[::1:5353:[::1]:53", "unbalanced '[' and ']'"),
+    ("::1]:5353:127.0.0.1:53", "unbalanced '[' and ']'"),
+    ("8000-8009:127.0.0.1:9000-9004", "listen range has 10 ports but target range has 5"),
+    ("8000:127.0.0.1:9000-9001", "listen range has 1 ports but target range has 2"),
+    ("0-9:127.0.0.1:9000-9009", "listen port 0 (any free port) cannot start a range"),
+    ("8080", "expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
+    ("8080:80", "expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
+    ("a:b:c:d:e", "expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
+    ("::1:5353:::1:53", "expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
+])
+def test_bad_specs_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        Rule.parse(text)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_protocol() -> None:
+    with pytest.raises(SpecError, match="proto: expected 'tcp' or 'udp', got 'sctp'"):
+        Rule.parse("80:127.0.0.1:80", "sctp")  # type: ignore[arg-type]
+
+
+def busy_port(kind: int = socket.SOCK_STREAM) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.bind((LOOP4, 0))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(1)
+    return sock
+
+
+@pytest.mark.parametrize("proto, kind", [("tcp", socket.SOCK_STREAM), ("udp", socket.SOCK_DGRAM)])
+def test_port_in_use_raises_oserror_naming_the_port(fwd: SyncForwarder, proto: str, kind: int) -> None:
+    with busy_port(kind) as busy, TcpServer(echo_handler) as server:
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError) as info:
+            fwd.add(make_rule(9, proto, listen_port=port))
+        assert str(port) in str(info.value)
+        assert fwd.fw.rules == []
+        rule = fwd.forward(server.port)  # the forwarder is unharmed
+        with connect(rule.port) as sock:
+            assert echo_once(sock, b"fine") == b"fine"
+
+
+def test_port_range_partly_in_use_binds_nothing(fwd: SyncForwarder) -> None:
+    with busy_port() as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError) as info:
+            fwd.add(make_rule(9000, listen_port=port - 2, count=5))
+        assert str(port) in str(info.value)
+    for p in range(port - 2, port + 3):  # the ports it did bind before the clash are released
+        with socket.socket() as probe:
+            probe.bind((LOOP4, p))
+
+
+def cli_flags(tmp_path: Path) -> list[str]:
+    """Keep a CLI daemon's sockets and state inside the test's own directory."""
+    return ["--control-socket", str(tmp_path / "control.sock"), "--lease-socket",
+            str(tmp_path / "lease.sock"), "--state-dir", str(tmp_path)]
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.returncode not in (0, None), f"exit status {result.returncode}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {result.stderr!r}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag, text, needle", [
+    ("-t", "9000-8000:127.0.0.1:80-79", "reversed"),
+    ("-t", "8080:127.0.0.1:70000", "70000"),
+    ("-u", "[::1:5353:[::1]:53", "unbalanced"),
+    ("-t", "8080:bad_host!:80", "bad_host!"),
+    ("-t", "8000-8009:127.0.0.1:9000-9004", "10 ports"),
+])
+def test_cli_bad_spec_exits_with_one_line(tmp_path: Path, flag: str, text: str, needle: str) -> None:
+    assert_one_line_error(run_cli("run", flag, text, *cli_flags(tmp_path)), needle)
+
+
+def test_cli_port_in_use_exits_with_one_line(tmp_path: Path) -> None:
+    with busy_port() as busy:
+        port = busy.getsockname()[1]
+        result = run_cli("run", "-t", f"127.0.0.1:{port}:127.0.0.1:9", *cli_flags(tmp_path))
+    assert_one_line_error(result, str(port))
