@@ -97,19 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]")
     lease.set_defaults(func=_lease)
 
-    hook = sub.add_parser("hook", help="dnsmasq --dhcp-script entry point (add|old|del MAC IP [HOSTNAME])",
-                          add_help=False)
-    hook.add_argument("args", nargs=argparse.REMAINDER)
-    hook.set_defaults(func=_hook)
+    # Listed for --help only: main() hands "hook ..." to fastfwd.hook before parsing.
+    sub.add_parser("hook", help="dnsmasq --dhcp-script entry point (add|old|del MAC IP [HOSTNAME]; see hook --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hook"]:
+        # dnsmasq's arguments go to the hook untouched (argparse would claim its options).
+        from .hook import main as hook_main
+
+        return hook_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UsageError as exc:
         print(f"fastfwd: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)  # one line per problem, each naming the file and key path
         return 2
     except KeyboardInterrupt:
         return 130
@@ -130,15 +137,6 @@ def cli_rules(tcp: Sequence[str], udp: Sequence[str]) -> list[Rule]:
     return rules
 
 
-def _load(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"{exc.source}: {line}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def _run(args: argparse.Namespace) -> int:
     from .daemon import DaemonError, Overrides, run_daemon
 
@@ -147,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("nothing to forward: give -c FILE and/or -t/-u SPEC (see fastfwd run --help)")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers: expected an integer >= 1, got {args.workers}")
-    config = _load(args.config) if args.config else Config(source="command line")
+    config = load_config(args.config) if args.config else Config(source="command line")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     overrides = Overrides(workers=args.workers, control_socket=args.control_socket,
                           lease_socket=args.lease_socket, state_dir=args.state_dir)
@@ -158,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args.file)
+    config = load_config(args.file)
     names = sorted({r.target_host for r in config.rules if r.target_is_name})
     print(f"{args.file}: ok, {len(config.rules)} rule(s), {len(config.hosts)} host(s)"
           + (f", target names: {', '.join(names)}" if names else ""))
@@ -192,7 +190,7 @@ def _lease(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> ControlSettings:
-    return _load(args.config).control if args.config else ControlSettings()
+    return load_config(args.config).control if args.config else ControlSettings()
 
 
 def _call(path: str, message: dict, timeout: float) -> dict:
@@ -206,11 +204,3 @@ def _call(path: str, message: dict, timeout: float) -> dict:
     if not reply["ok"]:
         raise UsageError(f"refused: {reply.get('error')}")
     return reply
-
-
-def _hook(args: argparse.Namespace) -> int:
-    from .hook import main as hook_main
-
-    return hook_main(args.args)
-
-

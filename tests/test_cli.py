@@ -1,0 +1,145 @@
+"""The fastfwd command: check, bad specs, port in use, help, and the commands that talk to a daemon."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastfwd.cli import main
+
+from helpers_control import BAD_CONFIGS, bad_config_ids, needs_engine
+
+
+def fastfwd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastfwd", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("text,error", BAD_CONFIGS, ids=bad_config_ids())
+def test_check_reports_each_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                       error: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["check", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"{path}: {error}\n")
+
+
+def test_check_lists_every_error_of_one_file_and_exits_nonzero(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[forward]]\nlisten = "8000-7999"\nto = "vm1:1-2"\nconect_timeout = 1\n'
+                    '[engine]\nworkers = 0\n')
+    result = fastfwd("check", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{path}: forward[0].conect_timeout: unknown key (did you mean 'connect_timeout'?)",
+        f"{path}: forward[0].listen: range 8000-7999 is reversed",
+        f"{path}: engine.workers: expected an integer >= 1, got 0",
+    ]
+
+
+def test_check_accepts_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "good.toml"
+    path.write_text('[[forward]]\nproto = "both"\nlisten = "0.0.0.0:2222"\nto = "vm1:22"\n'
+                    '[hosts.vm1]\nmac = "52:54:00:00:00:01"\n')
+    result = fastfwd("check", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"{path}: ok, 2 rule(s), 1 host(s), target names: vm1\n"
+
+
+def test_check_of_a_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(tmp_path / "nope.toml")]) == 2
+    assert capsys.readouterr().err == f"{tmp_path / 'nope.toml'}: cannot read: No such file or directory\n"
+
+
+@pytest.mark.parametrize("flag,spec,error", [
+    ("-t", "8000-7999:127.0.0.1:9000-9001", "-t '8000-7999:127.0.0.1:9000-9001': range 8000-7999 is reversed"),
+    ("-u", "8000:127.0.0.1:9000-8999", "-u '8000:127.0.0.1:9000-8999': range 9000-8999 is reversed"),
+    ("-t", "8000-8009:127.0.0.1:9000", "-t '8000-8009:127.0.0.1:9000': listen range has 10 ports but target range has 1"),
+    ("-t", "8000", "-t '8000': expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
+    ("-t", "abc:127.0.0.1:80", "-t 'abc:127.0.0.1:80': 'abc' is not a port or a port range"),
+    ("-t", "1.2.3.4.5:80:127.0.0.1:80", "-t '1.2.3.4.5:80:127.0.0.1:80': listen address '1.2.3.4.5' is not an IPv4 or IPv6 address"),
+    ("-t", "80:bad_host:80", "-t '80:bad_host:80': target host 'bad_host' is neither an IP address nor a valid host name"),
+    ("-u", "[::1:53:[::1]:53", "-u '[::1:53:[::1]:53': unbalanced '[' and ']'"),
+    ("-t", "80:127.0.0.1:70000", "-t '80:127.0.0.1:70000': port 70000 is out of range 0-65535"),
+])
+def test_bad_spec_is_one_clear_line(capsys: pytest.CaptureFixture[str], flag: str, spec: str, error: str) -> None:
+    assert main(["run", flag, spec]) == 2
+    assert capsys.readouterr().err == f"fastfwd: {error}\n"
+
+
+def test_bad_spec_from_the_installed_entry_point_has_no_traceback() -> None:
+    result = fastfwd("run", "-t", "8000-7999:127.0.0.1:9000-9001")
+    assert result.returncode == 2
+    assert result.stderr == "fastfwd: -t '8000-7999:127.0.0.1:9000-9001': range 8000-7999 is reversed\n"
+
+
+def test_run_with_nothing_to_forward_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2
+    assert "nothing to forward" in capsys.readouterr().err
+
+
+def test_run_with_a_bad_config_lists_its_errors_and_starts_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[forward]]\nlisten = "8000-7999"\nto = "127.0.0.1:1-2"\n')
+    result = fastfwd("run", "-c", str(path), "-t", "0:127.0.0.1:1")
+    assert result.returncode == 2
+    assert result.stderr == f"{path}: forward[0].listen: range 8000-7999 is reversed\n"
+
+
+@needs_engine
+def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = fastfwd("run", "--control-socket", str(tmp_path / "c.sock"), "--lease-socket",
+                         str(tmp_path / "l.sock"), "--state-dir", str(tmp_path), "-t", f"{port}:127.0.0.1:9")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"fastfwd: cannot forward tcp 127.0.0.1:{port} -> 127.0.0.1:9: Address already in use")
+    assert "Traceback" not in result.stderr
+
+
+def test_help_explains_specs_default_bind_and_examples() -> None:
+    for args in (["--help"], ["run", "--help"]):
+        result = fastfwd(*args)
+        assert result.returncode == 0
+        text = result.stdout
+        assert "[ADDR:]PORT[-END]:HOST:PORT[-END]" in text
+        assert "127.0.0.1 (loopback only)" in text and "0.0.0.0:PORT" in text
+        assert "fastfwd run -t 8080:127.0.0.1:80" in text
+        assert "IPv6 addresses go in brackets" in text
+    for command in ("run", "check", "status", "lease", "hook"):
+        assert command in fastfwd("--help").stdout
+
+
+def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
+    result = fastfwd("status", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 2
+    assert result.stderr == (f"fastfwd: cannot reach fastfwd at {tmp_path / 'none.sock'}: "
+                             "no such socket (is the daemon running?)\n")
+
+
+def test_status_takes_the_socket_from_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('[control]\ncontrol_socket = "ctl.sock"\nlease_socket = "lease.sock"\n')
+    result = fastfwd("status", "-c", str(path))
+    assert result.returncode == 2 and str(tmp_path / "ctl.sock") in result.stderr
+    result = fastfwd("lease", "add", "52:54:00:00:00:01", "10.0.0.1", "-c", str(path), "--timeout", "2")
+    assert result.returncode == 2 and str(tmp_path / "lease.sock") in result.stderr
+
+
+def test_lease_snapshot_entry_must_be_mac_equals_ip(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lease", "snapshot", "52:54:00:00:00:01"]) == 2
+    assert capsys.readouterr().err == "fastfwd: snapshot entry '52:54:00:00:00:01': expected MAC=IP[=HOSTNAME]\n"
+
+
+def test_hook_dispatches_to_the_dhcp_hook(tmp_path: Path) -> None:
+    assert fastfwd("hook", "init").returncode == 0  # dnsmasq's init: no leases to report
+    result = fastfwd("hook", "--socket", str(tmp_path / "none.sock"), "--timeout", "2",
+                     "add", "52:54:00:00:00:01", "10.0.0.1", "vm1")
+    assert result.returncode == 1
+    assert str(tmp_path / "none.sock") in result.stderr
