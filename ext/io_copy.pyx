@@ -1,0 +1,58 @@
+# Buffered copy: recv into a pooled buffer, send it on. Cheaper than splice for short
+# exchanges; a direction in "auto" mode is promoted to splice once it has moved enough.
+
+cdef int copy_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil:
+    cdef half_t* h = &c.half[d]
+    cdef int src = c.fd[d]
+    cdef int dst = c.fd[1 - d]
+    cdef rule_worker_t* rw = &c.rule.per_worker[w.id]
+    cdef ssize_t n
+    cdef size_t want
+    while True:
+        if h.off < h.len:
+            if not c.wr[1 - d]:
+                return MOVE_BLOCKED
+            n = send(dst, h.buf + h.off, h.len - h.off, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n < 0:
+                if errno == EAGAIN:
+                    c.wr[1 - d] = 0
+                    return MOVE_BLOCKED
+                if errno == EINTR:
+                    continue
+                return MOVE_RESET
+            h.off += <uint32_t>n
+            h.moved += <uint64_t>n
+            count_bytes(rw, d, <uint64_t>n)
+            rw.c.bytes_copied += <uint64_t>n
+            if budget[0] <= <size_t>n:
+                budget[0] = 0
+                return MOVE_MORE
+            budget[0] -= <size_t>n
+            continue
+        if h.buf != NULL:
+            buf_give(&w.pool, h.buf)
+            h.buf = NULL
+            h.off = h.len = 0
+        if h.eof or not c.rd[d]:
+            return MOVE_BLOCKED
+        if rw.conf.splice_mode == SPLICE_AUTO and not h.nosplice and h.moved >= rw.conf.splice_threshold:
+            h.splicing = 1
+            return MOVE_SWITCH
+        h.buf = buf_take(&w.pool)
+        if h.buf == NULL:
+            return MOVE_RESET
+        want = <size_t>w.pool.buf_size
+        if rw.conf.splice_mode == SPLICE_AUTO and not h.nosplice:
+            # Copy exactly up to the threshold, so the promotion point is the same for all.
+            want = min(want, <size_t>(rw.conf.splice_threshold - h.moved))
+        n = recv(src, h.buf, want, MSG_DONTWAIT)
+        if n > 0:
+            h.off = 0
+            h.len = <uint32_t>n
+            continue
+        if n == 0:
+            h.eof = 1
+        elif errno == EAGAIN:
+            c.rd[d] = 0
+        elif errno != EINTR:
+            return MOVE_RESET

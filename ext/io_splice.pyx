@@ -1,0 +1,60 @@
+# Zero copy: socket -> pipe -> socket with splice(2). The pipe is borrowed from the worker's
+# pool for as long as it holds data. EINVAL/ENOSYS (no splice for this pair) falls back to copy.
+
+cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil:
+    cdef half_t* h = &c.half[d]
+    cdef int src = c.fd[d]
+    cdef int dst = c.fd[1 - d]
+    cdef rule_worker_t* rw = &c.rule.per_worker[w.id]
+    cdef ssize_t n
+    while True:
+        if h.pipe_bytes > 0:
+            if not c.wr[1 - d]:
+                return MOVE_BLOCKED
+            n = splice(h.pipe.r, NULL, dst, NULL, h.pipe_bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n < 0:
+                if errno == EAGAIN:
+                    c.wr[1 - d] = 0
+                    return MOVE_BLOCKED
+                if errno == EINTR:
+                    continue
+                return MOVE_RESET
+            h.pipe_bytes -= <uint32_t>n
+            h.moved += <uint64_t>n
+            count_bytes(rw, d, <uint64_t>n)
+            rw.c.bytes_spliced += <uint64_t>n
+            if budget[0] <= <size_t>n:
+                budget[0] = 0
+                return MOVE_MORE
+            budget[0] -= <size_t>n
+            continue
+        if h.pipe != NULL:
+            pipe_give(&w.pool, h.pipe)
+            h.pipe = NULL
+        if h.eof or not c.rd[d]:
+            return MOVE_BLOCKED
+        h.pipe = pipe_take(&w.pool)
+        if h.pipe == NULL:
+            return _fall_back(rw, h)
+        # The pipe is empty here, so its size bounds the length: no overflow, no short pipe.
+        n = splice(src, NULL, h.pipe.w, NULL, <size_t>h.pipe.size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        if n > 0:
+            h.pipe_bytes = <uint32_t>n
+            continue
+        if n == 0:
+            h.eof = 1
+        elif errno == EAGAIN:
+            c.rd[d] = 0
+        elif errno == EINVAL or errno == ENOSYS:
+            pipe_give(&w.pool, h.pipe)
+            h.pipe = NULL
+            return _fall_back(rw, h)
+        elif errno != EINTR:
+            return MOVE_RESET
+
+
+cdef int _fall_back(rule_worker_t* rw, half_t* h) noexcept nogil:
+    rw.c.splice_fallbacks += 1
+    h.splicing = 0
+    h.nosplice = 1          # for good: "auto" would promote it straight back
+    return MOVE_SWITCH

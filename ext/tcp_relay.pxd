@@ -1,0 +1,41 @@
+# A relayed TCP connection: the client leg, the target leg, and one half per direction.
+from syscalls cimport *
+
+cdef enum:
+    CONN_CONNECTING = 0     # waiting for the target's handshake
+    CONN_OPEN = 1           # both directions flowing
+    CONN_HALF = 2           # one direction finished (FIN passed on), the other still flowing
+    CONN_CLOSED = 3         # closed; freed at the end of the loop iteration
+
+    MOVE_BLOCKED = 0        # waiting for readiness (or the source is at EOF)
+    MOVE_MORE = 1           # budget spent with work left: run again before sleeping
+    MOVE_SWITCH = 2         # changed copy strategy: call the other one
+    MOVE_RESET = 3          # a leg failed: reset both
+
+# One direction: bytes read from leg d and written to leg 1-d. Data in flight sits either in a
+# pipe (splice) or in a buffer (copy), both borrowed from the worker's pool.
+ctypedef struct half_t:
+    pipe_t* pipe
+    char* buf
+    uint64_t moved          # bytes delivered so far (promotion to splice)
+    uint32_t pipe_bytes
+    uint32_t off
+    uint32_t len
+    uint8_t splicing
+    uint8_t nosplice        # splice failed on this direction: copy from now on
+    uint8_t eof             # the source sent FIN and everything was read
+    uint8_t done            # the FIN was passed on with shutdown(SHUT_WR)
+
+cdef struct conn_s:
+    dnode_t node            # first: the rule's per-state activity list
+    uint64_t last_active
+    rule_t* rule
+    conn_s* next            # ready list, then the free-later list
+    int fd[2]               # 0: client, 1: target
+    uint8_t rd[2]           # edge-triggered readiness we have not used up yet
+    uint8_t wr[2]
+    uint8_t state
+    uint8_t in_ready
+    half_t half[2]          # 0: client -> target ("up"), 1: target -> client ("down")
+
+ctypedef conn_s conn_t

@@ -1,0 +1,291 @@
+# TCP relay: accept, connect to the target, move bytes both ways with half-close, propagate
+# resets, enforce the connect / idle / half-closed timeouts.
+from libc.stdlib cimport calloc, free
+
+cdef enum:
+    ACCEPT_BATCH = 64               # accepts per wake-up per listener, then let others run
+    PUMP_BUDGET = 4 * 1024 * 1024   # bytes per direction per turn, for fairness
+    PAUSE_MS = 250                  # how long a listener rests after running out of fds
+
+cdef int CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+
+
+cdef inline void count_bytes(rule_worker_t* rw, int d, uint64_t n) noexcept nogil:
+    if d == 0:
+        rw.c.bytes_up += n
+    else:
+        rw.c.bytes_down += n
+
+
+cdef inline void set_int_opt(int fd, int level, int name, int value) noexcept nogil:
+    setsockopt(fd, level, name, &value, sizeof(int))
+
+
+cdef void reset_close(int fd) noexcept nogil:
+    # SO_LINGER 0 turns close() into a RST, so the peer learns the other leg failed.
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(linger))
+    close(fd)
+
+
+cdef void tcp_accept(worker_t* w, listener_t* l) noexcept nogil:
+    cdef rule_t* r = <rule_t*>l.rule
+    cdef rule_worker_t* rw = &r.per_worker[w.id]
+    cdef addr_t peer
+    cdef socklen_t plen
+    cdef int fd, i
+    for i in range(ACCEPT_BATCH):
+        plen = sizeof(addr_t)
+        fd = accept4(l.fd, &peer.sa, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            if errno == EINTR:
+                continue
+            if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                out_of_fds(w, l)
+            return
+        if rw.conf.target.sa.sa_family == AF_UNSPEC or not rule_allows(rw.conf, &peer) or (
+                rw.conf.max_connections and ff_load_int(&r.active_conns) >= rw.conf.max_connections):
+            rw.c.refused += 1
+            reset_close(fd)
+            continue
+        if not conn_start(w, l, fd):
+            return
+
+
+cdef void out_of_fds(worker_t* w, listener_t* l) noexcept nogil:
+    # Refuse the clients already queued (the reserve fd makes one accept possible), then rest
+    # the listener for a while instead of spinning on EMFILE; the sweep puts it back.
+    cdef rule_worker_t* rw = &(<rule_t*>l.rule).per_worker[w.id]
+    cdef int fd, i
+    for i in range(ACCEPT_BATCH):
+        if w.reserve_fd < 0:
+            break
+        close(w.reserve_fd)
+        w.reserve_fd = -1
+        fd = accept4(l.fd, NULL, NULL, SOCK_CLOEXEC)
+        if fd >= 0:
+            reset_close(fd)
+            rw.c.refused += 1
+        w.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+        if fd < 0:
+            break
+    rw.c.accept_paused += 1
+    pause_listener(w, l, w.now + PAUSE_MS)
+
+
+cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
+    """Open the target leg for an accepted client. False when out of fds or memory."""
+    cdef rule_t* r = <rule_t*>l.rule
+    cdef rule_worker_t* rw = &r.per_worker[w.id]
+    cdef rconf_t* conf = rw.conf
+    cdef addr_t target
+    cdef socklen_t tlen
+    cdef addr_t* src
+    cdef conn_t* c
+    cdef int tfd, rc
+    rule_target(conf, l.index, &target, &tlen)
+    tfd = socket(target.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    c = <conn_t*>calloc(1, sizeof(conn_t)) if tfd >= 0 else NULL
+    if c == NULL:
+        rw.c.refused += 1
+        reset_close(cfd)
+        if tfd >= 0:
+            close(tfd)
+        else:
+            rw.c.accept_paused += 1
+            pause_listener(w, l, w.now + PAUSE_MS)
+        return False
+    set_int_opt(cfd, IPPROTO_TCP, TCP_NODELAY, 1)
+    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)
+    if conf.nsource:
+        # Spread upstream connections over several local addresses; the port is chosen at
+        # connect() time, so each address gets its own full port range.
+        src = &conf.source[rw.next_source % <uint32_t>conf.nsource]
+        rw.next_source += 1
+        if src.sa.sa_family == target.sa.sa_family:
+            set_int_opt(tfd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            bind(tfd, &src.sa, addr_len(src))
+    c.rule = r
+    c.fd[0] = cfd
+    c.fd[1] = tfd
+    c.last_active = w.now
+    c.half[0].splicing = c.half[1].splicing = conf.splice_mode == SPLICE_ALWAYS
+    ff_add_int(&r.active_conns, 1)
+    rw.c.accepted += 1
+    rw.nconns += 1
+    w.live += 1
+    rc = connect(tfd, &target.sa, tlen)
+    if rc < 0 and errno != EINPROGRESS:
+        c.state = CONN_CONNECTING
+        dlist_append(&rw.connecting, &c.node)
+        conn_close(w, c, True)
+        rw.c.connect_failed += 1
+        return True
+    ep_add(w, cfd, CONN_EVENTS, c, TAG_CLIENT)
+    ep_add(w, tfd, CONN_EVENTS, c, TAG_TARGET)
+    if rc == 0:
+        c.state = CONN_OPEN
+        dlist_append(&rw.open, &c.node)
+    else:
+        c.state = CONN_CONNECTING
+        dlist_append(&rw.connecting, &c.node)
+    return True
+
+
+cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept nogil:
+    cdef rule_worker_t* rw
+    cdef int err = 0
+    cdef socklen_t elen = sizeof(int)
+    if c.state == CONN_CLOSED:
+        return
+    if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        c.rd[side] = 1
+    if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+        c.wr[side] = 1
+    rw = &c.rule.per_worker[w.id]
+    if c.state == CONN_CONNECTING:
+        if side == 0 or not c.wr[1]:
+            return
+        getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &elen)
+        if err != 0:
+            rw.c.connect_failed += 1
+            conn_close(w, c, True)
+            return
+        c.state = CONN_OPEN
+        c.last_active = w.now
+        dlist_move_to_end(&rw.open, &c.node)
+    conn_touch(w, c, rw)
+    conn_pump(w, c)
+
+
+cdef inline void conn_touch(worker_t* w, conn_t* c, rule_worker_t* rw) noexcept nogil:
+    if c.last_active != w.now:
+        c.last_active = w.now
+        dlist_move_to_end(&rw.half if c.state == CONN_HALF else &rw.open, &c.node)
+
+
+cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
+    cdef rule_worker_t* rw = &c.rule.per_worker[w.id]
+    cdef half_t* h
+    cdef int d, rc
+    cdef bint more = False
+    cdef size_t budget
+    for d in range(2):
+        h = &c.half[d]
+        if h.done:
+            continue
+        budget = PUMP_BUDGET
+        while True:
+            rc = splice_move(w, c, d, &budget) if h.splicing else copy_move(w, c, d, &budget)
+            if rc != MOVE_SWITCH:
+                break
+        if rc == MOVE_RESET:
+            conn_close(w, c, True)
+            return
+        if rc == MOVE_MORE:
+            more = True
+        elif h.eof and h.pipe_bytes == 0 and h.off == h.len:
+            # Everything read from this side has been written: pass the FIN on.
+            shutdown(c.fd[1 - d], SHUT_WR)
+            h.done = 1
+    if c.half[0].done and c.half[1].done:
+        conn_close(w, c, False)
+        return
+    if (c.half[0].done or c.half[1].done) and c.state == CONN_OPEN:
+        c.state = CONN_HALF
+        c.last_active = w.now
+        dlist_move_to_end(&rw.half, &c.node)
+    if more and not c.in_ready:
+        c.in_ready = 1
+        c.next = w.ready
+        w.ready = c
+
+
+cdef void conn_close(worker_t* w, conn_t* c, bint reset) noexcept nogil:
+    cdef rule_t* r = c.rule
+    cdef rule_worker_t* rw = &r.per_worker[w.id]
+    cdef int d
+    cdef half_t* h
+    if c.state == CONN_CLOSED:
+        return
+    for d in range(2):
+        if reset:
+            reset_close(c.fd[d])
+        else:
+            close(c.fd[d])
+        c.fd[d] = -1
+        h = &c.half[d]
+        if h.pipe != NULL:
+            if h.pipe_bytes:
+                pipe_discard(h.pipe)      # still holds bytes nobody will read
+            else:
+                pipe_give(&w.pool, h.pipe)
+            h.pipe = NULL
+        if h.buf != NULL:
+            buf_give(&w.pool, h.buf)
+            h.buf = NULL
+    dlist_unlink(&c.node)
+    c.state = CONN_CLOSED
+    rw.nconns -= 1
+    rw.c.closed += 1
+    ff_add_int(&r.active_conns, -1)
+    w.live -= 1
+    if not c.in_ready:
+        c.next = w.dead
+        w.dead = c
+
+
+cdef void tcp_run_ready(worker_t* w) noexcept nogil:
+    # Connections that spent their budget go again, after everyone else had a turn.
+    cdef conn_t* c = w.ready
+    cdef conn_t* nxt
+    w.ready = NULL
+    while c != NULL:
+        nxt = c.next
+        c.in_ready = 0
+        if c.state == CONN_CLOSED:
+            c.next = w.dead
+            w.dead = c
+        else:
+            conn_pump(w, c)
+        c = nxt
+
+
+cdef void tcp_free_dead(worker_t* w) noexcept nogil:
+    cdef conn_t* c = w.dead
+    cdef conn_t* nxt
+    w.dead = NULL
+    while c != NULL:
+        nxt = c.next
+        free(c)
+        c = nxt
+
+
+cdef void close_list(worker_t* w, dlist_t* l, bint reset) noexcept nogil:
+    cdef dnode_t* n = dlist_first(l)
+    while n != NULL:
+        conn_close(w, <conn_t*>n, reset)
+        n = dlist_first(l)
+
+
+cdef void tcp_close_all(worker_t* w, rule_worker_t* rw, bint reset) noexcept nogil:
+    close_list(w, &rw.connecting, reset)
+    close_list(w, &rw.open, reset)
+    close_list(w, &rw.half, reset)
+
+
+cdef void expire_list(worker_t* w, dlist_t* l, uint64_t timeout, uint64_t* failed) noexcept nogil:
+    cdef dnode_t* n = dlist_first(l)
+    while n != NULL and expired((<conn_t*>n).last_active, timeout, w.now):
+        if failed != NULL:
+            failed[0] += 1
+        conn_close(w, <conn_t*>n, True)
+        n = dlist_first(l)
+
+
+cdef void tcp_sweep(worker_t* w, rule_worker_t* rw) noexcept nogil:
+    expire_list(w, &rw.connecting, rw.conf.connect_ms, &rw.c.connect_failed)
+    expire_list(w, &rw.open, rw.conf.idle_ms, NULL)
+    expire_list(w, &rw.half, rw.conf.half_ms, NULL)

@@ -1,0 +1,373 @@
+# UDP forwarding: datagrams arrive in recvmmsg batches, go out through each client's session
+# socket in sendmmsg runs, and replies go back to the client in batches from the address it
+# sent to. Only what is already waiting is batched: nothing waits for a batch to fill.
+from libc.stdlib cimport calloc, malloc, free
+from libc.string cimport memcmp, memcpy, memset
+
+cdef enum:
+    UDP_ROUNDS = 4      # batches per wake-up per socket before letting others run
+
+
+cdef inline uint64_t _mix(uint64_t h) noexcept nogil:
+    h ^= h >> 33
+    h *= <uint64_t>0xff51afd7ed558ccdULL
+    h ^= h >> 33
+    return h
+
+
+cdef uint64_t addr_hash(listener_t* l, addr_t* a) noexcept nogil:
+    cdef uint64_t h = <uint64_t><size_t>l
+    cdef uint64_t words[2]
+    if a.sa.sa_family == AF_INET:
+        h ^= (<uint64_t>a.v4.sin_addr.s_addr << 16) ^ a.v4.sin_port
+    else:
+        memcpy(words, a.v6.sin6_addr.s6_addr, 16)
+        h ^= _mix(words[0]) ^ words[1] ^ a.v6.sin6_port
+    return _mix(h)
+
+
+cdef bint addr_same(addr_t* a, addr_t* b) noexcept nogil:
+    if a.sa.sa_family != b.sa.sa_family:
+        return False
+    if a.sa.sa_family == AF_INET:
+        return a.v4.sin_port == b.v4.sin_port and a.v4.sin_addr.s_addr == b.v4.sin_addr.s_addr
+    return (a.v6.sin6_port == b.v6.sin6_port
+            and memcmp(a.v6.sin6_addr.s6_addr, b.v6.sin6_addr.s6_addr, 16) == 0)
+
+
+# -- the session table -----------------------------------------------------------------------
+
+cdef bint table_init(session_table_t* t, size_t buckets) noexcept nogil:
+    t.buckets = <session_t**>calloc(buckets, sizeof(session_t*))
+    t.mask = buckets - 1
+    t.count = 0
+    return t.buckets != NULL
+
+
+cdef session_t* table_find(session_table_t* t, listener_t* l, addr_t* a) noexcept nogil:
+    cdef session_t* s = t.buckets[addr_hash(l, a) & t.mask]
+    while s != NULL and not (s.listener == l and addr_same(&s.client, a)):
+        s = s.hnext
+    return s
+
+
+cdef void table_insert(session_table_t* t, session_t* s) noexcept nogil:
+    cdef session_table_t bigger
+    cdef session_t* it
+    cdef size_t i
+    cdef size_t slot
+    if t.count >= t.mask + 1 and table_init(&bigger, (t.mask + 1) * 2):
+        for i in range(t.mask + 1):
+            while t.buckets[i] != NULL:
+                it = t.buckets[i]
+                t.buckets[i] = it.hnext
+                slot = addr_hash(it.listener, &it.client) & bigger.mask
+                it.hnext = bigger.buckets[slot]
+                bigger.buckets[slot] = it
+        bigger.count = t.count
+        free(t.buckets)
+        t[0] = bigger
+    slot = addr_hash(s.listener, &s.client) & t.mask
+    s.hnext = t.buckets[slot]
+    t.buckets[slot] = s
+    t.count += 1
+
+
+cdef void table_remove(session_table_t* t, session_t* s) noexcept nogil:
+    cdef session_t** link = &t.buckets[addr_hash(s.listener, &s.client) & t.mask]
+    while link[0] != NULL and link[0] != s:
+        link = &link[0].hnext
+    if link[0] == s:
+        link[0] = s.hnext
+        t.count -= 1
+
+
+# -- sessions --------------------------------------------------------------------------------
+
+cdef bint udp_batch_ready(worker_t* w) noexcept nogil:
+    if w.udp != NULL:
+        return True
+    w.udp = <udp_batch_t*>calloc(1, sizeof(udp_batch_t))
+    if w.udp == NULL:
+        return False
+    w.udp.data = <char*>malloc(UDP_BATCH * UDP_MAX)
+    if w.udp.data == NULL:
+        free(w.udp)
+        w.udp = NULL
+        return False
+    return True
+
+
+cdef void udp_batch_free(worker_t* w) noexcept nogil:
+    if w.udp != NULL:
+        free(w.udp.data)
+        free(w.udp)
+        w.udp = NULL
+
+
+cdef void note_local_address(session_t* s, msghdr* m) noexcept nogil:
+    # On a wildcard listener, remember which local address the client talked to, so replies
+    # leave from it (otherwise the kernel picks one and the client drops the reply).
+    cdef cmsghdr* cm = CMSG_FIRSTHDR(m)
+    while cm != NULL:
+        if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_PKTINFO:
+            s.local_family = AF_INET
+            memcpy(s.local, &(<in_pktinfo*>CMSG_DATA(cm)).ipi_addr, 4)
+        elif cm.cmsg_level == IPPROTO_IPV6 and cm.cmsg_type == IPV6_PKTINFO:
+            s.local_family = AF_INET6
+            memcpy(s.local, &(<in6_pktinfo*>CMSG_DATA(cm)).ipi6_addr, 16)
+        cm = CMSG_NXTHDR(m, cm)
+
+
+cdef session_t* session_open(worker_t* w, listener_t* l, addr_t* client, msghdr* m) noexcept nogil:
+    cdef rule_worker_t* rw = &(<rule_t*>l.rule).per_worker[w.id]
+    cdef rconf_t* conf = rw.conf
+    cdef addr_t target
+    cdef socklen_t tlen
+    cdef session_t* s
+    cdef int fd
+    if conf.udp_max_sessions and rw.nsessions >= conf.udp_max_sessions:
+        session_close(w, <session_t*>dlist_first(&rw.sessions))
+        rw.c.sessions_evicted += 1
+    rule_target(conf, l.index, &target, &tlen)
+    fd = socket(target.sa.sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return NULL
+    if connect(fd, &target.sa, tlen) < 0:
+        close(fd)
+        return NULL
+    s = <session_t*>calloc(1, sizeof(session_t))
+    if s == NULL:
+        close(fd)
+        return NULL
+    s.fd = fd
+    s.listener = l
+    s.client = client[0]
+    s.last_active = w.now
+    if l.wildcard:
+        note_local_address(s, m)
+    ep_add(w, fd, EPOLLIN, s, TAG_SESSION)
+    table_insert(&w.sessions, s)
+    dlist_append(&rw.sessions, &s.node)
+    rw.nsessions += 1
+    rw.c.sessions_created += 1
+    return s
+
+
+cdef void session_close(worker_t* w, session_t* s) noexcept nogil:
+    cdef rule_worker_t* rw = &(<rule_t*>s.listener.rule).per_worker[w.id]
+    close(s.fd)
+    s.fd = -1
+    table_remove(&w.sessions, s)
+    dlist_unlink(&s.node)
+    rw.nsessions -= 1
+    rw.c.sessions_closed += 1
+    # Freed at the end of the iteration: the same epoll batch may still name it.
+    s.dead_next = w.dead_sessions
+    w.dead_sessions = s
+
+
+cdef inline void session_touch(worker_t* w, session_t* s, rule_worker_t* rw) noexcept nogil:
+    if s.last_active != w.now:
+        s.last_active = w.now
+        dlist_move_to_end(&rw.sessions, &s.node)
+
+
+cdef int send_all(int fd, mmsghdr* out, int k) noexcept nogil:
+    """sendmmsg until everything went or the socket is full; returns how many went."""
+    cdef int done = 0
+    cdef int rc
+    while done < k:
+        rc = sendmmsg(fd, out + done, k - done, MSG_DONTWAIT)
+        if rc <= 0:
+            if rc < 0 and errno == EINTR:
+                continue
+            break
+        done += rc
+    return done
+
+
+cdef inline void prepare_recv(udp_batch_t* b, bint names, bint control) noexcept nogil:
+    cdef int i
+    cdef msghdr* m
+    for i in range(UDP_BATCH):
+        b.iov[i].iov_base = b.data + i * UDP_MAX
+        b.iov[i].iov_len = UDP_MAX
+        m = &b.msgs[i].msg_hdr
+        m.msg_name = &b.names[i] if names else NULL
+        m.msg_namelen = sizeof(addr_t) if names else 0
+        m.msg_iov = &b.iov[i]
+        m.msg_iovlen = 1
+        m.msg_control = b.ctrl[i] if control else NULL
+        m.msg_controllen = 64 if control else 0
+        m.msg_flags = 0
+
+
+cdef inline void prepare_send(udp_batch_t* b, int k, int i, addr_t* to, socklen_t tolen,
+                              void* ctrl, size_t ctrllen) noexcept nogil:
+    cdef msghdr* m = &b.out[k].msg_hdr
+    b.out_iov[k].iov_base = b.iov[i].iov_base
+    b.out_iov[k].iov_len = b.msgs[i].msg_len
+    m.msg_name = to
+    m.msg_namelen = tolen
+    m.msg_iov = &b.out_iov[k]
+    m.msg_iovlen = 1
+    m.msg_control = ctrl
+    m.msg_controllen = ctrllen
+    m.msg_flags = 0
+
+
+cdef uint64_t sent_bytes(udp_batch_t* b, int sent) noexcept nogil:
+    cdef uint64_t total = 0
+    cdef int k
+    for k in range(sent):
+        total += b.out_iov[k].iov_len
+    return total
+
+
+cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
+    cdef rule_worker_t* rw = &(<rule_t*>l.rule).per_worker[w.id]
+    cdef udp_batch_t* b = w.udp
+    cdef session_t* s
+    cdef int n, i, k, sent, rounds
+    for rounds in range(UDP_ROUNDS):
+        prepare_recv(b, True, l.wildcard)
+        n = recvmmsg(l.fd, b.msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
+        if n <= 0:
+            return
+        i = 0
+        while i < n:
+            if b.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                rw.c.truncated += 1
+                i += 1
+                continue
+            s = NULL
+            if rw.conf.target.sa.sa_family != AF_UNSPEC:
+                s = table_find(&w.sessions, l, &b.names[i])
+                if s == NULL:
+                    s = session_open(w, l, &b.names[i], &b.msgs[i].msg_hdr)
+            if s == NULL:
+                rw.c.drops += 1
+                i += 1
+                continue
+            session_touch(w, s, rw)
+            # One sendmmsg for the run of datagrams from this client.
+            k = 0
+            while i < n and (k == 0 or (addr_same(&b.names[i], &s.client)
+                                        and not b.msgs[i].msg_hdr.msg_flags & MSG_TRUNC)):
+                prepare_send(b, k, i, NULL, 0, NULL, 0)
+                k += 1
+                i += 1
+            sent = send_all(s.fd, b.out, k)
+            rw.c.datagrams_up += sent
+            rw.c.bytes_up += sent_bytes(b, sent)
+            rw.c.drops += k - sent
+        if n < UDP_BATCH:
+            return
+
+
+cdef size_t reply_control(udp_batch_t* b, session_t* s) noexcept nogil:
+    cdef msghdr m
+    cdef cmsghdr* cm
+    cdef in_pktinfo* p4
+    cdef in6_pktinfo* p6
+    if s.local_family == AF_UNSPEC:
+        return 0
+    memset(b.reply_ctrl, 0, sizeof(b.reply_ctrl))
+    m.msg_control = b.reply_ctrl
+    if s.local_family == AF_INET:
+        m.msg_controllen = CMSG_SPACE(sizeof(in_pktinfo))
+        cm = CMSG_FIRSTHDR(&m)
+        cm.cmsg_level = IPPROTO_IP
+        cm.cmsg_type = IP_PKTINFO
+        cm.cmsg_len = CMSG_LEN(sizeof(in_pktinfo))
+        p4 = <in_pktinfo*>CMSG_DATA(cm)
+        memcpy(&p4.ipi_spec_dst, s.local, 4)
+    else:
+        m.msg_controllen = CMSG_SPACE(sizeof(in6_pktinfo))
+        cm = CMSG_FIRSTHDR(&m)
+        cm.cmsg_level = IPPROTO_IPV6
+        cm.cmsg_type = IPV6_PKTINFO
+        cm.cmsg_len = CMSG_LEN(sizeof(in6_pktinfo))
+        p6 = <in6_pktinfo*>CMSG_DATA(cm)
+        memcpy(&p6.ipi6_addr, s.local, 16)
+    return m.msg_controllen
+
+
+cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
+    cdef listener_t* l = s.listener
+    cdef rule_worker_t* rw = &(<rule_t*>l.rule).per_worker[w.id]
+    cdef udp_batch_t* b = w.udp
+    cdef size_t ctrllen
+    cdef int n, i, k, sent, rounds
+    if s.fd < 0:
+        return
+    for rounds in range(UDP_ROUNDS):
+        prepare_recv(b, False, False)
+        n = recvmmsg(s.fd, b.msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
+        if n <= 0:
+            # ECONNREFUSED reports an ICMP error from the target; reading consumed it.
+            if n < 0 and errno == ECONNREFUSED:
+                continue
+            return
+        ctrllen = reply_control(b, s)
+        k = 0
+        for i in range(n):
+            if b.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                rw.c.truncated += 1
+                continue
+            prepare_send(b, k, i, &s.client, addr_len(&s.client),
+                         b.reply_ctrl if ctrllen else NULL, ctrllen)
+            k += 1
+        sent = send_all(l.fd, b.out, k)
+        rw.c.datagrams_down += sent
+        rw.c.bytes_down += sent_bytes(b, sent)
+        rw.c.drops += k - sent
+        session_touch(w, s, rw)
+        if n < UDP_BATCH:
+            return
+
+
+cdef void udp_retarget(worker_t* w, rule_worker_t* rw) noexcept nogil:
+    # Sessions follow the rule at once: none keeps sending to an address that is gone.
+    cdef dnode_t* n = dlist_first(&rw.sessions)
+    cdef dnode_t* nxt
+    cdef session_t* s
+    cdef addr_t target
+    cdef socklen_t tlen
+    while n != NULL:
+        nxt = n.next if n.next != &rw.sessions.head else NULL
+        s = <session_t*>n
+        if rw.conf.target.sa.sa_family == AF_UNSPEC:
+            session_close(w, s)
+        else:
+            # A connected UDP socket can simply connect again; a new address family cannot.
+            rule_target(rw.conf, s.listener.index, &target, &tlen)
+            if connect(s.fd, &target.sa, tlen) < 0:
+                session_close(w, s)
+        n = nxt
+
+
+cdef void udp_close_all(worker_t* w, rule_worker_t* rw) noexcept nogil:
+    cdef dnode_t* n = dlist_first(&rw.sessions)
+    while n != NULL:
+        session_close(w, <session_t*>n)
+        n = dlist_first(&rw.sessions)
+
+
+cdef void udp_sweep(worker_t* w, rule_worker_t* rw) noexcept nogil:
+    cdef dnode_t* n = dlist_first(&rw.sessions)
+    while n != NULL and expired((<session_t*>n).last_active, rw.conf.udp_idle_ms, w.now):
+        session_close(w, <session_t*>n)
+        rw.c.sessions_expired += 1
+        n = dlist_first(&rw.sessions)
+
+
+cdef void udp_free_dead(worker_t* w) noexcept nogil:
+    cdef session_t* s = w.dead_sessions
+    cdef session_t* nxt
+    w.dead_sessions = NULL
+    while s != NULL:
+        nxt = s.dead_next
+        free(s)
+        s = nxt
