@@ -86,7 +86,7 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
     return PeerCred(pid=pid, uid=uid, gid=gid, groups=groups)
 
 
-def bind_unix(path: str | os.PathLike[str], access: Access) -> socket.socket:
+def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024) -> socket.socket:
     """A listening Unix socket at ``path`` with ``access``'s mode and group from the start.
 
     It is bound under a temporary name in a private directory, given its mode, then renamed
@@ -105,8 +105,8 @@ def bind_unix(path: str | os.PathLike[str], access: Access) -> socket.socket:
             if access.group is not None:
                 os.chown(tmp, -1, access.group)
             os.chmod(tmp, access.mode)
+            sock.listen(backlog)  # before it has its name: no client ever finds it refusing
             os.replace(tmp, path)
-        sock.listen(1024)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -176,9 +176,12 @@ class JsonLineServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        sock = bind_unix(self.path, self._access)
+        sock = bind_unix(self.path, self._access, self._max_clients)
         self._inode = os.stat(self.path).st_ino
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=self._line_limit)
+        # A deep backlog: a burst of hooks waits in the kernel instead of being refused (the
+        # kernel caps it at net.core.somaxconn).
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=self._line_limit,
+                                                       backlog=self._max_clients)
         log.info("%s socket listening on %s (mode %o)", self.name, self.path, self._access.mode)
 
     async def close(self) -> None:
@@ -202,16 +205,18 @@ class JsonLineServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Our own task, not the stream protocol's: cancelling it at close() is then quiet.
+        task = asyncio.ensure_future(self._connection(reader, writer))
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._converse(reader, writer)
         except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away or stalled: nothing to answer
         finally:
-            self._tasks.discard(task)
             writer.close()
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
