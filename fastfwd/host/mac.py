@@ -22,11 +22,9 @@ Examples (``tests/test_host_mac.py`` holds more vectors)::
 from __future__ import annotations
 
 import hashlib
-import re
 
 _LOCAL = 0x02
 _MULTICAST = 0x01
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def parse_prefix(text: str | bytes) -> bytes:
@@ -61,10 +59,3 @@ def vm_mac(vm_id: str, prefix: str | bytes = b"") -> str:
 def format_mac(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
-
-def normalize_mac(text: str) -> str:
-    """``"52-54-00-AB-CD-EF"`` -> ``"52:54:00:ab:cd:ef"``; ValueError if it is not a MAC."""
-    mac = text.strip().lower().replace("-", ":")
-    if not _MAC_RE.match(mac):
-        raise ValueError(f"{text!r} is not a MAC address")
-    return mac

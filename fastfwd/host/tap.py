@@ -14,8 +14,8 @@ import re
 
 from pyroute2 import IPRoute
 
+from ..leases import normalize_mac
 from .links import link_state
-from .mac import normalize_mac
 
 IFNAMSIZ = 15  # usable characters; the kernel's IFNAMSIZ of 16 includes the NUL
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")

@@ -1,0 +1,161 @@
+"""The kernel neighbour table as an address source, for VMs with static addresses.
+
+A VM that configures its own address sends no DHCP, but the first time it talks to the host
+(an ARP request for its gateway, which every booting guest sends) the kernel records its
+(MAC, IP) in the neighbour table of the bridge. :func:`watch_neighbours` reads that table
+through rtnetlink and follows its changes; :func:`feed_neighbours` turns what it sees into
+events on the same :class:`~fastfwd.leases.LeaseTable` that the lease socket feeds.
+
+What counts:
+
+- an entry with a link-layer address in a valid state (reachable, stale, delay, probe,
+  permanent) is a sighting: ``add``;
+- an entry that turns *failed* (the host asked and nobody answered) means the machine is gone
+  from that address: ``del``;
+- an entry the kernel deletes says nothing (unused entries are garbage-collected while the
+  VM lives on), so it is ignored.
+
+Netlink events can be lost (a full socket buffer), and a DHCP snapshot on the lease socket
+replaces the whole table, so the watcher reconciles: every ``resync`` seconds it dumps the
+table again and repeats each sighting; repeating one the table already holds changes nothing.
+The feeder only ever removes what it added itself: a failed neighbour never deletes a lease
+the DHCP server granted (dnsmasq would not say it again until the lease renews).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.rtnl import RTMGRP_NEIGH
+
+from ..leases import Lease, LeaseChange, LeaseError, LeaseTable, normalize_ip, normalize_mac
+
+log = logging.getLogger("fastfwd.neighbours")
+
+NUD_INCOMPLETE, NUD_REACHABLE, NUD_STALE, NUD_DELAY = 0x01, 0x02, 0x04, 0x08
+NUD_PROBE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x10, 0x20, 0x40, 0x80
+_ALIVE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
+_FAMILIES = {4: 2, 6: 10}  # IP version -> AF_INET / AF_INET6
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """``add``: ``mac`` answers at ``ip``. ``del``: nothing answers at ``ip`` any more
+    (``mac`` is None: a failed entry carries no link-layer address)."""
+
+    event: Literal["add", "del"]
+    ip: str
+    mac: str | None = None
+
+
+async def watch_neighbours(interfaces: Collection[str] | None = None, *,
+                           families: Collection[int] = (4,), netns: str | None = None,
+                           resync: float = 30.0) -> AsyncIterator[Sighting]:
+    """Sightings on ``interfaces`` (names; None: all), from a full dump at start and every
+    ``resync`` seconds, and from netlink events in between. Runs until cancelled; a failed
+    netlink socket is reopened (with a dump, so nothing is missed)."""
+    wanted = {_FAMILIES[f] for f in families}
+    while True:
+        try:
+            async with AsyncIPRoute(netns=netns) as ipr:
+                await ipr.bind(groups=RTMGRP_NEIGH)  # before the dump: no change falls between
+                while True:
+                    indexes = await _indexes(ipr, interfaces)
+                    async for msg in await ipr.neigh("dump"):
+                        sighting = _sighting(msg, indexes, wanted)
+                        if sighting is not None and sighting.event == "add":
+                            yield sighting
+                    deadline = time.monotonic() + resync
+                    while (left := deadline - time.monotonic()) > 0:
+                        try:
+                            batch = await asyncio.wait_for(_next_batch(ipr), left)
+                        except asyncio.TimeoutError:
+                            break
+                        for msg in batch:
+                            sighting = _sighting(msg, indexes, wanted)
+                            if sighting is not None:
+                                yield sighting
+        except OSError as exc:  # ENOBUFS (events lost) and the like: start over with a dump
+            log.warning("neighbour watch: netlink failed (%s); reopening", exc)
+            await asyncio.sleep(1.0)
+
+
+async def _next_batch(ipr: AsyncIPRoute) -> list[Any]:
+    return [msg async for msg in ipr.get()]
+
+
+async def _indexes(ipr: AsyncIPRoute, names: Collection[str] | None) -> set[int] | None:
+    if names is None:
+        return None
+    return {link["index"] async for link in await ipr.link("dump")
+            if link.get_attr("IFLA_IFNAME") in names}
+
+
+def _sighting(msg: Any, indexes: set[int] | None, families: set[int]) -> Sighting | None:
+    if msg.get("event") != "RTM_NEWNEIGH" or msg["family"] not in families:
+        return None
+    if indexes is not None and msg["ifindex"] not in indexes:
+        return None
+    dst = msg.get_attr("NDA_DST")
+    if dst is None or not _unicast(dst):
+        return None
+    state = msg["state"]
+    if state & NUD_FAILED:
+        return Sighting("del", normalize_ip(dst))
+    lladdr = msg.get_attr("NDA_LLADDR")
+    if state & _ALIVE and lladdr:
+        try:
+            return Sighting("add", normalize_ip(dst), normalize_mac(lladdr))
+        except LeaseError:  # not an Ethernet address (another link type)
+            return None
+    return None
+
+
+def _unicast(text: str) -> bool:
+    ip = ipaddress.ip_address(text)
+    return not (ip.is_multicast or ip.is_link_local or ip.is_unspecified or ip.is_loopback
+                or ip == ipaddress.IPv4Address("255.255.255.255"))
+
+
+OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
+
+
+async def feed_neighbours(table: LeaseTable, on_change: OnChange, *,
+                          sightings: AsyncIterator[Sighting] | None = None,
+                          macs: Callable[[], Iterable[str]] | None = None,
+                          lock: asyncio.Lock | None = None, **watch: Any) -> None:
+    """Apply neighbour sightings to ``table`` and await ``on_change(changes)`` after each change,
+    exactly as the lease socket does. Runs until cancelled.
+
+    ``sightings`` defaults to ``watch_neighbours(**watch)``. ``macs``, if given, returns the
+    MACs worth tracking (the ``[hosts]`` entries), so other machines on the bridge stay out of
+    the lease table. ``lock`` is held around each change, to serialize with other sources.
+    """
+    source = sightings if sightings is not None else watch_neighbours(**watch)
+    added: dict[str, str] = {}  # ip -> mac, for the leases this feeder put in the table
+    async for sighting in source:
+        if sighting.event == "add":
+            assert sighting.mac is not None
+            if macs is not None and sighting.mac not in set(macs()):
+                continue
+            if any(lease.mac == sighting.mac and lease.ip == sighting.ip for lease in table):
+                continue  # already known, from DHCP or an earlier sighting
+            event, lease = "add", Lease(sighting.mac, sighting.ip, seen=time.time())
+            added[sighting.ip] = sighting.mac
+        elif sighting.ip in added:
+            event, lease = "del", Lease(added.pop(sighting.ip), sighting.ip)
+        else:
+            continue
+        async with lock if lock is not None else contextlib.nullcontext():
+            changes = table.apply_event(event, lease)
+            if changes:
+                log.info("neighbour %s: %s %s", event, lease.mac, lease.ip)
+                await on_change(changes)
+
