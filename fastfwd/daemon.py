@@ -89,8 +89,6 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 await fw.close()
                 raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
-        log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(fw.rules), fw.workers,
-                 f", config {self.path}" if self.path else "")
 
     async def run(self) -> int:
         """Serve until stopped by a signal. Returns the exit status."""
@@ -107,6 +105,8 @@ class Daemon:
                 await self.fw.close()
                 raise
             watcher = asyncio.create_task(self._watch()) if self.path else None
+            log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(self.fw.rules), self.fw.workers,
+                     f", watching {self.path}" if self.path else "")
             how = await self._stop
             if watcher is not None:
                 watcher.cancel()

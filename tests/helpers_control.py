@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parent.parent
+
 #: (config text, the error line it must produce). Each is a complete file on its own.
 BAD_CONFIGS: list[tuple[str, str]] = [
     ('[[forward]]\nlisten = "8000-7999"\nto = "127.0.0.1:9000-9001"\n',
@@ -213,7 +215,9 @@ class DaemonProcess:
                "--control-socket", str(self.control_socket), "--lease-socket", str(self.lease_socket),
                "--state-dir", str(tmp / "state"), *args]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp, env=env,
+                                     stdin=subprocess.DEVNULL)
 
     def log(self) -> str:
         return self.log_path.read_text()

@@ -1,0 +1,210 @@
+"""The daemon as a process: forwarding from flags and files, status, leases re-pointing names,
+restart with restored leases, metrics, run-time rules, and the SIGTERM drain / SIGINT stop."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fastfwd.unixclient import call
+
+from helpers_control import (DaemonProcess, EchoServer, daemon, echo_roundtrip, free_port, needs_engine,
+                             wait_until)
+
+pytestmark = [needs_engine, pytest.mark.timeout(60)]
+
+MAC = "52:54:00:00:00:01"
+
+
+@pytest.fixture
+def echo() -> EchoServer:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def fastfwd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastfwd", *args], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+
+
+def status(proc: DaemonProcess) -> dict:
+    result = fastfwd("status", "--json", "--socket", str(proc.control_socket))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_flags_alone_forward(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}", "--workers", "2"):
+        assert echo_roundtrip(port, 1 << 20)
+
+
+def test_file_and_flags_together_and_status(tmp_path: Path, echo: EchoServer) -> None:
+    a, b = free_port(), free_port()
+    (tmp_path / "f.toml").write_text(f'[[forward]]\nname = "a"\nlisten = {a}\nto = "127.0.0.1:{echo.port}"\n')
+    with daemon(tmp_path, "-c", "f.toml", "-t", f"127.0.0.1:{b}:127.0.0.1:{echo.port}") as proc:
+        assert echo_roundtrip(a) and echo_roundtrip(b)
+        rules = {r["port"]: r for r in status(proc)["rules"]}
+        assert set(rules) == {a, b}
+        assert rules[a]["name"] == "a" and rules[a]["state"] == "active"
+        assert rules[a]["counters"]["accepted"] >= 1
+        table = fastfwd("status", "--socket", str(proc.control_socket)).stdout
+        assert f"127.0.0.1:{a}" in table and "active" in table
+
+
+def test_lease_makes_a_host_entry_active_then_pending_again(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    (tmp_path / "f.toml").write_text(f'[[forward]]\nlisten = {port}\nto = "vm1:{echo.port}"\n'
+                                     f'[hosts.vm1]\nmac = "{MAC}"\n')
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert status(proc)["rules"][0]["state"] == "pending"
+        assert not echo_roundtrip(port)
+        lease = ("lease", "--socket", str(proc.lease_socket))
+        assert fastfwd(*lease[:1], "add", MAC, "127.0.0.1", *lease[1:]).returncode == 0
+        assert echo_roundtrip(port)  # right after the reply: already forwarding
+        assert status(proc)["rules"][0]["target_ip"] == "127.0.0.1"
+        assert fastfwd(*lease[:1], "del", MAC, "127.0.0.1", *lease[1:]).returncode == 0
+        assert not echo_roundtrip(port)
+        assert status(proc)["rules"][0]["state"] == "pending"
+        assert "name vm1 is now 127.0.0.1" in proc.log()
+
+
+def test_dhcp_hostname_and_snapshot_reconcile(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    with daemon(tmp_path, "-t", f"{port}:guest7:{echo.port}") as proc:
+        snapshot = ("lease", "snapshot", "--socket", str(proc.lease_socket))
+        assert fastfwd(*snapshot, f"{MAC}=127.0.0.1=GUEST7").returncode == 0
+        assert echo_roundtrip(port)
+        assert fastfwd(*snapshot).returncode == 0  # empty snapshot: every lease is gone
+        assert not echo_roundtrip(port)
+
+
+def test_restart_after_kill_restores_leases_before_any_event(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    (tmp_path / "f.toml").write_text(f'[[forward]]\nlisten = {port}\nto = "vm1:{echo.port}"\n'
+                                     f'[hosts.vm1]\nmac = "{MAC}"\n')
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        reply = call(proc.lease_socket, {"event": "add", "mac": MAC, "ip": "127.0.0.1"})
+        assert reply == {"ok": True, "changed": 1}
+        proc.proc.kill()
+        proc.wait()
+    with daemon(tmp_path, "-c", "f.toml"):
+        assert echo_roundtrip(port)
+
+
+def test_metrics_over_http_and_control_socket(tmp_path: Path, echo: EchoServer) -> None:
+    port, mport = free_port(), free_port()
+    (tmp_path / "f.toml").write_text(f'[[forward]]\nname = "web"\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'
+                                     f'[control]\nmetrics_listen = "127.0.0.1:{mport}"\n')
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert echo_roundtrip(port, 100_000)
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        labels = f'listen="127.0.0.1:{port}",proto="tcp",rule="web",target="127.0.0.1:{echo.port}"'
+        assert f"fastfwd_accepted_total{{{labels}}} 1.0" in text
+        assert f"fastfwd_bytes_up_total{{{labels}}} 100000.0" in text
+        assert f"fastfwd_rule_pending{{{labels}}} 0.0" in text
+        reply = call(proc.control_socket, {"cmd": "metrics"})
+        assert f"fastfwd_bytes_down_total{{{labels}}} 100000.0" in reply["text"]
+
+
+def test_rules_added_at_run_time_survive_reload_and_can_be_removed(tmp_path: Path, echo: EchoServer) -> None:
+    fixed, extra = free_port(), free_port()
+    config = tmp_path / "f.toml"
+    config.write_text(f'[[forward]]\nlisten = {fixed}\nto = "127.0.0.1:{echo.port}"\n')
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        spec = f"127.0.0.1:{extra}:127.0.0.1:{echo.port}"
+        assert call(proc.control_socket, {"cmd": "add", "spec": spec})["ok"]
+        assert echo_roundtrip(extra)
+        proc.signal(signal.SIGHUP)
+        proc.wait_log("applied: 0 added, 0 removed")
+        assert echo_roundtrip(extra)
+        refused = call(proc.control_socket, {"cmd": "remove", "spec": f"{fixed}:127.0.0.1:{echo.port}"})
+        assert not refused["ok"] and "comes from the config file" in refused["error"]
+        assert call(proc.control_socket, {"cmd": "remove", "spec": spec})["ok"]
+        assert not echo_roundtrip(extra) and echo_roundtrip(fixed)
+
+
+def test_sigterm_drains_a_transfer_in_flight_refuses_new_and_exits_0(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}") as proc:
+        first, second = os.urandom(300_000), os.urandom(300_000)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        received = bytearray()
+        reader = threading.Thread(target=_read_all, args=(client, received))
+        reader.start()
+        client.sendall(first)
+        wait_until(lambda: len(received) >= len(first), what="the first half echoed")
+        proc.signal(signal.SIGTERM)
+        proc.wait_log("draining")
+        wait_until(lambda: not _connects(port), what="new connections refused")
+        client.sendall(second)
+        client.shutdown(socket.SHUT_WR)
+        reader.join(20)
+        client.close()
+        assert bytes(received) == first + second
+        assert proc.wait() == 0
+        assert "fastfwd stopped" in proc.log()
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_second_signal_during_drain_stops_at_once(tmp_path: Path, echo: EchoServer, second: int) -> None:
+    port = free_port()
+    (tmp_path / "f.toml").write_text("[control]\ndrain_deadline = 3600\n")
+    with daemon(tmp_path, "-c", "f.toml", "-t", f"{port}:127.0.0.1:{echo.port}") as proc:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        proc.signal(signal.SIGTERM)
+        proc.wait_log("draining")
+        proc.signal(second)
+        assert proc.wait() == 0  # long before the hour-long deadline
+        assert "stopping now" in proc.log()
+        client.settimeout(10)
+        try:
+            assert client.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        client.close()
+
+
+def test_sigint_stops_at_once(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}") as proc:
+        proc.signal(signal.SIGINT)
+        assert proc.wait() == 0
+        assert "draining" not in proc.log()
+        assert not _connects(port)
+
+
+def test_socket_of_a_running_daemon_is_not_taken_over(tmp_path: Path, echo: EchoServer) -> None:
+    with daemon(tmp_path, "-t", f"{free_port()}:127.0.0.1:{echo.port}"):
+        result = fastfwd("run", "--control-socket", str(tmp_path / "control.sock"), "--lease-socket",
+                         str(tmp_path / "other.sock"), "--state-dir", str(tmp_path), "-t", f"{free_port()}:127.0.0.1:9")
+        assert result.returncode == 2
+        assert result.stderr.splitlines()[-1].startswith(f"fastfwd: {tmp_path / 'control.sock'}: ")
+
+
+def _read_all(sock: socket.socket, into: bytearray) -> None:
+    try:
+        while data := sock.recv(1 << 16):
+            into += data
+    except OSError:
+        pass
+
+
+def _connects(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
