@@ -1,0 +1,238 @@
+"""The dnsmasq hook as dnsmasq runs it: a separate process with dnsmasq's exact arguments,
+talking to a real lease server; and run by a real dnsmasq."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from fastfwd.lease_server import LeaseServer
+from fastfwd.leases import Lease, LeaseChange, LeaseTable
+
+REPO = Path(__file__).resolve().parents[1]
+A, B, C = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
+
+
+class ServerThread:
+    """A lease server on its own event loop in a thread, as the daemon would run it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.table = LeaseTable()
+        self.calls: list[list[LeaseChange]] = []
+        self.fail = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _on_change(self, changes: list[LeaseChange]) -> None:
+        if self.fail:
+            raise RuntimeError("engine said no")
+        self.calls.append(changes)
+
+    def leases(self) -> list[tuple[str, str, str | None]]:
+        async def read() -> list[tuple[str, str, str | None]]:
+            return [(x.mac, x.ip, x.hostname) for x in self.table]
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(timeout=30)
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        self._server = LeaseServer(self.path, self.table, self._on_change)
+        asyncio.run_coroutine_threadsafe(self._server.start(), self._loop).result(timeout=30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.close(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ffhk-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def server(sockdir: Path) -> Iterator[ServerThread]:
+    with ServerThread(sockdir / "lease.sock") as srv:
+        yield srv
+
+
+def hook(*args: str, socket_path: Path | None = None, env: dict[str, str] | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the hook the way dnsmasq does: its own process, arguments only, config in the environment."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DNSMASQ_", "FASTFWD_"))}
+    full_env["PYTHONPATH"] = str(REPO)
+    if socket_path is not None:
+        full_env["FASTFWD_LEASE_SOCKET"] = str(socket_path)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "fastfwd.hook", *args], env=full_env, cwd="/",
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_add_old_del_with_dnsmasqs_arguments(server: ServerThread) -> None:
+    for args in (["add", A.upper(), "10.0.0.1", "vm1"], ["add", B, "10.0.0.2"], ["old", A, "10.0.0.1", "vm1"]):
+        proc = hook(*args, socket_path=server.path)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert server.leases() == [(A, "10.0.0.1", "vm1"), (B, "10.0.0.2", None)]
+    assert len(server.calls) == 2  # "old" for an unchanged lease is no change
+    assert hook("del", A, "10.0.0.1", "vm1", socket_path=server.path).returncode == 0
+    assert server.leases() == [(B, "10.0.0.2", None)]
+
+
+def test_socket_option_wins_over_the_environment(server: ServerThread, sockdir: Path) -> None:
+    proc = hook("--socket", str(server.path), "add", A, "10.0.0.1", socket_path=sockdir / "elsewhere.sock")
+    assert proc.returncode == 0, proc.stderr
+    assert server.leases() == [(A, "10.0.0.1", None)]
+
+
+def test_dhcpv6_event_uses_the_mac_from_the_environment(server: ServerThread) -> None:
+    duid = "00:01:00:01:2c:5e:7a:10:52:54:00:00:00:0a"
+    proc = hook("add", duid, "fd00::10", "vm6", socket_path=server.path,
+                env={"DNSMASQ_IAID": "1234", "DNSMASQ_MAC": A})
+    assert proc.returncode == 0, proc.stderr
+    assert server.leases() == [(A, "fd00::10", "vm6")]
+
+
+def test_dhcpv6_event_without_a_known_mac_is_skipped(server: ServerThread) -> None:
+    proc = hook("add", "00:01:00:01:2c:5e:7a:10:52:54:00:00:00:0a", "fd00::10", socket_path=server.path,
+                env={"DNSMASQ_IAID": "1234"})
+    assert proc.returncode == 0 and "no MAC known" in proc.stderr
+    assert server.leases() == []
+
+
+def test_invalid_client_hostname_is_dropped_but_the_lease_arrives(server: ServerThread) -> None:
+    proc = hook("add", A, "10.0.0.1", "bad_name!", socket_path=server.path)
+    assert proc.returncode == 0 and "ignoring invalid host name" in proc.stderr
+    assert server.leases() == [(A, "10.0.0.1", None)]
+
+
+@pytest.mark.parametrize("args", [["init"], ["tftp", "1024", "10.0.0.1", "/srv/tftp/-boot.img"],
+                                  ["arp-add", A, "10.0.0.1"], ["arp-del", A, "10.0.0.1"],
+                                  ["relay-snoop", "10.0.0.1"], ["something-new", "x"]])
+def test_other_actions_exit_0_silently_without_a_daemon(args: list[str], sockdir: Path) -> None:
+    proc = hook(*args, socket_path=sockdir / "nobody-listens.sock")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_no_daemon_fails_with_one_line(sockdir: Path) -> None:
+    proc = hook("add", A, "10.0.0.1", socket_path=sockdir / "absent.sock")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "cannot reach fastfwd" in proc.stderr and "no such socket" in proc.stderr
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sockdir / "stale.sock"))
+    stale.close()
+    proc = hook("add", A, "10.0.0.1", socket_path=sockdir / "stale.sock")
+    assert proc.returncode == 1 and "connection refused" in proc.stderr
+
+
+def test_daemon_that_never_answers_times_out(sockdir: Path) -> None:
+    mute = socket.socket(socket.AF_UNIX)
+    mute.bind(str(sockdir / "mute.sock"))
+    mute.listen(8)  # accepts into the backlog, never replies
+    try:
+        proc = hook("--timeout", "0.5", "add", A, "10.0.0.1", socket_path=sockdir / "mute.sock")
+    finally:
+        mute.close()
+    assert proc.returncode == 1 and "no reply from fastfwd" in proc.stderr
+
+
+def test_error_reply_fails_with_its_message(server: ServerThread) -> None:
+    server.fail = True
+    proc = hook("add", A, "10.0.0.1", socket_path=server.path)
+    assert proc.returncode == 1
+    assert proc.stderr == ("fastfwd-dhcp-hook: add refused: lease recorded, but re-pointing rules failed: "
+                           "engine said no\n")
+
+
+@pytest.mark.parametrize("args, error", [
+    (["add", A], "add takes MAC IP [HOSTNAME]"),
+    (["add", A, "10.0.0.1", "vm1", "extra"], "add takes MAC IP [HOSTNAME]"),
+    (["add", A, "10.0.0.300"], "not an IPv4 or IPv6 address"),
+    (["snapshot"], "snapshot takes one argument"),
+])
+def test_bad_arguments_exit_2(args: list[str], error: str, server: ServerThread) -> None:
+    proc = hook(*args, socket_path=server.path)
+    assert proc.returncode == 2 and error in proc.stderr
+    assert server.leases() == [] and server.calls == []
+
+
+def test_snapshot_from_a_dnsmasq_lease_file(server: ServerThread, sockdir: Path) -> None:
+    server.table.apply_event("add", Lease(mac=C, ip="10.0.0.3"))
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text(f"1900000000 {A} 10.0.0.1 vm1 01:{A}\n"
+                      f"1900000000 {B.upper()} 10.0.0.2 * *\n"
+                      "duid 00:01:00:01:2c:5e:7a:10:52:54:00:00:00:0a\n"
+                      "1900000000 1234 fd00::10 vm6 00:01:00:01:2c:5e:7a:10:52:54:00:00:00:0a\n")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert proc.returncode == 0, proc.stderr
+    assert server.leases() == [(A, "10.0.0.1", "vm1"), (B, "10.0.0.2", None)]
+
+
+def test_snapshot_of_a_damaged_lease_file_sends_nothing(server: ServerThread, sockdir: Path) -> None:
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text(f"1900000000 {A} 10.0.0.1 vm1 *\n1900000000 {B}\n")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert proc.returncode == 2 and "dnsmasq.leases:2: not a dnsmasq lease line" in proc.stderr
+    assert server.leases() == []
+
+
+def test_hook_does_not_load_the_engine_or_asyncio() -> None:
+    code = ("import sys; from fastfwd import hook; "
+            "print(sorted(m for m in ('asyncio', 'fastfwd._engine', 'fastfwd.forwarder', 'uvloop') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stderr
+
+
+# -- a real dnsmasq ----------------------------------------------------------------------------
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("dnsmasq") is None or shutil.which("unshare") is None,
+                    reason="needs dnsmasq and unshare")
+def test_real_dnsmasq_reports_its_leases_through_the_hook(server: ServerThread, sockdir: Path) -> None:
+    """dnsmasq runs its script with 'old' for each current lease in its lease file and 'del' for
+    each expired one when it starts: the hook must turn those into the lease table."""
+    os.chmod(sockdir, 0o755)
+    now = int(time.time())
+    leasefile = sockdir / "dnsmasq.leases"
+    leasefile.write_text(f"{now + 3600} {A} 10.99.0.11 vm-a *\n"
+                         f"{now + 3600} {B} 10.99.0.12 * *\n"
+                         f"{now - 3600} {C} 10.99.0.13 vm-c *\n")
+    server.table.apply_event("add", Lease(mac=C, ip="10.99.0.13", hostname="vm-c"))
+    script = sockdir / "hook.sh"
+    script.write_text(f"#!/bin/sh\nFASTFWD_LEASE_SOCKET={server.path} PYTHONPATH={REPO} "
+                      f"exec {sys.executable} -m fastfwd.hook \"$@\" 2>>{sockdir}/hook.err\n")
+    script.chmod(0o755)
+    # A network namespace of its own: no DHCP traffic or port 67 outside the test.
+    dnsmasq = subprocess.Popen(
+        ["unshare", "--net", "dnsmasq", "--no-daemon", "--port=0", "--conf-file=/dev/null",
+         "--dhcp-range=10.99.0.10,10.99.0.50,12h", f"--dhcp-leasefile={leasefile}",
+         f"--dhcp-script={script}", "--dhcp-scriptuser=root", f"--pid-file={sockdir}/dnsmasq.pid",
+         "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(server.calls) < 3 and dnsmasq.poll() is None:
+            time.sleep(0.05)
+    finally:
+        dnsmasq.send_signal(signal.SIGTERM)
+        try:
+            _, err = dnsmasq.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            dnsmasq.kill()
+            _, err = dnsmasq.communicate(timeout=30)
+    hook_err = (sockdir / "hook.err").read_text() if (sockdir / "hook.err").exists() else ""
+    assert server.leases() == [(A, "10.99.0.11", "vm-a"), (B, "10.99.0.12", None)], (err, hook_err)
+    assert hook_err == ""
