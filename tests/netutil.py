@@ -602,6 +602,7 @@ def free_port_range(count: int, host: str = LOOP4, kinds: tuple[int, ...] = (soc
                 for kind in kinds:
                     s = socket.socket(family_of(host), kind)
                     socks.append(s)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
                     s.bind((host, port))
             return base
         except OSError:
@@ -782,6 +783,12 @@ class ChildForwarder:
         self.close()
 
 
+def cli_sandbox(tmp: Path) -> list[str]:
+    """CLI flags that keep a ``fastfwd run`` daemon's sockets and state inside ``tmp``."""
+    return ["--control-socket", str(tmp / "control.sock"), "--lease-socket", str(tmp / "lease.sock"),
+            "--state-dir", str(tmp)]
+
+
 def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m fastfwd ARGS`` to completion (bounded)."""
     return subprocess.run([sys.executable, "-m", "fastfwd", *args], capture_output=True, text=True,
@@ -809,6 +816,29 @@ def is_refused(port: int, host: str = LOOP4) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+
+
+def turned_away_how(port: int, host: str = LOOP4, timeout: float = 5.0) -> str:
+    """Connect to ``port`` expecting to be turned away: ``"refused"`` (nothing listens),
+    ``"reset"`` or ``"eof"`` (accepted, then closed without a byte; a reset can already show
+    in connect() itself). Fails if the connection stays open for ``timeout``."""
+    try:
+        sock = connect(port, host, timeout=timeout)
+    except ConnectionRefusedError:
+        return "refused"
+    except ConnectionResetError:
+        return "reset"
+    with sock:
+        return closed_how(sock, timeout)
+
+
+def turned_away(port: int, host: str = LOOP4, timeout: float = 5.0) -> bool:
+    """True if a connection to ``port`` is refused or closed without a byte within ``timeout``."""
+    try:
+        turned_away_how(port, host, timeout)
+    except AssertionError:
+        return False
+    return True
 
 
 def errno_name(exc: OSError) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import fastfwd
-from netutil import (LOOP4, TIMEOUT, TcpServer, UdpEcho, connect, connect_retry, echo_handler, echo_once,
-                     free_port_range, is_refused, make_rule, run_async, start_cli, stop_process,
+from netutil import (LOOP4, TIMEOUT, TcpServer, UdpEcho, cli_sandbox, connect, connect_retry, echo_handler, echo_once,
+                     free_port_range, is_refused, make_rule, run_async, start_cli, stop_process, turned_away,
                      udp_roundtrip, udp_socket)
 
 
@@ -132,21 +132,13 @@ def test_pending_rule_refuses_until_its_name_resolves() -> None:
         async with fastfwd.Forwarder(workers=2) as fw:
             rule = await fw.add(make_rule(server_port).with_target("web"))
             assert rule.pending and rule.state == "pending"
-
-            def turned_away() -> bool:
-                with connect(rule.port) as sock:
-                    sock.settimeout(5)
-                    try:
-                        return sock.recv(1) == b""
-                    except ConnectionResetError:
-                        return True
-            assert await asyncio.to_thread(turned_away)
+            assert await asyncio.to_thread(turned_away, rule.port)
             assert [r.id for r in await fw.resolve("web", "127.0.0.1")] == [rule.id]
             assert not rule.pending
             assert await asyncio.to_thread(echo_through, rule.port, b"resolved") == b"resolved"
             await fw.resolve("web", None)
             assert rule.pending
-            assert await asyncio.to_thread(turned_away)
+            assert await asyncio.to_thread(turned_away, rule.port)
 
     with TcpServer(echo_handler) as server:
         run_async(main(server.port))
@@ -159,8 +151,7 @@ def test_cli_run_forwards_tcp_and_udp(tmp_path: Path) -> None:
         base = free_port_range(2, kinds=(socket.SOCK_STREAM, socket.SOCK_DGRAM))
         proc = start_cli("run", "-t", f"{base}:127.0.0.1:{tcp_server.port}",
                          "-u", f"127.0.0.1:{base + 1}:127.0.0.1:{udp_server.port}", "--workers", "2",
-                         "--control-socket", str(tmp_path / "control.sock"),
-                         "--lease-socket", str(tmp_path / "lease.sock"), "--state-dir", str(tmp_path))
+                         *cli_sandbox(tmp_path))
         try:
             with connect_retry(base) as sock:
                 assert echo_once(sock, b"cli tcp") == b"cli tcp"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from netutil import (LOOP4, LOOP6, MAX_DATAGRAM, SyncForwarder, UdpEcho, datagram, free_port_range,
-                     make_rule, udp_roundtrip, udp_socket, wait_for)
+                     make_rule, udp_roundtrip, udp_socket)
 
 BURST = (1, 1400, MAX_DATAGRAM, 1400, 1)
 
