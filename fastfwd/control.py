@@ -88,8 +88,10 @@ class ControlServer(JsonLineServer):
 
     def _describe(self, active: ActiveRule, sessions: bool) -> dict[str, Any]:
         rule = active.rule
-        # Rule's own rendering ("tcp LISTEN -> TARGET") keeps bracketed IPv6 and ranges consistent.
-        listen, target = str(rule).split(" ", 1)[1].split(" -> ")
+        # Rule's own rendering ("tcp LISTEN -> TARGET") keeps bracketed IPv6 and ranges
+        # consistent; with the real port where the rule asked for any free one.
+        shown = dataclasses.replace(rule, listen_port=active.port) if rule.listen_port == 0 else rule
+        listen, target = str(shown).split(" ", 1)[1].split(" -> ")
         out = {"name": rule.name, "proto": rule.proto, "listen": listen, "port": active.port,
                "target": target, "target_ip": active.target_ip, "state": active.state,
                "counters": dataclasses.asdict(self._target.counters(active))}
