@@ -407,3 +407,38 @@ def test_other_users_cannot_connect_and_are_refused_by_credentials(
     assert f"uid {nobody.pw_uid}" in caplog.text and "refused" in caplog.text
     assert json.loads(allowed) == {"ok": True, "changed": 1}
     assert len(table) == 1
+
+
+def test_silent_client_is_disconnected_after_the_idle_timeout(run: Run, sockdir: Path) -> None:
+    async def main() -> bytes:
+        async with LeaseServer(sockdir / "l.sock", LeaseTable(), Recorder(), idle_timeout=0.3):
+            c = await Client.connect(sockdir / "l.sock")
+            await c.send_raw(b'{"event": "add"')  # half a line, then nothing
+            rest = await c.reader.read()  # returns only once the server hangs up
+            await c.close()
+            return rest
+    assert run(main()) == b""
+
+
+def test_clients_beyond_the_cap_are_turned_away_and_the_rest_served(run: Run, sockdir: Path) -> None:
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with LeaseServer(sockdir / "l.sock", LeaseTable(), Recorder(), max_clients=2):
+            held = [await Client.connect(sockdir / "l.sock") for _ in range(2)]
+            for c in held:  # each is being served (an answered request proves it)
+                assert (await c.ask({}))["ok"] is False
+            extra = await Client.connect(sockdir / "l.sock")
+            turned_away = await extra.reply()
+            await extra.close()
+            await held[0].close()
+            for _ in range(100):  # the server notices the hang-up on its own time
+                retry = await Client.connect(sockdir / "l.sock")
+                answer = await retry.ask(event("add"))
+                await retry.close()
+                if answer["ok"]:
+                    break
+                await asyncio.sleep(0.05)
+            await held[1].close()
+            return turned_away, answer
+    turned_away, answer = run(main())
+    assert turned_away == {"ok": False, "error": "too many clients; try again"}
+    assert answer == {"ok": True, "changed": 1}
