@@ -212,15 +212,16 @@ def test_real_dnsmasq_reports_its_leases_through_the_hook(server: ServerThread, 
                          f"{now - 3600} {C} 10.99.0.13 vm-c *\n")
     server.table.apply_event("add", Lease(mac=C, ip="10.99.0.13", hostname="vm-c"))
     script = sockdir / "hook.sh"
-    script.write_text(f"#!/bin/sh\nFASTFWD_LEASE_SOCKET={server.path} PYTHONPATH={REPO} "
-                      f"exec {sys.executable} -m fastfwd.hook \"$@\" 2>>{sockdir}/hook.err\n")
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m fastfwd.hook \"$@\" 2>>{sockdir}/hook.err\n")
     script.chmod(0o755)
     # A network namespace of its own: no DHCP traffic or port 67 outside the test.
     dnsmasq = subprocess.Popen(
         ["unshare", "--net", "dnsmasq", "--no-daemon", "--port=0", "--conf-file=/dev/null",
          "--dhcp-range=10.99.0.10,10.99.0.50,12h", f"--dhcp-leasefile={leasefile}",
          f"--dhcp-script={script}", "--dhcp-scriptuser=root", f"--pid-file={sockdir}/dnsmasq.pid",
-         "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # The socket reaches the hook through dnsmasq's environment, as docs/leases.md says.
+        env={**os.environ, "FASTFWD_LEASE_SOCKET": str(server.path), "PYTHONPATH": str(REPO)})
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(server.calls) < 3 and dnsmasq.poll() is None:
