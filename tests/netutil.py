@@ -492,8 +492,8 @@ class AsyncEchoServer:
         self.close()
 
 
-async def _echo_client(host: str, port: int, data: bytes) -> Received:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _echo_exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> Received:
+    """Send ``data`` and half-close while reading the echo to EOF."""
     try:
         async def send() -> None:
             for off in range(0, len(data), 1 << 16):
@@ -508,11 +508,21 @@ async def _echo_client(host: str, port: int, data: bytes) -> Received:
         writer.close()
 
 
-def many_echo(port: int, payloads: list[bytes], host: str = LOOP4, timeout: float = 60.0) -> list[Received]:
-    """Open one connection per payload, all at once; each sends its payload and half-closes,
-    and reads the echo to EOF. Returns what each read (exceptions propagate)."""
+def many_echo(port: int, payloads: list[bytes], host: str = LOOP4, timeout: float = 60.0,
+              all_open: Callable[[], Any] | None = None) -> list[Received]:
+    """Open one connection per payload, all at once, and call ``all_open()`` (in a thread)
+    once every one is connected; then each sends its payload and half-closes, and reads the
+    echo to EOF. Returns what each read (exceptions propagate)."""
     async def run_all() -> list[Received]:
-        return list(await asyncio.gather(*(_echo_client(host, port, p) for p in payloads)))
+        conns = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in payloads))
+        try:
+            if all_open is not None:
+                await asyncio.to_thread(all_open)
+        except BaseException:
+            for _, writer in conns:
+                writer.close()
+            raise
+        return list(await asyncio.gather(*(_echo_exchange(r, w, p) for (r, w), p in zip(conns, payloads))))
     return run_async(run_all(), timeout)
 
 

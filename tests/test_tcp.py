@@ -50,6 +50,23 @@ def test_two_way_transfer_is_intact(fwd: SyncForwarder, splice: str, size: int) 
         assert counters.bytes_spliced >= total - 2 * SPLICE_THRESHOLD
 
 
+@pytest.mark.parametrize("threshold", [SPLICE_THRESHOLD, 1 * MB])
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_auto_promotes_each_direction_after_its_threshold(fwd: SyncForwarder, direction: str,
+                                                          threshold: int) -> None:
+    """One direction only: at most ``threshold`` bytes copied, everything after spliced."""
+    size = 8 * MB
+    up, down = (payload(size, seed=3), b"") if direction == "up" else (b"", payload(size, seed=4))
+    with TcpServer(exchange_handler(down)) as server:
+        rule = fwd.forward(server.port, splice="auto", splice_threshold=threshold)
+        assert exchange(rule.port, up) == Received.of(down)
+        assert server.result() == Received.of(up)
+    counters = fwd.wait_counter(rule, f"bytes_{direction}", size)
+    assert counters.bytes_up + counters.bytes_down == size
+    assert 0 < counters.bytes_copied <= threshold
+    assert counters.bytes_spliced == size - counters.bytes_copied
+
+
 def test_auto_splice_keeps_short_exchanges_on_copy(fwd: SyncForwarder) -> None:
     """Below the promotion threshold, auto never splices."""
     with TcpServer(echo_handler) as server:
@@ -85,7 +102,9 @@ def test_thousand_concurrent_connections(fwd: SyncForwarder) -> None:
     payloads = [payload(rng.randrange(0, 96 * 1024), seed=i + 10) for i in range(1000)]
     with AsyncEchoServer() as server:
         rule = fwd.forward(server.port)
-        results = many_echo(rule.port, payloads, timeout=90)
+        # all 1,000 connections are up at once (both legs) before any byte moves
+        results = many_echo(rule.port, payloads, timeout=90,
+                            all_open=lambda: fwd.wait_counter(rule, "active", len(payloads)))
         expected = [Received.of(p) for p in payloads]
         assert results == expected, f"{sum(a != b for a, b in zip(results, expected))} echoes corrupted"
         assert sorted(server.received) == sorted(expected), "the server read something else"
