@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shlex
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,11 +54,15 @@ def start(args: list[str], pidfile: Path) -> int:
     return int(pidfile.read_text().strip())
 
 
-def stop(pid: int) -> bool:
-    """Stop dnsmasq ``pid`` if it is still a dnsmasq; False if it was gone."""
+def stop(pid: int, timeout: float = 5.0) -> bool:
+    """Stop dnsmasq ``pid`` if it is still a dnsmasq (a pid alone may have been reused), and
+    wait up to ``timeout`` for it to exit; False if it was gone."""
     if not _is_dnsmasq(pid):
         return False
     os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _is_dnsmasq(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return True
 
 
@@ -139,6 +143,3 @@ def _conf_options(path: str) -> list[tuple[str, str]]:
             options.append((key.strip(), value.strip()))
     return options
 
-
-def describe(args: list[str]) -> str:
-    return shlex.join(args)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
@@ -24,6 +28,7 @@ class Lab:
         self.id = suffix()
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.dir = Path(tempfile.mkdtemp(prefix=f"ffw-lab-{self.id}-"))
 
     def __enter__(self) -> "Lab":
         return self
@@ -88,6 +93,65 @@ class Lab:
             _kill_remaining(name)
             netns.remove(name)
         self.namespaces.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def dhcp_client(self, ns: str, iface: str = "eth0", *,
+                    hostname: str | None = None) -> "DhcpClient":
+        return DhcpClient(self, ns, iface, hostname)
+
+
+# udhcpc configures nothing itself: it runs this script on each state change. The bound
+# address is also written to a file, renamed into place so readers never see half of it.
+_UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface"; rm -f "$OUT" ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/$subnet" dev "$interface"
+    echo "$ip" > "$OUT.tmp" && mv "$OUT.tmp" "$OUT" ;;
+esac
+"""
+
+
+class DhcpClient:
+    """busybox udhcpc in a namespace, in the foreground so it can be told to release."""
+
+    def __init__(self, lab: Lab, ns: str, iface: str, hostname: str | None) -> None:
+        self.lab = lab
+        self.out = lab.dir / f"{ns}-{iface}.ip"
+        script = lab.dir / "udhcpc.script"
+        if not script.exists():
+            script.write_text(_UDHCPC_SCRIPT)
+            script.chmod(0o755)
+        argv = ["env", f"OUT={self.out}", "busybox", "udhcpc", "-f", "-i", iface, "-s", str(script),
+                "-t", "20", "-T", "1", "-A", "1"]
+        if hostname:
+            argv += ["-x", f"hostname:{hostname}"]
+        self.proc = lab.spawn(ns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def address(self) -> str | None:
+        try:
+            return self.out.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def wait_address(self, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while (ip := self.address()) is None:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise TimeoutError(f"no DHCP lease within {timeout:g}s")
+            time.sleep(0.02)
+        return ip
+
+    def release(self) -> None:
+        """Send DHCPRELEASE (udhcpc does on SIGUSR2) and drop the address."""
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while self.address() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.lab.stop(self.proc)
 
 
 def _kill_remaining(ns: str) -> None:

@@ -1,0 +1,296 @@
+"""A VM bridge as a whole: setup, check and destroy.
+
+``setup`` makes the host ready for VMs on a bridge: the bridge with the host's address, IP
+forwarding, our nftables table (NAT and firewall), and optionally a dnsmasq serving DHCP on
+the bridge with fastfwd's hook as its ``--dhcp-script``. It is idempotent, and it writes down
+what it made (and what it changed: the old ``ip_forward``) in a record in the state
+directory, so ``destroy`` removes exactly that and nothing it found already there.
+
+``check`` looks at the host as it is (whoever set it up) and reports one line per item.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shlex
+import shutil
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from . import dnsmasq, firewall, sysctl
+from .links import LinkState, delete_link, ensure_address, ensure_bridge, link_state, remove_address
+
+IP_FORWARD = "net.ipv4.ip_forward"
+HOOK_ENTRY_POINT = "fastfwd-dhcp-hook"
+
+
+def default_state_dir() -> Path:
+    from ..config import state_dir
+
+    return state_dir() / "host"
+
+
+def default_lease_socket() -> str:
+    from ..config import ControlSettings
+
+    return ControlSettings().lease_socket
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the bridge should look like."""
+
+    bridge: str
+    address: ipaddress.IPv4Interface
+    dhcp: bool = True
+    dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
+    dns: bool = False
+    nat: bool = True
+    lease_socket: str = field(default_factory=default_lease_socket)
+    state_dir: Path = field(default_factory=default_state_dir)
+
+
+@dataclass
+class Made:
+    """What ``setup`` made or changed: all that ``destroy`` may undo."""
+
+    bridge: bool = False
+    address: str | None = None
+    ip_forward_was: str | None = None
+    firewall: bool = False
+    dnsmasq_pid: int | None = None
+    files: list[str] = field(default_factory=list)
+    # The plan as last applied, so ``check`` can compare without being told again.
+    plan_address: str | None = None
+    plan_dhcp: bool = True
+    lease_socket: str | None = None
+
+    @staticmethod
+    def path(state_dir: Path, bridge: str) -> Path:
+        return state_dir / f"{bridge}.json"
+
+    @classmethod
+    def load(cls, state_dir: Path, bridge: str) -> "Made":
+        try:
+            return cls(**json.loads(cls.path(state_dir, bridge).read_text()))
+        except FileNotFoundError:
+            return cls()
+
+    def save(self, state_dir: Path, bridge: str) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(state_dir, bridge).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, self.path(state_dir, bridge))
+
+
+def setup(plan: Plan) -> list[str]:
+    """Bring the host to ``plan``; returns one line per thing done. Safe to run again."""
+    made = Made.load(plan.state_dir, plan.bridge)
+    done: list[str] = []
+
+    def record(line: str) -> None:
+        done.append(line)
+        made.save(plan.state_dir, plan.bridge)  # after every step: a failed setup can be destroyed
+
+    made.plan_address, made.plan_dhcp, made.lease_socket = str(plan.address), plan.dhcp, plan.lease_socket
+    if ensure_bridge(plan.bridge):
+        made.bridge = True
+        record(f"created bridge {plan.bridge}")
+    if ensure_address(plan.bridge, plan.address):
+        made.address = str(plan.address)
+        record(f"added {plan.address} to {plan.bridge}")
+    if sysctl.read(IP_FORWARD) != "1":
+        if made.ip_forward_was is None:
+            made.ip_forward_was = sysctl.read(IP_FORWARD)
+        sysctl.write(IP_FORWARD, "1")
+        record(f"set {IP_FORWARD} = 1")
+    firewall.apply(plan.bridge, plan.address.network, nat=plan.nat)
+    made.firewall = True
+    record(f"nftables table inet {firewall.table_name(plan.bridge)} in place")
+    if plan.dhcp:
+        done.extend(_setup_dhcp(plan, made, record))
+    else:
+        made.save(plan.state_dir, plan.bridge)
+    return done
+
+
+def _setup_dhcp(plan: Plan, made: Made, record: Callable[[str], None]) -> list[str]:
+    running = dnsmasq.servers_for(plan.bridge)
+    if any(server.pid == made.dnsmasq_pid for server in running):
+        return [f"dnsmasq (pid {made.dnsmasq_pid}) already serves {plan.bridge}"]
+    if running:
+        return [f"a DHCP server not started by us (pid {running[0].pid}) serves {plan.bridge}; "
+                "leaving it alone"]
+    hook = write_hook(plan.state_dir / f"{plan.bridge}-dhcp-hook", plan.lease_socket)
+    leasefile = plan.state_dir / f"{plan.bridge}.leases"
+    pidfile = plan.state_dir / f"{plan.bridge}.dnsmasq.pid"
+    made.files = sorted({*made.files, str(hook), str(leasefile), str(pidfile)})
+    args = dnsmasq.argv(plan.bridge, dhcp_range=plan.dhcp_range or dnsmasq.default_range(plan.address),
+                        netmask=plan.address.netmask, hook=str(hook), leasefile=leasefile,
+                        pidfile=pidfile, dns=plan.dns)
+    made.dnsmasq_pid = dnsmasq.start(args, pidfile)
+    record(f"started dnsmasq (pid {made.dnsmasq_pid}): {shlex.join(args)}")
+    return []
+
+
+def write_hook(path: Path, lease_socket: str) -> Path:
+    """dnsmasq's ``--dhcp-script`` takes a bare path: a small script that runs fastfwd's hook
+    with the lease socket to use (the installed entry point, else this interpreter)."""
+    installed = shutil.which(HOOK_ENTRY_POINT)
+    if installed:
+        command = shlex.quote(installed)
+    else:
+        package_root = Path(__file__).resolve().parents[2]
+        command = (f"env PYTHONPATH={shlex.quote(str(package_root))} "
+                   f"{shlex.quote(sys.executable)} -m fastfwd.hook")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n# made by fastfwd-bridge: dnsmasq's --dhcp-script, telling fastfwd "
+                    f"about leases\nexec {command} --socket {shlex.quote(lease_socket)} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def destroy(bridge: str, state_dir: Path | None = None) -> list[str]:
+    """Undo what ``setup`` recorded for ``bridge``, newest first; returns one line per undo."""
+    state_dir = state_dir or default_state_dir()
+    made = Made.load(state_dir, bridge)
+    done = []
+    if made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid):
+        done.append(f"stopped dnsmasq (pid {made.dnsmasq_pid})")
+    if made.firewall and firewall.remove(bridge):
+        done.append(f"removed nftables table inet {firewall.table_name(bridge)}")
+    if made.ip_forward_was is not None:
+        sysctl.write(IP_FORWARD, made.ip_forward_was)
+        done.append(f"restored {IP_FORWARD} = {made.ip_forward_was}")
+    if made.bridge:
+        if delete_link(bridge):
+            done.append(f"deleted bridge {bridge}")
+    elif made.address is not None and remove_address(bridge, ipaddress.IPv4Interface(made.address)):
+        done.append(f"removed {made.address} from {bridge}")
+    for name in made.files:
+        Path(name).unlink(missing_ok=True)
+    Made.path(state_dir, bridge).unlink(missing_ok=True)
+    return done
+
+
+Level = Literal["PASS", "WARN", "FAIL"]
+
+
+@dataclass(frozen=True)
+class Check:
+    level: Level
+    item: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.level} {self.item}: {self.detail}"
+
+
+def check(bridge: str, *, address: ipaddress.IPv4Interface | None = None, dhcp: bool | None = None,
+          lease_socket: str | None = None, state_dir: Path | None = None) -> list[Check]:
+    """One :class:`Check` per item. Settings not given come from setup's record, if any."""
+    made = Made.load(state_dir or default_state_dir(), bridge)
+    if address is None and made.plan_address:
+        address = ipaddress.IPv4Interface(made.plan_address)
+    dhcp = made.plan_dhcp if dhcp is None else dhcp
+    lease_socket = lease_socket or made.lease_socket or default_lease_socket()
+    link = link_state(bridge)
+    return [_check_bridge(bridge, link), _check_address(bridge, link, address),
+            _check_forward(), *_check_firewall(bridge), *_check_dhcp(bridge, dhcp, lease_socket)]
+
+
+def _check_bridge(bridge: str, link: LinkState | None) -> Check:
+    if link is None:
+        return Check("FAIL", "bridge", f"{bridge} does not exist")
+    if link.kind != "bridge":
+        return Check("FAIL", "bridge", f"{bridge} is a {link.kind or 'plain'} link, not a bridge")
+    if not link.up:
+        return Check("FAIL", "bridge", f"{bridge} is down")
+    return Check("PASS", "bridge", f"{bridge} present and up")
+
+
+def _check_address(bridge: str, link: LinkState | None, address: ipaddress.IPv4Interface | None) -> Check:
+    have = link.addresses if link is not None else ()
+    if address is not None:
+        if address in have:
+            return Check("PASS", "address", f"{bridge} has {address}")
+        return Check("FAIL", "address", f"{bridge} lacks {address} (has {', '.join(map(str, have)) or 'none'})")
+    if have:
+        return Check("PASS", "address", f"{bridge} has {', '.join(map(str, have))}")
+    return Check("FAIL", "address", f"{bridge} has no IPv4 address: VMs have no gateway")
+
+
+def _check_forward() -> Check:
+    if sysctl.read(IP_FORWARD) == "1":
+        return Check("PASS", "ip_forward", f"{IP_FORWARD} = 1")
+    return Check("WARN", "ip_forward", f"{IP_FORWARD} = 0: VMs cannot reach beyond the host "
+                 "(fastfwd's published ports work without it)")
+
+
+def _check_firewall(bridge: str) -> list[Check]:
+    table = firewall.table_state(bridge)
+    name = f"inet {firewall.table_name(bridge)}"
+    if table is None:
+        return [Check("WARN", "NAT", f"no table {name}: VMs' outbound traffic is not masqueraded"),
+                Check("WARN", "firewall", f"no table {name}: nothing keeps outside traffic off the VMs")]
+    nat = (Check("PASS", "NAT", f"{name} masquerades the bridge subnet") if table.masquerade
+           else Check("WARN", "NAT", f"{name} has no masquerade rule"))
+    missing = {"forward", "input"} - table.hooks
+    drops = firewall.foreign_drops(bridge)
+    if missing:
+        fw = Check("WARN", "firewall", f"{name} lacks chains on {', '.join(sorted(missing))}")
+    elif drops:
+        fw = Check("WARN", "firewall", f"{name} in place, but these chains drop by default and "
+                   f"need the same accepts: {'; '.join(drops)}")
+    else:
+        fw = Check("PASS", "firewall", f"{name} in place (forward, input)")
+    return [nat, fw]
+
+
+def _check_dhcp(bridge: str, dhcp: bool, lease_socket: str) -> list[Check]:
+    if not dhcp:
+        return [Check("PASS", "DHCP server", "not wanted (static addresses: turn on "
+                      "[sources] neighbours)"),
+                Check("PASS", "hook", "not wanted without DHCP")]
+    servers = [s for s in dnsmasq.servers_for(bridge) if s.dhcp]
+    if not servers:
+        return [Check("FAIL", "DHCP server", f"no dnsmasq serves DHCP on {bridge}"),
+                Check("FAIL", "hook", "no DHCP server to run it")]
+    server = servers[0]
+    found = Check("PASS", "DHCP server", f"dnsmasq pid {server.pid} serves {bridge}")
+    script = server.dhcp_script
+    if not script:
+        return [found, Check("FAIL", "hook", f"dnsmasq pid {server.pid} has no --dhcp-script: "
+                             "fastfwd never hears of leases")]
+    if not is_fastfwd_hook(script):
+        return [found, Check("FAIL", "hook", f"--dhcp-script {script} is not fastfwd's hook")]
+    if not _answers(lease_socket):
+        return [found, Check("WARN", "hook", f"{script} is wired, but nothing listens on "
+                             f"{lease_socket} (is fastfwd running?)")]
+    return [found, Check("PASS", "hook", f"{script} is wired and {lease_socket} answers")]
+
+
+def is_fastfwd_hook(path: str) -> bool:
+    """The entry point itself, or a script (like ours) that runs it."""
+    if Path(path).name == HOOK_ENTRY_POINT:
+        return os.access(path, os.X_OK)
+    try:
+        text = Path(path).read_text(errors="replace")[:4096]
+    except OSError:
+        return False
+    return os.access(path, os.X_OK) and (HOOK_ENTRY_POINT in text or "fastfwd.hook" in text)
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+        return True
