@@ -45,7 +45,8 @@ class ControlTarget(Protocol):
         ...
 
     async def remove_rule(self, rule: Rule) -> None:
-        """Stop the rule listening on ``rule``'s ports; KeyError if there is none."""
+        """Stop the rule listening on ``rule``'s ports; KeyError if there is none, ValueError
+        if it may not be removed this way."""
         ...
 
     def metrics(self) -> str:
@@ -79,6 +80,8 @@ class ControlServer(JsonLineServer):
                 await self._target.remove_rule(_rule(doc, ("cmd", "spec", "proto")))
             except KeyError:
                 raise RequestError(f"no rule listens on {doc['spec']}") from None
+            except ValueError as exc:
+                raise RequestError(f"cannot remove: {exc}") from None
             return {}
         raise RequestError(f"unknown cmd {cmd[:40]!r}: expected status, add, remove or metrics")
 

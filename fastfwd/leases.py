@@ -201,7 +201,10 @@ class LeaseTable:
                    for key in sorted(before.keys() | self._leases.keys())
                    if not _same(before.get(key), self._leases.get(key))]
         if changes and self.state_file is not None:
-            self.save()
+            try:
+                self.save()
+            except OSError as exc:  # forwarding must follow the lease even when the disk cannot
+                log.error("cannot save leases to %s: %s; they are kept in memory", self.state_file, exc)
         return changes
 
     # -- persistence -------------------------------------------------------------------------

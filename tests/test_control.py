@@ -28,6 +28,7 @@ class Target:
 
     def __init__(self, fw: Forwarder, table: LeaseTable) -> None:
         self.fw, self.table = fw, table
+        self.added: set[tuple[str, str, int, int]] = set()
 
     @property
     def rules(self) -> list[ActiveRule]:
@@ -44,9 +45,14 @@ class Target:
         return self.table
 
     async def add_rule(self, rule: Rule) -> ActiveRule:
-        return await self.fw.add(rule)
+        active = await self.fw.add(rule)
+        self.added.add(rule.key)
+        return active
 
     async def remove_rule(self, rule: Rule) -> None:
+        """Like the daemon: only rules added at run time may be removed at run time."""
+        if self.fw.find(rule) is not None and rule.key not in self.added:
+            raise ValueError(f"{rule} comes from the config file")
         await self.fw.remove(rule)
 
     def metrics(self) -> str:
@@ -218,6 +224,9 @@ def test_bad_requests_get_errors_and_change_nothing(sockdir: Path) -> None:
             kept = await fw.add(Rule.parse("0:127.0.0.1:9"))
             async with ControlServer(sockdir / "c.sock", Target(fw, LeaseTable())):
                 replies = [await ask(sockdir / "c.sock", request) for request, _ in requests]
+                spec = f"127.0.0.1:{kept.port}:127.0.0.1:9"
+                replies.append(await ask(sockdir / "c.sock", {"cmd": "remove", "spec": spec}))
+                requests.append(({"cmd": "remove", "spec": spec}, "cannot remove: tcp 127.0.0.1"))
                 assert fw.rules == [kept]
                 return replies
     try:

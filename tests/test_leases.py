@@ -302,3 +302,12 @@ def test_kill_9_in_the_middle_of_writing_leaves_a_consistent_state(tmp_path: Pat
     # Every save holds leases 1..n: a torn or partial write would break the sequence or be rejected.
     assert sorted(x.seen for x in table) == [float(i) for i in range(1, n + 1)]
     assert not state.with_name(STATE_FILE + ".corrupt").exists()
+
+
+def test_a_state_file_that_cannot_be_written_does_not_stop_the_change(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    table = LeaseTable(state_file=tmp_path / "file" / STATE_FILE)
+    assert len(table.apply_event("add", lease(A, "10.0.0.1"))) == 1
+    assert table.for_mac(A) is not None
+    assert "cannot save leases" in caplog.text
