@@ -79,9 +79,11 @@ def bad_config_ids() -> list[str]:
 
 # -- loopback peers ----------------------------------------------------------------------------
 class EchoServer:
-    """A TCP server on loopback that echoes each connection's bytes back, in a thread."""
+    """A TCP server on loopback that sends ``greeting`` on accept, then echoes each
+    connection's bytes back, in a thread."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"") -> None:
+        self.greeting = greeting
         self.sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -101,11 +103,11 @@ class EchoServer:
             self.accepted += 1
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _echo(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(30)
             try:
+                conn.sendall(self.greeting)
                 while data := conn.recv(1 << 16):
                     conn.sendall(data)
                 conn.shutdown(socket.SHUT_WR)
@@ -170,6 +172,15 @@ def echo_roundtrip(port: int, size: int = 256 * 1024, timeout: float = 10.0) -> 
     except OSError:
         return False
     return n == size and got.digest() == hashlib.sha256(payload).digest()
+
+
+def connects(port: int) -> bool:
+    """Does a TCP connection to 127.0.0.1:``port`` get established?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def udp_ask(port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:

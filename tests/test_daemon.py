@@ -16,7 +16,7 @@ import pytest
 
 from fastfwd.unixclient import call
 
-from helpers_control import (DaemonProcess, EchoServer, daemon, echo_roundtrip, free_port, needs_engine,
+from helpers_control import (DaemonProcess, EchoServer, connects, daemon, echo_roundtrip, free_port, needs_engine,
                              wait_until)
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
@@ -146,7 +146,7 @@ def test_sigterm_drains_a_transfer_in_flight_refuses_new_and_exits_0(tmp_path: P
         wait_until(lambda: len(received) >= len(first), what="the first half echoed")
         proc.signal(signal.SIGTERM)
         proc.wait_log("draining")
-        wait_until(lambda: not _connects(port), what="new connections refused")
+        wait_until(lambda: not connects(port), what="new connections refused")
         client.sendall(second)
         client.shutdown(socket.SHUT_WR)
         reader.join(20)
@@ -183,7 +183,7 @@ def test_sigint_stops_at_once(tmp_path: Path, echo: EchoServer) -> None:
         proc.signal(signal.SIGINT)
         assert proc.wait() == 0
         assert "draining" not in proc.log()
-        assert not _connects(port)
+        assert not connects(port)
 
 
 def test_socket_of_a_running_daemon_is_not_taken_over(tmp_path: Path, echo: EchoServer) -> None:
@@ -200,11 +200,3 @@ def _read_all(sock: socket.socket, into: bytearray) -> None:
             into += data
     except OSError:
         pass
-
-
-def _connects(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
