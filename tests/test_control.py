@@ -46,12 +46,13 @@ class Target:
 
     async def add_rule(self, rule: Rule) -> ActiveRule:
         active = await self.fw.add(rule)
-        self.added.add(rule.key)
+        self.added.add(active.rule.key)
         return active
 
     async def remove_rule(self, rule: Rule) -> None:
         """Like the daemon: only rules added at run time may be removed at run time."""
-        if self.fw.find(rule) is not None and rule.key not in self.added:
+        active = self.fw.find(rule)
+        if active is not None and active.rule.key not in self.added:
             raise ValueError(f"{rule} comes from the config file")
         await self.fw.remove(rule)
 
