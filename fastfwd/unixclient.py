@@ -39,7 +39,10 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
         except OSError as exc:
             raise DaemonError(f"cannot reach fastfwd at {path}: {exc.strerror or exc}") from None
         try:
-            sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused before it read anything: its one reply line may be waiting
             reply = _read_line(sock, deadline)
         except (TimeoutError, socket.timeout):
             raise DaemonError(f"no reply from fastfwd at {path} within {timeout:g}s") from None

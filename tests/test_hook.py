@@ -236,3 +236,33 @@ def test_real_dnsmasq_reports_its_leases_through_the_hook(server: ServerThread, 
     hook_err = (sockdir / "hook.err").read_text() if (sockdir / "hook.err").exists() else ""
     assert server.leases() == [(A, "10.99.0.11", "vm-a"), (B, "10.99.0.12", None)], (err, hook_err)
     assert hook_err == ""
+
+
+def test_refusal_sent_before_reading_is_still_reported(sockdir: Path) -> None:
+    """A daemon that refuses a peer replies and hangs up without reading what it sent."""
+    path = sockdir / "strict.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(b'{"ok": false, "error": "permission denied: not an allowed user or group"}\n')
+        conn.close()
+    refuser = threading.Thread(target=refuse, daemon=True)
+    refuser.start()
+    try:
+        proc = hook("snapshot", str(_big_lease_file(sockdir)), socket_path=path)
+    finally:
+        refuser.join(timeout=30)
+        listener.close()
+    assert proc.returncode == 1
+    assert proc.stderr == "fastfwd-dhcp-hook: snapshot refused: permission denied: not an allowed user or group\n"
+
+
+def _big_lease_file(directory: Path) -> Path:
+    """A lease file whose snapshot is far larger than a socket buffer, so sending it must fail."""
+    path = directory / "big.leases"
+    path.write_text("".join(f"1900000000 52:54:00:02:{i // 256:02x}:{i % 256:02x} 10.4.{i // 256}.{i % 256} "
+                            f"guest-{i} *\n" for i in range(20000)))
+    return path
