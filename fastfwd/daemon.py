@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import logging.handlers
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,12 +99,13 @@ class Daemon:
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
         try:
-            await self.start()
-            try:
-                servers = await self._serve()
-            except DaemonError:
-                await self.fw.close()
-                raise
+            with _logs_held_until_started():
+                await self.start()
+                try:
+                    servers = await self._serve()
+                except DaemonError:
+                    await self.fw.close()
+                    raise
             watcher = asyncio.create_task(self._watch()) if self.path else None
             log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(self.fw.rules), self.fw.workers,
                      f", watching {self.path}" if self.path else "")
@@ -264,6 +266,24 @@ class Daemon:
             await _close_all(servers)
             raise DaemonError(f"{path}: {_reason(exc)}") from None
         return servers
+
+
+@contextlib.contextmanager
+def _logs_held_until_started() -> Iterator[None]:
+    """Hold log lines back until startup succeeds: a failed start shows only its one error line."""
+    root = logging.getLogger()
+    handlers, held = root.handlers[:], logging.handlers.BufferingHandler(capacity=1 << 30)
+    root.handlers = [held]
+    started = False
+    try:
+        yield
+        started = True
+    finally:
+        root.handlers = handlers
+        for record in held.buffer if started else ():
+            for handler in handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
 
 
 async def _close_all(servers: Iterable[JsonLineServer | asyncio.AbstractServer]) -> None:
