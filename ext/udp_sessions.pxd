@@ -6,6 +6,13 @@ cdef enum:
     UDP_BATCH = 32          # datagrams per recvmmsg/sendmmsg call
     UDP_MAX = 65536         # room for the largest datagram, so nothing is cut
 
+# What tells sessions apart: the client's address and, on a wildcard listener, the local
+# address it sent to (replies must leave from it, or the client drops them).
+ctypedef struct flow_t:
+    addr_t client
+    int local_family        # AF_UNSPEC on a listener bound to one address
+    unsigned char local[16]
+
 cdef struct session_s:
     dnode_t node            # first: the rule's activity list (oldest first: expiry, eviction)
     uint64_t last_active
@@ -13,9 +20,7 @@ cdef struct session_s:
     session_s* dead_next
     listener_t* listener
     int fd                  # connected to the target
-    int local_family        # AF_UNSPEC unless replies must leave from a chosen local address
-    addr_t client
-    unsigned char local[16] # the address the client sent to (wildcard listeners)
+    flow_t flow
 
 ctypedef session_s session_t
 
@@ -28,7 +33,7 @@ ctypedef struct session_table_t:
 ctypedef struct udp_batch_t:
     mmsghdr msgs[UDP_BATCH]
     iovec iov[UDP_BATCH]
-    addr_t names[UDP_BATCH]
+    flow_t flows[UDP_BATCH]  # recvmmsg writes each sender's address into flows[i].client
     char ctrl[UDP_BATCH][64]
     mmsghdr out[UDP_BATCH]
     iovec out_iov[UDP_BATCH]

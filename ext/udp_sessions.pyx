@@ -15,14 +15,18 @@ cdef inline uint64_t _mix(uint64_t h) noexcept nogil:
     return h
 
 
-cdef uint64_t addr_hash(listener_t* l, addr_t* a) noexcept nogil:
+cdef uint64_t flow_hash(listener_t* l, flow_t* f) noexcept nogil:
     cdef uint64_t h = <uint64_t><size_t>l
     cdef uint64_t words[2]
+    cdef addr_t* a = &f.client
     if a.sa.sa_family == AF_INET:
         h ^= (<uint64_t>a.v4.sin_addr.s_addr << 16) ^ a.v4.sin_port
     else:
         memcpy(words, a.v6.sin6_addr.s6_addr, 16)
         h ^= _mix(words[0]) ^ words[1] ^ a.v6.sin6_port
+    if f.local_family != AF_UNSPEC:
+        memcpy(words, f.local, 16)
+        h ^= _mix(words[0] ^ words[1])
     return _mix(h)
 
 
@@ -35,6 +39,25 @@ cdef bint addr_same(addr_t* a, addr_t* b) noexcept nogil:
             and memcmp(a.v6.sin6_addr.s6_addr, b.v6.sin6_addr.s6_addr, 16) == 0)
 
 
+cdef bint flow_same(flow_t* a, flow_t* b) noexcept nogil:
+    return (addr_same(&a.client, &b.client) and a.local_family == b.local_family
+            and (a.local_family == AF_UNSPEC or memcmp(a.local, b.local, 16) == 0))
+
+
+cdef void read_local_address(flow_t* f, msghdr* m) noexcept nogil:
+    cdef cmsghdr* cm = CMSG_FIRSTHDR(m)
+    f.local_family = AF_UNSPEC
+    memset(f.local, 0, 16)
+    while cm != NULL:
+        if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_PKTINFO:
+            f.local_family = AF_INET
+            memcpy(f.local, &(<in_pktinfo*>CMSG_DATA(cm)).ipi_addr, 4)
+        elif cm.cmsg_level == IPPROTO_IPV6 and cm.cmsg_type == IPV6_PKTINFO:
+            f.local_family = AF_INET6
+            memcpy(f.local, &(<in6_pktinfo*>CMSG_DATA(cm)).ipi6_addr, 16)
+        cm = CMSG_NXTHDR(m, cm)
+
+
 # -- the session table -----------------------------------------------------------------------
 
 cdef bint table_init(session_table_t* t, size_t buckets) noexcept nogil:
@@ -44,9 +67,9 @@ cdef bint table_init(session_table_t* t, size_t buckets) noexcept nogil:
     return t.buckets != NULL
 
 
-cdef session_t* table_find(session_table_t* t, listener_t* l, addr_t* a) noexcept nogil:
-    cdef session_t* s = t.buckets[addr_hash(l, a) & t.mask]
-    while s != NULL and not (s.listener == l and addr_same(&s.client, a)):
+cdef session_t* table_find(session_table_t* t, listener_t* l, flow_t* f) noexcept nogil:
+    cdef session_t* s = t.buckets[flow_hash(l, f) & t.mask]
+    while s != NULL and not (s.listener == l and flow_same(&s.flow, f)):
         s = s.hnext
     return s
 
@@ -61,20 +84,20 @@ cdef void table_insert(session_table_t* t, session_t* s) noexcept nogil:
             while t.buckets[i] != NULL:
                 it = t.buckets[i]
                 t.buckets[i] = it.hnext
-                slot = addr_hash(it.listener, &it.client) & bigger.mask
+                slot = flow_hash(it.listener, &it.flow) & bigger.mask
                 it.hnext = bigger.buckets[slot]
                 bigger.buckets[slot] = it
         bigger.count = t.count
         free(t.buckets)
         t[0] = bigger
-    slot = addr_hash(s.listener, &s.client) & t.mask
+    slot = flow_hash(s.listener, &s.flow) & t.mask
     s.hnext = t.buckets[slot]
     t.buckets[slot] = s
     t.count += 1
 
 
 cdef void table_remove(session_table_t* t, session_t* s) noexcept nogil:
-    cdef session_t** link = &t.buckets[addr_hash(s.listener, &s.client) & t.mask]
+    cdef session_t** link = &t.buckets[flow_hash(s.listener, &s.flow) & t.mask]
     while link[0] != NULL and link[0] != s:
         link = &link[0].hnext
     if link[0] == s:
@@ -105,21 +128,7 @@ cdef void udp_batch_free(worker_t* w) noexcept nogil:
         w.udp = NULL
 
 
-cdef void note_local_address(session_t* s, msghdr* m) noexcept nogil:
-    # On a wildcard listener, remember which local address the client talked to, so replies
-    # leave from it (otherwise the kernel picks one and the client drops the reply).
-    cdef cmsghdr* cm = CMSG_FIRSTHDR(m)
-    while cm != NULL:
-        if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_PKTINFO:
-            s.local_family = AF_INET
-            memcpy(s.local, &(<in_pktinfo*>CMSG_DATA(cm)).ipi_addr, 4)
-        elif cm.cmsg_level == IPPROTO_IPV6 and cm.cmsg_type == IPV6_PKTINFO:
-            s.local_family = AF_INET6
-            memcpy(s.local, &(<in6_pktinfo*>CMSG_DATA(cm)).ipi6_addr, 16)
-        cm = CMSG_NXTHDR(m, cm)
-
-
-cdef session_t* session_open(worker_t* w, listener_t* l, addr_t* client, msghdr* m) noexcept nogil:
+cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept nogil:
     cdef rule_worker_t* rw = &(<rule_t*>l.rule).per_worker[w.id]
     cdef rconf_t* conf = rw.conf
     cdef addr_t target
@@ -142,10 +151,8 @@ cdef session_t* session_open(worker_t* w, listener_t* l, addr_t* client, msghdr*
         return NULL
     s.fd = fd
     s.listener = l
-    s.client = client[0]
+    s.flow = flow[0]
     s.last_active = w.now
-    if l.wildcard:
-        note_local_address(s, m)
     ep_add(w, fd, EPOLLIN, s, TAG_SESSION)
     table_insert(&w.sessions, s)
     dlist_append(&rw.sessions, &s.node)
@@ -194,7 +201,7 @@ cdef inline void prepare_recv(udp_batch_t* b, bint names, bint control) noexcept
         b.iov[i].iov_base = b.data + i * UDP_MAX
         b.iov[i].iov_len = UDP_MAX
         m = &b.msgs[i].msg_hdr
-        m.msg_name = &b.names[i] if names else NULL
+        m.msg_name = &b.flows[i].client if names else NULL
         m.msg_namelen = sizeof(addr_t) if names else 0
         m.msg_iov = &b.iov[i]
         m.msg_iovlen = 1
@@ -235,6 +242,11 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
         n = recvmmsg(l.fd, b.msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
         if n <= 0:
             return
+        for i in range(n):
+            if l.wildcard:
+                read_local_address(&b.flows[i], &b.msgs[i].msg_hdr)
+            else:
+                b.flows[i].local_family = AF_UNSPEC
         i = 0
         while i < n:
             if b.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
@@ -243,9 +255,9 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
                 continue
             s = NULL
             if rw.conf.target.sa.sa_family != AF_UNSPEC:
-                s = table_find(&w.sessions, l, &b.names[i])
+                s = table_find(&w.sessions, l, &b.flows[i])
                 if s == NULL:
-                    s = session_open(w, l, &b.names[i], &b.msgs[i].msg_hdr)
+                    s = session_open(w, l, &b.flows[i])
             if s == NULL:
                 rw.c.drops += 1
                 i += 1
@@ -253,7 +265,7 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
             session_touch(w, s, rw)
             # One sendmmsg for the run of datagrams from this client.
             k = 0
-            while i < n and (k == 0 or (addr_same(&b.names[i], &s.client)
+            while i < n and (k == 0 or (flow_same(&b.flows[i], &s.flow)
                                         and not b.msgs[i].msg_hdr.msg_flags & MSG_TRUNC)):
                 prepare_send(b, k, i, NULL, 0, NULL, 0)
                 k += 1
@@ -271,18 +283,18 @@ cdef size_t reply_control(udp_batch_t* b, session_t* s) noexcept nogil:
     cdef cmsghdr* cm
     cdef in_pktinfo* p4
     cdef in6_pktinfo* p6
-    if s.local_family == AF_UNSPEC:
+    if s.flow.local_family == AF_UNSPEC:
         return 0
     memset(b.reply_ctrl, 0, sizeof(b.reply_ctrl))
     m.msg_control = b.reply_ctrl
-    if s.local_family == AF_INET:
+    if s.flow.local_family == AF_INET:
         m.msg_controllen = CMSG_SPACE(sizeof(in_pktinfo))
         cm = CMSG_FIRSTHDR(&m)
         cm.cmsg_level = IPPROTO_IP
         cm.cmsg_type = IP_PKTINFO
         cm.cmsg_len = CMSG_LEN(sizeof(in_pktinfo))
         p4 = <in_pktinfo*>CMSG_DATA(cm)
-        memcpy(&p4.ipi_spec_dst, s.local, 4)
+        memcpy(&p4.ipi_spec_dst, s.flow.local, 4)
     else:
         m.msg_controllen = CMSG_SPACE(sizeof(in6_pktinfo))
         cm = CMSG_FIRSTHDR(&m)
@@ -290,7 +302,7 @@ cdef size_t reply_control(udp_batch_t* b, session_t* s) noexcept nogil:
         cm.cmsg_type = IPV6_PKTINFO
         cm.cmsg_len = CMSG_LEN(sizeof(in6_pktinfo))
         p6 = <in6_pktinfo*>CMSG_DATA(cm)
-        memcpy(&p6.ipi6_addr, s.local, 16)
+        memcpy(&p6.ipi6_addr, s.flow.local, 16)
     return m.msg_controllen
 
 
@@ -316,7 +328,7 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
             if b.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                 rw.c.truncated += 1
                 continue
-            prepare_send(b, k, i, &s.client, addr_len(&s.client),
+            prepare_send(b, k, i, &s.flow.client, addr_len(&s.flow.client),
                          b.reply_ctrl if ctrllen else NULL, ctrllen)
             k += 1
         sent = send_all(l.fd, b.out, k)

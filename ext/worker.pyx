@@ -149,7 +149,7 @@ cdef void run_command(worker_t* w, cmd_t* cmd) noexcept nogil:
     elif cmd.op == CMD_SESSIONS:
         n = dlist_first(&rw.sessions)
         while n != NULL and n != &rw.sessions.head and cmd.out_len < cmd.out_cap:
-            cmd.out[cmd.out_len] = (<session_t*>n).client
+            cmd.out[cmd.out_len] = (<session_t*>n).flow.client
             cmd.out_len += 1
             n = n.next
     elif cmd.op == CMD_STOP:
