@@ -445,3 +445,56 @@ def test_clients_beyond_the_cap_are_turned_away_and_the_rest_served(run: Run, so
     turned_away, answer = run(main())
     assert turned_away == {"ok": False, "error": "too many clients; try again"}
     assert answer == {"ok": True, "changed": 1}
+
+
+async def forwards(port: int) -> bool:
+    """True if a connection to ``port`` echoes; False if it is refused (a pending rule)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping")
+        got = await reader.read()
+        writer.close()
+    except (ConnectionRefusedError, ConnectionResetError):
+        return False
+    assert got == b"ping"
+    return True
+
+
+def test_traffic_flows_as_soon_as_the_reply_arrives_and_stops_after_del(run: Run, sockdir: Path) -> None:
+    """The whole contract with a real engine: pending -> active on the reply -> pending on del."""
+    pytest.importorskip("fastfwd._engine", reason="the data-plane engine is not built")
+    from fastfwd.forwarder import Forwarder
+    from fastfwd.leases import HostEntry, name_updates, resolve_names
+    from fastfwd.rules import Rule
+
+    hosts = {"web": HostEntry(mac=A)}
+
+    async def main() -> list[list[bool]]:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.read(100))
+            await writer.drain()
+            writer.close()
+        target = await asyncio.start_server(echo, "127.0.0.2", 0)
+        port = target.sockets[0].getsockname()[1]
+        table = LeaseTable()
+        async with Forwarder(workers=1) as fw, target:
+            names: dict[str, str] = {}
+
+            async def on_change(changes: list[LeaseChange]) -> None:  # what the daemon does
+                nonlocal names
+                fresh = resolve_names(hosts, table)
+                for name, ip in name_updates(names, fresh).items():
+                    await fw.resolve(name, ip)
+                names = fresh
+
+            rules = [await fw.add(Rule.parse(f"0:web:{port}")), await fw.add(Rule.parse(f"0:vm7:{port}"))]
+            seen = [[await forwards(r.port) for r in rules]]
+            async with LeaseServer(sockdir / "l.sock", table, on_change):
+                c = await Client.connect(sockdir / "l.sock")
+                assert (await c.ask(event("add", ip="127.0.0.2", hostname="vm7")))["ok"]
+                seen.append([await forwards(r.port) for r in rules])  # at once: the reply means live
+                assert (await c.ask(event("del", ip="127.0.0.2")))["ok"]
+                seen.append([await forwards(r.port) for r in rules])
+                await c.close()
+            return seen
+    assert run(main()) == [[False, False], [True, True], [False, False]]
