@@ -147,7 +147,7 @@ Handler = Callable[[Request], Awaitable[dict[str, Any]]]
 
 
 class LineTooLong(Exception):
-    pass
+    """A request line over the server's ``max_line``."""
 
 
 class JsonLineServer:
