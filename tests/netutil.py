@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import hashlib
 import json
@@ -849,7 +848,3 @@ def turned_away(port: int, host: str = LOOP4, timeout: float = 5.0) -> bool:
     except AssertionError:
         return False
     return True
-
-
-def errno_name(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, str(exc.errno))

@@ -95,7 +95,9 @@ def test_port_range_partly_in_use_binds_nothing(fwd: SyncForwarder) -> None:
         assert str(base + 2) in str(info.value)
         for port in (base, base + 1, base + 3, base + 4):  # what it bound before the clash is released
             with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # others' TIME_WAIT is no clash
                 probe.bind((LOOP4, port))
+                probe.listen(1)
 
 
 def test_cli_port_in_use_exits_with_one_line(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from netutil import (LOOP4, TIMEOUT, ChildForwarder, SyncForwarder, TcpServer, blackhole, closed_how,
+from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, SyncForwarder, TcpServer, blackhole, closed_how,
                      connect, cpu_seconds, echo_handler, echo_once, end_of_stream, make_rule, refusing_port,
                      reset, spawn, spec, turned_away_how, wait_for)
 
@@ -21,9 +21,10 @@ def echo_once_then(after):
     return handle
 
 
-def test_client_reset_reaches_server(fwd: SyncForwarder) -> None:
+@pytest.mark.parametrize("splice", SPLICE_MODES)
+def test_client_reset_reaches_server(fwd: SyncForwarder, splice: str) -> None:
     with TcpServer(echo_once_then(end_of_stream)) as server:
-        rule = fwd.forward(server.port)
+        rule = fwd.forward(server.port, splice=splice)
         sock = connect(rule.port)
         assert echo_once(sock, b"ping") == b"ping"
         reset(sock)
@@ -31,9 +32,10 @@ def test_client_reset_reaches_server(fwd: SyncForwarder) -> None:
     wait_for(lambda: fwd.counters(rule).active == 0, what="no active connection")
 
 
-def test_server_reset_reaches_client(fwd: SyncForwarder) -> None:
+@pytest.mark.parametrize("splice", SPLICE_MODES)
+def test_server_reset_reaches_client(fwd: SyncForwarder, splice: str) -> None:
     with TcpServer(echo_once_then(reset)) as server:
-        rule = fwd.forward(server.port)
+        rule = fwd.forward(server.port, splice=splice)
         with connect(rule.port) as sock:
             assert echo_once(sock, b"ping") == b"ping"
             assert closed_how(sock) == "reset"
