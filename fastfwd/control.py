@@ -107,7 +107,7 @@ def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
     """The rule a request names, every field checked."""
     unknown = set(doc) - set(keys)
     if unknown:
-        raise RequestError(f"unknown key {sorted(unknown)[0]!r} for {doc['cmd']}")
+        raise RequestError(f"unknown key {sorted(unknown)[0]!r:.60} for {doc['cmd']}")
     spec, proto, name, options = doc.get("spec"), doc.get("proto", "tcp"), doc.get("name"), doc.get("options", {})
     if not isinstance(spec, str):
         raise RequestError('"spec" must be a port spec string like "0.0.0.0:2222:vm1:22"')

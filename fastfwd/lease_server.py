@@ -35,12 +35,14 @@ class LeaseServer(JsonLineServer):
     """Serves ``table`` on ``path``; ``on_change(changes)`` must return once rules are live."""
 
     def __init__(self, path: str | os.PathLike[str], table: LeaseTable, on_change: OnChange, *,
-                 access: Access = Access(), **limits: Any) -> None:
+                 access: Access = Access(), lock: asyncio.Lock | None = None, **limits: Any) -> None:
+        """``lock`` serializes changes with other writers of ``table`` (say, an address source
+        watching the bridge); each message holds it from applying until ``on_change`` returned."""
         super().__init__(path, self._handle, name="lease", access=access, line_limit=EVENT_MAX,
                          max_line=SNAPSHOT_MAX, **limits)
         self.table = table
         self._on_change = on_change
-        self._lock = asyncio.Lock()
+        self._lock = lock if lock is not None else asyncio.Lock()
 
     async def _handle(self, request: Request) -> dict[str, Any]:
         event, leases = _parse(request)

@@ -85,6 +85,12 @@ class Lease:
     hostname: str | None = None
     seen: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Every way in (socket, state file, other address sources) is validated and normalized here.
+        object.__setattr__(self, "mac", normalize_mac(self.mac))
+        object.__setattr__(self, "ip", normalize_ip(self.ip))
+        object.__setattr__(self, "hostname", normalize_hostname(self.hostname))
+
     @property
     def key(self) -> tuple[str, int]:
         return (self.mac, ipaddress.ip_address(self.ip).version)
@@ -97,12 +103,11 @@ class Lease:
             raise LeaseError(f"expected a lease object, got {type(doc).__name__}")
         unknown = set(doc) - {"mac", "ip", "hostname", *extra}
         if unknown:
-            raise LeaseError(f"unknown key {sorted(unknown)[0]!r}")
+            raise LeaseError(f"unknown key {sorted(map(str, unknown))[0]!r:.60}")
         for key in ("mac", "ip"):
             if key not in doc:
                 raise LeaseError(f"missing {key!r}")
-        return cls(mac=normalize_mac(doc["mac"]), ip=normalize_ip(doc["ip"]),
-                   hostname=normalize_hostname(doc.get("hostname")),
+        return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
                    seen=time.time() if seen is None else seen)
 
     def same(self, other: "Lease | None") -> bool:

@@ -498,3 +498,22 @@ def test_traffic_flows_as_soon_as_the_reply_arrives_and_stops_after_del(run: Run
                 await c.close()
             return seen
     assert run(main()) == [[False, False], [True, True], [False, False]]
+
+
+def test_a_shared_lock_holds_changes_while_another_writer_works(run: Run, sockdir: Path) -> None:
+    table, on_change = LeaseTable(), Recorder()
+
+    async def main() -> dict[str, Any]:
+        lock = asyncio.Lock()
+        async with LeaseServer(sockdir / "l.sock", table, on_change, lock=lock):
+            c = await Client.connect(sockdir / "l.sock")
+            async with lock:  # another source of leases is mid-change
+                await c.send_raw(json.dumps(event("add")).encode() + b"\n")
+                pending = asyncio.ensure_future(c.reply())
+                await asyncio.sleep(0.2)  # plenty for a server that (wrongly) ignored the lock
+                assert not pending.done() and len(table) == 0
+            reply = await pending
+            await c.close()
+            return reply
+    assert run(main()) == {"ok": True, "changed": 1}
+    assert len(table) == 1

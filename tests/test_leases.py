@@ -311,3 +311,10 @@ def test_a_state_file_that_cannot_be_written_does_not_stop_the_change(
     assert len(table.apply_event("add", lease(A, "10.0.0.1"))) == 1
     assert table.for_mac(A) is not None
     assert "cannot save leases" in caplog.text
+
+
+def test_leases_are_validated_and_normalized_however_they_are_made() -> None:
+    assert Lease(mac="52:54:00:AA:BB:CC", ip="FD00::0:1", hostname="VM1") == Lease(
+        mac="52:54:00:aa:bb:cc", ip="fd00::1", hostname="vm1")
+    with pytest.raises(LeaseError, match="mac"):
+        Lease(mac="bogus", ip="10.0.0.1")
