@@ -88,6 +88,21 @@ def test_rules_given_up_front_and_closing_stops_everything() -> None:
                 echo_once(live, b"after close")
 
 
+def test_restart_on_the_same_port_right_after_close() -> None:
+    """Connections the forwarder closed leave TIME_WAIT behind; a new forwarder still binds."""
+    async def once(server_port: int, port: int) -> None:
+        async with fastfwd.Forwarder(workers=1) as fw:
+            await fw.add(make_rule(server_port, listen_port=port))
+            sock = await asyncio.to_thread(connect, port)
+            assert await asyncio.to_thread(echo_once, sock, b"x") == b"x"
+        sock.close()
+
+    with TcpServer(echo_handler) as server:
+        port = free_port_range(1)
+        for _ in range(3):
+            run_async(once(server.port, port))
+
+
 def test_drain_lets_live_connections_finish() -> None:
     async def main(server_port: int) -> None:
         fw = fastfwd.Forwarder(workers=2)

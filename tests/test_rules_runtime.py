@@ -88,6 +88,31 @@ def test_adding_a_rule_while_eight_transfers_run_loses_nothing(fwd: SyncForwarde
         assert fwd.counters(added[0]).accepted == 1
 
 
+def test_rule_churn_does_not_disturb_other_rules_new_connections(fwd: SyncForwarder) -> None:
+    """While rules come and go next to it, a rule keeps accepting: none of a stream of new
+    connections (some waiting in its accept queue during the changes) is refused or dropped."""
+    with TcpServer(echo_handler) as server:
+        steady = fwd.forward(server.port)
+        stop = threading.Event()
+
+        def churn() -> int:
+            rounds = 0
+            while not stop.is_set() and rounds < 500:
+                fwd.remove(fwd.forward(server.port))
+                rounds += 1
+            return rounds
+
+        churner = spawn(churn)
+        try:
+            for i in range(200):
+                with connect(steady.port) as sock:
+                    assert echo_once(sock, b"conn %d" % i) == b"conn %d" % i
+        finally:
+            stop.set()
+        assert churner.result() > 0
+    assert fwd.counters(steady).accepted == 200
+
+
 def test_apply_touches_only_what_changed(fwd: SyncForwarder) -> None:
     with TcpServer(echo_handler) as server:
         base = free_port_range(2)
@@ -125,6 +150,18 @@ def test_retarget_moves_new_connections_and_keeps_live_ones(fwd: SyncForwarder) 
             with connect(rule.port) as new:
                 assert new.recv(16).strip() == b"127.0.0.2"
             assert echo_once(old, b"kept") == b"kept"
+
+
+def test_retarget_with_close_policy_resets_live_connections(fwd: SyncForwarder) -> None:
+    with TcpServer(echo_handler, "127.0.0.1") as one, TcpServer(echo_handler, "127.0.0.2", one.port):
+        rule = fwd.add(make_rule(one.port, on_retarget="close").with_target("vm1"))
+        fwd.resolve("vm1", "127.0.0.1")
+        with connect(rule.port) as old:
+            assert echo_once(old, b"old") == b"old"
+            fwd.resolve("vm1", "127.0.0.2")
+            assert closed_how(old) in ("eof", "reset")
+        with connect(rule.port) as new:
+            assert echo_once(new, b"new") == b"new"
 
 
 def test_retarget_moves_udp_sessions_at_once(fwd: SyncForwarder) -> None:

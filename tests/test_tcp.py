@@ -2,6 +2,7 @@
 splice mode; the counters that prove zero copy; many connections at once; IPv6; port ranges."""
 from __future__ import annotations
 
+import os
 import random
 import socket
 
@@ -11,7 +12,8 @@ from fastfwd import Counters
 
 from netutil import (LOOP4, LOOP6, SPLICE_MODES, SPLICE_THRESHOLD, AsyncEchoServer, Received,
                      SyncForwarder, TcpServer, connect, echo_handler, echo_once, exchange,
-                     exchange_handler, free_port_range, make_rule, many_echo, payload, wait_for)
+                     exchange_handler, free_port_range, make_rule, many_echo, open_fds, payload,
+                     turned_away_how, wait_for)
 
 MB = 1 << 20
 
@@ -97,11 +99,12 @@ def test_active_counts_live_connections(fwd: SyncForwarder) -> None:
         wait_for(lambda: fwd.counters(rule).active == 0, what="active back to 0")
 
 
-def test_thousand_concurrent_connections(fwd: SyncForwarder) -> None:
+@pytest.mark.parametrize("splice", SPLICE_MODES)
+def test_thousand_concurrent_connections(fwd: SyncForwarder, splice: str) -> None:
     rng = random.Random(1000)
     payloads = [payload(rng.randrange(0, 96 * 1024), seed=i + 10) for i in range(1000)]
     with AsyncEchoServer() as server:
-        rule = fwd.forward(server.port)
+        rule = fwd.forward(server.port, splice=splice)
         # all 1,000 connections are up at once (both legs) before any byte moves
         results = many_echo(rule.port, payloads, timeout=90,
                             all_open=lambda: fwd.wait_counter(rule, "active", len(payloads)))
@@ -120,6 +123,35 @@ def test_ipv6(fwd: SyncForwarder, splice: str) -> None:
     two_way(fwd, 4 * MB, splice, host=LOOP6)
 
 
+@pytest.mark.parametrize("listen, target", [(LOOP4, LOOP6), (LOOP6, LOOP4)], ids=["4to6", "6to4"])
+def test_across_address_families(fwd: SyncForwarder, listen: str, target: str) -> None:
+    with TcpServer(echo_handler, target) as server:
+        rule = fwd.add(make_rule(server.port, host=target, listen_host=listen))
+        with connect(rule.port, listen) as sock:
+            assert echo_once(sock, b"across") == b"across"
+
+
+@pytest.mark.parametrize("splice", SPLICE_MODES)
+def test_finished_connections_give_their_fds_back(fwd: SyncForwarder, splice: str) -> None:
+    """Hundreds of connections one after another: once they are over, the forwarder holds
+    about as many descriptors as before them (a pipe pool may keep a few)."""
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port, splice=splice)
+        with connect(rule.port) as sock:  # warm up: the first connection may allocate for good
+            assert echo_once(sock, payload(256 * 1024, seed=8)) == payload(256 * 1024, seed=8)
+        wait_for(lambda: fwd.counters(rule).active == 0, what="no active connection")
+        baseline = open_fds(os.getpid())
+        n = 300
+        message = payload(200 * 1024, seed=9)  # past the promotion threshold: auto splices too
+        for _ in range(n):
+            with connect(rule.port) as sock:
+                assert echo_once(sock, message) == message
+        wait_for(lambda: fwd.counters(rule).active == 0, what="no active connection")
+        wait_for(lambda: open_fds(os.getpid()) <= baseline + 32, timeout=5,
+                 what=f"fds back near {baseline} after {n} connections (now {open_fds(os.getpid())})")
+    assert fwd.counters(rule).accepted == n + 1
+
+
 def test_port_range_maps_one_to_one(fwd: SyncForwarder) -> None:
     """Ten listen ports onto ten target ports: listen port i reaches target port i."""
     count = 10
@@ -134,6 +166,24 @@ def test_port_range_maps_one_to_one(fwd: SyncForwarder) -> None:
             with connect(listen + i) as sock:
                 sock.shutdown(socket.SHUT_WR)
                 assert sock.recv(64) == str(target + i).encode(), f"listen port {listen + i}"
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_thousand_port_range_is_one_rule(fwd: SyncForwarder) -> None:
+    count, sample = 1000, (0, 1, 500, 998, 999)
+    target = free_port_range(count)
+    listen = free_port_range(count, start=target + count + 100)
+    servers = [TcpServer(tag_handler, port=target + i) for i in sample]
+    try:
+        rule = fwd.add(make_rule(target, listen_port=listen, count=count))
+        assert len(fwd.fw.rules) == 1 and rule.port == listen
+        for i in sample:
+            with connect(listen + i) as sock:
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(64) == str(target + i).encode(), f"listen port {listen + i}"
+        assert turned_away_how(listen + 2) in ("eof", "reset")  # no server behind that one
     finally:
         for s in servers:
             s.close()
