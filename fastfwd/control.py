@@ -95,9 +95,10 @@ class ControlServer(JsonLineServer):
         # consistent; with the real port where the rule asked for any free one.
         shown = dataclasses.replace(rule, listen_port=active.port) if rule.listen_port == 0 else rule
         listen, target = str(shown).split(" ", 1)[1].split(" -> ")
-        out = {"name": rule.name, "proto": rule.proto, "listen": listen, "port": active.port,
-               "target": target, "target_ip": active.target_ip, "state": active.state,
-               "counters": dataclasses.asdict(self._target.counters(active))}
+        out: dict[str, Any] = {
+            "name": rule.name, "proto": rule.proto, "listen": listen, "port": active.port, "target": target,
+            "target_ip": active.target_ip, "state": active.state,
+            "counters": dataclasses.asdict(self._target.counters(active))}
         if sessions and rule.proto == "udp":
             out["sessions"] = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._target.sessions(active)]
         return out
@@ -118,7 +119,8 @@ def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
     if not isinstance(options, dict):
         raise RequestError('"options" must be an object of rule options')
     try:
-        opts = RuleOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        opts = RuleOptions(**fields)
         return Rule.parse(spec, proto, name=name, options=opts)
     except TypeError as exc:  # an unknown option name
         raise RequestError(f"options: {exc}") from None
@@ -129,7 +131,7 @@ def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
 def format_status(reply: dict[str, Any], now: float | None = None) -> str:
     """A ``status`` reply as the tables ``fastfwd status`` prints."""
     now = time.time() if now is None else now
-    rows = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE", "CONNS", "ACCEPTED", "UP", "DOWN", "SESSIONS")]
+    rows: list[tuple[str, ...]] = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE", "CONNS", "ACCEPTED", "UP", "DOWN", "SESSIONS")]
     for r in reply.get("rules", []):
         c = r["counters"]
         up, down = (c["bytes_up"], c["bytes_down"]) if r["proto"] == "tcp" else (c["datagrams_up"], c["datagrams_down"])
@@ -138,7 +140,7 @@ def format_status(reply: dict[str, Any], now: float | None = None) -> str:
                      str(c["active"]) if r["proto"] == "tcp" else "-",
                      str(c["accepted"]) if r["proto"] == "tcp" else "-",
                      unit(up), unit(down), str(c["sessions_active"]) if r["proto"] == "udp" else "-"))
-    lease_rows = [("MAC", "IP", "HOSTNAME", "SEEN")]
+    lease_rows: list[tuple[str, ...]] = [("MAC", "IP", "HOSTNAME", "SEEN")]
     for lease in reply.get("leases", []):
         lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))
     parts = [_table(rows) if len(rows) > 1 else "no rules",
