@@ -5,9 +5,10 @@ replaced only when nothing answers on it), who may connect (SO_PEERCRED, checked
 byte is read), and the framing: one JSON object per line in, exactly one JSON reply line
 out, with bounded buffers so hostile or broken clients cannot grow the daemon's memory.
 
-Memory bound: every connection buffers at most about ``2 * line_limit``; lines longer than
-that (up to ``max_line``) are read only while holding one of a few *large-line slots*, so the
-total stays near ``max_clients * 2 * line_limit + large_slots * max_line``.
+Memory bound: a connection's stream buffer pauses reading at ``2 * line_limit`` (plus one
+socket read); lines longer than ``line_limit`` (up to ``max_line``) are collected only while
+holding one of a few *large-line slots*, so the total stays near
+``max_clients * (2 * line_limit + one read) + large_slots * max_line``.
 """
 from __future__ import annotations
 
