@@ -253,9 +253,12 @@ class LeaseTable:
         entries = _verified_entries(raw)
         if entries is None:
             aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
-            log.error("lease state %s is damaged (cut short or altered); moved to %s, starting with no leases",
-                      path, aside)
+            try:
+                os.replace(path, aside)
+                kept = f"moved to {aside}"
+            except OSError as exc:  # the next save replaces it all the same
+                kept = f"could not move it aside ({exc.strerror})"
+            log.error("lease state %s is damaged (cut short or altered); %s; starting with no leases", path, kept)
             return table
         for i, entry in enumerate(entries):
             try:
