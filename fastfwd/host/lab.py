@@ -6,15 +6,19 @@ even after a failure. Nothing is created in the caller's own namespace.
 """
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from concurrent.futures import ThreadPoolExecutor
 
 from pyroute2 import IPRoute, netns
 
@@ -29,6 +33,7 @@ class Lab:
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         self.dir = Path(tempfile.mkdtemp(prefix=f"ffw-lab-{self.id}-"))
+        self._threads: dict[str, ThreadPoolExecutor] = {}
 
     def __enter__(self) -> "Lab":
         return self
@@ -55,6 +60,15 @@ class Lab:
         with IPRoute(netns=ns_b) as ipr:
             attrs = {"address": mac_b} if mac_b else {}
             ipr.link("set", index=ipr.link_lookup(ifname=name_b)[0], state="up", **attrs)
+
+    def socket(self, ns: str, family: int = socket.AF_INET,
+               kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket in namespace ``ns``, usable from any thread of this process. It is made by
+        a thread that entered ``ns`` (setns changes only the calling thread's namespace)."""
+        if ns not in self._threads:
+            self._threads[ns] = ThreadPoolExecutor(
+                1, initializer=functools.partial(netns.setns, ns, flags=0, fork=False))
+        return self._threads[ns].submit(socket.socket, family, kind).result()
 
     @staticmethod
     def argv(ns: str, argv: Sequence[str]) -> list[str]:
@@ -89,6 +103,9 @@ class Lab:
     def close(self) -> None:
         for proc in list(self.procs):
             self.stop(proc)
+        for pool in self._threads.values():
+            pool.shutdown()
+        self._threads.clear()
         for name in reversed(self.namespaces):
             _kill_remaining(name)
             netns.remove(name)
@@ -101,14 +118,15 @@ class Lab:
 
 
 # udhcpc configures nothing itself: it runs this script on each state change. The bound
-# address is also written to a file, renamed into place so readers never see half of it.
+# address and the time it was bound are also written to a file, renamed into place so
+# readers never see half of it.
 _UDHCPC_SCRIPT = """#!/bin/sh
 case "$1" in
   deconfig) ip -4 addr flush dev "$interface"; rm -f "$OUT" ;;
   bound|renew)
     ip -4 addr flush dev "$interface"
     ip addr add "$ip/$subnet" dev "$interface"
-    echo "$ip" > "$OUT.tmp" && mv "$OUT.tmp" "$OUT" ;;
+    echo "$ip $(date +%s.%N)" > "$OUT.tmp" && mv "$OUT.tmp" "$OUT" ;;
 esac
 """
 
@@ -129,11 +147,19 @@ class DhcpClient:
             argv += ["-x", f"hostname:{hostname}"]
         self.proc = lab.spawn(ns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def address(self) -> str | None:
+    def _bound(self) -> list[str]:
         try:
-            return self.out.read_text().strip() or None
+            return self.out.read_text().split()
         except FileNotFoundError:
-            return None
+            return []
+
+    def address(self) -> str | None:
+        return next(iter(self._bound()), None)
+
+    def bound_at(self) -> float | None:
+        """When the client got its lease (wall clock), for latency measurements."""
+        fields = self._bound()
+        return float(fields[1]) if len(fields) > 1 else None
 
     def wait_address(self, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
