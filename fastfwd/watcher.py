@@ -3,7 +3,9 @@
 Editors save by writing a temp file and renaming it over the original, and deploy tools swap
 a symlink; neither shows up as a write to the file itself. So the file's directory is watched
 (and the directory its symlink points into), and any event there counts only if the bytes the
-path now leads to differ from the last ones seen.
+path now leads to differ from the last ones seen. Events make a reload prompt; a re-check
+every ``recheck_ms`` even without one catches what no event reported (a change made while the
+watch was being moved to a symlink's new directory).
 """
 from __future__ import annotations
 
@@ -26,13 +28,14 @@ def fingerprint(path: Path) -> str | None:
         return None
 
 
-async def watch_config(path: Path, *, step_ms: int = 50) -> AsyncIterator[None]:
+async def watch_config(path: Path, *, step_ms: int = 50, recheck_ms: int = 1000) -> AsyncIterator[None]:
     """Yield once each time the content behind ``path`` changes. Runs until cancelled."""
     last = fingerprint(path)
     while True:
         dirs = _watched_dirs(path)
         stop = asyncio.Event()
-        async for _ in awatch(*dirs, watch_filter=None, recursive=False, step=step_ms, stop_event=stop):
+        async for _ in awatch(*dirs, watch_filter=None, recursive=False, step=step_ms, stop_event=stop,
+                              rust_timeout=recheck_ms, yield_on_timeout=True):
             now = fingerprint(path)
             if now != last:
                 last = now

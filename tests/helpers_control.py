@@ -78,16 +78,13 @@ def bad_config_ids() -> list[str]:
 
 
 # -- loopback peers ----------------------------------------------------------------------------
-class EchoServer:
-    """A TCP server on loopback that sends ``greeting`` on accept, then echoes each
-    connection's bytes back, in a thread."""
+class _Server:
+    """A loopback socket served by a thread (one ``_once`` at a time) until ``close``."""
 
-    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"") -> None:
-        self.greeting = greeting
-        self.sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(0.2)  # so the thread sees close() soon
+        self.port = sock.getsockname()[1]
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -95,13 +92,31 @@ class EchoServer:
     def _serve(self) -> None:
         while not self._closing.is_set():
             try:
-                conn, _ = self.sock.accept()
+                self._once()
             except TimeoutError:
                 continue
             except OSError:
                 return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _once(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+class EchoServer(_Server):
+    """TCP: sends ``greeting`` on accept, then echoes each connection's bytes back."""
+
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        super().__init__(socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET))
+
+    def _once(self) -> None:
+        conn, _ = self.sock.accept()
+        threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
         with conn:
@@ -114,39 +129,19 @@ class EchoServer:
             except OSError:
                 pass
 
-    def close(self) -> None:
-        self._closing.set()
-        self._thread.join(5)
-        self.sock.close()
 
-
-class UdpEcho:
-    """A UDP server on loopback replying to each datagram with a tag and the datagram."""
+class UdpEcho(_Server):
+    """UDP: replies to each datagram with ``tag`` and the datagram."""
 
     def __init__(self, tag: bytes) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.tag = tag
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        super().__init__(sock)
 
-    def _serve(self) -> None:
-        while not self._closing.is_set():
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.sock.sendto(self.tag + data, addr)
-
-    def close(self) -> None:
-        self._closing.set()
-        self._thread.join(5)
-        self.sock.close()
+    def _once(self) -> None:
+        data, addr = self.sock.recvfrom(65535)
+        self.sock.sendto(self.tag + data, addr)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -105,6 +105,13 @@ def forward(port: int, target: str, **options: object) -> str:
     return f'[[forward]]\nlisten = {port}\nto = "{target}"\n{extra}'
 
 
+def one_rule(tmp_path: Path, target: int, **options: object) -> tuple[int, Path]:
+    """A config file forwarding a free loopback port to ``target``: (that port, the file)."""
+    port, path = free_port(), tmp_path / "f.toml"
+    path.write_text(forward(port, f"127.0.0.1:{target}", **options))
+    return port, path
+
+
 def reloads(proc: DaemonProcess) -> int:
     return proc.log().count(" applied: ")
 
@@ -119,10 +126,7 @@ def reload_with(proc: DaemonProcess, path: Path, text: str) -> None:
 @pytest.mark.timeout(90)
 def test_every_bad_config_is_rejected_by_a_running_daemon_and_old_rules_keep_forwarding(
         tmp_path: Path, echo: EchoServer) -> None:
-    port = free_port()
-    path = tmp_path / "f.toml"
-    good = forward(port, f"127.0.0.1:{echo.port}")
-    path.write_text(good)
+    port, path = one_rule(tmp_path, echo.port)
     with daemon(tmp_path, "-c", "f.toml") as proc:
         for i, (text, error) in enumerate(BAD_CONFIGS, 1):
             write_atomic(path, text)
@@ -135,9 +139,7 @@ def test_every_bad_config_is_rejected_by_a_running_daemon_and_old_rules_keep_for
 @needs_engine
 @pytest.mark.timeout(90)
 def test_sighup_reloads(tmp_path: Path, echo: EchoServer) -> None:
-    port = free_port()
-    path = tmp_path / "f.toml"
-    path.write_text(forward(port, f"127.0.0.1:{echo.port}"))
+    port, path = one_rule(tmp_path, echo.port)
     with daemon(tmp_path, "-c", "f.toml") as proc:
         proc.signal(signal.SIGHUP)
         proc.wait_log("SIGHUP: ")
@@ -217,9 +219,7 @@ def test_a_repointed_rule_sends_new_connections_and_datagrams_to_the_new_target_
 @pytest.mark.parametrize("policy", ["keep", "close"])
 def test_live_connections_on_retarget_and_remove_follow_the_rule_option(tmp_path: Path, policy: str) -> None:
     old, new = EchoServer(greeting=b"O"), EchoServer(greeting=b"N")
-    port = free_port()
-    path = tmp_path / "f.toml"
-    path.write_text(forward(port, f"127.0.0.1:{old.port}", on_retarget=policy, on_remove=policy))
+    port, path = one_rule(tmp_path, old.port, on_retarget=policy, on_remove=policy)
     try:
         with daemon(tmp_path, "-c", "f.toml") as proc:
             live = _open_conversation(port, b"O")
@@ -241,9 +241,7 @@ def test_live_connections_on_retarget_and_remove_follow_the_rule_option(tmp_path
 @needs_engine
 @pytest.mark.timeout(60)
 def test_reload_with_a_port_in_use_changes_nothing(tmp_path: Path, echo: EchoServer) -> None:
-    port = free_port()
-    path = tmp_path / "f.toml"
-    path.write_text(forward(port, f"127.0.0.1:{echo.port}"))
+    port, path = one_rule(tmp_path, echo.port)
     with socket.create_server(("127.0.0.1", 0)) as taken, daemon(tmp_path, "-c", "f.toml") as proc:
         busy = taken.getsockname()[1]
         write_atomic(path, forward(busy, f"127.0.0.1:{echo.port}"))  # the old rule goes, a busy one comes
