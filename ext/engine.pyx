@@ -27,6 +27,9 @@ _COUNTERS = ("accepted", "closed", "refused", "connect_failed", "bytes_up", "byt
              "sessions_evicted", "sessions_expired", "drops", "truncated")
 
 
+cdef int UDP_RCVBUF = 4 << 20
+
+
 cdef int parse_addr(str host, int port, addr_t* out) except -1:
     cdef bytes raw = host.encode()
     memset(out, 0, sizeof(addr_t))
@@ -188,6 +191,11 @@ cdef class Engine:
             set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1)
         if family == AF_INET6:
             set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1)
+        if r.proto == PROTO_UDP:
+            # Room for a burst while the worker is off the CPU: at the default (~200 KiB, a few
+            # hundred small datagrams) a flood overflows the socket before the next batch.
+            if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &UDP_RCVBUF, sizeof(int)) < 0:
+                setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &UDP_RCVBUF, sizeof(int))
         if r.proto == PROTO_UDP and is_wildcard(&a):
             if family == AF_INET:
                 set_int_opt(fd, IPPROTO_IP, IP_PKTINFO, 1)

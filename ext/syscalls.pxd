@@ -101,7 +101,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_ERROR
         SO_LINGER
         SO_RCVBUF
-        SO_SNDBUF
+        SO_RCVBUFFORCE
         SHUT_RD
         SHUT_WR
         MSG_DONTWAIT
