@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .config import Config, ConfigError, ControlSettings, load_config
-from .rules import DEFAULT_LISTEN, Rule, SpecError
+from .rules import DEFAULT_LISTEN, Proto, Rule, SpecError
 
 SPEC_HELP = f"""\
 port specs:
@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cli_rules(tcp: Sequence[str], udp: Sequence[str]) -> list[Rule]:
     """Rules from -t/-u specs; a bad one is a UsageError naming the flag and the problem."""
     rules = []
-    for flag, proto, specs in (("-t", "tcp", tcp), ("-u", "udp", udp)):
+    kinds: tuple[tuple[str, Proto, Sequence[str]], ...] = (("-t", "tcp", tcp), ("-u", "udp", udp))
+    for flag, proto, specs in kinds:
         for spec in specs:
             try:
                 rule = Rule.parse(spec, proto)

@@ -17,6 +17,7 @@ import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -61,6 +62,7 @@ class Daemon:
         self._names: dict[str, str] = {}
         self._reload_lock = asyncio.Lock()
         self._stop: asyncio.Future[str] | None = None
+        self._draining: asyncio.Future[None] | None = None
 
     # -- what should be forwarded -------------------------------------------------------------
     def wanted_rules(self, config: Config | None = None) -> list[Rule]:
@@ -68,14 +70,16 @@ class Daemon:
 
     def _control_settings(self, config: Config) -> ControlSettings:
         o = self.overrides
-        given = {"control_socket": o.control_socket, "lease_socket": o.lease_socket, "state_dir": o.state_dir}
+        given: dict[str, Any] = {"control_socket": o.control_socket, "lease_socket": o.lease_socket,
+                                 "state_dir": o.state_dir}
         return dataclasses.replace(config.control, **{k: v for k, v in given.items() if v is not None})
 
     # -- lifecycle ----------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self) -> Forwarder:
         """Start forwarding every wanted rule; a rule that cannot listen is a DaemonError."""
         engine = self.config.engine
-        self.leases = LeaseTable.restore(Path(self.control.state_dir) / STATE_FILE)
+        if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
+            self.leases = LeaseTable.restore(Path(self.control.state_dir) / STATE_FILE)
         self._names = resolve_names(self.config.hosts, self.leases)
         fw = Forwarder(workers=self.overrides.workers or engine.workers, pipe_size=engine.pipe_size,
                        hosts=self._names)
@@ -90,6 +94,7 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 await fw.close()
                 raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
+        return fw
 
     async def run(self) -> int:
         """Serve until stopped by a signal. Returns the exit status."""
@@ -100,14 +105,14 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
         try:
             with _logs_held_until_started():
-                await self.start()
+                fw = await self.start()
                 try:
                     servers = await self._serve()
                 except DaemonError:
-                    await self.fw.close()
+                    await fw.close()
                     raise
             watcher = asyncio.create_task(self._watch()) if self.path else None
-            log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(self.fw.rules), self.fw.workers,
+            log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(fw.rules), fw.workers,
                      f", watching {self.path}" if self.path else "")
             how = await self._stop
             if watcher is not None:
@@ -115,7 +120,7 @@ class Daemon:
                 await asyncio.gather(watcher, return_exceptions=True)
             await _close_all(servers)
             async with self._reload_lock:  # a reload under way finishes before the engine goes
-                await self._shutdown(how)
+                await self._shutdown(fw, how)
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -126,29 +131,28 @@ class Daemon:
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(how)
 
-    async def _shutdown(self, how: str) -> None:
-        assert self.fw is not None
+    async def _shutdown(self, fw: Forwarder, how: str) -> None:
         if how == "drain":
             deadline = self.control.drain_deadline
             log.info("draining: no new connections, waiting up to %gs for live ones", deadline)
-            self._stop = asyncio.get_running_loop().create_future()  # a second signal lands here
-            drain = asyncio.ensure_future(self.fw.close(drain=deadline))
-            await asyncio.wait([drain, self._stop], return_when=asyncio.FIRST_COMPLETED)
-            if not drain.done():
+            self._draining = asyncio.ensure_future(fw.close(drain=deadline))
+            await asyncio.wait([self._draining])
+            if self._draining.cancelled():
                 log.info("stopping now: live connections closed")
-                drain.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await drain
-        await self.fw.close()
+        await fw.close()
         log.info("fastfwd stopped")
 
     def _on_hup(self) -> None:
         asyncio.ensure_future(self.reload("SIGHUP"))
 
     def _on_term(self) -> None:
-        self.stop("drain" if self._stop is not None and not self._stop.done() else "now")
+        if self._draining is not None:
+            self._draining.cancel()  # the second SIGTERM: stop at once
+        self.stop("drain")
 
     def _on_int(self) -> None:
+        if self._draining is not None:
+            self._draining.cancel()
         self.stop("now")
 
     # -- reloading ----------------------------------------------------------------------------
@@ -189,8 +193,9 @@ class Daemon:
 
     # -- leases and names ---------------------------------------------------------------------
     async def leases_changed(self, changes: list[LeaseChange]) -> None:
-        """The lease server's callback after the table changed (it logs the leases): re-point every name whose address moved, so
-        that when this returns, affected rules already forward to their new targets."""
+        """The lease server's callback once the table changed (it logs the leases themselves):
+        re-point every name whose address moved, so that when this returns (and the lease
+        socket replies), the affected rules already forward to their new targets."""
         await self._resolve()
 
     async def _resolve(self) -> None:
@@ -249,22 +254,25 @@ class Daemon:
         except KeyError as exc:
             raise DaemonError(f"control: unknown user or group {exc}") from None
         servers: list[JsonLineServer | asyncio.AbstractServer] = []
-        units: list[tuple[str, JsonLineServer]] = [(c.control_socket, ControlServer(c.control_socket, self, access=access))]
+        units: list[JsonLineServer] = [ControlServer(c.control_socket, self, access=access)]
         if self.config.sources.dhcp:
-            units.append((c.lease_socket, LeaseServer(c.lease_socket, self.leases, self.leases_changed, access=access)))
-        try:
-            for path, server in units:
-                await server.start()
-                servers.append(server)
-            if c.metrics_listen:
-                from .metrics import serve_http
+            units.append(LeaseServer(c.lease_socket, self.leases, self.leases_changed, access=access))
+        for unit in units:
+            try:
+                await unit.start()
+            except OSError as exc:
+                await _close_all(servers)
+                raise DaemonError(f"{unit.path}: {_reason(exc)}") from None
+            servers.append(unit)
+        if c.metrics_listen:
+            from .metrics import serve_http
 
-                host, port = split_hostports(c.metrics_listen)
-                path = c.metrics_listen
+            host, port = split_hostports(c.metrics_listen)
+            try:
                 servers.append(await serve_http(self.fw, host, int(port)))
-        except OSError as exc:
-            await _close_all(servers)
-            raise DaemonError(f"{path}: {_reason(exc)}") from None
+            except OSError as exc:
+                await _close_all(servers)
+                raise DaemonError(f"metrics_listen {c.metrics_listen}: {_reason(exc)}") from None
         return servers
 
 
