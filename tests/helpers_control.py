@@ -110,9 +110,9 @@ class _Server:
 class EchoServer(_Server):
     """TCP: sends ``greeting`` on accept, then echoes each connection's bytes back."""
 
-    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"") -> None:
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"", port: int = 0) -> None:
         self.greeting = greeting
-        super().__init__(socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET))
+        super().__init__(socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET))
 
     def _once(self) -> None:
         conn, _ = self.sock.accept()

@@ -292,3 +292,41 @@ def _still_talks(s: socket.socket) -> bool:
         return got == b"ping"
     except OSError:
         return False
+
+
+@needs_engine
+@pytest.mark.timeout(60)
+def test_changed_options_reconfigure_in_place_keeping_live_connections(tmp_path: Path, echo: EchoServer) -> None:
+    port, path = one_rule(tmp_path, echo.port)
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        live = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _still_talks(live)
+        reload_with(proc, path, forward(port, f"127.0.0.1:{echo.port}", idle_timeout=600, splice="never"))
+        assert "0 added, 0 removed, 0 re-pointed, 1 reconfigured" in proc.log()
+        assert _still_talks(live)
+        live.close()
+        assert echo_roundtrip(port)
+
+
+@needs_engine
+@pytest.mark.timeout(60)
+def test_a_host_entry_given_a_new_ip_repoints_its_rules(tmp_path: Path) -> None:
+    first = EchoServer(greeting=b"1")
+    try:
+        second = EchoServer("127.0.0.2", greeting=b"2", port=first.port)  # the same port, another address
+    except OSError:
+        first.close()
+        pytest.skip("the port is taken on 127.0.0.2")
+    port = free_port()
+    path = tmp_path / "f.toml"
+    rule = forward(port, f"db:{first.port}")
+    path.write_text(rule + '[hosts.db]\nip = "127.0.0.1"\n')
+    try:
+        with daemon(tmp_path, "-c", "f.toml") as proc:
+            assert _greeting(port) == b"1"
+            reload_with(proc, path, rule + '[hosts.db]\nip = "127.0.0.2"\n')
+            assert "name db is now 127.0.0.2 (1 rule(s))" in proc.log()
+            assert _greeting(port) == b"2"
+    finally:
+        first.close()
+        second.close()
