@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
+import uvloop
 
 from fastfwd.host.lab import Lab
 from fastfwd.host.links import ensure_address, ensure_bridge
@@ -136,7 +137,9 @@ def test_static_vm_seen_lost_and_resynced() -> None:
 
 
 @root
-def test_watch_reports_existing_entries_at_start() -> None:
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_watch_reports_existing_entries_at_start(run) -> None:
+    """Also on uvloop, which the daemon runs on and which pyroute2 cannot run netlink on."""
     with Lab() as lab:
         topo = _Topology(lab)
         lab.run(topo.host, ["ip", "neigh", "add", "10.99.0.7", "lladdr", OTHER_MAC,
@@ -149,4 +152,4 @@ def test_watch_reports_existing_entries_at_start() -> None:
             finally:
                 await watch.aclose()
 
-        assert asyncio.run(first()) == Sighting("add", "10.99.0.7", OTHER_MAC)
+        assert run(first()) == Sighting("add", "10.99.0.7", OTHER_MAC)

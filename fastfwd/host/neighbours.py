@@ -27,8 +27,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -57,11 +58,65 @@ class Sighting:
 
 async def watch_neighbours(interfaces: Collection[str] | None = None, *,
                            families: Collection[int] = (4,), netns: str | None = None,
-                           resync: float = 30.0) -> AsyncIterator[Sighting]:
+                           resync: float = 30.0) -> AsyncGenerator[Sighting, None]:
     """Sightings on ``interfaces`` (names; None: all), from a full dump at start and every
-    ``resync`` seconds, and from netlink events in between. Runs until cancelled; a failed
-    netlink socket is reopened (with a dump, so nothing is missed)."""
-    wanted = {_FAMILIES[f] for f in families}
+    ``resync`` seconds, and from netlink events in between. Runs until closed or cancelled;
+    a failed netlink socket is reopened (with a dump, so nothing is missed).
+
+    Netlink is read in a thread of its own, on a plain asyncio loop: pyroute2's async sockets
+    cannot run on uvloop (it has no netlink datagram transport), and the daemon runs on uvloop.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Sighting | BaseException] = asyncio.Queue()
+    reader = _NetlinkThread(
+        lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+        _watch(interfaces, {_FAMILIES[f] for f in families}, netns, resync))
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        reader.stop()
+        await loop.run_in_executor(None, reader.thread.join, 5.0)
+
+
+class _NetlinkThread:
+    def __init__(self, deliver: Callable[[Sighting | BaseException], object],
+                 source: AsyncIterator[Sighting]) -> None:
+        self.loop = asyncio.SelectorEventLoop()  # not new_event_loop(): that may be uvloop's
+        self.task = self.loop.create_task(self._pump(deliver, source))
+        self.thread = threading.Thread(target=self._run, name="fastfwd-neighbours", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    async def _pump(deliver: Callable[[Sighting | BaseException], object],
+                    source: AsyncIterator[Sighting]) -> None:
+        try:
+            async for sighting in source:
+                deliver(sighting)
+        except Exception as exc:  # handed to the reader, which raises it
+            deliver(exc)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.loop.close()
+
+    def stop(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.task.cancel)
+        except RuntimeError:  # the loop has already finished
+            pass
+
+
+async def _watch(interfaces: Collection[str] | None, families: set[int], netns: str | None,
+                 resync: float) -> AsyncIterator[Sighting]:
     while True:
         try:
             async with AsyncIPRoute(netns=netns) as ipr:
@@ -69,7 +124,7 @@ async def watch_neighbours(interfaces: Collection[str] | None = None, *,
                 while True:
                     indexes = await _indexes(ipr, interfaces)
                     async for msg in await ipr.neigh("dump"):
-                        sighting = _sighting(msg, indexes, wanted)
+                        sighting = _sighting(msg, indexes, families)
                         if sighting is not None and sighting.event == "add":
                             yield sighting
                     deadline = time.monotonic() + resync
@@ -79,7 +134,7 @@ async def watch_neighbours(interfaces: Collection[str] | None = None, *,
                         except asyncio.TimeoutError:
                             break
                         for msg in batch:
-                            sighting = _sighting(msg, indexes, wanted)
+                            sighting = _sighting(msg, indexes, families)
                             if sighting is not None:
                                 yield sighting
         except OSError as exc:  # ENOBUFS (events lost) and the like: start over with a dump
@@ -128,7 +183,7 @@ OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
 
 
 async def feed_neighbours(table: LeaseTable, on_change: OnChange, *,
-                          sightings: AsyncIterator[Sighting] | None = None,
+                          sightings: AsyncGenerator[Sighting, None] | None = None,
                           macs: Callable[[], Iterable[str]] | None = None,
                           lock: asyncio.Lock | None = None, **watch: Any) -> None:
     """Apply neighbour sightings to ``table`` and await ``on_change(changes)`` after each change,
@@ -140,22 +195,27 @@ async def feed_neighbours(table: LeaseTable, on_change: OnChange, *,
     """
     source = sightings if sightings is not None else watch_neighbours(**watch)
     added: dict[str, str] = {}  # ip -> mac, for the leases this feeder put in the table
-    async for sighting in source:
-        if sighting.event == "add":
-            assert sighting.mac is not None
-            if macs is not None and sighting.mac not in set(macs()):
-                continue
-            if any(lease.mac == sighting.mac and lease.ip == sighting.ip for lease in table):
-                continue  # already known, from DHCP or an earlier sighting
-            event, lease = "add", Lease(sighting.mac, sighting.ip, seen=time.time())
-            added[sighting.ip] = sighting.mac
-        elif sighting.ip in added:
-            event, lease = "del", Lease(added.pop(sighting.ip), sighting.ip)
-        else:
-            continue
-        async with lock if lock is not None else contextlib.nullcontext():
-            changes = table.apply_event(event, lease)
-            if changes:
-                log.info("neighbour %s: %s %s", event, lease.mac, lease.ip)
-                await on_change(changes)
+    async with contextlib.aclosing(source):  # stops the netlink thread when we are cancelled
+        async for sighting in source:
+            await _apply(sighting, table, on_change, added, macs, lock)
 
+
+async def _apply(sighting: Sighting, table: LeaseTable, on_change: OnChange, added: dict[str, str],
+                 macs: Callable[[], Iterable[str]] | None, lock: asyncio.Lock | None) -> None:
+    if sighting.event == "add":
+        assert sighting.mac is not None
+        if macs is not None and sighting.mac not in set(macs()):
+            return
+        if any(lease.mac == sighting.mac and lease.ip == sighting.ip for lease in table):
+            return  # already known, from DHCP or an earlier sighting
+        event, lease = "add", Lease(sighting.mac, sighting.ip, seen=time.time())
+        added[sighting.ip] = sighting.mac
+    elif sighting.ip in added:
+        event, lease = "del", Lease(added.pop(sighting.ip), sighting.ip)
+    else:
+        return
+    async with lock if lock is not None else contextlib.nullcontext():
+        changes = table.apply_event(event, lease)
+        if changes:
+            log.info("neighbour %s: %s %s", event, lease.mac, lease.ip)
+            await on_change(changes)

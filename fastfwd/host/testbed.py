@@ -137,7 +137,8 @@ class VmHost:
         lab.run(self.host, ["ip", "addr", "add", f"{self.public}/24", "dev", "to-client"])
         lab.run(self.client, ["ip", "addr", "add", f"{CLIENT_NET[2]}/24", "dev", "eth0"])
         d = lab.dir
-        self.config = d / "fastfwd.toml"
+        (d / "etc").mkdir()
+        self.config = d / "etc" / "fastfwd.toml"  # alone in its directory, which is watched
         self.lease_socket = d / "lease.sock"
         self.control_socket = d / "control.sock"
         self.state_dir = d / "state"
