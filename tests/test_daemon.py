@@ -16,7 +16,7 @@ import pytest
 
 from fastfwd.unixclient import call
 
-from helpers_control import (DaemonProcess, EchoServer, connects, daemon, echo_roundtrip, free_port, needs_engine,
+from helpers_control import (DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip, free_port, needs_engine,
                              wait_until)
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
@@ -61,19 +61,38 @@ def test_file_and_flags_together_and_status(tmp_path: Path, echo: EchoServer) ->
         assert f"127.0.0.1:{a}" in table and "active" in table
 
 
+def test_udp_flags_forward_and_status_lists_sessions(tmp_path: Path) -> None:
+    server = UdpEcho(b"R")
+    port = free_port(socket.SOCK_DGRAM)
+    try:
+        with daemon(tmp_path, "-u", f"{port}:127.0.0.1:{server.port}") as proc:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(5)
+                client.sendto(b"x", ("127.0.0.1", port))
+                assert client.recv(10) == b"Rx"
+                result = fastfwd("status", "--json", "--sessions", "--socket", str(proc.control_socket))
+                rule, = json.loads(result.stdout)["rules"]
+                assert rule["sessions"] == [f"127.0.0.1:{client.getsockname()[1]}"]
+                assert rule["counters"]["datagrams_up"] == 1
+    finally:
+        server.close()
+
+
 def test_lease_makes_a_host_entry_active_then_pending_again(tmp_path: Path, echo: EchoServer) -> None:
     port = free_port()
     (tmp_path / "f.toml").write_text(f'[[forward]]\nlisten = {port}\nto = "vm1:{echo.port}"\n'
                                      f'[hosts.vm1]\nmac = "{MAC}"\n')
     with daemon(tmp_path, "-c", "f.toml") as proc:
         assert status(proc)["rules"][0]["state"] == "pending"
-        assert not echo_roundtrip(port)
+        with pytest.raises(ConnectionRefusedError):  # refused at once, not left to time out
+            socket.create_connection(("127.0.0.1", port), timeout=5)
         lease = ("lease", "--socket", str(proc.lease_socket))
         assert fastfwd(*lease[:1], "add", MAC, "127.0.0.1", *lease[1:]).returncode == 0
         assert echo_roundtrip(port)  # right after the reply: already forwarding
         assert status(proc)["rules"][0]["target_ip"] == "127.0.0.1"
         assert fastfwd(*lease[:1], "del", MAC, "127.0.0.1", *lease[1:]).returncode == 0
-        assert not echo_roundtrip(port)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
         assert status(proc)["rules"][0]["state"] == "pending"
         assert "name vm1 is now 127.0.0.1" in proc.log()
 
