@@ -245,17 +245,24 @@ class _Validator:
         return []
 
     def overlaps(self, rules: list[tuple[str, Rule]]) -> None:
-        """Two rules of one protocol may not share a port on addresses that clash, nor two
-        entries a name (status and metrics tell rules apart by it)."""
+        """Two entries may not share a name (status and metrics tell rules apart by it), nor
+        two rules of one protocol a port on clashing addresses. The ports are swept in order,
+        so thousands of rules check in about linear time."""
         named: dict[str, str] = {}
         for path, rule in rules:
             if rule.name is not None and named.setdefault(rule.name, path) != path:
                 self.error(f"{path}.name", f"{rule.name!r} is already the name of {named[rule.name]}")
-        for i, (path, rule) in enumerate(rules):
-            for other_path, other in rules[:i]:
-                if other_path != path and _clash(rule, other):
-                    self.error(f"{path}.listen", f"{rule.proto} {_ports(rule)} overlaps {other_path} ({other})")
-                    break
+        starts = sorted((rule.proto, rule.listen_port, i) for i, (_, rule) in enumerate(rules) if rule.listen_port)
+        live: list[int] = []  # rules of this protocol whose ports reach the current start
+        reported: set[int] = set()
+        for proto, start, i in starts:
+            live = [j for j in live if rules[j][1].proto == proto and _last(rules[j][1]) >= start]
+            for j in live:
+                (early_path, early), (late_path, late) = rules[min(i, j)], rules[max(i, j)]
+                if early_path != late_path and max(i, j) not in reported and _addresses_clash(early, late):
+                    reported.add(max(i, j))  # the later entry in the file gets the error
+                    self.error(f"{late_path}.listen", f"{late.proto} {_ports(late)} overlaps {early_path} ({early})")
+            live.append(i)
 
     def check(self, path: str, value: Any, checker: Callable[[Any], Any]) -> Any:
         """Run one value checker; a SpecError becomes an error at ``path`` and gives None."""
@@ -379,16 +386,15 @@ def _resolve_path(base: Path, value: str) -> str:
     return str(base / value)
 
 
+def _last(rule: Rule) -> int:
+    return rule.listen_port + rule.count - 1
+
+
 def _ports(rule: Rule) -> str:
-    last = rule.listen_port + rule.count - 1
-    return f"port {rule.listen_port}" if rule.count == 1 else f"ports {rule.listen_port}-{last}"
+    return f"port {rule.listen_port}" if rule.count == 1 else f"ports {rule.listen_port}-{_last(rule)}"
 
 
-def _clash(a: Rule, b: Rule) -> bool:
-    """Same protocol, overlapping ports, and addresses that would both bind them (equal, or a wildcard)."""
-    if a.proto != b.proto or not a.listen_port or not b.listen_port:
-        return False
-    if not (a.listen_port < b.listen_port + b.count and b.listen_port < a.listen_port + a.count):
-        return False
-    wild = {"0.0.0.0", "::"}
+def _addresses_clash(a: Rule, b: Rule) -> bool:
+    """Both would bind the same port: the same address, or either one a wildcard."""
+    wild = ("0.0.0.0", "::")
     return a.listen_host == b.listen_host or a.listen_host in wild or b.listen_host in wild
