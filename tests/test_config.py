@@ -179,7 +179,7 @@ def _toml(value: object) -> str:
 def test_overlaps_among_thousands_of_rules_are_each_reported_once_on_the_later_entry() -> None:
     text = "".join(f'[[forward]]\nlisten = {10000 + i}\nto = "127.0.0.1:{20000 + i}"\n' for i in range(4000))
     text += '[[forward]]\nproto = "udp"\nlisten = "10000-13999"\nto = "127.0.0.1:20000-23999"\n'  # other protocol
-    text += '[[forward]]\nlisten = "127.0.0.2:10000-10009"\nto = "127.0.0.1:1-10"\n'  # other address
-    text += '[[forward]]\nlisten = "0.0.0.0:10005-10007"\nto = "127.0.0.1:1-3"\n'
+    text += '[[forward]]\nlisten = "127.0.0.2:10000-10009"\nto = "127.0.0.1:1-10"\n'  # another address: fine
+    text += '[[forward]]\nlisten = "0.0.0.0:10005-10007"\nto = "127.0.0.1:1-3"\n'  # a wildcard clashes with both
     assert errors_of(text) == [
-        "forward[4002].listen: tcp ports 10005-10007 overlaps forward[5] (tcp 127.0.0.1:10005 -> 127.0.0.1:20005)"]
+        "forward[4002].listen: tcp ports 10005-10007 overlaps forward[4001] (tcp 127.0.0.2:10000-10009 -> 127.0.0.1:1-10)"]
