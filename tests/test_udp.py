@@ -49,6 +49,30 @@ def test_datagrams_whole_and_in_order_per_session(fwd: SyncForwarder, host: str)
     assert counters.bytes_up == counters.bytes_down == rounds * clients * sum(BURST)
 
 
+def test_oversized_datagram_is_whole_or_counted_never_cut(fwd: SyncForwarder) -> None:
+    """IPv6 carries up to 65,527 bytes, more than IPv4's 65,507: such a datagram must arrive
+    whole, or be counted as truncated and not forwarded cut."""
+    big = datagram(1, 65527)
+    with UdpEcho(LOOP6) as server:
+        rule = fwd.forward(server.port, "udp", LOOP6)
+        with udp_socket(LOOP6, timeout=5) as sock:
+            sock.sendto(big, (LOOP6, rule.port))
+            sock.sendto(b"after", (LOOP6, rule.port))
+            replies = [sock.recv(65536 + 100)]
+            if replies[0] != b"after":
+                replies.append(sock.recv(65536 + 100))
+        seen = [d for stream in server.received.values() for d in stream]
+        counters = fwd.counters(rule)
+    if counters.truncated:
+        assert counters.truncated == 1
+        assert seen == [digest(b"after")], "a truncated datagram was forwarded"
+        assert replies == [b"after"]
+    else:
+        assert seen == [digest(big), digest(b"after")]
+        assert replies == [big, b"after"]
+        assert counters.bytes_up == len(big) + len(b"after")
+
+
 def test_thousand_client_addresses_get_their_own_sessions(fwd: SyncForwarder) -> None:
     n, wave = 1000, 100
     with UdpEcho() as server:
