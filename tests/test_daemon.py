@@ -44,8 +44,9 @@ def status(proc: DaemonProcess) -> dict:
 
 def test_flags_alone_forward(tmp_path: Path, echo: EchoServer) -> None:
     port = free_port()
-    with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}", "--workers", "2"):
+    with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}", "--workers", "3") as proc:
         assert echo_roundtrip(port, 1 << 20)
+        assert "fastfwd started: 1 rule(s), 3 worker(s)" in proc.log()
 
 
 def test_file_and_flags_together_and_status(tmp_path: Path, echo: EchoServer) -> None:
