@@ -50,6 +50,17 @@ class Lab:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         return name
 
+    def remove_netns(self, name: str) -> None:
+        """Remove one of our namespaces now (its links go with it)."""
+        for proc in [p for p in self.procs if p.args[:4] == ["ip", "netns", "exec", name]]:
+            self.stop(proc)
+        _kill_remaining(name)
+        netns.remove(name)
+        self.namespaces.remove(name)
+        pool = self._threads.pop(name, None)
+        if pool is not None:
+            pool.shutdown()
+
     def veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str, *,
              mac_b: str | None = None) -> None:
         """A veth pair with ``name_a`` in ``ns_a`` and ``name_b`` in ``ns_b``, both up."""
@@ -103,13 +114,8 @@ class Lab:
     def close(self) -> None:
         for proc in list(self.procs):
             self.stop(proc)
-        for pool in self._threads.values():
-            pool.shutdown()
-        self._threads.clear()
-        for name in reversed(self.namespaces):
-            _kill_remaining(name)
-            netns.remove(name)
-        self.namespaces.clear()
+        for name in reversed(self.namespaces[:]):
+            self.remove_netns(name)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def dhcp_client(self, ns: str, iface: str = "eth0", *,
@@ -118,15 +124,16 @@ class Lab:
 
 
 # udhcpc configures nothing itself: it runs this script on each state change. The bound
-# address and the time it was bound are also written to a file, renamed into place so
-# readers never see half of it.
+# address and the time the lease arrived (before the address is configured) are also written
+# to a file, renamed into place so readers never see half of it.
 _UDHCPC_SCRIPT = """#!/bin/sh
 case "$1" in
   deconfig) ip -4 addr flush dev "$interface"; rm -f "$OUT" ;;
   bound|renew)
+    t=$(date +%s.%N)
     ip -4 addr flush dev "$interface"
     ip addr add "$ip/$subnet" dev "$interface"
-    echo "$ip $(date +%s.%N)" > "$OUT.tmp" && mv "$OUT.tmp" "$OUT" ;;
+    echo "$ip $t" > "$OUT.tmp" && mv "$OUT.tmp" "$OUT" ;;
 esac
 """
 

@@ -88,6 +88,8 @@ class EchoServer:
         while True:
             try:
                 data, peer = self.udp.recvfrom(65536)
+                if peer is None:  # shut down by close()
+                    return
                 self.udp_count += 1
                 self.udp.sendto(self.name + b"\n" + data, peer)
             except OSError:
@@ -95,7 +97,10 @@ class EchoServer:
 
     def close(self) -> None:
         for sock in (self.tcp, self.udp):
-            sock.shutdown(socket.SHUT_RDWR) if sock is self.tcp else None
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it
+            except OSError:
+                pass
             sock.close()
 
 
@@ -236,6 +241,13 @@ state_dir = "{self.state_dir}"
             self.lab.run(ns, ["ip", "addr", "add", f"{static_ip}/{self.net.prefixlen}", "dev", "eth0"])
         self.vms.append(vm)
         return vm
+
+    def remove_vm(self, vm: Vm) -> None:
+        if vm.dhcp is not None:
+            vm.dhcp.stop()
+        vm.server.close()
+        self.lab.remove_netns(vm.ns)  # its end of the veth goes, and with it the bridge port
+        self.vms.remove(vm)
 
     # -- traffic from the client -----------------------------------------------------------------
     def tcp(self, size: int = 256 * 1024, timeout: float = 10.0) -> str:
