@@ -20,7 +20,7 @@ import pytest
 
 from fastfwd.lease_server import EVENT_MAX, SNAPSHOT_MAX, LeaseServer
 from fastfwd.leases import STATE_FILE, Lease, LeaseChange, LeaseTable
-from fastfwd.unixserver import Access
+from fastfwd.unixserver import Access, PeerCred
 
 A, B = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
 Run = Callable[[Awaitable[Any]], Any]
@@ -389,27 +389,51 @@ def test_other_users_cannot_connect_and_are_refused_by_credentials(
     nobody = pwd.getpwnam("nobody")
     os.chmod(sockdir, 0o755)
 
-    def as_nobody() -> str:
+    def as_nobody(extra_groups: list[int] | None = None) -> str:
         proc = subprocess.run([_SYSTEM_PYTHON, "-c", _AS_NOBODY, str(path)], user=nobody.pw_uid,
-                              group=nobody.pw_gid, extra_groups=[], capture_output=True, text=True, timeout=60)
+                              group=nobody.pw_gid, extra_groups=extra_groups or [], capture_output=True,
+                              text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
-    async def main() -> tuple[str, str, str]:
+    users = grp.getgrnam("users").gr_gid
+
+    async def main() -> list[str]:
+        seen = []
         async with LeaseServer(path, table, Recorder()):
-            by_mode = await asyncio.to_thread(as_nobody)
+            seen.append(await asyncio.to_thread(as_nobody))
             os.chmod(path, 0o666)  # as if someone loosened the mode: credentials still refuse
-            by_cred = await asyncio.to_thread(as_nobody)
+            seen.append(await asyncio.to_thread(as_nobody))
         async with LeaseServer(path, table, Recorder(), access=Access.from_names(users=["nobody"])):
             os.chmod(path, 0o666)
-            allowed = await asyncio.to_thread(as_nobody)
-        return by_mode, by_cred, allowed
-    by_mode, by_cred, allowed = run(main())
-    assert by_mode == "EACCES"
+            seen.append(await asyncio.to_thread(as_nobody))
+        # A supplementary group of the peer's (SO_PEERGROUPS) lets it in through a 0660 socket.
+        async with LeaseServer(path, table, Recorder(), access=Access.from_names(groups=["users"])):
+            seen.append(await asyncio.to_thread(as_nobody, [users]))
+            seen.append(await asyncio.to_thread(as_nobody))
+        return seen
+    by_mode, by_cred, by_uid, by_group, not_in_group = run(main())
+    assert by_mode == not_in_group == "EACCES"
     assert json.loads(by_cred) == {"ok": False, "error": "permission denied: not an allowed user or group"}
     assert f"uid {nobody.pw_uid}" in caplog.text and "refused" in caplog.text
-    assert json.loads(allowed) == {"ok": True, "changed": 1}
+    assert json.loads(by_uid) == {"ok": True, "changed": 1}
+    assert json.loads(by_group) == {"ok": True, "changed": 0}  # the same lease again: accepted, no change
     assert len(table) == 1
+
+
+def test_access_rules() -> None:
+    me = os.geteuid()
+    access = Access(uids=frozenset({1001}), gids=frozenset({2001}), group=2002)
+    allowed = [PeerCred(1, 0, 0), PeerCred(1, me, me), PeerCred(1, 1001, 5000), PeerCred(1, 5000, 2001),
+               PeerCred(1, 5000, 5000, frozenset({7, 2001})), PeerCred(1, 5000, 2002)]
+    refused = [PeerCred(1, 5000, 5000), PeerCred(1, 5000, 5000, frozenset({7, 8}))]
+    assert [access.allows(p) for p in allowed] == [True] * len(allowed)
+    assert [access.allows(p) for p in refused] == [False] * len(refused)
+    assert (Access().mode, access.mode) == (0o600, 0o660)
+    with pytest.raises(KeyError):
+        Access.from_names(users=["no-such-user-here"])
+    with pytest.raises(KeyError):
+        Access.from_names(groups=["no-such-group-here"])
 
 
 def test_silent_client_is_disconnected_after_the_idle_timeout(run: Run, sockdir: Path) -> None:
