@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import fastfwd
+from fastfwd.rules import Proto
 
 T = TypeVar("T")
 
@@ -166,9 +167,9 @@ def spec(target_port: int, host: str = LOOP4, listen_port: int = 0, count: int =
     return f"{lhost}:{ports(listen_port)}:{bracket(host)}:{ports(target_port)}"
 
 
-def make_rule(target_port: int, proto: str = "tcp", host: str = LOOP4, *, listen_port: int = 0,
+def make_rule(target_port: int, proto: Proto = "tcp", host: str = LOOP4, *, listen_port: int = 0,
               count: int = 1, listen_host: str | None = None, **options: Any) -> fastfwd.Rule:
-    return fastfwd.Rule.parse(spec(target_port, host, listen_port, count, listen_host), proto,  # type: ignore[arg-type]
+    return fastfwd.Rule.parse(spec(target_port, host, listen_port, count, listen_host), proto,
                               options=fastfwd.RuleOptions(**options))
 
 
@@ -188,7 +189,7 @@ class SyncForwarder:
     def add(self, rule: fastfwd.Rule) -> "fastfwd.ActiveRule":
         return self._loop.run(self.fw.add(rule))
 
-    def forward(self, target_port: int, proto: str = "tcp", host: str = LOOP4,
+    def forward(self, target_port: int, proto: Proto = "tcp", host: str = LOOP4,
                 **options: Any) -> "fastfwd.ActiveRule":
         """Add a rule from a free port on ``host`` to ``host:target_port``."""
         return self.add(make_rule(target_port, proto, host, **options))
@@ -211,10 +212,14 @@ class SyncForwarder:
     def wait_counter(self, rule: "fastfwd.ActiveRule", name: str, at_least: int,
                      timeout: float = TIMEOUT) -> "fastfwd.Counters":
         """Wait until counter ``name`` of ``rule`` reaches ``at_least``; return all counters."""
-        def reached() -> "fastfwd.Counters | None":
-            c = self.counters(rule)
-            return c if getattr(c, name) >= at_least else None
-        return wait_for(reached, timeout, what=f"{name} >= {at_least} (now {getattr(self.counters(rule), name)})")
+        deadline = time.monotonic() + timeout
+        while True:
+            counters = self.counters(rule)
+            if getattr(counters, name) >= at_least:
+                return counters
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} stayed below {at_least} for {timeout}s: {counters}")
+            time.sleep(0.02)
 
     def close(self) -> None:
         try:
@@ -724,6 +729,7 @@ config = json.loads(sys.argv[1])
 if config["nofile"]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (config["nofile"], config["nofile"]))
 import fastfwd
+from fastfwd.rules import Proto
 
 async def main():
     async with fastfwd.Forwarder(workers=config["workers"]) as fw:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import fastfwd
-from netutil import (LOOP4, TIMEOUT, TcpServer, UdpEcho, cli_sandbox, connect, connect_retry, echo_handler, echo_once,
-                     free_port_range, is_refused, make_rule, run_async, start_cli, stop_process, turned_away,
-                     udp_roundtrip, udp_socket)
+from netutil import (LOOP4, TIMEOUT, TcpServer, UdpEcho, cli_sandbox, connect, connect_retry, echo_handler,
+                     echo_once, free_port_range, is_refused, make_rule, run_async, start_cli, stop_process,
+                     turned_away, udp_roundtrip, udp_socket)
 
 
 def echo_through(port: int, message: bytes) -> bytes:

@@ -8,8 +8,8 @@ import threading
 
 import fastfwd
 from netutil import (LOOP4, TIMEOUT, Progress, Received, SyncForwarder, TcpServer, UdpEcho, closed_how,
-                     connect, echo_handler, echo_once, exchange, exchange_handler, free_port_range, is_refused,
-                     make_rule, payload, spawn, turned_away, udp_roundtrip, udp_socket, wait_for)
+                     connect, echo_handler, echo_once, exchange, exchange_handler, free_port_range,
+                     is_refused, make_rule, payload, spawn, turned_away, udp_roundtrip, udp_socket, wait_for)
 
 MB = 1 << 20
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastfwd import DEFAULT_LISTEN, Rule, SpecError
+from fastfwd.rules import Proto
 from netutil import (LOOP4, SyncForwarder, TcpServer, cli_sandbox, connect, echo_handler, echo_once,
                      free_port_range, make_rule, run_cli)
 
@@ -21,10 +22,11 @@ from netutil import (LOOP4, SyncForwarder, TcpServer, cli_sandbox, connect, echo
     ("0:vm-2.example.org:22", "tcp", Rule("tcp", 0, "vm-2.example.org", 22)),
     ("65535:127.0.0.1:65535", "udp", Rule("udp", 65535, "127.0.0.1", 65535)),
 ])
-def test_good_specs(text: str, proto: str, expected: Rule) -> None:
-    rule = Rule.parse(text, proto)  # type: ignore[arg-type]
+def test_good_specs(text: str, proto: Proto, expected: Rule) -> None:
+    rule = Rule.parse(text, proto)
     assert rule == expected
-    assert Rule.parse(str(rule).split(" ", 1)[1].replace(" -> ", ":"), proto) == rule  # type: ignore[arg-type]
+    printed = str(rule).split(" ", 1)[1].replace(" -> ", ":")  # "tcp A:P -> H:Q" reads back as a spec
+    assert Rule.parse(printed, proto) == rule
 
 
 def test_default_listen_address_is_loopback() -> None:
@@ -75,7 +77,7 @@ def busy_port(kind: int = socket.SOCK_STREAM) -> socket.socket:
 
 
 @pytest.mark.parametrize("proto, kind", [("tcp", socket.SOCK_STREAM), ("udp", socket.SOCK_DGRAM)])
-def test_port_in_use_raises_oserror_naming_the_port(fwd: SyncForwarder, proto: str, kind: int) -> None:
+def test_port_in_use_raises_oserror_naming_the_port(fwd: SyncForwarder, proto: Proto, kind: int) -> None:
     with busy_port(kind) as busy, TcpServer(echo_handler) as server:
         port = busy.getsockname()[1]
         with pytest.raises(OSError) as info:

@@ -103,6 +103,7 @@ def test_active_counts_live_connections(fwd: SyncForwarder) -> None:
 def test_thousand_concurrent_connections(fwd: SyncForwarder, splice: str) -> None:
     rng = random.Random(1000)
     payloads = [payload(rng.randrange(0, 96 * 1024), seed=i + 10) for i in range(1000)]
+    payloads[0] = b""  # connect, send nothing, half-close
     with AsyncEchoServer() as server:
         rule = fwd.forward(server.port, splice=splice)
         # all 1,000 connections are up at once (both legs) before any byte moves

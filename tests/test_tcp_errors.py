@@ -8,9 +8,13 @@ import time
 
 import pytest
 
-from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, SyncForwarder, TcpServer, blackhole, closed_how,
-                     connect, cpu_seconds, echo_handler, echo_once, end_of_stream, make_rule, refusing_port,
-                     reset, spawn, spec, turned_away_how, wait_for)
+from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, SyncForwarder, TcpServer, blackhole,
+                     closed_how, connect, cpu_seconds, echo_handler, echo_once, end_of_stream, make_rule,
+                     payload, recv_exact, refusing_port, reset, send_stream, spawn, spec, turned_away_how,
+                     wait_for)
+
+
+MB = 1 << 20
 
 
 def echo_once_then(after):
@@ -41,6 +45,40 @@ def test_server_reset_reaches_client(fwd: SyncForwarder, splice: str) -> None:
             assert closed_how(sock) == "reset"
         server.result()
     wait_for(lambda: fwd.counters(rule).active == 0, what="no active connection")
+
+
+def stream_until_reset(sock: socket.socket) -> str:
+    """Send an endless-looking stream; return how the peer's reset showed."""
+    try:
+        send_stream(sock, payload(64 * MB, seed=11))
+    except ConnectionResetError:
+        return "reset"
+    except BrokenPipeError:
+        return "broken pipe"
+    return "not reset: all 64 MB went through"
+
+
+def read_then_reset(conn: socket.socket) -> None:
+    recv_exact(conn, 1 * MB)
+    reset(conn)
+
+
+@pytest.mark.parametrize("splice", SPLICE_MODES)
+def test_server_reset_mid_transfer_stops_the_sending_client(fwd: SyncForwarder, splice: str) -> None:
+    with TcpServer(read_then_reset) as server:
+        rule = fwd.forward(server.port, splice=splice)
+        with connect(rule.port) as sock:
+            assert stream_until_reset(sock) in ("reset", "broken pipe")
+        server.result()
+
+
+@pytest.mark.parametrize("splice", SPLICE_MODES)
+def test_client_reset_mid_transfer_stops_the_sending_server(fwd: SyncForwarder, splice: str) -> None:
+    with TcpServer(stream_until_reset) as server:
+        rule = fwd.forward(server.port, splice=splice)
+        with connect(rule.port) as sock:
+            read_then_reset(sock)
+        assert server.result() in ("reset", "broken pipe")
 
 
 def test_refused_target_closes_client_and_is_counted(fwd: SyncForwarder) -> None:
