@@ -80,9 +80,10 @@ class Access:
 def peer_credentials(sock: socket.socket) -> PeerCred:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
+        # 1024 bytes is the most Python's getsockopt takes: 256 groups.
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
         groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-    except OSError:  # older kernels: the primary group is all we know
+    except OSError:  # an older kernel, or more groups than that: the primary group is all we know
         groups = frozenset()
     return PeerCred(pid=pid, uid=uid, gid=gid, groups=groups)
 
