@@ -12,7 +12,7 @@ from fastfwd import Counters
 
 from netutil import (LOOP4, LOOP6, SPLICE_MODES, SPLICE_THRESHOLD, AsyncEchoServer, Received,
                      SyncForwarder, TcpServer, connect, echo_handler, echo_once, exchange,
-                     exchange_handler, free_port_range, make_rule, many_echo, open_fds, payload,
+                     exchange_handler, forwarder, free_port_range, make_rule, many_echo, open_fds, payload,
                      turned_away_how, wait_for)
 
 MB = 1 << 20
@@ -67,6 +67,14 @@ def test_auto_promotes_each_direction_after_its_threshold(fwd: SyncForwarder, di
     assert counters.bytes_up + counters.bytes_down == size
     assert 0 < counters.bytes_copied <= threshold
     assert counters.bytes_spliced == size - counters.bytes_copied
+
+
+@pytest.mark.parametrize("pipe_size", [4096, 65536])
+def test_small_pipes_still_splice_everything(pipe_size: int) -> None:
+    with forwarder(workers=2, pipe_size=pipe_size) as small:
+        total, counters = two_way(small, 16 * MB, "always")
+    assert counters.bytes_spliced == total
+    assert counters.bytes_copied == counters.splice_fallbacks == 0
 
 
 def test_auto_splice_keeps_short_exchanges_on_copy(fwd: SyncForwarder) -> None:
