@@ -541,3 +541,27 @@ def test_a_shared_lock_holds_changes_while_another_writer_works(run: Run, sockdi
             return reply
     assert run(main()) == {"ok": True, "changed": 1}
     assert len(table) == 1
+
+
+def test_many_large_snapshots_at_once_take_turns_and_all_apply(run: Run, sockdir: Path) -> None:
+    table, on_change = LeaseTable(), Recorder()
+
+    def snapshot(k: int) -> list[dict[str, Any]]:
+        return [{"mac": f"52:54:00:{k:02x}:{i // 256:02x}:{i % 256:02x}", "ip": f"10.{k}.{i // 256}.{i % 256}"}
+                for i in range(4000)]
+
+    async def one(k: int) -> dict[str, Any]:
+        c = await Client.connect(sockdir / "l.sock")
+        try:
+            return await c.ask({"snapshot": snapshot(k)})
+        finally:
+            await c.close()
+
+    async def main() -> list[dict[str, Any]]:
+        async with LeaseServer(sockdir / "l.sock", table, on_change):  # 4 large-line slots
+            return await asyncio.gather(*(one(k) for k in range(12)))
+    replies = run(main())
+    assert len(json.dumps({"snapshot": snapshot(0)})) > 2 * EVENT_MAX
+    assert all(r["ok"] for r in replies) and len(on_change.calls) == 12
+    last = {x.mac[:11] for x in table}
+    assert len(last) == 1 and len(table) == 4000  # exactly one whole snapshot, the last applied
