@@ -124,6 +124,8 @@ cdef class Engine:
 
     def __dealloc__(self):
         self.close()
+        pthread_cond_destroy(&self._ctl.cond)
+        pthread_mutex_destroy(&self._ctl.lock)
 
     # -- commands ----------------------------------------------------------------------------
     cdef void _broadcast(self, int op, rule_t* r, rconf_t* conf, int close_live):
@@ -418,6 +420,7 @@ cdef class Engine:
             with nogil:
                 for i in range(self._n):
                     pthread_join(self._w[i].thread, NULL)
+                    pthread_mutex_destroy(&self._w[i].qlock)
         for address in self._rules.values():
             r = <rule_t*><size_t>address
             for i in range(r.count):

@@ -7,7 +7,6 @@ cdef extern from "<errno.h>" nogil:
     int errno
     enum:
         EAGAIN
-        EWOULDBLOCK
         EINTR
         EINPROGRESS
         EINVAL
@@ -57,7 +56,6 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLET
         EPOLLEXCLUSIVE
         EPOLL_CTL_ADD
-        EPOLL_CTL_MOD
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
     ctypedef union epoll_data_t:
@@ -102,12 +100,10 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_LINGER
         SO_RCVBUF
         SO_RCVBUFFORCE
-        SHUT_RD
         SHUT_WR
         MSG_DONTWAIT
         MSG_NOSIGNAL
         MSG_TRUNC
-        MSG_CTRUNC
         SOMAXCONN
     cdef struct sockaddr:
         sa_family_t sa_family
