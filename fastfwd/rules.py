@@ -117,18 +117,15 @@ class Rule:
     def parse(cls, spec: str, proto: Proto = "tcp", *, name: str | None = None,
               options: RuleOptions | None = None) -> "Rule":
         """Parse ``[ADDR:]PORT[-END]:HOST:PORT[-END]`` into a rule."""
-        parts = split_hostports(spec)
-        if len(parts) == 3:
-            listen_host, (lport, lcount), thost, (tport, tcount) = (
-                DEFAULT_LISTEN, parse_ports(parts[0]), parts[1], parse_ports(parts[2]))
-        elif len(parts) == 4:
-            listen_host, (lport, lcount), thost, (tport, tcount) = (
-                parts[0], parse_ports(parts[1]), parts[2], parse_ports(parts[3]))
-        else:
-            raise SpecError(f"{spec!r}: expected [ADDR:]PORT[-END]:HOST:PORT[-END]")
-        if lcount != tcount:
-            raise SpecError(f"{spec!r}: listen range has {lcount} ports but target range has {tcount}")
         try:
+            parts = split_hostports(spec)
+            if len(parts) not in (3, 4):
+                raise SpecError("expected [ADDR:]PORT[-END]:HOST:PORT[-END]")
+            listen_host = parts[0] if len(parts) == 4 else DEFAULT_LISTEN
+            (lport, lcount), thost, (tport, tcount) = (
+                parse_ports(parts[-3]), parts[-2], parse_ports(parts[-1]))
+            if lcount != tcount:
+                raise SpecError(f"listen range has {lcount} ports but target range has {tcount}")
             return cls(proto=proto, listen_host=listen_host, listen_port=lport, count=lcount,
                        target_host=thost, target_port=tport, name=name,
                        options=options or RuleOptions())
@@ -158,7 +155,7 @@ class Rule:
 def split_hostports(text: str) -> list[str]:
     """Split on the ':' outside brackets; bracketed IPv6 literals lose their brackets."""
     if text.count("[") != text.count("]"):
-        raise SpecError(f"{text!r}: unbalanced '[' and ']'")
+        raise SpecError("unbalanced '[' and ']'")
     parts = re.split(r":(?![^\[]*\])", text.strip())
     return [p[1:-1] if p.startswith("[") and p.endswith("]") else p for p in parts]
 
@@ -195,7 +192,7 @@ def is_ip(text: str) -> bool:
 
 
 def check_target_host(host: str) -> None:
-    if not is_ip(host) and not _HOSTNAME.match(host):
+    if not is_ip(host) and not _HOSTNAME.fullmatch(host):
         raise SpecError(f"target host {host!r} is neither an IP address nor a valid host name")
 
 
