@@ -167,7 +167,9 @@ class Daemon:
             try:
                 config = load_config(self.path)
             except ConfigError as exc:
-                log.error("%s: %s rejected, rules unchanged:\n  %s", why, exc.source, "\n  ".join(exc.errors))
+                for error in exc.errors:
+                    log.error("%s: %s: %s", why, exc.source, error)
+                log.error("%s: %s rejected, rules unchanged", why, exc.source)
                 return None
             if (config.engine, self._control_settings(config), config.sources) != (
                     self.config.engine, self.control, self.config.sources):

@@ -131,7 +131,7 @@ def test_every_bad_config_is_rejected_by_a_running_daemon_and_old_rules_keep_for
         for i, (text, error) in enumerate(BAD_CONFIGS, 1):
             write_atomic(path, text)
             proc.wait_log("rejected, rules unchanged", count=i)
-            assert f"\n  {error}\n" in proc.log(), error
+            assert f"config changed: f.toml: {error}\n" in proc.log(), error
             assert echo_roundtrip(port, 64 * 1024), f"stopped forwarding after: {error}"
         assert " applied: " not in proc.log()
 
