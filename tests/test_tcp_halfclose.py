@@ -10,7 +10,7 @@ import time
 import pytest
 
 from netutil import (SPLICE_MODES, TIMEOUT, Received, SyncForwarder, TcpServer, closed_how, connect,
-                     drain, end_of_stream, payload, send_stream, wait_for)
+                     drain, echo_handler, echo_once, end_of_stream, payload, send_stream, wait_for)
 
 MB = 1 << 20
 REQUEST = b"GET /big HTTP/1.0\r\n\r\n"
@@ -83,6 +83,46 @@ def test_half_closed_timeout_ends_connection(fwd: SyncForwarder) -> None:
                 done.set()
         assert server.result() == Received.of(REQUEST)
     wait_for(lambda: fwd.counters(rule).active == 0, what="no active connection")
+
+
+def trickle(conn: socket.socket, chunks: int = 25, every: float = 0.1) -> bytes:
+    """Send ``chunks`` small chunks ``every`` seconds apart, then half-close; returns what was sent."""
+    sent = b""
+    for i in range(chunks):
+        chunk = b"chunk %03d;" % i
+        conn.sendall(chunk)
+        sent += chunk
+        time.sleep(every)
+    conn.shutdown(socket.SHUT_WR)
+    return sent
+
+
+def test_half_closed_timeout_spares_a_direction_still_moving(fwd: SyncForwarder) -> None:
+    """The client is done, but the server keeps sending (2.5 s, every 0.1 s): a half-closed
+    timeout of 1 s counts quiet time, so it must not cut the download."""
+    def request_then_trickle(conn: socket.socket) -> tuple[Received, bytes]:
+        return drain(conn), trickle(conn)
+
+    with TcpServer(request_then_trickle) as server:
+        rule = fwd.forward(server.port, half_closed_timeout=1.0)
+        with connect(rule.port) as sock:
+            sock.sendall(REQUEST)
+            sock.shutdown(socket.SHUT_WR)
+            got = drain(sock)
+        request, sent = server.result()
+    assert request == Received.of(REQUEST)
+    assert got == Received.of(sent)
+
+
+def test_idle_timeout_counts_quiet_time_only(fwd: SyncForwarder) -> None:
+    """Traffic every 0.1 s for 2.5 s keeps a connection with a 1 s idle timeout alive."""
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port, idle_timeout=1.0)
+        with connect(rule.port) as sock:
+            for i in range(25):
+                assert echo_once(sock, b"tick %d" % i) == b"tick %d" % i
+                time.sleep(0.1)
+        server.result()
 
 
 def test_idle_timeout_ends_connection(fwd: SyncForwarder) -> None:
