@@ -51,10 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="forward ports until SIGTERM (drain) or SIGINT", epilog=SPEC_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Forward ports from a config file, from -t/-u specs, or both. The config file "
-                    "is watched and reloaded on change and on SIGHUP; SIGTERM stops accepting and "
-                    "lets live connections finish (up to [control] drain_deadline); a second "
-                    "SIGTERM or SIGINT stops at once.")
+        description="Forward ports from a config file, from -t/-u specs, or both.\n\n"
+                    "The config file is watched and reloaded on change and on SIGHUP: a bad file is\n"
+                    "logged and changes nothing; a good one is applied as a diff that leaves\n"
+                    "unchanged rules and their connections alone. SIGTERM stops accepting and lets\n"
+                    "live connections finish (up to [control] drain_deadline, then exit 0); a second\n"
+                    "SIGTERM, or SIGINT, stops at once. A bad spec or config, or a port in use,\n"
+                    "exits 2 with one line naming the problem.")
     run.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see docs/config.md)")
     run.add_argument("-t", "--tcp", metavar="SPEC", action="append", default=[], help="forward TCP (repeatable)")
     run.add_argument("-u", "--udp", metavar="SPEC", action="append", default=[], help="forward UDP (repeatable)")
@@ -62,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--control-socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
     run.add_argument("--lease-socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
     run.add_argument("--state-dir", metavar="DIR", help="where leases persist (default: [control] state_dir)")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="log to stderr from this level on (default: info)")
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate a config file and list every problem")
