@@ -60,7 +60,8 @@ class Daemon:
         self.leases = LeaseTable()
         self.fw: Forwarder | None = None
         self._names: dict[str, str] = {}
-        self._reload_lock = asyncio.Lock()
+        #: Serialises every change to the rule table: reloads, lease changes, run-time rules.
+        self._lock = asyncio.Lock()
         self._stop: asyncio.Future[str] | None = None
         self._draining: asyncio.Future[None] | None = None
 
@@ -94,6 +95,7 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 await fw.close()
                 raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
+        self.cli_rules = [_pinned(a) for a in fw.rules if a.rule in self.cli_rules]
         return fw
 
     async def run(self) -> int:
@@ -119,7 +121,7 @@ class Daemon:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
             await _close_all(servers)
-            async with self._reload_lock:  # a reload under way finishes before the engine goes
+            async with self._lock:  # a reload under way finishes before the engine goes
                 await self._shutdown(fw, how)
         finally:
             for sig in signals:
@@ -163,7 +165,7 @@ class Daemon:
             log.info("%s: no config file, nothing to reload", why)
             return None
         assert self.fw is not None
-        async with self._reload_lock:
+        async with self._lock:
             try:
                 config = load_config(self.path)
             except ConfigError as exc:
@@ -198,7 +200,8 @@ class Daemon:
         """The lease server's callback once the table changed (it logs the leases themselves):
         re-point every name whose address moved, so that when this returns (and the lease
         socket replies), the affected rules already forward to their new targets."""
-        await self._resolve()
+        async with self._lock:
+            await self._resolve()
 
     async def _resolve(self) -> None:
         assert self.fw is not None
@@ -223,9 +226,11 @@ class Daemon:
 
     async def add_rule(self, rule: Rule) -> ActiveRule:
         assert self.fw is not None
-        active = await self.fw.add(rule)
-        self.runtime_rules[active.rule.key] = active.rule
-        return active
+        async with self._lock:
+            active = await self.fw.add(rule)
+            pinned = _pinned(active)
+            self.runtime_rules[pinned.key] = pinned
+            return active
 
     async def remove_rule(self, rule: Rule) -> None:
         """Remove a rule added at run time. Rules of the config file or the command line are
@@ -234,10 +239,12 @@ class Daemon:
         active = self.fw.find(rule)
         if active is None:
             raise KeyError(str(rule))
-        if active.rule.key not in self.runtime_rules:
+        key = _pinned(active).key
+        if key not in self.runtime_rules:
             raise ValueError(f"{active.rule} comes from the config file or the command line; edit those instead")
-        await self.fw.remove(active)
-        del self.runtime_rules[active.rule.key]
+        async with self._lock:
+            await self.fw.remove(active)
+            del self.runtime_rules[key]
 
     def metrics(self) -> str:
         from .metrics import render
@@ -276,6 +283,12 @@ class Daemon:
                 await _close_all(servers)
                 raise DaemonError(f"metrics_listen {c.metrics_listen}: {_reason(exc)}") from None
         return servers
+
+
+def _pinned(active: ActiveRule) -> Rule:
+    """The rule with the port the kernel chose for ``listen = 0``, so that reloads find it
+    unchanged instead of binding a new free port each time."""
+    return dataclasses.replace(active.rule, listen_port=active.port) if not active.rule.listen_port else active.rule
 
 
 @contextlib.contextmanager

@@ -154,6 +154,19 @@ def test_rules_added_at_run_time_survive_reload_and_can_be_removed(tmp_path: Pat
         assert not echo_roundtrip(extra) and echo_roundtrip(fixed)
 
 
+def test_port_0_rules_keep_their_port_across_reloads(tmp_path: Path, echo: EchoServer) -> None:
+    (tmp_path / "f.toml").write_text("")
+    with daemon(tmp_path, "-c", "f.toml", "-t", f"0:127.0.0.1:{echo.port}") as proc:
+        added = call(proc.control_socket, {"cmd": "add", "spec": f"0:127.0.0.1:{echo.port}"})["rule"]["port"]
+        ports = sorted(r["port"] for r in status(proc)["rules"])
+        proc.signal(signal.SIGHUP)
+        proc.wait_log("SIGHUP: ")
+        assert "applied: 0 added, 0 removed, 0 re-pointed, 0 reconfigured, 2 unchanged" in proc.log()
+        assert sorted(r["port"] for r in status(proc)["rules"]) == ports
+        assert all(echo_roundtrip(port) for port in ports)
+        assert call(proc.control_socket, {"cmd": "remove", "spec": f"{added}:127.0.0.1:{echo.port}"})["ok"]
+
+
 def test_sigterm_drains_a_transfer_in_flight_refuses_new_and_exits_0(tmp_path: Path, echo: EchoServer) -> None:
     port = free_port()
     with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}") as proc:
