@@ -8,16 +8,16 @@ import time
 
 import pytest
 
-from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, SyncForwarder, TcpServer, blackhole,
-                     closed_how, connect, cpu_seconds, echo_handler, echo_once, end_of_stream, make_rule,
-                     payload, recv_exact, refusing_port, reset, send_stream, spawn, spec, turned_away_how,
-                     wait_for)
+from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, Handler, SyncForwarder, TcpServer,
+                     blackhole, closed_how, connect, cpu_seconds, echo_handler, echo_once, end_of_stream,
+                     make_rule, payload, recv_exact, refusing_port, reset, send_stream, spawn, spec,
+                     turned_away_how, wait_for)
 
 
 MB = 1 << 20
 
 
-def echo_once_then(after):
+def echo_once_then(after: Handler) -> Handler:
     """Handler: echo the first message (proving both legs are up), then hand over to ``after``."""
     def handle(conn: socket.socket) -> object:
         conn.sendall(conn.recv(65536))

@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from netutil import (SPLICE_MODES, TIMEOUT, Received, SyncForwarder, TcpServer, closed_how, connect,
+from netutil import (SPLICE_MODES, TIMEOUT, Handler, Received, SyncForwarder, TcpServer, closed_how, connect,
                      drain, echo_handler, echo_once, end_of_stream, payload, send_stream, wait_for)
 
 MB = 1 << 20
 REQUEST = b"GET /big HTTP/1.0\r\n\r\n"
 
 
-def reply_after_delay(response: bytes, delay: float = 0.5):
+def reply_after_delay(response: bytes, delay: float = 0.5) -> Handler:
     """Handler: read the request to EOF, wait, then send ``response`` and close."""
     def handle(conn: socket.socket) -> Received:
         request = drain(conn)
@@ -41,7 +41,7 @@ def test_client_half_close_then_delayed_10mb_reply(fwd: SyncForwarder, splice: s
     assert (counters.bytes_up, counters.bytes_down) == (len(REQUEST), len(response))
 
 
-def greet_then_listen(greeting: bytes):
+def greet_then_listen(greeting: bytes) -> Handler:
     """Handler: send ``greeting`` and shut down the write side first, then read the client's
     stream to EOF."""
     def handle(conn: socket.socket) -> Received:
