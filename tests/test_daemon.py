@@ -108,6 +108,18 @@ def test_dhcp_hostname_and_snapshot_reconcile(tmp_path: Path, echo: EchoServer) 
         assert not echo_roundtrip(port)
 
 
+def test_dhcp_off_opens_no_lease_socket_and_ignores_saved_leases(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    with daemon(tmp_path, "-t", f"{port}:guest7:{echo.port}") as proc:
+        assert call(proc.lease_socket, {"event": "add", "mac": MAC, "ip": "127.0.0.1", "hostname": "guest7"})["ok"]
+        assert echo_roundtrip(port)
+    (tmp_path / "f.toml").write_text("[sources]\ndhcp = false\n")
+    (tmp_path / "lease.sock").unlink(missing_ok=True)
+    with daemon(tmp_path, "-c", "f.toml", "-t", f"{port}:guest7:{echo.port}") as proc:
+        assert not proc.lease_socket.exists()
+        assert status(proc)["rules"][0]["state"] == "pending"
+
+
 def test_restart_after_kill_restores_leases_before_any_event(tmp_path: Path, echo: EchoServer) -> None:
     port = free_port()
     (tmp_path / "f.toml").write_text(f'[[forward]]\nlisten = {port}\nto = "vm1:{echo.port}"\n'
