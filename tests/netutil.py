@@ -553,9 +553,11 @@ def datagram(seq: int, size: int) -> bytes:
 
 class UdpEcho:
     """A UDP echo server in a thread. ``received[source]`` lists, in arrival order, the
-    digests of the datagrams each source address (a forwarder session) sent."""
+    digests of the datagrams each source address (a forwarder session) sent. With
+    ``replies`` > 1 it answers each datagram that many times, suffixed ``:00``, ``:01``..."""
 
-    def __init__(self, host: str = LOOP4, port: int = 0) -> None:
+    def __init__(self, host: str = LOOP4, port: int = 0, replies: int = 1) -> None:
+        self.replies = replies
         self.sock = udp_socket(host, timeout=0.05, port=port)
         self.port: int = self.sock.getsockname()[1]
         self.received: defaultdict[tuple[Any, ...], list[str]] = defaultdict(list)
@@ -570,8 +572,10 @@ class UdpEcho:
             except (TimeoutError, OSError):
                 continue
             self.received[source].append(hashlib.sha256(data).hexdigest())
+            answers = [data] if self.replies == 1 else [data + b":%02d" % i for i in range(self.replies)]
             with contextlib.suppress(OSError):
-                self.sock.sendto(data, source)
+                for answer in answers:
+                    self.sock.sendto(answer, source)
 
     @property
     def total(self) -> int:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import socket
 from pathlib import Path
 
 import pytest
 
 import fastfwd
-from netutil import (LOOP4, TIMEOUT, TcpServer, UdpEcho, cli_sandbox, connect, connect_retry, echo_handler,
-                     echo_once, free_port_range, is_refused, make_rule, run_async, start_cli, stop_process,
-                     turned_away, udp_roundtrip, udp_socket)
+from netutil import (LOOP4, TIMEOUT, Progress, SyncForwarder, TcpServer, UdpEcho, cli_sandbox, connect,
+                     connect_retry, echo_handler, echo_once, exchange, exchange_handler, free_port_range,
+                     is_refused, make_rule, payload, run_async, spawn, start_cli, stop_process, turned_away,
+                     udp_roundtrip, udp_socket, wait_for)
 
 
 def echo_through(port: int, message: bytes) -> bytes:
@@ -101,6 +103,32 @@ def test_restart_on_the_same_port_right_after_close() -> None:
         port = free_port_range(1)
         for _ in range(3):
             run_async(once(server.port, port))
+
+
+def test_close_in_the_middle_of_transfers_ends_them() -> None:
+    """Closing without drain while data flows (through pipes too): every client learns that
+    its connection is gone, and close() returns."""
+    size = 16 << 20
+    gate = threading.Event()
+    progress = [Progress() for _ in range(4)]
+
+    def cut_short(p: Progress) -> str:
+        try:
+            got = exchange(rule.port, payload(size, seed=41), LOOP4, gate, p)
+        except (ConnectionResetError, BrokenPipeError):
+            return "reset"
+        return "complete" if got.nbytes == size else "eof"
+
+    with TcpServer(exchange_handler(payload(size, seed=40), gate)) as server:
+        fw = SyncForwarder()
+        try:
+            rule = fw.forward(server.port, splice="always")
+            clients = [spawn(cut_short, p) for p in progress]
+            wait_for(lambda: all(p.nbytes >= size // 2 for p in progress), what="transfers halfway")
+        finally:
+            fw.close()
+            gate.set()
+        assert {c.result() for c in clients} <= {"reset", "eof"}
 
 
 def test_drain_lets_live_connections_finish() -> None:

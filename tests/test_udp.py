@@ -106,6 +106,27 @@ def test_thousand_client_addresses_get_their_own_sessions(fwd: SyncForwarder) ->
                 sock.close()
 
 
+def test_bursts_of_replies_reach_their_own_clients_in_order(fwd: SyncForwarder) -> None:
+    """100 clients ask at once and each gets 20 replies back: batched replies go to the right
+    session, in order."""
+    clients, replies = 100, 20
+    with UdpEcho(replies=replies) as server:
+        rule = fwd.forward(server.port, "udp")
+        socks = [udp_socket(timeout=5) for _ in range(clients)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.sendto(b"c%03d" % i, (LOOP4, rule.port))
+            for i, sock in enumerate(socks):
+                got = [sock.recv(64) for _ in range(replies)]
+                assert got == [b"c%03d:%02d" % (i, k) for k in range(replies)], f"client {i}"
+        finally:
+            for sock in socks:
+                sock.close()
+    counters = fwd.counters(rule)
+    assert (counters.datagrams_up, counters.datagrams_down) == (clients, clients * replies)
+    assert counters.drops == 0
+
+
 def test_idle_sessions_expire(fwd: SyncForwarder) -> None:
     with UdpEcho() as server:
         rule = fwd.forward(server.port, "udp", udp_idle_timeout=0.5)
