@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -100,9 +101,10 @@ def echo() -> EchoServer:
     server.close()
 
 
-def forward(port: int, target: str, **options: object) -> str:
-    extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in options.items())
-    return f'[[forward]]\nlisten = {port}\nto = "{target}"\n{extra}'
+def forward(listen: int | str, target: str, **options: object) -> str:
+    """One [[forward]] entry; values are written as JSON, which TOML reads the same."""
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
+    return f'[[forward]]\nlisten = {json.dumps(listen)}\nto = "{target}"\n{extra}'
 
 
 def one_rule(tmp_path: Path, target: int, **options: object) -> tuple[int, Path]:
@@ -330,3 +332,33 @@ def test_a_host_entry_given_a_new_ip_repoints_its_rules(tmp_path: Path) -> None:
     finally:
         first.close()
         second.close()
+
+
+@needs_engine
+@pytest.mark.timeout(60)
+def test_an_8000_port_range_loads_and_survives_a_reload_of_another_rule(tmp_path: Path, echo: EchoServer) -> None:
+    first = 20000  # below the ephemeral range, so no client socket holds one of these ports
+    if not _bindable(first, 8000):
+        pytest.skip("some of ports 20000-27999 are in use here")
+    other, path = one_rule(tmp_path, echo.port)
+    big = forward(f"127.0.0.1:{first}-{first + 7999}", f"127.0.0.1:{echo.port - 7999}-{echo.port}")
+    path.write_text(big + forward(other, f"127.0.0.1:{echo.port}"))
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert echo_roundtrip(first + 7999)  # the last port of the range maps onto the echo server
+        live = socket.create_connection(("127.0.0.1", first + 7999), timeout=5)
+        reload_with(proc, path, big + forward(other, f"127.0.0.1:{echo.port}", splice="never"))
+        assert "0 added, 0 removed, 0 re-pointed, 1 reconfigured, 1 unchanged" in proc.log()
+        assert _still_talks(live)
+        live.close()
+        assert echo_roundtrip(first + 7999) and echo_roundtrip(other)
+
+
+def _bindable(first: int, count: int) -> bool:
+    for port in range(first, first + count):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listeners do: TIME_WAIT is no clash
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
