@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -39,9 +40,10 @@ class RuleCollector:
         for active in self.fw.rules:
             if not active.installed:
                 continue
-            rule = active.rule
-            labels = [rule.name or str(rule), rule.proto, f"{rule.listen_host}:{active.port}",
-                      f"{rule.target_host}:{rule.target_port}"]
+            # The real port for ``listen = 0``; the rule's own rendering brackets IPv6 and shows ranges.
+            rule = replace(active.rule, listen_port=active.port)
+            listen, target = str(rule).split(" ", 1)[1].split(" -> ")
+            labels = [rule.name or str(rule), rule.proto, listen, target]
             counters = self.fw.counters(active)
             for name, family in families.items():
                 family.add_metric(labels, getattr(counters, name))
