@@ -351,10 +351,14 @@ def _path(value: Any) -> str:
     return value
 
 
-def _principals(value: Any) -> tuple[str | int, ...]:
-    if not isinstance(value, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in value):
-        raise SpecError(f"expected an array of names or numeric ids, got {value!r}")
-    return tuple(value)
+def _principals(kind: str) -> Callable[[Any], tuple[str | int, ...]]:
+    """A checker for a list of user or group names or numeric ids. Names are looked up when
+    the daemon starts, not here, so a file checks the same on any machine."""
+    def check(value: Any) -> tuple[str | int, ...]:
+        if not isinstance(value, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in value):
+            raise SpecError(f"expected an array of {kind} names or numeric ids, got {value!r}")
+        return tuple(value)
+    return check
 
 
 def _flag(value: Any) -> bool:
@@ -374,7 +378,7 @@ def _hostport(value: Any) -> str:
 _SETTINGS: dict[type, dict[str, Callable[[Any], Any]]] = {
     EngineSettings: {"workers": _positive_int, "pipe_size": _pipe_size},
     ControlSettings: {"lease_socket": _path, "control_socket": _path, "state_dir": _path,
-                      "allow_users": _principals, "allow_groups": _principals,
+                      "allow_users": _principals("user"), "allow_groups": _principals("group"),
                       "drain_deadline": _seconds, "metrics_listen": _hostport},
     SourceSettings: {"dhcp": _flag, "neighbours": _flag},
 }

@@ -260,8 +260,8 @@ class Daemon:
         c = self.control
         try:
             access = Access.from_names(c.allow_users, c.allow_groups)
-        except KeyError as exc:
-            raise DaemonError(f"control: unknown user or group {exc}") from None
+        except KeyError as exc:  # from pwd/grp: "getpwnam(): name not found: 'bob'"
+            raise DaemonError(f"[control] allow_users/allow_groups: {exc.args[0]}") from None
         servers: list[JsonLineServer | asyncio.AbstractServer] = []
         units: list[JsonLineServer] = [ControlServer(c.control_socket, self, access=access)]
         if self.config.sources.dhcp:

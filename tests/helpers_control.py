@@ -68,6 +68,8 @@ BAD_CONFIGS: list[tuple[str, str]] = [
      "control.drain_deadline: expected a number of seconds >= 0, got 'soon'"),
     ('[control]\nmetrics_listen = "localhost:9100"\n',
      "control.metrics_listen: 'localhost:9100': expected ADDR:PORT with an IP address (IPv6 in brackets)"),
+    ('[control]\nallow_groups = [true]\n',
+     "control.allow_groups: expected an array of group names or numeric ids, got [True]"),
     ('[forwards]\n', "forwards: unknown key (did you mean 'forward'?)"),
     ('[[forward]\n', "invalid TOML: Expected ']]' at the end of an array declaration (at line 1, column 10)"),
 ]

@@ -104,6 +104,17 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert line.endswith("in use")
 
 
+@needs_engine
+def test_unknown_user_in_control_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('[control]\nallow_users = ["no-such-user-here"]\ncontrol_socket = "c.sock"\n'
+                    'lease_socket = "l.sock"\nstate_dir = "state"\n')
+    result = fastfwd("run", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr == ("fastfwd: [control] allow_users/allow_groups: getpwnam(): "
+                             "name not found: 'no-such-user-here'\n")
+
+
 def test_help_explains_specs_default_bind_and_examples() -> None:
     for args in (["--help"], ["run", "--help"]):
         result = fastfwd(*args)
