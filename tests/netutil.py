@@ -758,9 +758,10 @@ class ChildForwarder:
 
     @classmethod
     def start(cls, rules: list[tuple[str, str, dict[str, Any]]], nofile: int | None = None,
-              workers: int = 2) -> "ChildForwarder":
+              workers: int = 2, wrapper: tuple[str, ...] = ()) -> "ChildForwarder":
+        """``wrapper`` is a command prefix the child runs under (e.g. a seccomp launcher)."""
         config = json.dumps({"nofile": nofile, "rules": rules, "workers": workers})
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, config], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([*wrapper, sys.executable, "-c", _CHILD, config], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=child_env())
         try:
