@@ -362,3 +362,16 @@ def _bindable(first: int, count: int) -> bool:
             except OSError:
                 return False
     return True
+
+
+@needs_engine
+@pytest.mark.timeout(60)
+def test_start_time_sections_changed_by_a_reload_warn_and_rules_still_apply(tmp_path: Path, echo: EchoServer) -> None:
+    port, path = one_rule(tmp_path, echo.port)
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        added = free_port()
+        reload_with(proc, path, forward(port, f"127.0.0.1:{echo.port}") + forward(added, f"127.0.0.1:{echo.port}")
+                    + "[engine]\nworkers = 7\n")
+        assert "[engine], [control] and [sources] changes take effect at the next start" in proc.log()
+        assert "1 added" in proc.log()
+        assert echo_roundtrip(added)
