@@ -19,6 +19,9 @@ from helpers_control import (BAD_CONFIGS, DaemonProcess, EchoServer, UdpEcho, co
                              free_port, needs_engine, udp_ask, wait_until)
 
 
+pytestmark = pytest.mark.timeout(120)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """What editors do: write a temp file beside it, rename it over the original."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -125,7 +128,6 @@ def reload_with(proc: DaemonProcess, path: Path, text: str) -> None:
 
 
 @needs_engine
-@pytest.mark.timeout(90)
 def test_every_bad_config_is_rejected_by_a_running_daemon_and_old_rules_keep_forwarding(
         tmp_path: Path, echo: EchoServer) -> None:
     port, path = one_rule(tmp_path, echo.port)
@@ -139,7 +141,6 @@ def test_every_bad_config_is_rejected_by_a_running_daemon_and_old_rules_keep_for
 
 
 @needs_engine
-@pytest.mark.timeout(90)
 def test_sighup_reloads(tmp_path: Path, echo: EchoServer) -> None:
     port, path = one_rule(tmp_path, echo.port)
     with daemon(tmp_path, "-c", "f.toml") as proc:
@@ -150,7 +151,6 @@ def test_sighup_reloads(tmp_path: Path, echo: EchoServer) -> None:
 
 
 @needs_engine
-@pytest.mark.timeout(120)
 def test_long_transfer_on_an_unchanged_rule_survives_50_reloads(tmp_path: Path, echo: EchoServer) -> None:
     other = EchoServer()
     a, b, c = free_port(), free_port(), free_port()
@@ -186,7 +186,6 @@ def test_long_transfer_on_an_unchanged_rule_survives_50_reloads(tmp_path: Path, 
 
 
 @needs_engine
-@pytest.mark.timeout(60)
 def test_a_repointed_rule_sends_new_connections_and_datagrams_to_the_new_target_at_once(tmp_path: Path) -> None:
     tcp_a, tcp_b = EchoServer(greeting=b"A"), EchoServer(greeting=b"B")
     udp_a, udp_b = UdpEcho(b"A"), UdpEcho(b"B")
@@ -217,7 +216,6 @@ def test_a_repointed_rule_sends_new_connections_and_datagrams_to_the_new_target_
 
 
 @needs_engine
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize("policy", ["keep", "close"])
 def test_live_connections_on_retarget_and_remove_follow_the_rule_option(tmp_path: Path, policy: str) -> None:
     old, new = EchoServer(greeting=b"O"), EchoServer(greeting=b"N")
@@ -241,7 +239,6 @@ def test_live_connections_on_retarget_and_remove_follow_the_rule_option(tmp_path
 
 
 @needs_engine
-@pytest.mark.timeout(60)
 def test_reload_with_a_port_in_use_changes_nothing(tmp_path: Path, echo: EchoServer) -> None:
     port, path = one_rule(tmp_path, echo.port)
     with socket.create_server(("127.0.0.1", 0)) as taken, daemon(tmp_path, "-c", "f.toml") as proc:
@@ -297,7 +294,6 @@ def _still_talks(s: socket.socket) -> bool:
 
 
 @needs_engine
-@pytest.mark.timeout(60)
 def test_changed_options_reconfigure_in_place_keeping_live_connections(tmp_path: Path, echo: EchoServer) -> None:
     port, path = one_rule(tmp_path, echo.port)
     with daemon(tmp_path, "-c", "f.toml") as proc:
@@ -311,7 +307,6 @@ def test_changed_options_reconfigure_in_place_keeping_live_connections(tmp_path:
 
 
 @needs_engine
-@pytest.mark.timeout(60)
 def test_a_host_entry_given_a_new_ip_repoints_its_rules(tmp_path: Path) -> None:
     first = EchoServer(greeting=b"1")
     try:
@@ -335,7 +330,6 @@ def test_a_host_entry_given_a_new_ip_repoints_its_rules(tmp_path: Path) -> None:
 
 
 @needs_engine
-@pytest.mark.timeout(60)
 def test_an_8000_port_range_loads_and_survives_a_reload_of_another_rule(tmp_path: Path, echo: EchoServer) -> None:
     first = 20000  # below the ephemeral range, so no client socket holds one of these ports
     if not _bindable(first, 8000):
@@ -365,7 +359,6 @@ def _bindable(first: int, count: int) -> bool:
 
 
 @needs_engine
-@pytest.mark.timeout(60)
 def test_start_time_sections_changed_by_a_reload_warn_and_rules_still_apply(tmp_path: Path, echo: EchoServer) -> None:
     port, path = one_rule(tmp_path, echo.port)
     with daemon(tmp_path, "-c", "f.toml") as proc:
