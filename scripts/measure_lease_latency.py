@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastfwd.host.lab import Lab  # noqa: E402
-from fastfwd.host.testbed import VmHost, wait_for  # noqa: E402
-from fastfwd.unixclient import call  # noqa: E402
+from fastfwd.host.lab import Lab
+from fastfwd.host.testbed import VmHost, wait_for
+from fastfwd.unixclient import call
 
 MAC = "52:54:00:1a:7e:01"
 

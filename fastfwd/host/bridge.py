@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Literal
 
 from . import dnsmasq, firewall, sysctl
-from .links import LinkState, delete_link, ensure_address, ensure_bridge, link_state, remove_address
+from .links import (
+    LinkState,
+    delete_link,
+    ensure_address,
+    ensure_bridge,
+    link_state,
+    remove_address,
+)
 
 IP_FORWARD = "net.ipv4.ip_forward"
 HOOK_ENTRY_POINT = "fastfwd-dhcp-hook"
@@ -75,7 +82,7 @@ class Made:
         return state_dir / f"{bridge}.json"
 
     @classmethod
-    def load(cls, state_dir: Path, bridge: str) -> "Made":
+    def load(cls, state_dir: Path, bridge: str) -> Made:
         try:
             return cls(**json.loads(cls.path(state_dir, bridge).read_text()))
         except FileNotFoundError:

@@ -48,7 +48,7 @@ def argv(bridge: str, *, dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4
 def start(args: list[str], pidfile: Path) -> int:
     """Run dnsmasq as a daemon; returns its pid. dnsmasq's parent exits only once the daemon
     has bound its sockets (or failed, with the reason on stderr)."""
-    done = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"dnsmasq failed: {done.stderr.strip()}")
     return int(pidfile.read_text().strip())

@@ -61,7 +61,7 @@ table {table} {{
 
 
 def _nft(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, check=False,
                           timeout=30)
 
 

@@ -16,9 +16,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
-
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
@@ -32,10 +31,11 @@ class Lab:
         self.id = suffix()
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._proc_ns: dict[int, str] = {}  # pid -> the namespace it was started in
         self.dir = Path(tempfile.mkdtemp(prefix=f"ffw-lab-{self.id}-"))
         self._threads: dict[str, ThreadPoolExecutor] = {}
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -52,7 +52,7 @@ class Lab:
 
     def remove_netns(self, name: str) -> None:
         """Remove one of our namespaces now (its links go with it)."""
-        for proc in [p for p in self.procs if p.args[:4] == ["ip", "netns", "exec", name]]:
+        for proc in [p for p in self.procs if self._proc_ns.get(p.pid) == name]:
             self.stop(proc)
         _kill_remaining(name)
         netns.remove(name)
@@ -96,6 +96,7 @@ class Lab:
         own); it is stopped by ``stop`` or ``close``."""
         proc = subprocess.Popen(self.argv(ns, argv), **kwargs)  # type: ignore[call-overload]
         self.procs.append(proc)
+        self._proc_ns[proc.pid] = ns
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
@@ -119,7 +120,7 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def dhcp_client(self, ns: str, iface: str = "eth0", *,
-                    hostname: str | None = None) -> "DhcpClient":
+                    hostname: str | None = None) -> DhcpClient:
         return DhcpClient(self, ns, iface, hostname)
 
 
@@ -190,7 +191,7 @@ class DhcpClient:
 def _kill_remaining(ns: str) -> None:
     """Processes left in the namespace (daemons that forked away from us, like dnsmasq) would
     keep it alive after its name is gone: kill them, by pid, once we know they are in it."""
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
     for pid in out.stdout.split():
         try:
             os.kill(int(pid), signal.SIGKILL)

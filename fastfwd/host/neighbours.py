@@ -29,14 +29,28 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+)
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
-from ..leases import Lease, LeaseChange, LeaseError, LeaseTable, normalize_ip, normalize_mac
+from ..leases import (
+    Lease,
+    LeaseChange,
+    LeaseError,
+    LeaseTable,
+    normalize_ip,
+    normalize_mac,
+)
 
 log = logging.getLogger("fastfwd.neighbours")
 
@@ -131,7 +145,7 @@ async def _watch(interfaces: Collection[str] | None, families: set[int], netns: 
                     while (left := deadline - time.monotonic()) > 0:
                         try:
                             batch = await asyncio.wait_for(_next_batch(ipr), left)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             break
                         for msg in batch:
                             sighting = _sighting(msg, indexes, families)

@@ -159,8 +159,8 @@ class VmHost:
                             netmask=self.net.netmask, hook=str(hook),
                             leasefile=self.lab.dir / "dnsmasq.leases",
                             pidfile=self.lab.dir / "dnsmasq.pid", foreground=True)
-        log = open(self.lab.dir / "dnsmasq.log", "ab")
-        self.dnsmasq = self.lab.spawn(self.host, args, stdout=log, stderr=log)
+        with open(self.lab.dir / "dnsmasq.log", "ab") as log:  # the child keeps its own copy
+            self.dnsmasq = self.lab.spawn(self.host, args, stdout=log, stderr=log)
 
     def stop_dnsmasq(self) -> None:
         assert self.dnsmasq is not None
@@ -193,10 +193,10 @@ state_dir = "{self.state_dir}"
 
     def start_daemon(self, timeout: float = 30.0) -> None:
         env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
-        log = open(self.log, "ab")
-        self.daemon = self.lab.spawn(self.host, [sys.executable, "-m", "fastfwd", "run", "-c",
-                                                 str(self.config), "--log-level", "debug"],
-                                     env=env, stdout=log, stderr=log)
+        with open(self.log, "ab") as log:  # the child keeps its own copy
+            self.daemon = self.lab.spawn(self.host, [sys.executable, "-m", "fastfwd", "run", "-c",
+                                                     str(self.config), "--log-level", "debug"],
+                                         env=env, stdout=log, stderr=log)
         wait_for(lambda: self.status() is not None or self.daemon_exited(), timeout,
                  message="fastfwd's control socket")
         if self.daemon_exited():
@@ -277,7 +277,7 @@ state_dir = "{self.state_dir}"
             return False
         return False
 
-    def udp_flow(self) -> "UdpFlow":
+    def udp_flow(self) -> UdpFlow:
         return UdpFlow(self)
 
 
