@@ -49,6 +49,11 @@ cdef int copy_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil
         if n > 0:
             h.off = 0
             h.len = <uint32_t>n
+            # A short read emptied the socket: skip the read that would only say EAGAIN.
+            # Anything arriving later raises a new edge; a FIN already queued does not, so
+            # keep reading to EOF once the peer's hang-up was reported.
+            if <size_t>n < want and not c.hup[d]:
+                c.rd[d] = 0
             continue
         if n == 0:
             h.eof = 1

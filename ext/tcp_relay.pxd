@@ -34,6 +34,7 @@ cdef struct conn_s:
     int fd[2]               # 0: client, 1: target
     uint8_t rd[2]           # edge-triggered readiness we have not used up yet
     uint8_t wr[2]
+    uint8_t hup[2]          # the peer's FIN (or an error) is queued behind the data
     uint8_t state
     uint8_t in_ready
     half_t half[2]          # 0: client -> target ("up"), 1: target -> client ("down")

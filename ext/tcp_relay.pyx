@@ -142,6 +142,8 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
         return
     if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
         c.rd[side] = 1
+    if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        c.hup[side] = 1
     if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
         c.wr[side] = 1
     rw = &c.rule.per_worker[w.id]
