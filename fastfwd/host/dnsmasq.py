@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def default_range(address: ipaddress.IPv4Interface) -> tuple[ipaddress.IPv4Addre
 
 def argv(bridge: str, *, dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address],
          netmask: ipaddress.IPv4Address, hook: str, leasefile: Path, pidfile: Path,
-         dns: bool = False, foreground: bool = False) -> list[str]:
+         dns: bool = False, foreground: bool = False, extra: Sequence[str] = ()) -> list[str]:
     first, last = dhcp_range
     return [
         "dnsmasq",
@@ -42,6 +43,7 @@ def argv(bridge: str, *, dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4
         f"--pid-file={pidfile}",
         f"--port={53 if dns else 0}",
         *(["--no-daemon"] if foreground else []),
+        *extra,
     ]
 
 

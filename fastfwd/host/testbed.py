@@ -158,7 +158,11 @@ class VmHost:
         args = dnsmasq.argv(BRIDGE, dhcp_range=(self.net[100], self.net[199]),
                             netmask=self.net.netmask, hook=str(hook),
                             leasefile=self.lab.dir / "dnsmasq.leases",
-                            pidfile=self.lab.dir / "dnsmasq.pid", foreground=True)
+                            pidfile=self.lab.dir / "dnsmasq.pid", foreground=True,
+                            # Before offering an address for the first time, dnsmasq pings it
+                            # and ignores the client for 3 s: right on a shared LAN, only
+                            # slow in a namespace nobody else is on.
+                            extra=["--no-ping"])
         with open(self.lab.dir / "dnsmasq.log", "ab") as log:  # the child keeps its own copy
             self.dnsmasq = self.lab.spawn(self.host, args, stdout=log, stderr=log)
 
