@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -132,6 +133,8 @@ def test_static_vm_seen_lost_and_resynced() -> None:
             finally:
                 feeder.cancel()
                 await asyncio.gather(feeder, return_exceptions=True)
+            # Cancelling the feeder stops the netlink reader's thread too.
+            assert "fastfwd-neighbours" not in {t.name for t in threading.enumerate()}
 
         asyncio.run(scenario())
 
