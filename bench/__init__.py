@@ -1,0 +1,1 @@
+"""fastfwd's benchmark suite: ``python -m bench.run`` (see docs/benchmarks.md)."""

@@ -1,0 +1,184 @@
+"""The figures: what each one runs against a subject and what it reports.
+
+Every load generator prints ``window`` when its measured window opens and one JSON line when
+it closes; the forwarder's CPU time and the whole box's busy time are sampled at those two
+moments, so CPU figures cover exactly the measured traffic.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backends
+from .build import tool
+from .procs import Proc
+from .subjects import Running, Subject
+from .system import BoxCpu, local_port_range, low_latency
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Settings:
+    warmup: float  # seconds of load before a window opens
+    seconds: float  # length of a measured window
+    round_trips: int
+    idle_conns: int
+    concurrency: int  # connections in flight in the connection-rate run
+    sources: int  # client addresses 127.0.1.1..N for the connection-rate run
+
+
+FULL = Settings(warmup=1.0, seconds=4.0, round_trips=20000, idle_conns=9900, concurrency=64, sources=16)
+QUICK = Settings(warmup=0.4, seconds=1.2, round_trips=4000, idle_conns=2000, concurrency=64, sources=16)
+
+Metrics = dict[str, float | int | str | None]
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+    higher_better: bool | None = None  # None: informational, not ranked
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    title: str
+    proto: str
+    #: The first column is the headline: ranked, and the one ratios are given for.
+    columns: tuple[Column, ...]
+    measure: Callable[[Settings, Subject, Running], Metrics]
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    needs_forwarder: bool = False
+    setting: str = ""
+    #: How many leading columns get ratios to the direct path and the best peer.
+    compared: int = 1
+
+    @property
+    def headline(self) -> Column:
+        return self.columns[0]
+
+    @property
+    def ratio_columns(self) -> tuple[Column, ...]:
+        return self.columns[:self.compared]
+
+
+def windowed(argv: list[str], running: Running, limit: float = 120.0) -> tuple[dict, float | None, float]:
+    """Run a load generator; returns its result, the forwarder CPU seconds spent in its
+    window (None on the direct path) and how many cores the whole box kept busy.
+    A generator still running after ``limit`` seconds is stopped (a stuck subject)."""
+    proc = Proc(argv, stdout=subprocess.PIPE, log=running.workdir / "load.log")
+    watchdog = threading.Timer(limit, proc.stop)
+    watchdog.start()
+    try:
+        first = proc.popen.stdout.readline().strip()
+        if first != "window":
+            raise RuntimeError(f"{Path(argv[0]).name} failed (exit {proc.popen.wait()}): "
+                               f"{first or proc.log_tail(2)}")
+        box, fwd = BoxCpu.now(), running.usage()
+        line = proc.popen.stdout.readline()
+        box_end, fwd_end = BoxCpu.now(), running.usage()
+        if proc.popen.wait(30) != 0 or not line:
+            raise RuntimeError(f"{Path(argv[0]).name} failed (exit {proc.popen.returncode}): {proc.log_tail(2)}")
+    finally:
+        watchdog.cancel()
+        proc.stop()
+    cpu = fwd_end.cpu_s - fwd.cpu_s if fwd and fwd_end else None
+    return json.loads(line), cpu, box_end.cores_busy_since(box)
+
+
+def _per(cpu: float | None, amount: float, scale: float) -> float | None:
+    return cpu / amount * scale if cpu is not None and amount else None
+
+
+def tcp_bulk(streams: int) -> Callable[[Settings, Subject, Running], Metrics]:
+    def measure(s: Settings, subject: Subject, running: Running) -> Metrics:
+        res, cpu, cores = windowed([tool("bulk"), "recv", HOST, str(subject.port(backends.BULK)),
+                                    str(streams), str(s.warmup), str(s.seconds)], running)
+        return {"gbit_s": res["gbit_s"], "cpu_s_per_gb": _per(cpu, res["bytes"], 1e9), "cores": cores}
+    return measure
+
+
+def conn_rate(s: Settings, subject: Subject, running: Running) -> Metrics:
+    res, cpu, cores = windowed([tool("connrate"), HOST, str(subject.port(backends.ECHO)), str(s.concurrency),
+                                str(s.warmup), str(s.seconds), str(s.sources)], running)
+    return {"conns_s": res["conns_s"], "p50_us": res["p50_us"], "p99_us": res["p99_us"],
+            "cpu_us_per_conn": _per(cpu, res["conns"], 1e6), "errors": res["errors"], "cores": cores}
+
+
+def round_trip(proto: str) -> Callable[[Settings, Subject, Running], Metrics]:
+    def measure(s: Settings, subject: Subject, running: Running) -> Metrics:
+        res, _, cores = windowed([tool("pingpong"), proto, HOST, str(subject.port(backends.ECHO)), "64",
+                                  str(s.round_trips // 10), str(s.round_trips)], running)
+        if res["lost"]:
+            raise RuntimeError(f"{res['lost']} datagrams unanswered within 100 ms (after {res['n']} answered)")
+        return {"p50_us": res["p50_us"], "p99_us": res["p99_us"], "cores": cores}
+    return measure
+
+
+def udp_flood(size: int) -> Callable[[Settings, Subject, Running], Metrics]:
+    def measure(s: Settings, subject: Subject, running: Running) -> Metrics:
+        res, cpu, cores = windowed([tool("udpflood"), str(backends.SINK), HOST, str(subject.port(backends.SINK)),
+                                    str(size), str(s.warmup), str(s.seconds)], running)
+        return {"delivered_s": res["delivered_s"], "loss": res["loss"], "sent_s": res["sent_s"],
+                "cpu_us_per_dgram": _per(cpu, res["delivered"], 1e6), "cores": cores}
+    return measure
+
+
+def idle(s: Settings, subject: Subject, running: Running) -> Metrics:
+    conns = subject.idle_cap[0] if subject.idle_cap else s.idle_conns
+    before = running.usage()
+    holder = Proc([tool("idlehold"), HOST, str(subject.port(backends.ECHO)), str(conns)],
+                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, log=running.workdir / "load.log")
+    try:
+        if not holder.popen.stdout.readline():
+            raise RuntimeError(f"idlehold failed (exit {holder.popen.wait()}): {holder.log_tail(2)}")
+        time.sleep(1.0)  # let the forwarder settle: deferred frees, lazy upstream setup
+        after = running.usage()
+    finally:
+        holder.stop()
+    assert before and after
+    return {"kib_per_conn": (after.rss_kib - before.rss_kib) / conns,
+            "fds_per_conn": (after.fds - before.fds) / conns, "held": conns}
+
+
+@contextlib.contextmanager
+def wide_ports() -> Iterator[None]:
+    with local_port_range(1024, 65535):
+        yield
+
+
+GBIT = Column("gbit_s", "Gbit/s", True)
+CPU_GB = Column("cpu_s_per_gb", "fwd CPU-s/GB", False)
+P50, P99 = Column("p50_us", "p50 µs", False), Column("p99_us", "p99 µs", False)
+CORES = Column("cores", "cores busy")
+DELIVERED = (Column("delivered_s", "delivered/s", True), Column("loss", "loss"),
+             Column("cpu_us_per_dgram", "fwd CPU µs/datagram", False), CORES)
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("tcp1", "TCP bulk, 1 stream", "tcp", (GBIT, CPU_GB, CORES), tcp_bulk(1)),
+    Figure("tcp8", "TCP bulk, 8 streams", "tcp", (GBIT, CPU_GB, CORES), tcp_bulk(8)),
+    Figure("conns", "TCP connections/s (connect, 64 B echo, close)", "tcp",
+           (Column("conns_s", "conns/s", True), P50, P99,
+            Column("cpu_us_per_conn", "fwd CPU µs/conn", False), CORES),
+           conn_rate, wide_ports, setting="64 in flight from 16 client addresses"),
+    Figure("rtt_tcp", "TCP 64 B round trip", "tcp", (P50, P99, CORES), round_trip("tcp"), low_latency,
+           setting="/dev/cpu_dma_latency held at 0", compared=2),
+    Figure("rtt_udp", "UDP 64 B round trip", "udp", (P50, P99, CORES), round_trip("udp"), low_latency,
+           setting="/dev/cpu_dma_latency held at 0", compared=2),
+    Figure("udp64", "UDP flood, 64 B datagrams", "udp", DELIVERED, udp_flood(64)),
+    Figure("udp1400", "UDP flood, 1400 B datagrams", "udp", DELIVERED, udp_flood(1400)),
+    Figure("idle", "Idle TCP connections held", "tcp",
+           (Column("kib_per_conn", "fwd KiB/conn", False), Column("fds_per_conn", "fwd fds/conn", False),
+            Column("held", "held")),
+           idle, needs_forwarder=True, compared=2),
+)
+
+BY_NAME = {f.name: f for f in FIGURES}

@@ -1,0 +1,30 @@
+"""fastfwd as a bench subject, through its Python API (which sets the splice mode per rule).
+
+Run: ``python -m bench.peers.fastfwd_fwd --workers 1 --splice auto --forward tcp:611:601 ...``.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import uvloop
+
+import fastfwd
+
+from . import LOOPBACK, Forwards, parser, until_terminated
+
+
+async def serve(forwards: Forwards, workers: int, splice: str) -> None:
+    options = fastfwd.RuleOptions(splice=splice)  # type: ignore[arg-type]
+    rules = [fastfwd.Rule(proto=proto, listen_host=LOOPBACK, listen_port=listen,  # type: ignore[arg-type]
+                          target_host=LOOPBACK, target_port=target, options=options)
+             for proto, listen, target in forwards]
+    async with fastfwd.Forwarder(rules, workers=workers):
+        await until_terminated()
+
+
+if __name__ == "__main__":
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--splice", choices=("auto", "always", "never"), default="auto")
+    args = p.parse_args()
+    uvloop.run(serve(args.forward, args.workers, args.splice))

@@ -1,0 +1,142 @@
+"""Runs the comparison: ``python -m bench.run [--quick] [--only S,..] [--figures F,..]``.
+
+Starts the backends and every subject itself on loopback, interleaves subjects within each
+figure (A B C, A B C, ...), stops only what it started, and writes bench/results/
+results.json, results.md and chart.png. Figures run in an earlier invocation and not in
+this one are kept in results.json, each with the time it was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import backends, report
+from .build import build
+from .figures import BY_NAME as FIGURES_BY_NAME
+from .figures import FULL, QUICK, Figure, Settings
+from .subjects import BY_NAME as SUBJECTS_BY_NAME
+from .subjects import REPO, SUBJECTS, Subject
+from .system import machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONTROL = "control"
+
+
+def _names(text: str | None, known: dict, what: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_figure(figure: Figure, subjects: list[Subject], settings: Settings, repeats: int,
+               scratch: Path) -> dict:
+    """All repeats of one figure, subjects interleaved; failures are recorded, not raised."""
+    takers = [s for s in subjects if s.takes(figure.name, figure.proto)
+              and not (figure.needs_forwarder and s.kind == "direct")]
+    runs: dict[str, list] = {s.name: [] for s in takers}
+    failed = {s.name: reason for s in subjects if (reason := s.broken_for(figure.proto))}
+    with figure.context() as in_force:
+        for round_ in range(repeats):
+            for subject in takers:
+                if subject.name in failed:
+                    continue
+                log(f"{figure.name} {round_ + 1}/{repeats} {subject.name}")
+                try:
+                    running = subject.start(scratch)
+                except Exception as exc:
+                    failed[subject.name] = f"did not start: {exc}"
+                    continue
+                try:
+                    runs[subject.name].append(figure.measure(settings, subject, running))
+                except Exception as exc:
+                    failed[subject.name] = f"failed: {exc}"
+                finally:
+                    running.stop()
+    setting = figure.setting if in_force is not False else f"NOT in force: {figure.setting}"
+    notes = {s.name: s.idle_cap[1] for s in takers if figure.name == "idle" and s.idle_cap}
+    return {"title": figure.title, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "repeats": repeats, "settings": asdict(settings), "setting": setting, "runs": {k: v for k, v in runs.items() if v},
+            "failed": failed, "notes": notes}
+
+
+def run_control(repeats: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.control", "--repeats", str(repeats)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return {"failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "exit " + str(out.returncode)}
+    return json.loads(out.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short windows, one round (about two minutes)")
+    p.add_argument("--repeats", type=int, help="rounds per figure (default 3, 1 with --quick)")
+    p.add_argument("--only", metavar="SUBJECT,...", help=f"subjects ({', '.join(SUBJECTS_BY_NAME)})")
+    p.add_argument("--figures", metavar="FIGURE,...",
+                   help=f"figures ({', '.join([*FIGURES_BY_NAME, CONTROL])})")
+    p.add_argument("--fresh", action="store_true", help="drop figures kept from earlier runs")
+    args = p.parse_args(argv)
+    # Stopped from outside: unwind, so every started process is stopped and the port range restored.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the bench changes net.ipv4.ip_local_port_range and binds ports below 1024")
+    settings = QUICK if args.quick else FULL
+    repeats = args.repeats or (1 if args.quick else 3)
+    chosen = _names(args.only, SUBJECTS_BY_NAME, "subjects")
+    subjects = [s for s in SUBJECTS if chosen is None or s.name in chosen]
+    figure_names = _names(args.figures, {**FIGURES_BY_NAME, CONTROL: None}, "figures") or \
+        [*FIGURES_BY_NAME, CONTROL]
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "results.json"
+    results = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    results["machine"] = machine()
+    results.setdefault("figures", {})
+    results["subjects"] = {s.name: {"label": s.label, "kind": s.kind, "unavailable": s.unavailable()}
+                           for s in SUBJECTS}
+    available = [s for s in subjects if results["subjects"][s.name]["unavailable"] is None]
+    for s in subjects:
+        if s not in available:
+            log(f"skipping {s.name}: {results['subjects'][s.name]['unavailable']}")
+
+    build()
+    with tempfile.TemporaryDirectory(prefix="fastfwd-bench-") as tmp:
+        scratch = Path(tmp)
+        servers = backends.start(scratch)
+        try:
+            for name in figure_names:
+                if name == CONTROL:
+                    if any(s.kind == "fastfwd" for s in available):
+                        log("control plane: 8,000-port load and one-rule reload")
+                        results["control"] = run_control(5 if args.quick else 10)
+                    continue
+                results["figures"][name] = run_figure(FIGURES_BY_NAME[name], available, settings,
+                                                      repeats, scratch)
+                path.write_text(json.dumps(results, indent=1) + "\n")
+        finally:
+            for proc in servers:
+                proc.stop()
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    report.write(results, RESULTS)
+    log(f"wrote {RESULTS}/results.json, results.md, chart.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The machine: its description, whole-box CPU use, and the settings a run changes and restores."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .procs import CLK_TCK
+
+PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def machine() -> dict[str, object]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.startswith("model name")), "unknown")
+    mhz = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                if line.startswith("cpu MHz")), "?")
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": model, "cpu_mhz": mhz, "cpus": os.cpu_count(),
+        "hypervisor": "hypervisor" in cpuinfo,
+        "kernel": platform.uname().release, "uname": " ".join(platform.uname()),
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "python": platform.python_version(),
+    }
+
+
+@dataclass(frozen=True)
+class BoxCpu:
+    """A sample of /proc/stat: how busy all cores together have been since boot."""
+
+    busy_s: float
+    at: float
+
+    @classmethod
+    def now(cls) -> "BoxCpu":
+        cols = [int(c) for c in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        idle = cols[3] + cols[4]  # idle + iowait
+        return cls((sum(cols) - idle) / CLK_TCK, time.monotonic())
+
+    def cores_busy_since(self, earlier: "BoxCpu") -> float:
+        return (self.busy_s - earlier.busy_s) / max(self.at - earlier.at, 1e-9)
+
+
+@contextlib.contextmanager
+def local_port_range(low: int, high: int) -> Iterator[None]:
+    """Widen the ephemeral port range for a connection-rate run, and put it back after."""
+    old = PORT_RANGE.read_text()
+    PORT_RANGE.write_text(f"{low} {high}\n")
+    try:
+        yield
+    finally:
+        PORT_RANGE.write_text(old)
+
+
+@contextlib.contextmanager
+def low_latency() -> Iterator[bool]:
+    """Hold /dev/cpu_dma_latency at 0 so idle cores do not sleep deeply while we measure
+    round trips (waking an idle vCPU costs tens of microseconds). Yields whether it is held."""
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        os.write(fd, struct.pack("i", 0))
+        yield True
+    finally:
+        os.close(fd)
