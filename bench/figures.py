@@ -151,7 +151,7 @@ def idle(s: Settings, subject: Subject, running: Running) -> Metrics:
 
 @contextlib.contextmanager
 def wide_ports() -> Iterator[None]:
-    with local_port_range(1024, 65535):
+    with local_port_range(11000, 65535):
         yield
 
 

@@ -159,20 +159,23 @@ def _rinetd(workdir: Path, forwards: Sequence[Forward]) -> list[list[str]]:
 
 
 TCP, BOTH = frozenset({"tcp"}), frozenset({"tcp", "udp"})
-BULK_ONLY = frozenset({"tcp1", "tcp8"})
+BULK_ONLY, CONNS_ONLY = frozenset({"tcp1", "tcp8"}), frozenset({"conns"})
 
 
-def _fastfwd(splice: str, workers: int) -> Subject:
+def _fastfwd(splice: str, workers: int, sources: int = 0) -> Subject:
+    pool = f", {sources} upstream source addresses" if sources else ""
     return Subject(
-        f"fastfwd-{splice}-{workers}w", f"fastfwd (splice {splice}, {workers} worker{'s' * (workers > 1)})",
+        f"fastfwd-{splice}-{workers}w" + (f"-pool{sources}" if sources else ""),
+        f"fastfwd (splice {splice}, {workers} worker{'s' * (workers > 1)}{pool})",
         "fastfwd", BOTH, _python_forwarder("bench.peers.fastfwd_fwd", "--workers", str(workers),
-                                           "--splice", splice),
-        only=None if splice == "auto" else BULK_ONLY)
+                                           "--splice", splice, "--sources", str(sources)),
+        only=CONNS_ONLY if sources else None if splice == "auto" else BULK_ONLY)
 
 
 SUBJECTS: tuple[Subject, ...] = (
     Subject("direct", "direct (no forwarder)", "direct", BOTH),
     *(_fastfwd(splice, workers) for splice in ("auto", "always", "never") for workers in (1, 2)),
+    _fastfwd("auto", 1, sources=8),
     Subject("haproxy", "HAProxy (TCP mode)", "peer", TCP, _haproxy(False), ("haproxy",)),
     Subject("haproxy-splice", "HAProxy (TCP mode, splice-auto)", "peer", TCP, _haproxy(True), ("haproxy",)),
     Subject("nginx", "nginx stream", "peer", BOTH, _nginx, ("nginx",)),
