@@ -54,8 +54,9 @@ from ..leases import (
 
 log = logging.getLogger("fastfwd.neighbours")
 
-NUD_INCOMPLETE, NUD_REACHABLE, NUD_STALE, NUD_DELAY = 0x01, 0x02, 0x04, 0x08
-NUD_PROBE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x10, 0x20, 0x40, 0x80
+# Neighbour states (linux/neighbour.h) that matter here.
+NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE = 0x02, 0x04, 0x08, 0x10
+NUD_FAILED, NUD_PERMANENT = 0x20, 0x80
 _ALIVE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
 _FAMILIES = {4: 2, 6: 10}  # IP version -> AF_INET / AF_INET6
 
