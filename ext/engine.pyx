@@ -5,6 +5,7 @@ The Engine is the control plane's handle on them. It binds listening sockets, bu
 configurations and hands both to the workers as commands; every call that changes
 forwarding returns once all workers have applied it.
 """
+import errno as errno_mod
 import ipaddress
 import os
 
@@ -61,6 +62,17 @@ cdef bint is_wildcard(addr_t* a) noexcept nogil:
         if a.v6.sin6_addr.s6_addr[i]:
             return False
     return True
+
+
+def bind_error(int err, str proto, str host, int port):
+    # Say what the user can act on: which port, and what is wrong with it.
+    if err == errno_mod.EADDRINUSE:
+        return f"{proto} port {port} on {host} is already in use"
+    if err == errno_mod.EADDRNOTAVAIL:
+        return f"{host} is not an address of this host"
+    if err == errno_mod.EACCES:
+        return f"no permission to listen on {proto} port {port}"
+    return f"cannot listen on {proto} {host} port {port}: {strerror(err).decode()}"
 
 
 def _raise_nofile_limit():
@@ -206,11 +218,8 @@ cdef class Engine:
         if bind(fd, &a.sa, addr_len(&a)) < 0:
             err = errno
             close(fd)
-            host = format_addr(&a)[0]
-            host = f"[{host}]" if ":" in host else host
-            proto = "tcp" if r.proto == PROTO_TCP else "udp"
-            reason = "port already in use" if err == 98 else strerror(err).decode()
-            raise OSError(err, f"cannot listen on {proto} {host}:{port}: {reason}")
+            raise OSError(err, bind_error(err, "tcp" if r.proto == PROTO_TCP else "udp",
+                                          format_addr(&a)[0], port))
         r.listeners[index].fd = fd
         r.listeners[index].index = index
         r.listeners[index].rule = r

@@ -12,16 +12,18 @@ from .rules import DEFAULT_LISTEN, Rule, RuleOptions, SpecError
 
 __version__ = "0.1.0"
 __all__ = ["Rule", "RuleOptions", "SpecError", "DEFAULT_LISTEN", "Forwarder", "ActiveRule",
-           "Counters", "Diff", "__version__"]
+           "Counters", "Diff", "Config", "ConfigError", "load_config", "__version__"]
 
 if TYPE_CHECKING:
+    from .config import Config, ConfigError, load_config
     from .forwarder import ActiveRule, Counters, Diff, Forwarder
 
-_LAZY = {"Forwarder", "ActiveRule", "Counters", "Diff"}
+_LAZY = {"Forwarder": "forwarder", "ActiveRule": "forwarder", "Counters": "forwarder",
+         "Diff": "forwarder", "Config": "config", "ConfigError": "config", "load_config": "config"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import forwarder
-        return getattr(forwarder, name)
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'fastfwd' has no attribute {name!r}")

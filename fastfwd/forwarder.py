@@ -12,9 +12,10 @@ wait on Python), so when ``add``/``resolve``/``apply`` return, traffic already f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
 from .rules import Rule, is_ip
@@ -96,7 +97,7 @@ class Forwarder:
         self._initial = list(rules)
         self._workers = workers or len(os.sched_getaffinity(0))
         self._pipe_size = pipe_size
-        self._names: dict[str, str] = dict(hosts or {})
+        self._names: dict[str, str] = {name.lower(): ip for name, ip in (hosts or {}).items()}
         self._table: dict[tuple, ActiveRule] = {}
         self._engine = None
 
@@ -146,13 +147,16 @@ class Forwarder:
         return list(self._table.values())
 
     def find(self, rule: Rule | ActiveRule) -> ActiveRule | None:
-        key = rule.rule.key if isinstance(rule, ActiveRule) else rule.key
-        return self._table.get(key)
+        if isinstance(rule, ActiveRule):
+            return rule if rule.installed else None
+        if rule.listen_port:
+            return self._table.get(rule.key)
+        return next((a for a in self._table.values() if a.rule == rule), None)
 
     async def add(self, rule: Rule) -> ActiveRule:
         """Start forwarding ``rule``. Raises OSError (port in use, address not local, ...)."""
         engine = self._require()
-        if rule.key in self._table and rule.listen_port:
+        if rule.listen_port and rule.key in self._table:
             raise ValueError(f"{rule}: a rule already listens on these ports")
         rule_id, port = engine.add_rule(rule.proto, rule.listen_host, rule.listen_port, rule.count)
         active = ActiveRule(rule=rule, id=rule_id, port=port)
@@ -162,13 +166,14 @@ class Forwarder:
         except BaseException:
             engine.remove_rule(rule_id, True)
             raise
+        # A rule on port 0 is filed under the port it got: the same rule may run twice.
         self._table[rule.key if rule.listen_port else (*rule.key[:2], port, 1)] = active
         log.info("forwarding %s%s", _describe(active), " (pending: no address yet)" if active.pending else "")
         return active
 
     async def remove(self, rule: Rule | ActiveRule) -> None:
-        active = self.find(rule) if not isinstance(rule, ActiveRule) else rule
-        if active is None or not active.installed:
+        active = self.find(rule)
+        if active is None:
             raise KeyError(f"no such rule: {rule}")
         self._uninstall(active, close_live=active.rule.options.on_remove == "close")
         self._table = {k: v for k, v in self._table.items() if v is not active}
@@ -179,51 +184,47 @@ class Forwarder:
 
         Unchanged rules keep their listeners, connections and sessions; a rule whose target
         changed is re-pointed in place; one whose options changed is reconfigured in place.
-        New listeners are bound before anything is removed, so a port clash leaves the old
-        table running; ports that move from a removed rule to a new one are bound after it.
+        New listeners are bound before anything is removed; ports that move from a removed
+        rule to a new one are bound after it. If any step fails, the steps already taken are
+        undone in reverse and the error is raised: the table is as it was.
         """
         self._require()
-        wanted: dict[tuple, Rule] = {}
-        for rule in rules:
-            if rule.key in wanted:
-                raise ValueError(f"{rule}: listed twice")
-            wanted[rule.key] = rule
+        pairs, gone = self._match(rules)
+        fresh = [rule for rule, active in pairs if active is None]
+        later = [rule for rule in fresh if any(_overlaps(rule, a.rule) for a in gone)]
         diff = Diff()
-        gone = [a for k, a in self._table.items() if k not in wanted]
-        fresh = [r for k, r in wanted.items() if k not in self._table]
-        later = [r for r in fresh if any(_overlaps(r, a.rule) for a in gone)]
+        undo: list[Callable[[], Awaitable[object]]] = []
         try:
             for rule in fresh:
                 if rule not in later:
-                    diff.added.append(await self.add(rule))
-        except BaseException:
-            for active in diff.added:
+                    diff.added.append(active := await self.add(rule))
+                    undo.append(functools.partial(self.remove, active))
+            for rule, active in pairs:
+                if active is not None:
+                    old = active.rule
+                    self._update(active, rule, diff)
+                    undo.append(functools.partial(self._revert, active, old))
+            for active in gone:
                 await self.remove(active)
+                diff.removed.append(active)
+                undo.append(functools.partial(self.add, active.rule))
+            for rule in later:
+                diff.added.append(active := await self.add(rule))
+                undo.append(functools.partial(self.remove, active))
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    await step()
+                except Exception:
+                    log.exception("could not undo a step of a failed rule change")
             raise
-        for key, rule in wanted.items():
-            active = self._table.get(key)
-            if active is None or active in diff.added:
-                continue
-            old, active.rule = active.rule, rule
-            if old.options != rule.options:
-                self._configure(active)
-                diff.reconfigured.append(active)
-            if (old.target_host, old.target_port) != (rule.target_host, rule.target_port):
-                self._point(active, close_live=rule.options.on_retarget == "close")
-                diff.retargeted.append(active)
-            elif old.options == rule.options:
-                diff.unchanged.append(active)
-        for active in gone:
-            await self.remove(active)
-            diff.removed.append(active)
-        for rule in later:
-            diff.added.append(await self.add(rule))
         return diff
 
     async def resolve(self, name: str, ip: str | None) -> list[ActiveRule]:
         """Tell the forwarder where ``name`` lives now (``None``: nowhere). Rules targeting it
         are re-pointed (or made pending) before this returns. Returns the rules it touched."""
         self._require()
+        name = name.lower()
         if ip is not None and not is_ip(ip):
             raise ValueError(f"{ip!r} is not an IP address")
         if self._names.get(name) == ip:
@@ -244,15 +245,15 @@ class Forwarder:
 
     # -- observation -------------------------------------------------------------------------
     def counters(self, rule: Rule | ActiveRule) -> Counters:
-        active = rule if isinstance(rule, ActiveRule) else self.find(rule)
-        if active is None or not active.installed:
+        active = self.find(rule)
+        if active is None:
             raise KeyError(f"no such rule: {rule}")
         return Counters(**self._require().counters(active.id))
 
     def sessions(self, rule: Rule | ActiveRule) -> list[tuple[str, int]]:
         """Client addresses of the rule's live UDP sessions."""
-        active = rule if isinstance(rule, ActiveRule) else self.find(rule)
-        if active is None or not active.installed:
+        active = self.find(rule)
+        if active is None:
             raise KeyError(f"no such rule: {rule}")
         return self._require().sessions(active.id)
 
@@ -261,6 +262,37 @@ class Forwarder:
         if self._engine is None:
             raise RuntimeError("the forwarder is not started (use 'async with' or await start())")
         return self._engine
+
+    def _match(self, rules: Iterable[Rule]) -> tuple[list[tuple[Rule, ActiveRule | None]], list[ActiveRule]]:
+        """Pair each wanted rule with the entry it continues (None: a new rule), and list the
+        entries no wanted rule continues. A port-0 rule continues an equal port-0 rule."""
+        free = dict(self._table)
+        pairs: list[tuple[Rule, ActiveRule | None]] = []
+        listed: set[tuple] = set()
+        for rule in rules:
+            if rule.listen_port:
+                if rule.key in listed:
+                    raise ValueError(f"{rule}: listed twice")
+                listed.add(rule.key)
+                pairs.append((rule, free.pop(rule.key, None)))
+            else:
+                slot = next((k for k, a in free.items() if a.rule == rule), None)
+                pairs.append((rule, free.pop(slot) if slot is not None else None))
+        return pairs, list(free.values())
+
+    def _update(self, active: ActiveRule, rule: Rule, diff: Diff) -> None:
+        old, active.rule = active.rule, rule
+        if old.options != rule.options:
+            self._configure(active)
+            diff.reconfigured.append(active)
+        if (old.target_host, old.target_port) != (rule.target_host, rule.target_port):
+            self._point(active, close_live=rule.options.on_retarget == "close")
+            diff.retargeted.append(active)
+        elif old.options == rule.options:
+            diff.unchanged.append(active)
+
+    async def _revert(self, active: ActiveRule, old: Rule) -> None:
+        self._update(active, old, Diff())
 
     def _configure(self, active: ActiveRule) -> None:
         o = active.rule.options

@@ -106,6 +106,8 @@ class Rule:
             raise SpecError(f"proto: expected 'tcp' or 'udp', got {self.proto!r}")
         object.__setattr__(self, "listen_host", str(parse_ip(self.listen_host, "listen address")))
         check_target_host(self.target_host)
+        if not is_ip(self.target_host):
+            object.__setattr__(self, "target_host", self.target_host.lower())  # names ignore case
         if self.count < 1:
             raise SpecError(f"port count must be at least 1, got {self.count}")
         if self.listen_port == 0 and self.count != 1:

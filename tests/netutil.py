@@ -831,10 +831,12 @@ def connect_retry(port: int, host: str = LOOP4, timeout: float = TIMEOUT) -> soc
 
 
 def is_refused(port: int, host: str = LOOP4) -> bool:
+    """True if nothing accepts on ``port``: refused, or reset inside connect() (a SYN that
+    raced the listener's close and was queued as it went)."""
     try:
         with connect(port, host, timeout=2):
             return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
 
 

@@ -1,0 +1,53 @@
+"""Applying a rule set is all or nothing: a step that fails undoes the steps before it."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+import fastfwd
+from netutil import LOOP4, SyncForwarder, TcpServer, connect, free_port_range
+
+
+def greeting(word: bytes):
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(word)
+    return handler
+
+
+def greeting_at(port: int) -> bytes:
+    with connect(port) as sock:
+        return sock.recv(16)
+
+
+def rule(listen: str, target_port: int, **options: object) -> fastfwd.Rule:
+    return fastfwd.Rule.parse(f"{listen}:{LOOP4}:{target_port}", options=fastfwd.RuleOptions(**options))
+
+
+def test_failed_apply_leaves_every_rule_as_it_was(fwd: SyncForwarder) -> None:
+    with TcpServer(greeting(b"a")) as a, TcpServer(greeting(b"b")) as b:
+        base = free_port_range(3)
+        moved, kept = f"{base}", f"{base + 2}"
+        fwd.apply([rule(moved, a.port), rule(kept, a.port)])
+        # The new rule takes over `moved` and the port after it, which someone else holds:
+        # it can only be bound after the old rule is gone, and then it fails.
+        with socket.create_server((LOOP4, base + 1)):
+            grown = fastfwd.Rule.parse(f"{base}-{base + 1}:{LOOP4}:{a.port}-{a.port + 1}")
+            with pytest.raises(OSError, match=f"port {base + 1} on 127.0.0.1 is already in use"):
+                fwd.apply([grown, rule(kept, b.port)])
+        # The removed rule is back, the re-pointed one points where it did.
+        assert greeting_at(base) == b"a"
+        assert greeting_at(base + 2) == b"a"
+        assert sorted(str(r.rule) for r in fwd.fw.rules) == sorted(
+            [str(rule(moved, a.port)), str(rule(kept, a.port))])
+
+
+def test_port_zero_rules_continue_across_apply(fwd: SyncForwarder) -> None:
+    with TcpServer(greeting(b"a")) as a:
+        anywhere = rule("0", a.port)
+        first = fwd.apply([anywhere, anywhere])      # the same rule twice: two ports
+        assert len(first.added) == 2 and first.added[0].port != first.added[1].port
+        again = fwd.apply([anywhere, anywhere])
+        assert not again.changed and len(again.unchanged) == 2
+        assert {r.port for r in again.unchanged} == {r.port for r in first.added}
+        assert all(greeting_at(r.port) == b"a" for r in again.unchanged)
