@@ -62,6 +62,8 @@ class Daemon:
         self._names: dict[str, str] = {}
         #: Serialises every change to the rule table: reloads, lease changes, run-time rules.
         self._lock = asyncio.Lock()
+        #: Serialises the writers of the lease table: the lease socket and the neighbour table.
+        self._lease_lock = asyncio.Lock()
         self._stop: asyncio.Future[str] | None = None
         self._draining: asyncio.Future[None] | None = None
 
@@ -113,13 +115,15 @@ class Daemon:
                 except DaemonError:
                     await fw.close()
                     raise
-            watcher = asyncio.create_task(self._watch()) if self.path else None
+            tasks = [asyncio.create_task(self._watch())] if self.path else []
+            if self.config.sources.neighbours:
+                tasks.append(asyncio.create_task(self._watch_neighbours()))
             log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(fw.rules), fw.workers,
                      f", watching {self.path}" if self.path else "")
             how = await self._stop
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await _close_all(servers)
             async with self._lock:  # a reload under way finishes before the engine goes
                 await self._shutdown(fw, how)
@@ -203,6 +207,18 @@ class Daemon:
         async with self._lock:
             await self._resolve()
 
+    async def _watch_neighbours(self) -> None:
+        """Addresses of static VMs from the kernel's neighbour table, into the lease table;
+        only the MACs of [hosts] entries count, so other machines on the bridge stay out."""
+        from .host.neighbours import feed_neighbours
+
+        def macs() -> set[str]:
+            return {entry.mac for entry in self.config.hosts.values() if entry.mac}
+        try:
+            await feed_neighbours(self.leases, self.leases_changed, macs=macs, lock=self._lease_lock)
+        except OSError as exc:
+            log.error("the neighbour-table source stopped: %s", _reason(exc))
+
     async def _resolve(self) -> None:
         assert self.fw is not None
         names = resolve_names(self.config.hosts, self.leases)
@@ -265,7 +281,8 @@ class Daemon:
         servers: list[JsonLineServer | asyncio.AbstractServer] = []
         units: list[JsonLineServer] = [ControlServer(c.control_socket, self, access=access)]
         if self.config.sources.dhcp:
-            units.append(LeaseServer(c.lease_socket, self.leases, self.leases_changed, access=access))
+            units.append(LeaseServer(c.lease_socket, self.leases, self.leases_changed, access=access,
+                                     lock=self._lease_lock))
         for unit in units:
             try:
                 await unit.start()

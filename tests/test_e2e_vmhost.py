@@ -90,8 +90,6 @@ def test_dhcp_vm_is_followed_through_lease_changes_and_restarts(host: VmHost) ->
     flow.close()
 
 
-@pytest.mark.xfail(reason="the daemon does not start the neighbour source yet "
-                          "(fastfwd.host.neighbours.feed_neighbours; see docs/vm-hosts.md)")
 def test_static_vm_is_reached_through_the_neighbour_table(host: VmHost) -> None:
     host.sources = "dhcp = false\nneighbours = true"
     host.write_config(MAC1)
