@@ -203,6 +203,7 @@ cdef class Engine:
         # would let a stale process share the port unnoticed.
         if r.proto == PROTO_TCP:
             set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1)
+            set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1)    # accepted sockets inherit it
         if family == AF_INET6:
             set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1)
         if r.proto == PROTO_UDP:

@@ -97,8 +97,7 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
             rw.c.accept_paused += 1
             pause_listener(w, l, w.now + PAUSE_MS)
         return False
-    set_int_opt(cfd, IPPROTO_TCP, TCP_NODELAY, 1)
-    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)
+    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has it from the listener
     if conf.nsource:
         # Spread upstream connections over several local addresses; the port is chosen at
         # connect() time, so each address gets its own full port range.
@@ -150,8 +149,10 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
     if c.state == CONN_CONNECTING:
         if side == 0 or not c.wr[1]:
             return
-        getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &elen)
-        if err != 0:
+        # Writable without an error means connected; only a failure needs SO_ERROR's reason.
+        if events & (EPOLLERR | EPOLLHUP):
+            getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &elen)
+        if err != 0 or events & EPOLLHUP:
             rw.c.connect_failed += 1
             conn_close(w, c, True)
             return
