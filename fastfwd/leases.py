@@ -15,6 +15,7 @@ skipped one by one, with a log line each.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -23,7 +24,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,8 @@ from typing import Any, Literal
 log = logging.getLogger("fastfwd.leases")
 
 Event = Literal["add", "old", "del"]
+#: A lease's identity: its MAC and address family (4 or 6).
+LeaseKey = tuple[str, int]
 EVENTS: tuple[Event, ...] = ("add", "old", "del")
 
 STATE_FILE = "leases.json"
@@ -91,8 +94,8 @@ class Lease:
         object.__setattr__(self, "ip", normalize_ip(self.ip))
         object.__setattr__(self, "hostname", normalize_hostname(self.hostname))
 
-    @property
-    def key(self) -> tuple[str, int]:
+    @functools.cached_property
+    def key(self) -> LeaseKey:
         return (self.mac, ipaddress.ip_address(self.ip).version)
 
     @classmethod
@@ -146,7 +149,10 @@ class LeaseTable:
     """The current leases. With a ``state_file``, every change is saved before it is returned."""
 
     def __init__(self, leases: Iterable[Lease] = (), *, state_file: str | os.PathLike[str] | None = None) -> None:
-        self._leases: dict[tuple[str, int], Lease] = {}
+        self._leases: dict[LeaseKey, Lease] = {}
+        #: Who holds each address, so that an event or a restored entry costs the same however
+        #: large the table is.
+        self._holders: dict[str, LeaseKey] = {}
         for lease in leases:
             self._put(lease)
         self.state_file = Path(state_file) if state_file is not None else None
@@ -155,7 +161,7 @@ class LeaseTable:
     def __len__(self) -> int:
         return len(self._leases)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Lease]:
         return iter(sorted(self._leases.values(), key=lambda lease: lease.key))
 
     def for_mac(self, mac: str) -> Lease | None:
@@ -169,11 +175,13 @@ class LeaseTable:
         still holds that address. Returns what changed (a refreshed ``seen`` alone is not a change)."""
         if event not in EVENTS:
             raise LeaseError(f"event: expected one of {', '.join(EVENTS)}, got {event!r:.80}")
-        before = dict(self._leases)
+        holder = self._holders.get(lease.ip)
+        # Only the MAC's own lease and the address's previous holder can change.
+        before = {key: self._leases.get(key) for key in {lease.key, holder} if key is not None}
         if event == "del":
-            held = self._leases.get(lease.key)
-            if held is not None and held.ip == lease.ip:
+            if holder == lease.key:
                 del self._leases[lease.key]
+                del self._holders[lease.ip]
         else:
             self._put(lease)
         return self._commit(before)
@@ -181,30 +189,36 @@ class LeaseTable:
     def apply_snapshot(self, leases: Iterable[Lease]) -> list[LeaseChange]:
         """Make the table exactly ``leases``: anything absent is gone. Validated whole first, so
         a snapshot that lists a MAC twice per family, or one address twice, changes nothing."""
-        wanted: dict[tuple[str, int], Lease] = {}
-        owners: dict[str, str] = {}
+        wanted: dict[LeaseKey, Lease] = {}
+        holders: dict[str, LeaseKey] = {}
         for lease in leases:
             if lease.key in wanted:
                 raise LeaseError(f"snapshot lists {lease.mac} twice for IPv{lease.key[1]}")
-            if lease.ip in owners:
-                raise LeaseError(f"snapshot gives {lease.ip} to both {owners[lease.ip]} and {lease.mac}")
+            if lease.ip in holders:
+                raise LeaseError(f"snapshot gives {lease.ip} to both {holders[lease.ip][0]} and {lease.mac}")
             wanted[lease.key] = lease
-            owners[lease.ip] = lease.mac
-        before = dict(self._leases)
-        self._leases = wanted
+            holders[lease.ip] = lease.key
+        before: dict[LeaseKey, Lease | None] = {key: None for key in wanted}
+        before.update(self._leases)
+        self._leases, self._holders = wanted, holders
         return self._commit(before)
 
     def _put(self, lease: Lease) -> None:
+        replaced = self._leases.get(lease.key)
+        if replaced is not None:
+            del self._holders[replaced.ip]
         # The newest holder of an address wins: the previous holder's del may have been lost.
-        for key, held in list(self._leases.items()):
-            if held.ip == lease.ip and key != lease.key:
-                del self._leases[key]
+        previous = self._holders.get(lease.ip)
+        if previous is not None:
+            del self._leases[previous]
         self._leases[lease.key] = lease
+        self._holders[lease.ip] = lease.key
 
-    def _commit(self, before: Mapping[tuple[str, int], Lease]) -> list[LeaseChange]:
-        changes = [LeaseChange(before.get(key), self._leases.get(key))
-                   for key in sorted(before.keys() | self._leases.keys())
-                   if not _same(before.get(key), self._leases.get(key))]
+    def _commit(self, before: Mapping[LeaseKey, Lease | None]) -> list[LeaseChange]:
+        """The changes against ``before``, which holds every key that may have changed (None:
+        absent before); saved to the state file if there are any."""
+        changes = [LeaseChange(before[key], self._leases.get(key))
+                   for key in sorted(before) if not _same(before[key], self._leases.get(key))]
         if changes and self.state_file is not None:
             try:
                 self.save()
@@ -218,14 +232,15 @@ class LeaseTable:
         if self.state_file is None:
             raise RuntimeError("this lease table has no state file")
         entries = [lease.to_json() for lease in self]
-        doc = {"version": _STATE_VERSION, "sha256": _digest(entries), "leases": entries}
         directory = self.state_file.parent
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.state_file.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1)
-                f.write("\n")
+                # One entry a line: readable, and still the C encoder (indent= is pure Python,
+                # ten times slower on a large table).
+                f.write(f'{{"version": {_STATE_VERSION}, "sha256": "{_digest(entries)}", "leases": [')
+                f.write(",".join(f"\n{json.dumps(entry)}" for entry in entries) + "\n]}\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_file)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -208,6 +209,47 @@ def test_no_change_writes_nothing(tmp_path: Path) -> None:
     table = LeaseTable.restore(state)
     table.apply_event("del", lease(A, "10.0.0.1"))
     assert not state.exists()
+
+
+@pytest.mark.timeout(30)
+def test_a_large_table_restores_and_takes_events_in_linear_time(tmp_path: Path) -> None:
+    """40,000 leases (a snapshot's limit is about 80,000): restoring once took minutes, every
+    restored entry scanning the whole table for its address."""
+    state = tmp_path / STATE_FILE
+    many = [lease(f"52:54:00:{i >> 16:02x}:{i >> 8 & 255:02x}:{i & 255:02x}", f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}")
+            for i in range(40_000)]
+    LeaseTable(state_file=state).apply_snapshot(many)
+    table = LeaseTable.restore(state)
+    assert list(table) == many
+    taken = lease("52:54:01:00:00:01", many[-1].ip)  # a MAC not in the table takes an address
+    assert table.apply_event("add", taken) == [LeaseChange(many[-1], None), LeaseChange(None, taken)]
+    assert len(LeaseTable.restore(state)) == 40_000
+
+
+def test_the_table_agrees_with_a_plain_model_over_random_events() -> None:
+    """Events and snapshots against a table that scans everything: the address index must
+    never disagree with it."""
+    rng = random.Random(7)
+    table, model = LeaseTable(), {}
+    macs, ips = [A, B, C], ["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"]
+    for step in range(2000):
+        if step % 97 == 0:
+            chosen = {(x.mac, x.key[1]): x for x in (lease(rng.choice(macs), ip) for ip in rng.sample(ips, 2))}
+            table.apply_snapshot(chosen.values())
+            model = dict(chosen)
+            continue
+        event, new = rng.choice(["add", "old", "del"]), lease(rng.choice(macs), rng.choice(ips))
+        before = dict(model)
+        if event == "del":
+            if new.key in model and model[new.key].ip == new.ip:
+                del model[new.key]
+        else:
+            model = {k: v for k, v in model.items() if v.ip != new.ip or k == new.key}
+            model[new.key] = new
+        expected = [LeaseChange(before.get(k), model.get(k)) for k in sorted(before.keys() | model.keys())
+                    if before.get(k) != model.get(k)]
+        assert table.apply_event(event, new) == expected, (step, event, new)
+        assert list(table) == sorted(model.values(), key=lambda x: x.key)
 
 
 def _saved(tmp_path: Path) -> tuple[Path, bytes]:
