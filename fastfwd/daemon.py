@@ -82,7 +82,11 @@ class Daemon:
         """Start forwarding every wanted rule; a rule that cannot listen is a DaemonError."""
         engine = self.config.engine
         if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
-            self.leases = LeaseTable.restore(Path(self.control.state_dir) / STATE_FILE)
+            state = Path(self.control.state_dir) / STATE_FILE
+            try:
+                self.leases = LeaseTable.restore(state)
+            except OSError as exc:
+                raise DaemonError(f"lease state {state}: {_reason(exc)}") from None
         self._names = resolve_names(self.config.hosts, self.leases)
         fw = Forwarder(workers=self.overrides.workers or engine.workers, pipe_size=engine.pipe_size,
                        hosts=self._names)

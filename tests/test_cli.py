@@ -104,6 +104,17 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert line.endswith("in use")
 
 
+@pytest.mark.parametrize("make", [lambda p: p.write_text(""), lambda p: (p / "leases.json").mkdir(parents=True)])
+def test_unreadable_lease_state_is_one_clear_line(tmp_path: Path, make) -> None:
+    state = tmp_path / "state"
+    make(state)  # a file where the directory should be, or a directory where the file should be
+    result = fastfwd("run", "--control-socket", str(tmp_path / "c.sock"), "--lease-socket", str(tmp_path / "l.sock"),
+                     "--state-dir", str(state), "-t", f"{free_port()}:127.0.0.1:9")
+    assert result.returncode == 2
+    assert result.stderr in (f"fastfwd: lease state {state / 'leases.json'}: Not a directory\n",
+                             f"fastfwd: lease state {state / 'leases.json'}: Is a directory\n")
+
+
 @needs_engine
 def test_unknown_user_in_control_is_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "f.toml"
