@@ -66,6 +66,7 @@ class Daemon:
         self._lease_lock = asyncio.Lock()
         self._stop: asyncio.Future[str] | None = None
         self._draining: asyncio.Future[None] | None = None
+        self._reloads: set[asyncio.Future[Diff | None]] = set()
 
     # -- what should be forwarded -------------------------------------------------------------
     def wanted_rules(self, config: Config | None = None) -> list[Rule]:
@@ -79,30 +80,33 @@ class Daemon:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> Forwarder:
-        """Start forwarding every wanted rule; a rule that cannot listen is a DaemonError."""
-        engine = self.config.engine
-        if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
-            state = Path(self.control.state_dir) / STATE_FILE
+        """Start forwarding every wanted rule; a rule that cannot listen, or lease state that
+        cannot be read, is a DaemonError. A reload asked for meanwhile waits until this is done."""
+        async with self._lock:
+            if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
+                state = Path(self.control.state_dir) / STATE_FILE
+                try:
+                    self.leases = LeaseTable.restore(state)
+                except OSError as exc:
+                    raise DaemonError(f"lease state {state}: {_reason(exc)}") from None
+            self._names = resolve_names(self.config.hosts, self.leases)
+            engine = self.config.engine
+            fw = Forwarder(workers=self.overrides.workers or engine.workers, pipe_size=engine.pipe_size,
+                           hosts=self._names)
             try:
-                self.leases = LeaseTable.restore(state)
-            except OSError as exc:
-                raise DaemonError(f"lease state {state}: {_reason(exc)}") from None
-        self._names = resolve_names(self.config.hosts, self.leases)
-        fw = Forwarder(workers=self.overrides.workers or engine.workers, pipe_size=engine.pipe_size,
-                       hosts=self._names)
-        try:
-            await fw.start()
-        except ImportError as exc:
-            raise DaemonError(f"the data-plane engine is not built ({exc}); run: python setup.py build_ext --inplace") from None
-        self.fw = fw
-        for rule in self.wanted_rules():
-            try:
-                await fw.add(rule)  # one by one, so a failure names its rule
-            except (OSError, ValueError) as exc:
-                await fw.close()
-                raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
-        self.cli_rules = [_pinned(a) for a in fw.rules if a.rule in self.cli_rules]
-        return fw
+                await fw.start()
+            except ImportError as exc:
+                raise DaemonError(f"the data-plane engine is not built ({exc}); "
+                                  "run: python setup.py build_ext --inplace") from None
+            for rule in self.wanted_rules():
+                try:
+                    await fw.add(rule)  # one by one, so a failure names its rule
+                except (OSError, ValueError) as exc:
+                    await fw.close()
+                    raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
+            self.cli_rules = [_pinned(a) for a in fw.rules if a.rule in self.cli_rules]
+            self.fw = fw
+            return fw
 
     async def run(self) -> int:
         """Serve until stopped by a signal. Returns the exit status."""
@@ -128,6 +132,9 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # A SIGHUP reload under way finishes (cancelling it could leave a rule half applied);
+            # one still waiting for the lock sees the stop and does nothing.
+            await asyncio.gather(*self._reloads, return_exceptions=True)
             await _close_all(servers)
             async with self._lock:  # a reload under way finishes before the engine goes
                 await self._shutdown(fw, how)
@@ -135,6 +142,10 @@ class Daemon:
             for sig in signals:
                 loop.remove_signal_handler(sig)
         return 0
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.done()
 
     def stop(self, how: str = "now") -> None:
         """Ask ``run`` to end: ``drain`` waits for live connections, ``now`` does not."""
@@ -153,7 +164,9 @@ class Daemon:
         log.info("fastfwd stopped")
 
     def _on_hup(self) -> None:
-        asyncio.ensure_future(self.reload("SIGHUP"))
+        task = asyncio.ensure_future(self.reload("SIGHUP"))
+        self._reloads.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._reloads.discard)
 
     def _on_term(self) -> None:
         if self._draining is not None:
@@ -172,8 +185,10 @@ class Daemon:
         if self.path is None:
             log.info("%s: no config file, nothing to reload", why)
             return None
-        assert self.fw is not None
         async with self._lock:
+            if self.fw is None or self._stopping:
+                log.info("%s: not forwarding (start failed or stopping), nothing to reload", why)
+                return None
             try:
                 config = load_config(self.path)
             except ConfigError as exc:
@@ -256,13 +271,13 @@ class Daemon:
         """Remove a rule added at run time. Rules of the config file or the command line are
         refused: the next reload would bring them back, so removing them would only mislead."""
         assert self.fw is not None
-        active = self.fw.find(rule)
-        if active is None:
-            raise KeyError(str(rule))
-        key = _pinned(active).key
-        if key not in self.runtime_rules:
-            raise ValueError(f"{active.rule} comes from the config file or the command line; edit those instead")
-        async with self._lock:
+        async with self._lock:  # looked up under the lock: a concurrent remove may have won
+            active = self.fw.find(rule)
+            if active is None:
+                raise KeyError(str(rule))
+            key = _pinned(active).key
+            if key not in self.runtime_rules:
+                raise ValueError(f"{active.rule} comes from the config file or the command line; edit those instead")
             await self.fw.remove(active)
             del self.runtime_rules[key]
 

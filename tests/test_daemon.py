@@ -2,6 +2,7 @@
 restart with restored leases, metrics, run-time rules, and the SIGTERM drain / SIGINT stop."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fastfwd.config import load_config
+from fastfwd.daemon import Daemon, Overrides
 from fastfwd.unixclient import call
 
 from helpers_control import (DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip, free_port, needs_engine,
@@ -237,6 +240,23 @@ def test_socket_of_a_running_daemon_is_not_taken_over(tmp_path: Path, echo: Echo
                          str(tmp_path / "other.sock"), "--state-dir", str(tmp_path), "-t", f"{free_port()}:127.0.0.1:9")
         assert result.returncode == 2
         assert result.stderr.splitlines()[-1].startswith(f"fastfwd: {tmp_path / 'control.sock'}: ")
+
+
+def test_a_reload_asked_for_during_start_waits_for_it(tmp_path: Path, echo: EchoServer) -> None:
+    """A SIGHUP while the rules are still being added must not apply a second copy of them
+    (nor find the forwarder missing): it runs once the start is done."""
+    port, path = free_port(), tmp_path / "f.toml"
+    path.write_text(f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n')
+
+    async def main() -> None:
+        d = Daemon(load_config(path), path, overrides=Overrides(workers=1, state_dir=str(tmp_path / "state")))
+        fw, diff = await asyncio.gather(d.start(), d.reload("SIGHUP"))
+        try:
+            assert diff is not None and (len(diff.unchanged), diff.added) == (1, [])
+            assert await asyncio.to_thread(echo_roundtrip, port)
+        finally:
+            await fw.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def _read_all(sock: socket.socket, into: bytearray) -> None:
