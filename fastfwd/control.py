@@ -19,8 +19,9 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .config import ConfigError, parse_rule_options
 from .leases import Lease
-from .rules import Rule, RuleOptions, SpecError
+from .rules import Rule, SpecError
 from .unixserver import Access, JsonLineServer, Request, RequestError
 
 if TYPE_CHECKING:
@@ -70,14 +71,16 @@ class ControlServer(JsonLineServer):
         if cmd == "metrics":
             return {"text": self._target.metrics()}
         if cmd == "add":
+            rule = _rule(doc, ("cmd", "spec", "proto", "name", "options"))
             try:
-                active = await self._target.add_rule(_rule(doc, ("cmd", "spec", "proto", "name", "options")))
+                active = await self._target.add_rule(rule)
             except (OSError, ValueError) as exc:
                 raise RequestError(f"cannot add: {exc}") from None
             return {"rule": self._describe(active, sessions=False)}
         if cmd == "remove":
+            rule = _rule(doc, ("cmd", "spec", "proto"))
             try:
-                await self._target.remove_rule(_rule(doc, ("cmd", "spec", "proto")))
+                await self._target.remove_rule(rule)
             except KeyError:
                 raise RequestError(f"no rule listens on {doc['spec']}") from None
             except ValueError as exc:
@@ -119,11 +122,9 @@ def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
     if not isinstance(options, dict):
         raise RequestError('"options" must be an object of rule options')
     try:
-        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-        opts = RuleOptions(**fields)
-        return Rule.parse(spec, proto, name=name, options=opts)
-    except TypeError as exc:  # an unknown option name
-        raise RequestError(f"options: {exc}") from None
+        return Rule.parse(spec, proto, name=name, options=parse_rule_options(options))
+    except ConfigError as exc:
+        raise RequestError("; ".join(exc.errors)) from None
     except SpecError as exc:
         raise RequestError(str(exc)) from None
 
