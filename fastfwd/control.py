@@ -94,10 +94,7 @@ class ControlServer(JsonLineServer):
 
     def _describe(self, active: ActiveRule, sessions: bool) -> dict[str, Any]:
         rule = active.rule
-        # Rule's own rendering ("tcp LISTEN -> TARGET") keeps bracketed IPv6 and ranges
-        # consistent; with the real port where the rule asked for any free one.
-        shown = dataclasses.replace(rule, listen_port=active.port) if rule.listen_port == 0 else rule
-        listen, target = str(shown).split(" ", 1)[1].split(" -> ")
+        listen, target = endpoints(active)
         out: dict[str, Any] = {
             "name": rule.name, "proto": rule.proto, "listen": listen, "port": active.port, "target": target,
             "target_ip": active.target_ip, "state": active.state,
@@ -105,6 +102,15 @@ class ControlServer(JsonLineServer):
         if sessions and rule.proto == "udp":
             out["sessions"] = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._target.sessions(active)]
         return out
+
+
+def endpoints(active: ActiveRule) -> tuple[str, str]:
+    """A running rule's listen and target as status and the metrics labels show them: the
+    rule's own rendering (bracketed IPv6, ranges as FIRST-LAST), with the real port where the
+    rule asked for any free one."""
+    rule = dataclasses.replace(active.rule, listen_port=active.port)
+    listen, target = str(rule).split(" ", 1)[1].split(" -> ")
+    return listen, target
 
 
 def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .control import endpoints
 from .forwarder import COUNTER_NAMES, Forwarder
 
 log = logging.getLogger("fastfwd")
@@ -40,10 +40,9 @@ class RuleCollector:
         for active in self.fw.rules:
             if not active.installed:
                 continue
-            # The real port for ``listen = 0``; the rule's own rendering brackets IPv6 and shows ranges.
-            rule = replace(active.rule, listen_port=active.port)
-            listen, target = str(rule).split(" ", 1)[1].split(" -> ")
-            labels = [rule.name or str(rule), rule.proto, listen, target]
+            rule = active.rule
+            listen, target = endpoints(active)
+            labels = [rule.name or f"{rule.proto} {listen} -> {target}", rule.proto, listen, target]
             counters = self.fw.counters(active)
             for name, family in families.items():
                 family.add_metric(labels, getattr(counters, name))
