@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import Config, ConfigError, ControlSettings, load_config
 from .rules import DEFAULT_LISTEN, Proto, Rule, SpecError
+from .unixclient import timeout_arg
 
 SPEC_HELP = f"""\
 port specs:
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
     common.add_argument("-c", "--config", metavar="FILE", help="take the socket path from this config file")
-    common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    common.add_argument("--timeout", type=timeout_arg, default=10.0, metavar="SECONDS",
+                        help="seconds to wait for the reply (default: 10)")
     lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ("add", "old", "del"):
         ev = lsub.add_parser(action, help=f"a DHCP '{action}' event", parents=[common])

@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from .leases import LeaseError, normalize_hostname, normalize_ip, normalize_mac
-from .unixclient import DaemonError, call
+from .unixclient import DaemonError, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
 _LEASE_ACTIONS = ("add", "old", "del")
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         description="dnsmasq --dhcp-script: send lease events to fastfwd's lease socket.")
     parser.add_argument("--socket", help=f"the lease socket (default: ${SOCKET_ENV}, else the daemon's default)",
                         default=os.environ.get(SOCKET_ENV))
-    parser.add_argument("--timeout", type=float, default=10.0,
+    parser.add_argument("--timeout", type=timeout_arg, default=10.0,
                         help="seconds to wait for the daemon's reply (default: 10)")
     parser.add_argument("action", help="add, old, del, snapshot; anything else is ignored")
     # REMAINDER: dnsmasq's own arguments (a TFTP file name, say) may start with '-'.

@@ -4,7 +4,9 @@ Kept free of asyncio and the engine, so the DHCP hook and ``fastfwd status`` sta
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import socket
 import time
@@ -16,6 +18,18 @@ MAX_REPLY = 64 << 20
 
 class DaemonError(Exception):
     """The daemon could not be reached in time, or its reply was unusable. One line."""
+
+
+def timeout_arg(text: str) -> float:
+    """An argparse type for ``--timeout``: seconds, finite and above zero (a socket given 0
+    would not wait at all, and a negative or NaN one would not even be accepted)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -160,6 +160,17 @@ def test_lease_snapshot_entry_must_be_mac_equals_ip(capsys: pytest.CaptureFixtur
     assert capsys.readouterr().err == "fastfwd: snapshot entry '52:54:00:00:00:01': expected MAC=IP[=HOSTNAME]\n"
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_that_is_not_a_positive_number_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    sock, lease = str(tmp_path / "l.sock"), ("add", "52:54:00:00:00:01", "10.0.0.1")
+    for args in (("lease", *lease, "--socket", sock, "--timeout", value),
+                 ("hook", "--socket", sock, "--timeout", value, *lease)):
+        result = fastfwd(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.splitlines()[-1].endswith(
+            f"argument --timeout: expected a number of seconds > 0, got {value!r}"), result.stderr
+
+
 def test_hook_dispatches_to_the_dhcp_hook(tmp_path: Path) -> None:
     assert fastfwd("hook", "init").returncode == 0  # dnsmasq's init: no leases to report
     result = fastfwd("hook", "--socket", str(tmp_path / "none.sock"), "--timeout", "2",
