@@ -135,12 +135,9 @@ def cli_rules(tcp: Sequence[str], udp: Sequence[str]) -> list[Rule]:
     for flag, proto, specs in kinds:
         for spec in specs:
             try:
-                rule = Rule.parse(spec, proto)
-            except SpecError as exc:
-                named = str(exc) if str(exc).startswith(repr(spec)) else f"{spec!r}: {exc}"
-                raise UsageError(f"{flag} {named}") from None
-            # Names compare case-insensitively, and DHCP names arrive lowercased.
-            rules.append(rule.with_target(rule.target_host.lower()) if rule.target_is_name else rule)
+                rules.append(Rule.parse(spec, proto))
+            except SpecError as exc:  # its message starts with the spec
+                raise UsageError(f"{flag} {exc}") from None
     return rules
 
 
