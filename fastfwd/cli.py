@@ -70,11 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log to stderr from this level on (default: info)")
     run.set_defaults(func=_run)
 
-    check = sub.add_parser("check", help="validate a config file and list every problem")
-    check.add_argument("file", metavar="FILE")
+    check = sub.add_parser(
+        "check", help="validate a config file and list every problem",
+        description="Validate a config file completely without running anything. Every problem is\n"
+                    "printed on its own line, naming the key path (forward[3].listen: ...).\n"
+                    "Exit status: 0 valid, 2 otherwise.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("file", metavar="FILE", help="the TOML config file (see docs/config.md)")
     check.set_defaults(func=_check)
 
-    status = sub.add_parser("status", help="rules (active/pending), counters and leases of a running daemon")
+    status = sub.add_parser(
+        "status", help="rules (active/pending), counters and leases of a running daemon",
+        description="Ask a running daemon over its control socket for its rules (active, or pending\n"
+                    "while a target name has no address), their counters, and the leases it knows.\n"
+                    "Exit status: 0 done; 2 the daemon could not be reached or refused.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--sessions", action="store_true", help="also list each UDP rule's client addresses")
     status.add_argument("--socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
@@ -84,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     lease = sub.add_parser(
         "lease", help="send a lease event or snapshot to a running daemon by hand",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tell a running daemon about a DHCP lease, as the dnsmasq hook does. The reply\n"
+                    "comes once the rules that follow the lease forward to its address.\n"
+                    "Exit status: 0 done; 2 bad arguments, the daemon could not be reached, or it refused.",
         epilog="examples:\n  fastfwd lease add 52:54:00:12:34:56 192.168.122.10 vm1\n"
                "  fastfwd lease del 52:54:00:12:34:56 192.168.122.10\n"
                "  fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 ...\n")
@@ -95,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ("add", "old", "del"):
         ev = lsub.add_parser(action, help=f"a DHCP '{action}' event", parents=[common])
-        ev.add_argument("mac")
-        ev.add_argument("ip")
-        ev.add_argument("hostname", nargs="?")
+        ev.add_argument("mac", metavar="MAC", help="six hex pairs with colons, like 52:54:00:12:34:56")
+        ev.add_argument("ip", metavar="IP", help="the leased IPv4 or IPv6 address")
+        ev.add_argument("hostname", metavar="HOSTNAME", nargs="?", help="the host name the guest gave, if any")
     snap = lsub.add_parser("snapshot", help="the complete lease table; leases not listed are gone",
                            parents=[common])
     snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]")

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         message = _message(args.action, args.args)
-    except (LeaseError, OSError) as exc:
+    except LeaseError as exc:
         print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
         return 2
     if message is None:
@@ -49,12 +49,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastfwd-dhcp-hook",
-        description="dnsmasq --dhcp-script: send lease events to fastfwd's lease socket.")
-    parser.add_argument("--socket", help=f"the lease socket (default: ${SOCKET_ENV}, else the daemon's default)",
-                        default=os.environ.get(SOCKET_ENV))
-    parser.add_argument("--timeout", type=timeout_arg, default=10.0,
-                        help="seconds to wait for the daemon's reply (default: 10)")
+        prog="fastfwd-dhcp-hook", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="dnsmasq --dhcp-script: send lease events to fastfwd's lease socket and wait\n"
+                    "until the rules follow them.\n\n"
+                    "  dnsmasq ... --dhcp-script=/usr/local/bin/fastfwd-dhcp-hook",
+        epilog="exit status: 0 done or ignored; 1 the daemon could not be reached in time or\n"
+               "refused; 2 bad arguments.")
+    parser.add_argument("--socket", metavar="PATH", default=os.environ.get(SOCKET_ENV),
+                        help=f"the lease socket (default: ${SOCKET_ENV}, else the daemon's default)")
+    parser.add_argument("--timeout", type=timeout_arg, default=10.0, metavar="SECONDS",
+                        help="seconds the whole exchange may take (default: 10)")
     parser.add_argument("action", help="add, old, del, snapshot; anything else is ignored")
     # REMAINDER: dnsmasq's own arguments (a TFTP file name, say) may start with '-'.
     parser.add_argument("args", nargs=argparse.REMAINDER, help="add|old|del: MAC IP [HOSTNAME]; snapshot: LEASEFILE")
@@ -87,7 +91,11 @@ def _read_lease_file(path: str) -> list[dict[str, Any]]:
     """IPv4 leases of a dnsmasq lease file: ``EXPIRY MAC IP HOSTNAME|* CLIENTID`` per line;
     the DHCPv6 part (after the ``duid`` line) is keyed by DUID, not MAC, and is left out."""
     leases = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise LeaseError(f"cannot read {path}: {exc.strerror}") from None
+    with f:
         for number, line in enumerate(f, 1):
             fields = line.split()
             if fields[:1] == ["duid"]:

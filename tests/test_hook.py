@@ -163,6 +163,7 @@ def test_error_reply_fails_with_its_message(server: ServerThread) -> None:
     (["add", A, "10.0.0.1", "vm1", "extra"], "add takes MAC IP [HOSTNAME]"),
     (["add", A, "10.0.0.300"], "not an IPv4 or IPv6 address"),
     (["snapshot"], "snapshot takes one argument"),
+    (["snapshot", "/nonexistent/dnsmasq.leases"], "cannot read /nonexistent/dnsmasq.leases: No such file or directory\n"),
 ])
 def test_bad_arguments_exit_2(args: list[str], error: str, server: ServerThread) -> None:
     proc = hook(*args, socket_path=server.path)
