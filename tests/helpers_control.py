@@ -1,14 +1,19 @@
 """Shared by the control-plane tests: the table of bad configs with the exact error each must
-give, and loopback echo/sink servers plus a daemon process runner."""
+give, loopback echo servers, short socket directories, and the ``fastfwd`` command as a
+process (one-shot, or the daemon until stopped).
+
+The fixtures here (``echo``, ``sockdir``) are imported by the test modules that use them."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -211,7 +216,28 @@ def engine_built() -> bool:
 needs_engine = pytest.mark.skipif(not engine_built(), reason="the data-plane engine is not built")
 
 
-# -- the daemon as a process ---------------------------------------------------------------------
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory: Unix socket paths are limited to 107 bytes, too few for tmp_path."""
+    path = Path(tempfile.mkdtemp(prefix="ff-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the command as a process --------------------------------------------------------------------
+def fastfwd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """``python -m fastfwd ARGS`` to its end, output captured."""
+    return subprocess.run([sys.executable, "-m", "fastfwd", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 class DaemonProcess:
     """``fastfwd run`` in a child process with its log captured to a file."""
 

@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fastfwd.cli import main
 
-from helpers_control import BAD_CONFIGS, bad_config_ids, free_port, needs_engine
-
-
-def fastfwd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fastfwd", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+from helpers_control import BAD_CONFIGS, bad_config_ids, fastfwd, free_port, needs_engine
 
 
 @pytest.mark.parametrize("text,error", BAD_CONFIGS, ids=bad_config_ids())

@@ -3,10 +3,8 @@ at run time (proven with traffic), error replies, and the status tables."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ from fastfwd.unixclient import call
 
 pytest.importorskip("fastfwd._engine", reason="the data-plane engine is not built")
 from fastfwd.forwarder import ActiveRule, Counters, Forwarder  # noqa: E402
+
+pytest_plugins = ["helpers_control"]  # its fixtures: sockdir
 
 A = "52:54:00:00:00:0a"
 
@@ -58,13 +58,6 @@ class Target:
 
     def metrics(self) -> str:
         return f"fastfwd_rules {len(self.fw.rules)}\n"
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ffct-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def run(coro: Awaitable[Any]) -> Any:

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -19,24 +17,14 @@ from fastfwd.config import load_config
 from fastfwd.daemon import Daemon, Overrides
 from fastfwd.unixclient import call
 
-from helpers_control import (DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip, free_port, needs_engine,
-                             wait_until)
+from helpers_control import (DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip, fastfwd, free_port,
+                             needs_engine, wait_until)
+
+pytest_plugins = ["helpers_control"]  # its fixtures: echo
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
 
 MAC = "52:54:00:00:00:01"
-
-
-@pytest.fixture
-def echo() -> EchoServer:
-    server = EchoServer()
-    yield server
-    server.close()
-
-
-def fastfwd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fastfwd", *args], capture_output=True, text=True, timeout=30,
-                          stdin=subprocess.DEVNULL)
 
 
 def status(proc: DaemonProcess) -> dict:

@@ -11,8 +11,7 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ import pytest
 from fastfwd.lease_server import EVENT_MAX, SNAPSHOT_MAX, LeaseServer
 from fastfwd.leases import STATE_FILE, Lease, LeaseChange, LeaseTable
 from fastfwd.unixserver import Access, PeerCred
+
+pytest_plugins = ["helpers_control"]  # its fixtures: sockdir
 
 A, B = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
 Run = Callable[[Awaitable[Any]], Any]
@@ -37,14 +38,6 @@ def run(request: pytest.FixtureRequest) -> Run:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(asyncio.wait_for(coro, 120))
     return run
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory: Unix socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ffls-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Recorder:
