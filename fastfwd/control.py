@@ -138,15 +138,16 @@ def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
 def format_status(reply: dict[str, Any], now: float | None = None) -> str:
     """A ``status`` reply as the tables ``fastfwd status`` prints."""
     now = time.time() if now is None else now
-    rows: list[tuple[str, ...]] = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE", "CONNS", "ACCEPTED", "UP", "DOWN", "SESSIONS")]
+    rows: list[tuple[str, ...]] = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE",
+                                    "CONNS", "ACCEPTED", "UP", "DOWN", "SESSIONS")]
     for r in reply.get("rules", []):
         c = r["counters"]
-        up, down = (c["bytes_up"], c["bytes_down"]) if r["proto"] == "tcp" else (c["datagrams_up"], c["datagrams_down"])
-        unit = _bytes if r["proto"] == "tcp" else str
+        # TCP counts connections and bytes; UDP counts sessions and datagrams.
+        traffic = ((str(c["active"]), str(c["accepted"]), _bytes(c["bytes_up"]), _bytes(c["bytes_down"]), "-")
+                   if r["proto"] == "tcp" else
+                   ("-", "-", str(c["datagrams_up"]), str(c["datagrams_down"]), str(c["sessions_active"])))
         rows.append((r["name"] or "-", r["proto"], r["listen"], r["target"], r["target_ip"] or "-", r["state"],
-                     str(c["active"]) if r["proto"] == "tcp" else "-",
-                     str(c["accepted"]) if r["proto"] == "tcp" else "-",
-                     unit(up), unit(down), str(c["sessions_active"]) if r["proto"] == "udp" else "-"))
+                     *traffic))
     lease_rows: list[tuple[str, ...]] = [("MAC", "IP", "HOSTNAME", "SEEN")]
     for lease in reply.get("leases", []):
         lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))

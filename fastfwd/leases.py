@@ -100,7 +100,7 @@ class Lease:
 
     @classmethod
     def from_message(cls, doc: object, *, seen: float | None = None,
-                     extra: Iterable[str] = ()) -> "Lease":
+                     extra: Iterable[str] = ()) -> Lease:
         """Validate ``{"mac", "ip", "hostname"?}``; ``extra`` names further keys the caller reads."""
         if not isinstance(doc, dict):
             raise LeaseError(f"expected a lease object, got {type(doc).__name__}")
@@ -113,7 +113,7 @@ class Lease:
         return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
                    seen=time.time() if seen is None else seen)
 
-    def same(self, other: "Lease | None") -> bool:
+    def same(self, other: Lease | None) -> bool:
         """Equal but for ``seen``: what matters for forwarding."""
         return other is not None and (self.mac, self.ip, self.hostname) == (other.mac, other.ip, other.hostname)
 
@@ -254,7 +254,7 @@ class LeaseTable:
             os.close(dir_fd)
 
     @classmethod
-    def restore(cls, state_file: str | os.PathLike[str]) -> "LeaseTable":
+    def restore(cls, state_file: str | os.PathLike[str]) -> LeaseTable:
         """The table saved in ``state_file``, bound to it for later saves. A missing file gives
         an empty table; a damaged one is moved aside to ``*.corrupt`` and gives an empty table."""
         path = Path(state_file)

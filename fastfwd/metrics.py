@@ -72,7 +72,7 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
                 body, head = b"", "HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n"
             writer.write(head.encode() + body)
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a client that hangs up or talks nonsense just goes away
         finally:
             writer.close()

@@ -58,7 +58,7 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
             except (BrokenPipeError, ConnectionResetError):
                 pass  # refused before it read anything: its one reply line may be waiting
             reply = _read_line(sock, deadline)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise DaemonError(f"no reply from fastfwd at {path} within {timeout:g}s") from None
         except OSError as exc:
             raise DaemonError(f"lost the connection to fastfwd at {path}: {exc.strerror or exc}") from None

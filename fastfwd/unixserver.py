@@ -60,7 +60,7 @@ class Access:
     group: int | None = None
 
     @classmethod
-    def from_names(cls, users: Iterable[str | int] = (), groups: Iterable[str | int] = ()) -> "Access":
+    def from_names(cls, users: Iterable[str | int] = (), groups: Iterable[str | int] = ()) -> Access:
         """Resolve user and group names (or ids); the first group owns the socket file.
         Raises KeyError naming an unknown user or group."""
         uids = frozenset(u if isinstance(u, int) else pwd.getpwnam(u).pw_uid for u in users)
@@ -200,7 +200,7 @@ class JsonLineServer:
         except FileNotFoundError:
             pass
 
-    async def __aenter__(self) -> "JsonLineServer":
+    async def __aenter__(self) -> JsonLineServer:
         await self.start()
         return self
 
@@ -216,7 +216,7 @@ class JsonLineServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._converse(reader, writer)
-        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away or stalled: nothing to answer
         finally:
             writer.close()

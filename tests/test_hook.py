@@ -46,7 +46,7 @@ class ServerThread:
             return [(x.mac, x.ip, x.hostname) for x in self.table]
         return asyncio.run_coroutine_threadsafe(read(), self._loop).result(timeout=30)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self._thread.start()
         self._server = LeaseServer(self.path, self.table, self._on_change)
         asyncio.run_coroutine_threadsafe(self._server.start(), self._loop).result(timeout=30)

@@ -66,7 +66,7 @@ class Client:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, path: Path) -> "Client":
+    async def connect(cls, path: Path) -> Client:
         return cls(*await asyncio.open_unix_connection(str(path), limit=1 << 20))
 
     async def send_raw(self, data: bytes) -> None:

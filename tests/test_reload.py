@@ -244,7 +244,7 @@ def test_reload_with_a_port_in_use_changes_nothing(tmp_path: Path, echo: EchoSer
         assert echo_roundtrip(port)
 
 
-def _hash_all(sock: socket.socket, digest: "hashlib._Hash", total: list[int]) -> None:
+def _hash_all(sock: socket.socket, digest: hashlib._Hash, total: list[int]) -> None:
     while data := sock.recv(1 << 16):
         digest.update(data)
         total[0] += len(data)
