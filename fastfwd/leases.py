@@ -321,8 +321,11 @@ def resolve_names(hosts: Mapping[str, HostEntry], table: LeaseTable) -> dict[str
         if lease.hostname is not None:
             names[lease.hostname] = lease.ip
     for name, entry in hosts.items():
-        lease = table.for_mac(entry.mac) if entry.mac is not None else None
-        ip = entry.ip if entry.mac is None else (lease.ip if lease is not None else None)
+        if entry.mac is None:
+            ip = entry.ip
+        else:
+            held = table.for_mac(entry.mac)
+            ip = held.ip if held is not None else None
         if ip is None:
             names.pop(name, None)
         else:
