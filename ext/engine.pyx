@@ -101,7 +101,8 @@ cdef class Engine:
         pthread_mutex_init(&self._ctl.lock, NULL)
         pthread_cond_init(&self._ctl.cond, NULL)
 
-    def __init__(self, int workers=0, int pipe_size=1 << 20, int copy_buffer=256 * 1024):
+    def __init__(self, int workers=0, int pipe_size=1 << 20, int copy_buffer=256 * 1024,
+                 int busy_poll_us=0):
         cdef worker_t* w
         cdef int i
         if workers <= 0:
@@ -120,6 +121,7 @@ cdef class Engine:
             w.id = i
             w.running = 1
             w.ctl = &self._ctl
+            w.spin_ns = <uint64_t>busy_poll_us * 1000
             w.epfd = epoll_create1(EPOLL_CLOEXEC)
             w.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
             w.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)

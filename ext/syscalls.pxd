@@ -199,6 +199,7 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
     enum:
         CLOCK_MONOTONIC_COARSE
+        CLOCK_MONOTONIC
         CLOCK_REALTIME
     int clock_gettime(int clk, timespec* ts)
 

@@ -50,6 +50,8 @@ cdef struct worker_s:
     int live                # open TCP connections (read by the control plane for draining)
     uint64_t now
     uint64_t next_sweep
+    uint64_t spin_ns        # busy-poll this long after the last event before sleeping (0: never)
+    uint64_t last_event_ns
     pthread_t thread
     pthread_mutex_t qlock
     cmd_t* qhead

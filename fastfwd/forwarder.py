@@ -93,10 +93,12 @@ class Forwarder:
     """
 
     def __init__(self, rules: Iterable[Rule] = (), *, workers: int | None = None,
-                 pipe_size: int = 1 << 20, hosts: Mapping[str, str] | None = None) -> None:
+                 pipe_size: int = 1 << 20, busy_poll_us: int = 0,
+                 hosts: Mapping[str, str] | None = None) -> None:
         self._initial = list(rules)
         self._workers = workers or len(os.sched_getaffinity(0))
         self._pipe_size = pipe_size
+        self._busy_poll_us = busy_poll_us
         self._names: dict[str, str] = {name.lower(): ip for name, ip in (hosts or {}).items()}
         self._table: dict[tuple, ActiveRule] = {}
         self._engine = None
@@ -107,7 +109,8 @@ class Forwarder:
 
         if self._engine is not None:
             return
-        self._engine = _engine.Engine(workers=self._workers, pipe_size=self._pipe_size)
+        self._engine = _engine.Engine(workers=self._workers, pipe_size=self._pipe_size,
+                                      busy_poll_us=self._busy_poll_us)
         try:
             await self.apply(self._initial)
         except BaseException:
