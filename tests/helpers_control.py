@@ -1,8 +1,6 @@
 """Shared by the control-plane tests: the table of bad configs with the exact error each must
 give, loopback echo servers, short socket directories, and the ``fastfwd`` command as a
-process (one-shot, or the daemon until stopped).
-
-The fixtures here (``echo``, ``sockdir``) are imported by the test modules that use them."""
+process (one-shot, or the daemon until stopped)."""
 from __future__ import annotations
 
 import contextlib
@@ -216,19 +214,15 @@ def engine_built() -> bool:
 needs_engine = pytest.mark.skipif(not engine_built(), reason="the data-plane engine is not built")
 
 
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory: Unix socket paths are limited to 107 bytes, too few for tmp_path."""
+@contextlib.contextmanager
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path, removed afterwards: a Unix socket path may have only
+    107 bytes, too few for pytest's tmp_path."""
     path = Path(tempfile.mkdtemp(prefix="ff-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- the command as a process --------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,10 @@ from fastfwd.leases import Lease, LeaseTable
 from fastfwd.rules import Rule
 from fastfwd.unixclient import call
 
+from helpers_control import short_dir
+
 pytest.importorskip("fastfwd._engine", reason="the data-plane engine is not built")
 from fastfwd.forwarder import ActiveRule, Counters, Forwarder  # noqa: E402
-
-pytest_plugins = ["helpers_control"]  # its fixtures: sockdir
 
 A = "52:54:00:00:00:0a"
 
@@ -58,6 +58,12 @@ class Target:
 
     def metrics(self) -> str:
         return f"fastfwd_rules {len(self.fw.rules)}\n"
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
 
 
 def run(coro: Awaitable[Any]) -> Any:

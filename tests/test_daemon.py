@@ -9,22 +9,37 @@ import signal
 import socket
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers_control import (
+    DaemonProcess,
+    EchoServer,
+    UdpEcho,
+    connects,
+    daemon,
+    echo_roundtrip,
+    fastfwd,
+    free_port,
+    needs_engine,
+    wait_until,
+)
 
 from fastfwd.config import load_config
 from fastfwd.daemon import Daemon, Overrides
 from fastfwd.unixclient import call
 
-from helpers_control import (DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip, fastfwd, free_port,
-                             needs_engine, wait_until)
-
-pytest_plugins = ["helpers_control"]  # its fixtures: echo
-
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
 
 MAC = "52:54:00:00:00:01"
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
 
 
 def status(proc: DaemonProcess) -> dict:

@@ -19,7 +19,7 @@ import pytest
 from fastfwd.lease_server import LeaseServer
 from fastfwd.leases import Lease, LeaseChange, LeaseTable
 
-pytest_plugins = ["helpers_control"]  # its fixtures: sockdir
+from helpers_control import short_dir
 
 REPO = Path(__file__).resolve().parents[1]
 A, B, C = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
@@ -57,6 +57,12 @@ class ServerThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self._loop.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import shutil
 import socket
 import stat
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from fastfwd.lease_server import EVENT_MAX, SNAPSHOT_MAX, LeaseServer
 from fastfwd.leases import STATE_FILE, Lease, LeaseChange, LeaseTable
 from fastfwd.unixserver import Access, PeerCred
 
-pytest_plugins = ["helpers_control"]  # its fixtures: sockdir
+from helpers_control import short_dir
 
 A, B = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
 Run = Callable[[Awaitable[Any]], Any]
@@ -38,6 +38,12 @@ def run(request: pytest.FixtureRequest) -> Run:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(asyncio.wait_for(coro, 120))
     return run
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
 
 
 class Recorder:

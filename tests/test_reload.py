@@ -9,17 +9,25 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers_control import (
+    BAD_CONFIGS,
+    DaemonProcess,
+    EchoServer,
+    UdpEcho,
+    connects,
+    daemon,
+    echo_roundtrip,
+    free_port,
+    needs_engine,
+    udp_ask,
+    wait_until,
+)
 
 from fastfwd.watcher import watch_config
-
-from helpers_control import (BAD_CONFIGS, DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip,
-                             free_port, needs_engine, udp_ask, wait_until)
-
-pytest_plugins = ["helpers_control"]  # its fixtures: echo
-
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,6 +107,13 @@ def test_watcher_sees_a_swapped_directory_symlink(tmp_path: Path) -> None:
 
 
 # -- reloads of a running daemon -------------------------------------------------------------------
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
 def forward(listen: int | str, target: str, **options: object) -> str:
     """One [[forward]] entry; values are written as JSON, which TOML reads the same."""
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
