@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import logging.handlers
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,12 +120,12 @@ class Daemon:
                 fw = await self.start()
                 try:
                     servers = await self._serve()
-                except DaemonError:
+                except BaseException:
                     await fw.close()
                     raise
-            tasks = [asyncio.create_task(self._watch())] if self.path else []
+            tasks = [_background(self._watch(), "the config file watcher")] if self.path else []
             if self.config.sources.neighbours:
-                tasks.append(asyncio.create_task(self._watch_neighbours()))
+                tasks.append(_background(self._watch_neighbours(), "the neighbour-table source"))
             log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(fw.rules), fw.workers,
                      f", watching {self.path}" if self.path else "")
             how = await self._stop
@@ -233,10 +233,7 @@ class Daemon:
 
         def macs() -> set[str]:
             return {entry.mac for entry in self.config.hosts.values() if entry.mac}
-        try:
-            await feed_neighbours(self.leases, self.leases_changed, macs=macs, lock=self._lease_lock)
-        except OSError as exc:
-            log.error("the neighbour-table source stopped: %s", _reason(exc))
+        await feed_neighbours(self.leases, self.leases_changed, macs=macs, lock=self._lease_lock)
 
     async def _resolve(self) -> None:
         assert self.fw is not None
@@ -319,6 +316,18 @@ class Daemon:
                 await _close_all(servers)
                 raise DaemonError(f"metrics_listen {c.metrics_listen}: {_reason(exc)}") from None
         return servers
+
+
+def _background(coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+    """A task that runs until the daemon stops; if it ends on an error, the log says so at
+    once instead of the error waiting, unseen, for the shutdown to collect it."""
+    def ended(task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("%s stopped: %s", what, _reason(exc), exc_info=exc)
+    task = asyncio.create_task(coro)
+    task.add_done_callback(ended)
+    return task
 
 
 def _pinned(active: ActiveRule) -> Rule:

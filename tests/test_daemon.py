@@ -3,6 +3,7 @@ restart with restored leases, metrics, run-time rules, and the SIGTERM drain / S
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from helpers_control import (
 )
 
 from fastfwd.config import load_config
-from fastfwd.daemon import Daemon, Overrides
+from fastfwd.daemon import Daemon, Overrides, _background
 from fastfwd.unixclient import call
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
@@ -260,6 +261,16 @@ def test_a_reload_asked_for_during_start_waits_for_it(tmp_path: Path, echo: Echo
         finally:
             await fw.close()
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_background_source_that_fails_is_logged_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async def broken() -> None:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        await asyncio.gather(_background(broken(), "the neighbour-table source"), return_exceptions=True)
+        await asyncio.sleep(0)  # the done callback
+        assert "the neighbour-table source stopped: No buffer space available" in caplog.text
+    asyncio.run(main())
 
 
 def _read_all(sock: socket.socket, into: bytearray) -> None:
