@@ -44,20 +44,14 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
         sock.settimeout(timeout)
         try:
             sock.connect(os.fspath(path))
-        except FileNotFoundError:
-            raise DaemonError(f"cannot reach fastfwd at {path}: no such socket (is the daemon running?)") from None
-        except ConnectionRefusedError:
-            raise DaemonError(f"cannot reach fastfwd at {path}: connection refused (is the daemon running?)") from None
-        except PermissionError:
-            raise DaemonError(f"cannot reach fastfwd at {path}: permission denied") from None
         except OSError as exc:
-            raise DaemonError(f"cannot reach fastfwd at {path}: {exc.strerror or exc}") from None
+            raise DaemonError(f"cannot reach fastfwd at {path}: {_why_unreachable(exc)}") from None
         try:
             try:
                 sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass  # refused before it read anything: its one reply line may be waiting
-            reply = _read_line(sock, deadline)
+            reply = _read_line(sock, deadline, path)
         except TimeoutError:
             raise DaemonError(f"no reply from fastfwd at {path} within {timeout:g}s") from None
         except OSError as exc:
@@ -73,7 +67,17 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
     return doc
 
 
-def _read_line(sock: socket.socket, deadline: float) -> bytes:
+def _why_unreachable(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such socket (is the daemon running?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the daemon running?)"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return exc.strerror or str(exc)
+
+
+def _read_line(sock: socket.socket, deadline: float, path: str | os.PathLike[str]) -> bytes:
     buf = bytearray()
     while b"\n" not in buf:
         remaining = deadline - time.monotonic()
@@ -82,8 +86,8 @@ def _read_line(sock: socket.socket, deadline: float) -> bytes:
         sock.settimeout(remaining)
         chunk = sock.recv(1 << 16)
         if not chunk:
-            raise DaemonError("the daemon closed the connection without a reply")
+            raise DaemonError(f"fastfwd at {path} closed the connection without a reply")
         buf += chunk
         if len(buf) > MAX_REPLY:
-            raise DaemonError(f"reply larger than {MAX_REPLY} bytes")
+            raise DaemonError(f"reply from {path} larger than {MAX_REPLY} bytes: not fastfwd")
     return bytes(buf[: buf.index(b"\n")])

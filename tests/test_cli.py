@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import pytest
 
 from fastfwd.cli import main
 
-from helpers_control import BAD_CONFIGS, bad_config_ids, fastfwd, free_port, needs_engine
+from helpers_control import BAD_CONFIGS, bad_config_ids, fastfwd, free_port, needs_engine, short_dir
 
 
 @pytest.mark.parametrize("text,error", BAD_CONFIGS, ids=bad_config_ids())
@@ -137,6 +138,18 @@ def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr == (f"fastfwd: cannot reach fastfwd at {tmp_path / 'none.sock'}: "
                              "no such socket (is the daemon running?)\n")
+
+
+def test_a_socket_that_hangs_up_without_a_reply_is_one_line_naming_it() -> None:
+    with short_dir() as d, socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(d / "c.sock"))
+        listener.listen()
+        hang_up = threading.Thread(target=lambda: listener.accept()[0].close())
+        hang_up.start()
+        result = fastfwd("status", "--socket", str(d / "c.sock"))
+        hang_up.join(10)
+    assert result.returncode == 2
+    assert result.stderr == f"fastfwd: fastfwd at {d / 'c.sock'} closed the connection without a reply\n"
 
 
 def test_status_takes_the_socket_from_a_config_file(tmp_path: Path) -> None:
