@@ -137,12 +137,15 @@ def idle(s: Settings, subject: Subject, running: Running) -> Metrics:
     before = running.usage()
     holder = Proc([tool("idlehold"), HOST, str(subject.port(backends.ECHO)), str(conns)],
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, log=running.workdir / "load.log")
+    watchdog = threading.Timer(120.0, holder.stop)  # a subject that stops accepting
+    watchdog.start()
     try:
         if not holder.popen.stdout.readline():
             raise RuntimeError(f"idlehold failed (exit {holder.popen.wait()}): {holder.log_tail(2)}")
         time.sleep(1.0)  # let the forwarder settle: deferred frees, lazy upstream setup
         after = running.usage()
     finally:
+        watchdog.cancel()
         holder.stop()
     assert before and after
     return {"kib_per_conn": (after.rss_kib - before.rss_kib) / conns,

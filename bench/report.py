@@ -71,10 +71,9 @@ def figure_table(figure: Figure, fig: dict, results: dict) -> list[str]:
     facts = [f"median of {fig['repeats']} (min–max)", f"measured {fig['measured_at']}"]
     if fig.get("setting"):
         facts.append(fig["setting"])
-    lines += ["; ".join(facts) + ". " + ", ".join(
-        f"best peer for {c.label}: {subjects[b[0]]['label']}" for c in figure.ratio_columns
-        if (b := bests[c.key])) + ".", "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    facts += [f"best peer for {c.label}: {subjects[b[0]]['label']}" for c in figure.ratio_columns
+              if (b := bests[c.key])]
+    lines += ["; ".join(facts) + ".", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for subject in SUBJECTS:
         runs = fig["runs"].get(subject.name)
         if runs:

@@ -14,17 +14,22 @@ static atomic_int stop;
 static int out_fd, in_fd;
 static size_t size;
 
+/* Points each of the BATCH messages at its own buffer of len bytes. */
+static void init_batch(struct mmsghdr *msgs, struct iovec *iov, char (*buf)[2048], size_t len) {
+    memset(msgs, 0, BATCH * sizeof *msgs);
+    for (int i = 0; i < BATCH; i++) {
+        iov[i] = (struct iovec){buf[i], len};
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+}
+
 static void *sender(void *arg) {
     (void)arg;
     static char buf[BATCH][2048];
     struct iovec iov[BATCH];
     struct mmsghdr msgs[BATCH];
-    memset(msgs, 0, sizeof msgs);
-    for (int i = 0; i < BATCH; i++) {
-        iov[i] = (struct iovec){buf[i], size};
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-    }
+    init_batch(msgs, iov, buf, size);
     while (!atomic_load_explicit(&stop, memory_order_relaxed)) {
         int r = sendmmsg(out_fd, msgs, BATCH, 0);
         if (r > 0) atomic_fetch_add_explicit(&sent, (unsigned long long)r, memory_order_relaxed);
@@ -37,12 +42,7 @@ static void *sink(void *arg) {
     static char buf[BATCH][2048];
     struct iovec iov[BATCH];
     struct mmsghdr msgs[BATCH];
-    memset(msgs, 0, sizeof msgs);
-    for (int i = 0; i < BATCH; i++) {
-        iov[i] = (struct iovec){buf[i], sizeof buf[i]};
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-    }
+    init_batch(msgs, iov, buf, sizeof buf[0]);
     for (;;) {
         int r = recvmmsg(in_fd, msgs, BATCH, 0, NULL);
         if (r > 0) atomic_fetch_add_explicit(&received, (unsigned long long)r, memory_order_relaxed);
