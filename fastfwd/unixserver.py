@@ -158,7 +158,8 @@ class JsonLineServer:
     The handler returns the reply object (``"ok": true`` is added) or raises RequestError
     for an error reply. A refused peer gets one error reply and is disconnected. A line over
     ``max_line`` gets an error reply and the connection is closed (the stream cannot be
-    trusted to resynchronise). Each line must arrive within ``idle_timeout`` seconds.
+    trusted to resynchronise). Each line must arrive, and each reply be read, within
+    ``idle_timeout`` seconds.
     """
 
     def __init__(self, path: str | os.PathLike[str], handler: Handler, *, name: str,
@@ -218,31 +219,33 @@ class JsonLineServer:
             await self._converse(reader, writer)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away or stalled: nothing to answer
+        except Exception:  # a bug: this connection ends, the socket serves on
+            log.exception("%s socket: connection failed", self.name)
         finally:
             writer.close()
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._tasks) > self._max_clients:
-            await _reply(writer, {"ok": False, "error": "too many clients; try again"})
+            await self._reply(writer, {"ok": False, "error": "too many clients; try again"})
             return
         peer = peer_credentials(writer.get_extra_info("socket"))
         if not self._access.allows(peer):
             log.warning("%s socket: refused pid %d (uid %d, gid %d): not an allowed user or group",
                         self.name, peer.pid, peer.uid, peer.gid)
-            await _reply(writer, {"ok": False, "error": "permission denied: not an allowed user or group"})
+            await self._reply(writer, {"ok": False, "error": "permission denied: not an allowed user or group"})
             return
         while True:
             try:
                 async with asyncio.timeout(self._idle_timeout):
                     line = await self._read_line(reader)
             except LineTooLong:
-                await _reply(writer, {"ok": False, "error": f"line too long (limit {self._max_line} bytes)"})
+                await self._reply(writer, {"ok": False, "error": f"line too long (limit {self._max_line} bytes)"})
                 return
             if not line:
                 return
             if not line.strip():
                 continue
-            await _reply(writer, await self._answer(line, peer))
+            await self._reply(writer, await self._answer(line, peer))
 
     async def _read_line(self, reader: asyncio.StreamReader) -> bytes:
         """The next line ('' at EOF); one cut short by EOF still counts as a line."""
@@ -271,6 +274,14 @@ class JsonLineServer:
                     raise LineTooLong
                 return bytes(buf + chunk)
 
+    async def _reply(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        """One reply line. A peer that does not read its replies has ``idle_timeout`` to take
+        this one, as a peer that does not send has for its next line; otherwise it would hold
+        its slot for good."""
+        writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        async with asyncio.timeout(self._idle_timeout):
+            await writer.drain()
+
     async def _answer(self, line: bytes, peer: PeerCred) -> dict[str, Any]:
         try:
             message = json.loads(line)
@@ -284,8 +295,3 @@ class JsonLineServer:
             log.exception("%s socket: request failed", self.name)
             return {"ok": False, "error": f"internal error: {exc}"}
         return {"ok": True, **reply}
-
-
-async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
-    writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-    await writer.drain()

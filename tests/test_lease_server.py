@@ -19,7 +19,7 @@ import pytest
 
 from fastfwd.lease_server import EVENT_MAX, SNAPSHOT_MAX, LeaseServer
 from fastfwd.leases import STATE_FILE, Lease, LeaseChange, LeaseTable
-from fastfwd.unixserver import Access, PeerCred
+from fastfwd.unixserver import Access, JsonLineServer, PeerCred, Request
 
 from helpers_control import short_dir
 
@@ -444,6 +444,27 @@ def test_silent_client_is_disconnected_after_the_idle_timeout(run: Run, sockdir:
             await c.close()
             return rest
     assert run(main()) == b""
+
+
+def test_a_client_that_stops_reading_its_replies_loses_its_slot_after_the_idle_timeout(
+        run: Run, sockdir: Path) -> None:
+    async def big_reply(request: Request) -> dict[str, Any]:
+        return {"pad": "x" * 60_000}
+
+    async def main() -> dict[str, Any]:
+        async with JsonLineServer(sockdir / "s.sock", big_reply, name="test", max_clients=1, idle_timeout=0.3):
+            stuck = await Client.connect(sockdir / "s.sock")
+            await stuck.send_raw(b"{}\n" * 100)  # 6 MB of replies it never reads: the server's writes stall
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                other = await Client.connect(sockdir / "s.sock")
+                answer = await other.ask({})
+                await other.close()
+                if answer["ok"]:
+                    break
+            await stuck.close()
+            return answer
+    assert run(main())["ok"] is True
 
 
 def test_clients_beyond_the_cap_are_turned_away_and_the_rest_served(run: Run, sockdir: Path) -> None:
