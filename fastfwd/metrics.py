@@ -64,14 +64,16 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            if request.startswith(b"GET "):
-                body = render(fw)
-                head = f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\nContent-Length: {len(body)}\r\n\r\n"
-            else:
-                body, head = b"", "HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n"
-            writer.write(head.encode() + body)
-            await writer.drain()
+            async with asyncio.timeout(10):  # the whole exchange: a scraper that stops reading goes too
+                request = await reader.readuntil(b"\r\n\r\n")
+                if request.startswith(b"GET "):
+                    body = render(fw)
+                    head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+                            f"Content-Length: {len(body)}\r\n\r\n")
+                else:
+                    body, head = b"", "HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n"
+                writer.write(head.encode() + body)
+                await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a client that hangs up or talks nonsense just goes away
         finally:
