@@ -13,13 +13,14 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .leases import HostEntry, LeaseError
 from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_target_host,
                     is_ip, parse_ports, split_hostports)
 
 _OPTION_KEYS = tuple(f.name for f in fields(RuleOptions))
+_S = TypeVar("_S", "EngineSettings", "ControlSettings", "SourceSettings")
 _TUPLE_OPTIONS = ("allow", "source")
 
 
@@ -189,10 +190,10 @@ class _Validator:
                 self.error(f"{path}.{key}", str(exc).removeprefix(f"{key}: "))
         return hosts
 
-    def settings(self, cls: type, doc: Any, path: str) -> Any:
+    def settings(self, cls: type[_S], doc: Any, path: str) -> _S:
         """A settings dataclass from its table; each field checked by its ``_SETTINGS`` checker."""
         checks = _SETTINGS[cls]
-        values = {}
+        values: dict[str, Any] = {}
         for key, value in self.table(doc, path, tuple(checks)).items():
             checked = self.check(f"{path}.{key}", value, checks[key])
             if checked is not None:

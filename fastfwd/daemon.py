@@ -48,6 +48,9 @@ class Overrides:
 
 
 class Daemon:
+    """The rules of the config file, the command line and the control socket, forwarded by
+    one Forwarder whose target names follow the lease table. ``run`` serves until a signal."""
+
     def __init__(self, config: Config, config_path: str | Path | None = None,
                  cli_rules: Iterable[Rule] = (), overrides: Overrides = Overrides()) -> None:
         self.config = config

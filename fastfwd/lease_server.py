@@ -61,7 +61,7 @@ class LeaseServer(JsonLineServer):
         return {"changed": len(changes)}
 
 
-def _parse(request: Request) -> tuple[Any, list[Lease]]:
+def _parse(request: Request) -> tuple[str | None, list[Lease]]:
     """Validate a whole message before anything is applied: ``(event, leases)``, where the
     event is None for a snapshot (an event's name is checked by the table)."""
     doc = request.message
