@@ -84,11 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask a running daemon over its control socket for its rules (active, or pending\n"
                     "while a target name has no address), their counters, and the leases it knows.\n"
                     "Exit status: 0 done; 2 the daemon could not be reached or refused.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_daemon_socket_args("control")])
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--sessions", action="store_true", help="also list each UDP rule's client addresses")
-    status.add_argument("--socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
-    status.add_argument("-c", "--config", metavar="FILE", help="take the socket path from this config file")
     status.set_defaults(func=_status)
 
     lease = sub.add_parser(
@@ -100,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  fastfwd lease add 52:54:00:12:34:56 192.168.122.10 vm1\n"
                "  fastfwd lease del 52:54:00:12:34:56 192.168.122.10\n"
                "  fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 ...\n")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
-    common.add_argument("-c", "--config", metavar="FILE", help="take the socket path from this config file")
-    common.add_argument("--timeout", type=timeout_arg, default=10.0, metavar="SECONDS",
-                        help="seconds to wait for the reply (default: 10)")
+    common = _daemon_socket_args("lease")
     lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ("add", "old", "del"):
         ev = lsub.add_parser(action, help=f"a DHCP '{action}' event", parents=[common])
@@ -119,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands "hook ..." to fastfwd.hook before parsing.
     sub.add_parser("hook", help="dnsmasq --dhcp-script entry point (add|old|del MAC IP [HOSTNAME]; see hook --help)")
     return parser
+
+
+def _daemon_socket_args(which: str) -> argparse.ArgumentParser:
+    """The options of a command that asks a running daemon on its ``which`` socket."""
+    args = argparse.ArgumentParser(add_help=False)
+    args.add_argument("--socket", metavar="PATH", help=f"{which} socket ({_DEFAULT_SOCKETS})")
+    args.add_argument("-c", "--config", metavar="FILE", help="take the socket path from this config file")
+    args.add_argument("--timeout", type=timeout_arg, default=10.0, metavar="SECONDS",
+                      help="seconds to wait for the reply (default: 10)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,7 +188,7 @@ def _status(args: argparse.Namespace) -> int:
     from .control import format_status
 
     reply = _call(args.socket or _settings(args).control_socket,
-                  {"cmd": "status", **({"sessions": True} if args.sessions else {})}, timeout=10.0)
+                  {"cmd": "status", **({"sessions": True} if args.sessions else {})}, timeout=args.timeout)
     print(json.dumps(reply, indent=2) if args.json else format_status(reply))
     return 0
 
