@@ -97,6 +97,7 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024)
     not a socket, raises instead of being taken over.
     """
     path = Path(path)
+    _check_owners(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     _check_replaceable(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -114,6 +115,20 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024)
         sock.close()
         raise
     return sock
+
+
+def _check_owners(directory: Path) -> None:
+    """Refuse a directory (or an ancestor) that another user owns: they could rename our
+    socket away and put their own in its place, say in a ``/tmp/fastfwd-UID`` made before
+    the daemon first ran."""
+    for d in (directory.absolute(), *directory.absolute().parents):
+        try:
+            owner = d.stat().st_uid
+        except FileNotFoundError:
+            continue  # made by us below
+        if owner not in (0, os.geteuid()):
+            raise PermissionError(errno.EPERM, f"{d} is owned by uid {owner}, not by this user or root; "
+                                  "not using it")
 
 
 def _check_replaceable(path: Path) -> None:

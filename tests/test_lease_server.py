@@ -342,6 +342,17 @@ def test_live_socket_and_non_socket_files_are_not_taken_over(run: Run, sockdir: 
     assert path.read_text() == "precious"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory another user owns")
+def test_a_directory_another_user_owns_is_not_used(run: Run, sockdir: Path) -> None:
+    """Its owner could swap the socket for their own (say, a /tmp/fastfwd-UID made in advance)."""
+    theirs = sockdir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(PermissionError, match="owned by uid 65534, not by this user or root"):
+        run(LeaseServer(theirs / "sub" / "l.sock", LeaseTable(), Recorder()).start())
+    assert list(theirs.iterdir()) == []
+
+
 def test_close_leaves_a_successors_socket_alone(run: Run, sockdir: Path) -> None:
     path = sockdir / "l.sock"
 
