@@ -51,6 +51,8 @@ def state_dir() -> Path:
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """``[engine]``: how the data plane runs. Read at start only."""
+
     #: Worker threads; None means one per CPU this process may run on.
     workers: int | None = None
     #: Size asked for each splice pipe (F_SETPIPE_SZ); the kernel may grant less.
@@ -59,6 +61,8 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class ControlSettings:
+    """``[control]``: the daemon's sockets, state and lifecycle. Read at start only."""
+
     lease_socket: str = field(default_factory=lambda: str(runtime_dir() / "lease.sock"))
     control_socket: str = field(default_factory=lambda: str(runtime_dir() / "control.sock"))
     state_dir: str = field(default_factory=lambda: str(state_dir()))
@@ -83,6 +87,8 @@ class SourceSettings:
 
 @dataclass(frozen=True)
 class Config:
+    """A validated config file; ``source`` names it in messages."""
+
     rules: tuple[Rule, ...] = ()
     hosts: Mapping[str, HostEntry] = field(default_factory=dict)
     engine: EngineSettings = field(default_factory=EngineSettings)

@@ -20,11 +20,10 @@ import os
 import sys
 from typing import Any
 
-from .leases import LeaseError, normalize_hostname, normalize_ip, normalize_mac
+from .leases import EVENTS, LeaseError, normalize_hostname, normalize_ip, normalize_mac
 from .unixclient import DaemonError, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
-_LEASE_ACTIONS = ("add", "old", "del")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +70,7 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
         if len(args) != 1:
             raise LeaseError("snapshot takes one argument: the dnsmasq lease file")
         return {"snapshot": _read_lease_file(args[0])}
-    if action not in _LEASE_ACTIONS:
+    if action not in EVENTS:
         return None
     if len(args) not in (2, 3):
         raise LeaseError(f"{action} takes MAC IP [HOSTNAME], got {len(args)} argument(s)")
