@@ -144,7 +144,11 @@ def test_a_socket_that_hangs_up_without_a_reply_is_one_line_naming_it() -> None:
     with short_dir() as d, socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(d / "c.sock"))
         listener.listen()
-        hang_up = threading.Thread(target=lambda: listener.accept()[0].close())
+        def hang_up_after_the_request() -> None:
+            conn, _ = listener.accept()
+            with conn:  # the request read first: closing on unread bytes would reset instead
+                conn.recv(1 << 16)
+        hang_up = threading.Thread(target=hang_up_after_the_request)
         hang_up.start()
         result = fastfwd("status", "--socket", str(d / "c.sock"))
         hang_up.join(10)
