@@ -69,6 +69,10 @@ def figure_table(figure: Figure, fig: dict, results: dict) -> list[str]:
         head.append(f"{c.label} ×best peer")
     lines = [f"### {fig['title']}", ""]
     facts = [f"median of {fig['repeats']} (min–max)", f"measured {fig['measured_at']}"]
+    background = [r["background"] for runs in fig["runs"].values() for r in runs if "background" in r]
+    if background:
+        facts.append(f"other work on the box before each run: median {fmt(statistics.median(background))}, "
+                     f"max {fmt(max(background))} cores busy")
     if fig.get("setting"):
         facts.append(fig["setting"])
     facts += [f"best peer for {c.label}: {subjects[b[0]]['label']}" for c in figure.ratio_columns

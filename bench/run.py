@@ -24,7 +24,7 @@ from .figures import BY_NAME as FIGURES_BY_NAME
 from .figures import FULL, QUICK, Figure, Settings
 from .subjects import BY_NAME as SUBJECTS_BY_NAME
 from .subjects import REPO, SUBJECTS, Subject
-from .system import machine
+from .system import BoxCpu, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTROL = "control"
@@ -44,6 +44,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def background_load(seconds: float = 0.3) -> float:
+    """Cores kept busy by other work on the box just before a measurement."""
+    before = BoxCpu.now()
+    time.sleep(seconds)
+    return BoxCpu.now().cores_busy_since(before)
+
+
 def run_figure(figure: Figure, subjects: list[Subject], settings: Settings, repeats: int,
                scratch: Path) -> dict:
     """All repeats of one figure, subjects interleaved; failures are recorded, not raised."""
@@ -53,17 +60,22 @@ def run_figure(figure: Figure, subjects: list[Subject], settings: Settings, repe
     failed = {s.name: reason for s in subjects if (reason := s.broken_for(figure.proto))}
     with figure.context() as in_force:
         for round_ in range(repeats):
-            for subject in takers:
+            # Rotate the order each round, so no subject always follows the same one (the
+            # TIME_WAIT left by a connection-rate run, say, weighs on whoever comes next).
+            shift = round_ % len(takers) if takers else 0
+            for subject in takers[shift:] + takers[:shift]:
                 if subject.name in failed:
                     continue
                 log(f"{figure.name} {round_ + 1}/{repeats} {subject.name}")
+                background = background_load()
                 try:
                     running = subject.start(scratch)
                 except Exception as exc:
                     failed[subject.name] = f"did not start: {exc}"
                     continue
                 try:
-                    runs[subject.name].append(figure.measure(settings, subject, running))
+                    runs[subject.name].append({**figure.measure(settings, subject, running),
+                                               "background": background})
                 except Exception as exc:
                     failed[subject.name] = f"failed: {exc}"
                 finally:
