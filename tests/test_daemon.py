@@ -14,22 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_control import (
-    DaemonProcess,
-    EchoServer,
-    UdpEcho,
-    connects,
-    daemon,
-    echo_roundtrip,
-    fastfwd,
-    free_port,
-    needs_engine,
-    wait_until,
-)
 
 from fastfwd.config import load_config
 from fastfwd.daemon import Daemon, Overrides, _background
 from fastfwd.unixclient import call
+
+from helpers_control import (DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip, fastfwd, free_port,
+                             needs_engine, wait_until)
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
 

@@ -13,21 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_control import (
-    BAD_CONFIGS,
-    DaemonProcess,
-    EchoServer,
-    UdpEcho,
-    connects,
-    daemon,
-    echo_roundtrip,
-    free_port,
-    needs_engine,
-    udp_ask,
-    wait_until,
-)
 
 from fastfwd.watcher import watch_config
+
+from helpers_control import (BAD_CONFIGS, DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip,
+                             free_port, needs_engine, udp_ask, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
 
