@@ -223,7 +223,7 @@ class Daemon:
 
     # -- leases and names ---------------------------------------------------------------------
     async def leases_changed(self, changes: list[LeaseChange]) -> None:
-        """The lease server's callback once the table changed (it logs the leases themselves):
+        """The lease sources' callback once the table changed (each logs the leases itself):
         re-point every name whose address moved, so that when this returns (and the lease
         socket replies), the affected rules already forward to their new targets."""
         async with self._lock:

@@ -52,6 +52,7 @@ class LeaseServer(JsonLineServer):
                            else self.table.apply_event(event, leases[0]))
             except LeaseError as exc:
                 raise RequestError(str(exc)) from None
+            _log_changes(changes)
             if changes:
                 try:
                     await self._on_change(changes)
@@ -59,6 +60,28 @@ class LeaseServer(JsonLineServer):
                     log.exception("leases recorded but re-pointing rules failed")
                     raise RequestError(f"lease recorded, but re-pointing rules failed: {exc}") from None
         return {"changed": len(changes)}
+
+
+#: A snapshot that changes more leases than this is logged as a count, not lease by lease.
+_LOGGED_ONE_BY_ONE = 20
+
+
+def _log_changes(changes: list[LeaseChange]) -> None:
+    if len(changes) > _LOGGED_ONE_BY_ONE:
+        log.info("leases: %d changed", len(changes))
+        return
+    for old, new in ((c.old, c.new) for c in changes):
+        if new is None:
+            assert old is not None
+            log.info("lease %s: %s gone", old.mac, old.ip)
+        elif old is None:
+            log.info("lease %s: %s", new.mac, _held(new))
+        else:
+            log.info("lease %s: %s (was %s)", new.mac, _held(new), _held(old))
+
+
+def _held(lease: Lease) -> str:
+    return f"{lease.ip} {lease.hostname}" if lease.hostname else lease.ip
 
 
 def _parse(request: Request) -> tuple[str | None, list[Lease]]:

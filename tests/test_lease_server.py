@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -476,6 +477,24 @@ def test_a_client_that_stops_reading_its_replies_loses_its_slot_after_the_idle_t
             await stuck.close()
             return answer
     assert run(main())["ok"] is True
+
+
+def test_each_lease_change_is_logged_and_a_large_snapshot_as_a_count(
+        run: Run, sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    many = [{"mac": f"52:54:00:00:01:{i:02x}", "ip": f"10.0.1.{i}"} for i in range(1, 31)]
+
+    async def main() -> None:
+        async with LeaseServer(sockdir / "l.sock", LeaseTable(), Recorder()):
+            c = await Client.connect(sockdir / "l.sock")
+            for message in (event("add"), event("add", ip="10.0.0.2"), event("del", ip="10.0.0.2"),
+                            {"snapshot": many}):
+                assert (await c.ask(message))["ok"]
+            await c.close()
+    with caplog.at_level(logging.INFO, logger="fastfwd.leases"):
+        run(main())
+    assert [r.getMessage() for r in caplog.records if r.name == "fastfwd.leases"] == [
+        f"lease {A}: 10.0.0.1 vm1", f"lease {A}: 10.0.0.2 vm1 (was 10.0.0.1 vm1)", f"lease {A}: 10.0.0.2 gone",
+        "leases: 30 changed"]
 
 
 def test_clients_beyond_the_cap_are_turned_away_and_the_rest_served(run: Run, sockdir: Path) -> None:
