@@ -86,7 +86,7 @@ def test_watcher_sees_renames_writes_and_symlink_swaps_but_not_touches(tmp_path:
 
 
 def test_watcher_sees_a_swapped_directory_symlink(tmp_path: Path) -> None:
-    """The layout config-map style deployments use: f.toml -> data/f.toml, data -> v1 swapped to v2."""
+    """The layout some deploy tools mount: f.toml -> data/f.toml, and data -> v1 swapped to v2."""
     for version, text in (("v1", "a = 1\n"), ("v2", "a = 2\n")):
         (tmp_path / version).mkdir()
         (tmp_path / version / "f.toml").write_text(text)
