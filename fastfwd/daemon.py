@@ -75,6 +75,12 @@ class Daemon:
     def wanted_rules(self, config: Config | None = None) -> list[Rule]:
         return [*(config or self.config).rules, *self.cli_rules, *self.runtime_rules.values()]
 
+    def _check_target(self, rule: Rule) -> None:
+        """With DHCP off, a target name can only come from [hosts]; any other would leave the
+        rule pending for good. (The config file's own rules are checked when it is loaded.)"""
+        if rule.target_is_name and not self.config.sources.dhcp and rule.target_host not in self.config.hosts:
+            raise ValueError(f"{rule.target_host!r} is not in [hosts] and DHCP names are off ([sources] dhcp = false)")
+
     def _control_settings(self, config: Config) -> ControlSettings:
         o = self.overrides
         given: dict[str, Any] = {"control_socket": o.control_socket, "lease_socket": o.lease_socket,
@@ -86,6 +92,11 @@ class Daemon:
         """Start forwarding every wanted rule; a rule that cannot listen, or lease state that
         cannot be read, is a DaemonError. A reload asked for meanwhile waits until this is done."""
         async with self._lock:
+            for rule in self.cli_rules:
+                try:
+                    self._check_target(rule)
+                except ValueError as exc:
+                    raise DaemonError(f"cannot forward {rule}: {exc}") from None
             if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
                 state = Path(self.control.state_dir) / STATE_FILE
                 try:
@@ -261,6 +272,7 @@ class Daemon:
 
     async def add_rule(self, rule: Rule) -> ActiveRule:
         assert self.fw is not None
+        self._check_target(rule)
         async with self._lock:
             active = await self.fw.add(rule)
             pinned = _pinned(active)

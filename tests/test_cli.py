@@ -109,6 +109,15 @@ def test_unreadable_lease_state_is_one_clear_line(tmp_path: Path, make) -> None:
                              f"fastfwd: lease state {state / 'leases.json'}: Is a directory\n")
 
 
+def test_a_name_that_can_never_resolve_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('[sources]\ndhcp = false\n[hosts.db]\nip = "127.0.0.1"\n')
+    result = fastfwd("run", "-c", str(path), "-t", "7001:db:5432", "-t", "7002:vm9:22")
+    assert result.returncode == 2
+    assert result.stderr == ("fastfwd: cannot forward tcp 127.0.0.1:7002 -> vm9:22: 'vm9' is not in [hosts] "
+                             "and DHCP names are off ([sources] dhcp = false)\n")
+
+
 @needs_engine
 def test_unknown_user_in_control_is_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "f.toml"

@@ -111,11 +111,15 @@ def test_dhcp_off_opens_no_lease_socket_and_ignores_saved_leases(tmp_path: Path,
     with daemon(tmp_path, "-t", f"{port}:guest7:{echo.port}") as proc:
         assert call(proc.lease_socket, {"event": "add", "mac": MAC, "ip": "127.0.0.1", "hostname": "guest7"})["ok"]
         assert echo_roundtrip(port)
-    (tmp_path / "f.toml").write_text("[sources]\ndhcp = false\n")
+    # The saved lease of MAC would resolve guest7 at once, were it restored.
+    (tmp_path / "f.toml").write_text(f'[sources]\ndhcp = false\n[hosts.guest7]\nmac = "{MAC}"\n')
     (tmp_path / "lease.sock").unlink(missing_ok=True)
     with daemon(tmp_path, "-c", "f.toml", "-t", f"{port}:guest7:{echo.port}") as proc:
         assert not proc.lease_socket.exists()
         assert status(proc)["rules"][0]["state"] == "pending"
+        refused = call(proc.control_socket, {"cmd": "add", "spec": f"{free_port()}:vm9:22"})
+        assert refused == {"ok": False, "error": "cannot add: 'vm9' is not in [hosts] and DHCP names are off "
+                                                 "([sources] dhcp = false)"}
 
 
 def test_restart_after_kill_restores_leases_before_any_event(tmp_path: Path, echo: EchoServer) -> None:
