@@ -17,7 +17,7 @@ import signal
 from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
 
@@ -31,6 +31,7 @@ from .unixserver import Access, JsonLineServer
 from .watcher import watch_config
 
 log = logging.getLogger("fastfwd")
+_T = TypeVar("_T")
 
 
 class DaemonError(Exception):
@@ -69,7 +70,7 @@ class Daemon:
         self._lease_lock = asyncio.Lock()
         self._stop: asyncio.Future[str] | None = None
         self._draining: asyncio.Future[None] | None = None
-        self._reloads: set[asyncio.Future[Diff | None]] = set()
+        self._reloads: set[asyncio.Task[Diff | None]] = set()
 
     # -- what should be forwarded -------------------------------------------------------------
     def wanted_rules(self, config: Config | None = None) -> list[Rule]:
@@ -178,7 +179,7 @@ class Daemon:
         log.info("fastfwd stopped")
 
     def _on_hup(self) -> None:
-        task = asyncio.ensure_future(self.reload("SIGHUP"))
+        task = _background(self.reload("SIGHUP"), "a SIGHUP reload")
         self._reloads.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._reloads.discard)
 
@@ -333,10 +334,10 @@ class Daemon:
         return servers
 
 
-def _background(coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
-    """A task that runs until the daemon stops; if it ends on an error, the log says so at
-    once instead of the error waiting, unseen, for the shutdown to collect it."""
-    def ended(task: asyncio.Task[None]) -> None:
+def _background(coro: Coroutine[Any, Any, _T], what: str) -> asyncio.Task[_T]:
+    """A task of its own; if it ends on an error, the log says so at once instead of the
+    error waiting, unseen, for the shutdown to collect it."""
+    def ended(task: asyncio.Task[_T]) -> None:
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
             log.error("%s stopped: %s", what, _reason(exc), exc_info=exc)
