@@ -113,6 +113,8 @@ class Daemon:
             except ImportError as exc:
                 raise DaemonError(f"the data-plane engine is not built ({exc}); "
                                   "run: python setup.py build_ext --inplace") from None
+            except OSError as exc:  # threads, epoll sets, eventfds: the system's limits
+                raise DaemonError(f"cannot start the engine: {_reason(exc)}") from None
             for rule in self.wanted_rules():
                 try:
                     await fw.add(rule)  # one by one, so a failure names its rule
