@@ -1,7 +1,10 @@
 """The fastfwd command: check, bad specs, port in use, help, and the commands that talk to a daemon."""
 from __future__ import annotations
 
+import resource
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -116,6 +119,19 @@ def test_a_name_that_can_never_resolve_is_refused_at_start(tmp_path: Path) -> No
     assert result.returncode == 2
     assert result.stderr == ("fastfwd: cannot forward tcp 127.0.0.1:7002 -> vm9:22: 'vm9' is not in [hosts] "
                              "and DHCP names are off ([sources] dhcp = false)\n")
+
+
+@needs_engine
+def test_an_engine_that_cannot_start_is_one_clear_line(tmp_path: Path) -> None:
+    def few_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+    result = subprocess.run([sys.executable, "-m", "fastfwd", "run", "--workers", "8", "-t", "0:127.0.0.1:9",
+                             "--control-socket", str(tmp_path / "c.sock"), "--lease-socket", str(tmp_path / "l.sock"),
+                             "--state-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, preexec_fn=few_fds)
+    assert result.returncode == 2
+    line, = result.stderr.splitlines()
+    assert line.startswith("fastfwd: cannot start the engine: ") and line.endswith("Too many open files"), line
 
 
 @needs_engine
