@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, ControlSettings, load_config
@@ -185,8 +187,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .control import format_status
-
     reply = _call(args.socket or _settings(args).control_socket,
                   {"cmd": "status", **({"sessions": True} if args.sessions else {})}, timeout=args.timeout)
     print(json.dumps(reply, indent=2) if args.json else format_status(reply))
@@ -225,3 +225,47 @@ def _call(path: str, message: dict, timeout: float) -> dict:
     if not reply["ok"]:
         raise UsageError(f"refused: {reply.get('error')}")
     return reply
+
+
+# -- fastfwd status: the control socket's status reply as tables ----------------------------------
+def format_status(reply: dict[str, Any], now: float | None = None) -> str:
+    """A ``status`` reply as the tables ``fastfwd status`` prints."""
+    now = time.time() if now is None else now
+    rows: list[tuple[str, ...]] = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE",
+                                    "CONNS", "ACCEPTED", "UP", "DOWN", "SESSIONS")]
+    for r in reply.get("rules", []):
+        c = r["counters"]
+        # TCP counts connections and bytes; UDP counts sessions and datagrams.
+        traffic = ((str(c["active"]), str(c["accepted"]), _bytes(c["bytes_up"]), _bytes(c["bytes_down"]), "-")
+                   if r["proto"] == "tcp" else
+                   ("-", "-", str(c["datagrams_up"]), str(c["datagrams_down"]), str(c["sessions_active"])))
+        rows.append((r["name"] or "-", r["proto"], r["listen"], r["target"], r["target_ip"] or "-", r["state"],
+                     *traffic))
+    lease_rows: list[tuple[str, ...]] = [("MAC", "IP", "HOSTNAME", "SEEN")]
+    for lease in reply.get("leases", []):
+        lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))
+    parts = [_table(rows) if len(rows) > 1 else "no rules",
+             _table(lease_rows) if len(lease_rows) > 1 else "no leases"]
+    return "\n\n".join(parts)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _bytes(n: int) -> str:
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"

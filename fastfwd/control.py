@@ -1,4 +1,5 @@
-"""The control socket: status, counters, leases and run-time rule changes, for ``fastfwd status``.
+"""The control socket: status, counters, leases and run-time rule changes, for ``fastfwd status``
+and any other program.
 
 Requests (one JSON object per line), each answered by one reply line::
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -133,46 +133,3 @@ def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
         raise RequestError("; ".join(exc.errors)) from None
     except SpecError as exc:
         raise RequestError(str(exc)) from None
-
-
-def format_status(reply: dict[str, Any], now: float | None = None) -> str:
-    """A ``status`` reply as the tables ``fastfwd status`` prints."""
-    now = time.time() if now is None else now
-    rows: list[tuple[str, ...]] = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE",
-                                    "CONNS", "ACCEPTED", "UP", "DOWN", "SESSIONS")]
-    for r in reply.get("rules", []):
-        c = r["counters"]
-        # TCP counts connections and bytes; UDP counts sessions and datagrams.
-        traffic = ((str(c["active"]), str(c["accepted"]), _bytes(c["bytes_up"]), _bytes(c["bytes_down"]), "-")
-                   if r["proto"] == "tcp" else
-                   ("-", "-", str(c["datagrams_up"]), str(c["datagrams_down"]), str(c["sessions_active"])))
-        rows.append((r["name"] or "-", r["proto"], r["listen"], r["target"], r["target_ip"] or "-", r["state"],
-                     *traffic))
-    lease_rows: list[tuple[str, ...]] = [("MAC", "IP", "HOSTNAME", "SEEN")]
-    for lease in reply.get("leases", []):
-        lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))
-    parts = [_table(rows) if len(rows) > 1 else "no rules",
-             _table(lease_rows) if len(lease_rows) > 1 else "no leases"]
-    return "\n\n".join(parts)
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
-
-
-def _bytes(n: int) -> str:
-    value, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
-        if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from fastfwd.control import ControlServer, format_status
+from fastfwd.cli import format_status
+from fastfwd.control import ControlServer
 from fastfwd.leases import Lease, LeaseTable
 from fastfwd.rules import Rule
 from fastfwd.unixclient import call
