@@ -123,7 +123,7 @@ def parse_config(text: str, source: str = "<config>", *, base: Path | None = Non
 def parse_rule_options(doc: Any, path: str = "options") -> RuleOptions:
     """Per-rule options given by name (the control socket's ``options``), checked exactly as
     a config file's are; a ConfigError lists every problem under ``path``."""
-    v = _Validator(Path.cwd())
+    v = _Validator(Path())  # no paths among rule options: the base is never used
     options = v.options(v.table(doc, path, _OPTION_KEYS), path, RuleOptions())
     if v.errors:
         raise ConfigError(v.errors, path)
