@@ -22,7 +22,7 @@ _LAZY = {"Forwarder": "forwarder", "ActiveRule": "forwarder", "Counters": "forwa
          "Diff": "forwarder", "Config": "config", "ConfigError": "config", "load_config": "config"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

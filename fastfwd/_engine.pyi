@@ -9,7 +9,11 @@ class Engine:
     workers: int
     pipe_size: int
 
-    def __init__(self, workers: int = 0, pipe_size: int = 1 << 20, copy_buffer: int = 256 * 1024) -> None: ...
+    copy_buffer: int
+
+    def __init__(self, workers: int = 0, pipe_size: int = 1 << 20, copy_buffer: int = 256 * 1024,
+                 busy_poll_us: int = 0) -> None:
+        """``busy_poll_us``: after traffic, poll again this long before sleeping (0: never)."""
     def add_rule(self, proto: str, listen_host: str, listen_port: int, count: int) -> tuple[int, int]:
         """Bind ``count`` sockets (not yet accepting). Returns (rule id, first real port)."""
     def configure(self, rule_id: int, *, connect_timeout: float, idle_timeout: float,

@@ -105,12 +105,9 @@ class ControlServer(JsonLineServer):
 
 
 def endpoints(active: ActiveRule) -> tuple[str, str]:
-    """A running rule's listen and target as status and the metrics labels show them: the
-    rule's own rendering (bracketed IPv6, ranges as FIRST-LAST), with the real port where the
-    rule asked for any free one."""
-    rule = dataclasses.replace(active.rule, listen_port=active.port)
-    listen, target = str(rule).split(" ", 1)[1].split(" -> ")
-    return listen, target
+    """A running rule's listen and target as status and the metrics labels show them, with the
+    real port where the rule asked for any free one."""
+    return active.bound.listen_text, active.bound.target_text
 
 
 def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:

@@ -121,7 +121,7 @@ class Daemon:
                 except (OSError, ValueError) as exc:
                     await fw.close()
                     raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
-            self.cli_rules = [_pinned(a) for a in fw.rules if a.rule in self.cli_rules]
+            self.cli_rules = [a.bound for a in fw.rules if a.rule in self.cli_rules]
             self.fw = fw
             return fw
 
@@ -278,8 +278,7 @@ class Daemon:
         self._check_target(rule)
         async with self._lock:
             active = await self.fw.add(rule)
-            pinned = _pinned(active)
-            self.runtime_rules[pinned.key] = pinned
+            self.runtime_rules[active.bound.key] = active.bound
             return active
 
     async def remove_rule(self, rule: Rule) -> None:
@@ -290,7 +289,7 @@ class Daemon:
             active = self.fw.find(rule)
             if active is None:
                 raise KeyError(str(rule))
-            key = _pinned(active).key
+            key = active.bound.key
             if key not in self.runtime_rules:
                 raise ValueError(f"{active.rule} comes from the config file or the command line; edit those instead")
             await self.fw.remove(active)
@@ -346,12 +345,6 @@ def _background(coro: Coroutine[Any, Any, _T], what: str) -> asyncio.Task[_T]:
     task = asyncio.create_task(coro)
     task.add_done_callback(ended)
     return task
-
-
-def _pinned(active: ActiveRule) -> Rule:
-    """The rule with the port the kernel chose for ``listen = 0``, so that reloads find it
-    unchanged instead of binding a new free port each time."""
-    return dataclasses.replace(active.rule, listen_port=active.port) if not active.rule.listen_port else active.rule
 
 
 @contextlib.contextmanager

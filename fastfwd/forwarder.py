@@ -16,9 +16,13 @@ import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 from .rules import Rule, is_ip
+
+if TYPE_CHECKING:
+    from ._engine import Engine
 
 log = logging.getLogger("fastfwd")
 
@@ -61,6 +65,11 @@ class ActiveRule:
     installed: bool = field(default=True, repr=False)
 
     @property
+    def bound(self) -> Rule:
+        """The rule with the port it really listens on (differs for ``listen_port`` 0)."""
+        return self.rule if self.rule.listen_port else replace(self.rule, listen_port=self.port)
+
+    @property
     def pending(self) -> bool:
         """True while the target is a name with no known address: the port refuses connections."""
         return self.target_ip is None
@@ -101,7 +110,7 @@ class Forwarder:
         self._busy_poll_us = busy_poll_us
         self._names: dict[str, str] = {name.lower(): ip for name, ip in (hosts or {}).items()}
         self._table: dict[tuple, ActiveRule] = {}
-        self._engine = None
+        self._engine: Engine | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -202,11 +211,11 @@ class Forwarder:
                 if rule not in later:
                     diff.added.append(active := await self.add(rule))
                     undo.append(functools.partial(self.remove, active))
-            for rule, active in pairs:
-                if active is not None:
-                    old = active.rule
-                    self._update(active, rule, diff)
-                    undo.append(functools.partial(self._revert, active, old))
+            for rule, kept in pairs:
+                if kept is not None:
+                    old = kept.rule
+                    self._update(kept, rule, diff)
+                    undo.append(functools.partial(self._revert, kept, old))
             for active in gone:
                 await self.remove(active)
                 diff.removed.append(active)
@@ -261,7 +270,7 @@ class Forwarder:
         return self._require().sessions(active.id)
 
     # -- internals ---------------------------------------------------------------------------
-    def _require(self):
+    def _require(self) -> Engine:
         if self._engine is None:
             raise RuntimeError("the forwarder is not started (use 'async with' or await start())")
         return self._engine
@@ -330,7 +339,7 @@ def _describe(active: ActiveRule) -> str:
 
 
 def _overlaps(a: Rule, b: Rule) -> bool:
-    return (a.proto == b.proto and a.listen_port and b.listen_port
+    return (a.proto == b.proto and a.listen_port != 0 and b.listen_port != 0
             and a.listen_port < b.listen_port + b.count and b.listen_port < a.listen_port + a.count)
 
 

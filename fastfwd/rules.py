@@ -146,12 +146,22 @@ class Rule:
     def with_target(self, host: str, port: int | None = None) -> "Rule":
         return replace(self, target_host=host, target_port=self.target_port if port is None else port)
 
+    @property
+    def listen_text(self) -> str:
+        """``ADDR:PORT[-END]``, IPv6 in brackets."""
+        return self._endpoint(self.listen_host, self.listen_port)
+
+    @property
+    def target_text(self) -> str:
+        """``HOST:PORT[-END]``, IPv6 in brackets."""
+        return self._endpoint(self.target_host, self.target_port)
+
+    def _endpoint(self, host: str, port: int) -> str:
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{port}" + (f"-{port + self.count - 1}" if self.count > 1 else "")
+
     def __str__(self) -> str:
-        def hp(host: str, port: int) -> str:
-            host = f"[{host}]" if ":" in host else host
-            last = port + self.count - 1
-            return f"{host}:{port}" + (f"-{last}" if self.count > 1 else "")
-        return f"{self.proto} {hp(self.listen_host, self.listen_port)} -> {hp(self.target_host, self.target_port)}"
+        return f"{self.proto} {self.listen_text} -> {self.target_text}"
 
 
 def split_hostports(text: str) -> list[str]:

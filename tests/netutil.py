@@ -611,7 +611,7 @@ def udp_roundtrip(sock: socket.socket, target: tuple[str, int], data: bytes, tri
 # ------------------------------------------------------------------------------------------
 
 def free_port_range(count: int, host: str = LOOP4, kinds: tuple[int, ...] = (socket.SOCK_STREAM,),
-                    start: int = 21000, stop: int = 32000) -> int:
+                    start: int = 10000, stop: int = 32000) -> int:
     """The first of ``count`` consecutive ports free (at the moment of asking) on ``host``."""
     for base in range(start + (os.getpid() % 97) * 13, stop - count, count + 7):
         socks: list[socket.socket] = []
