@@ -107,7 +107,7 @@ class Daemon:
             self._names = resolve_names(self.config.hosts, self.leases)
             engine = self.config.engine
             fw = Forwarder(workers=self.overrides.workers or engine.workers, pipe_size=engine.pipe_size,
-                           hosts=self._names)
+                           busy_poll_us=engine.busy_poll_us, hosts=self._names)
             try:
                 await fw.start()
             except ImportError as exc:

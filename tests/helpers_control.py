@@ -67,6 +67,7 @@ BAD_CONFIGS: list[tuple[str, str]] = [
      "forward[0].to: 'vm9' is not in [hosts] and DHCP names are off ([sources] dhcp = false)"),
     ('[engine]\nworkers = 0\n', "engine.workers: expected an integer >= 1, got 0"),
     ('[engine]\npipesize = 65536\n', "engine.pipesize: unknown key (did you mean 'pipe_size'?)"),
+    ('[engine]\nbusy_poll_us = -5\n', "engine.busy_poll_us: expected microseconds from 0 to 1000000, got -5"),
     ('[control]\ndrain_deadline = "soon"\n',
      "control.drain_deadline: expected a number of seconds >= 0, got 'soon'"),
     ('[control]\nmetrics_listen = "localhost:9100"\n',

@@ -91,6 +91,7 @@ ip = "10.0.0.7"
 [engine]
 workers = 2
 pipe_size = 65536
+busy_poll_us = 50
 [control]
 lease_socket = "run/lease.sock"
 control_socket = "/tmp/ctl.sock"
@@ -110,7 +111,7 @@ neighbours = true
              options=RuleOptions(connect_timeout=1.5, allow=("10.0.0.0/8", "::1/128"), splice="never")),
     )
     assert config.hosts == {"vm1": HostEntry(mac="52:54:00:aa:bb:cc"), "db": HostEntry(ip="10.0.0.7")}
-    assert config.engine == EngineSettings(workers=2, pipe_size=65536)
+    assert config.engine == EngineSettings(workers=2, pipe_size=65536, busy_poll_us=50)
     assert config.control.lease_socket == str(tmp_path / "run" / "lease.sock")  # relative to the file
     assert config.control.control_socket == "/tmp/ctl.sock"
     assert config.control.allow_users == ("qemu", 1000)
@@ -123,7 +124,7 @@ neighbours = true
 def test_empty_file_gives_the_documented_defaults() -> None:
     config = parse_config("", "empty.toml")
     assert config.rules == () and config.hosts == {}
-    assert config.engine == EngineSettings(workers=None, pipe_size=1 << 20)
+    assert config.engine == EngineSettings(workers=None, pipe_size=1 << 20, busy_poll_us=0)
     assert config.control.drain_deadline == 30.0 and config.control.metrics_listen is None
     assert config.control == ControlSettings()
     assert config.sources == SourceSettings(dhcp=True, neighbours=False)
