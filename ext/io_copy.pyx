@@ -7,27 +7,18 @@ cdef int copy_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil
     cdef int dst = c.fd[1 - d]
     cdef rule_worker_t* rw = &c.rule.per_worker[w.id]
     cdef ssize_t n
+    cdef int rc
     cdef size_t want
     while True:
         if h.off < h.len:
             if not c.wr[1 - d]:
                 return MOVE_BLOCKED
             n = send(dst, h.buf + h.off, h.len - h.off, MSG_NOSIGNAL | MSG_DONTWAIT)
-            if n < 0:
-                if errno == EAGAIN:
-                    c.wr[1 - d] = 0
-                    return MOVE_BLOCKED
-                if errno == EINTR:
-                    continue
-                return MOVE_RESET
-            h.off += <uint32_t>n
-            h.moved += <uint64_t>n
-            count_bytes(rw, d, <uint64_t>n)
-            rw.c.bytes_copied += <uint64_t>n
-            if budget[0] <= <size_t>n:
-                budget[0] = 0
-                return MOVE_MORE
-            budget[0] -= <size_t>n
+            if n > 0:
+                h.off += <uint32_t>n
+            rc = wrote(c, d, n, budget, rw, &rw.c.bytes_copied)
+            if rc != MOVE_ON:
+                return rc
             continue
         if h.buf != NULL:
             buf_give(&w.pool, h.buf)

@@ -7,26 +7,17 @@ cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nog
     cdef int dst = c.fd[1 - d]
     cdef rule_worker_t* rw = &c.rule.per_worker[w.id]
     cdef ssize_t n
+    cdef int rc
     while True:
         if h.pipe_bytes > 0:
             if not c.wr[1 - d]:
                 return MOVE_BLOCKED
             n = splice(h.pipe.r, NULL, dst, NULL, h.pipe_bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-            if n < 0:
-                if errno == EAGAIN:
-                    c.wr[1 - d] = 0
-                    return MOVE_BLOCKED
-                if errno == EINTR:
-                    continue
-                return MOVE_RESET
-            h.pipe_bytes -= <uint32_t>n
-            h.moved += <uint64_t>n
-            count_bytes(rw, d, <uint64_t>n)
-            rw.c.bytes_spliced += <uint64_t>n
-            if budget[0] <= <size_t>n:
-                budget[0] = 0
-                return MOVE_MORE
-            budget[0] -= <size_t>n
+            if n > 0:
+                h.pipe_bytes -= <uint32_t>n
+            rc = wrote(c, d, n, budget, rw, &rw.c.bytes_spliced)
+            if rc != MOVE_ON:
+                return rc
             continue
         if h.pipe != NULL:
             pipe_give(&w.pool, h.pipe)

@@ -11,6 +11,7 @@ cdef enum:
     MOVE_MORE = 1           # budget spent with work left: run again before sleeping
     MOVE_SWITCH = 2         # changed copy strategy: call the other one
     MOVE_RESET = 3          # a leg failed: reset both
+    MOVE_ON = 4             # (within a strategy) carry on moving
 
 # One direction: bytes read from leg d and written to leg 1-d. Data in flight sits either in a
 # pipe (splice) or in a buffer (copy), both borrowed from the worker's pool.

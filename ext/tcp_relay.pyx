@@ -17,6 +17,25 @@ cdef inline void count_bytes(rule_worker_t* rw, int d, uint64_t n) noexcept nogi
         rw.c.bytes_down += n
 
 
+cdef inline int wrote(conn_t* c, int d, ssize_t n, size_t* budget, rule_worker_t* rw,
+                      uint64_t* by_strategy) noexcept nogil:
+    """Account a write of ``n`` bytes of direction ``d`` by either copy strategy (n < 0: the
+    write failed, errno says why). Returns what the strategy does next."""
+    if n < 0:
+        if errno == EAGAIN:
+            c.wr[1 - d] = 0
+            return MOVE_BLOCKED
+        return MOVE_ON if errno == EINTR else MOVE_RESET
+    c.half[d].moved += <uint64_t>n
+    count_bytes(rw, d, <uint64_t>n)
+    by_strategy[0] += <uint64_t>n
+    if budget[0] <= <size_t>n:
+        budget[0] = 0
+        return MOVE_MORE
+    budget[0] -= <size_t>n
+    return MOVE_ON
+
+
 cdef inline void set_int_opt(int fd, int level, int name, int value) noexcept nogil:
     setsockopt(fd, level, name, &value, sizeof(int))
 
