@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figures", metavar="FIGURE,...",
                    help=f"figures ({', '.join([*FIGURES_BY_NAME, CONTROL])})")
     p.add_argument("--fresh", action="store_true", help="drop figures kept from earlier runs")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"where results go (default {RESULTS})")
     args = p.parse_args(argv)
     # Stopped from outside: unwind, so every started process is stopped and the port range restored.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     figure_names = _names(args.figures, {**FIGURES_BY_NAME, CONTROL: None}, "figures") or \
         [*FIGURES_BY_NAME, CONTROL]
 
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "results.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     results["machine"] = machine()
     results.setdefault("figures", {})
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             for proc in servers:
                 proc.stop()
     path.write_text(json.dumps(results, indent=1) + "\n")
-    report.write(results, RESULTS)
-    log(f"wrote {RESULTS}/results.json, results.md, chart.png")
+    report.write(results, args.out)
+    log(f"wrote {args.out}/results.json, results.md, chart.png")
     return 0
 
 
