@@ -8,7 +8,6 @@ is when the workers forward on the new table.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import time
@@ -32,7 +31,7 @@ def small_rules(target: str = "127.0.0.1") -> list[fastfwd.Rule]:
             for i in range(0, PORTS, SPAN)]
 
 
-async def timed(fw: "fastfwd.Forwarder", rules: list[fastfwd.Rule]) -> float:
+async def timed(fw: fastfwd.Forwarder, rules: list[fastfwd.Rule]) -> float:
     start = time.perf_counter()
     await fw.apply(rules)
     return (time.perf_counter() - start) * 1000

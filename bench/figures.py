@@ -35,7 +35,7 @@ class Settings:
 
 
 FULL = Settings(warmup=1.0, seconds=4.0, round_trips=20000, idle_conns=9900, concurrency=64, sources=16)
-QUICK = Settings(warmup=0.4, seconds=1.2, round_trips=4000, idle_conns=2000, concurrency=64, sources=16)
+QUICK = Settings(warmup=0.3, seconds=1.0, round_trips=3000, idle_conns=2000, concurrency=64, sources=16)
 
 Metrics = dict[str, float | int | str | None]
 
@@ -78,6 +78,7 @@ def windowed(argv: list[str], running: Running, limit: float = 120.0) -> tuple[d
     watchdog = threading.Timer(limit, proc.stop)
     watchdog.start()
     try:
+        assert proc.popen.stdout is not None
         first = proc.popen.stdout.readline().strip()
         if first != "window":
             raise RuntimeError(f"{Path(argv[0]).name} failed (exit {proc.popen.wait()}): "
@@ -140,6 +141,7 @@ def idle(s: Settings, subject: Subject, running: Running) -> Metrics:
     watchdog = threading.Timer(120.0, holder.stop)  # a subject that stops accepting
     watchdog.start()
     try:
+        assert holder.popen.stdout is not None
         if not holder.popen.stdout.readline():
             raise RuntimeError(f"idlehold failed (exit {holder.popen.wait()}): {holder.log_tail(2)}")
         time.sleep(1.0)  # let the forwarder settle: deferred frees, lazy upstream setup

@@ -24,12 +24,11 @@ class Proc:
                  cwd: Path | None = None) -> None:
         self.argv = list(argv)
         self.log = log
-        out = open(log, "ab") if log else subprocess.DEVNULL
-        self.popen = subprocess.Popen(self.argv, stdin=stdin, stdout=stdout or out,
-                                      stderr=out, start_new_session=True, cwd=cwd,
-                                      text=stdout is not None)
-        if log:
-            out.close()
+        # The child gets its own copy of the log's descriptor: ours closes right after.
+        with open(log if log else os.devnull, "ab") as out:
+            self.popen = subprocess.Popen(self.argv, stdin=stdin, stdout=stdout or out,
+                                          stderr=out, start_new_session=True, cwd=cwd,
+                                          text=stdout is not None)
 
     @property
     def pid(self) -> int:
@@ -108,7 +107,7 @@ class Usage:
     fds: int
 
     @classmethod
-    def of(cls, pids: Iterable[int]) -> "Usage":
+    def of(cls, pids: Iterable[int]) -> Usage:
         cpu = rss = fds = 0
         for pid in pids:
             fields = _stat_fields(pid)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .figures import BY_NAME as FIGURES, Column, Figure
+from .figures import BY_NAME as FIGURES
+from .figures import Column, Figure
 from .subjects import SUBJECTS
 
 Stat = tuple[float, float, float]  # median, min, max
@@ -76,6 +77,8 @@ def figure_table(figure: Figure, fig: dict, results: dict) -> list[str]:
                      f"max {fmt(max(background))} cores busy")
     if fig.get("setting"):
         facts.append(fig["setting"])
+    if fig.get("engine"):
+        facts.append(f"fastfwd engine {fig['engine']}")
     facts += [f"best peer for {c.label}: {subjects[b[0]]['label']}" for c in figure.ratio_columns
               if (b := bests[c.key])]
     lines += ["; ".join(facts) + ".", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -87,7 +90,8 @@ def figure_table(figure: Figure, fig: dict, results: dict) -> list[str]:
                 mine = stat(runs, c.key)
                 if direct:
                     row.append(ratio(mine, (stat(direct, c.key) or (None,))[0]))
-                row.append(ratio(mine, bests[c.key][1] if bests[c.key] else None))
+                best = bests[c.key]
+                row.append(ratio(mine, best[1] if best else None))
         elif subject.name in fig["failed"]:
             row = [subject.label, fig["failed"][subject.name], *[""] * (len(head) - 2)]
         else:
@@ -102,8 +106,8 @@ def control_table(control: dict) -> list[str]:
     lines = ["### Control plane: 8,000 forwarded ports", ""]
     if "failed" in control:
         return lines + [f"Not measured: {control['failed']}", ""]
-    lines += [f"fastfwd's Forwarder API in a fresh process, {control['workers']} workers; "
-              f"median of {control['repeats']} (min–max).", "",
+    lines += [(f"fastfwd's Forwarder API in a fresh process, {control['workers']} workers; "
+               f"median of {control['repeats']} (min–max); fastfwd engine {control.get('engine')}."), "",
               "| operation | ms | bar |", "|---|---|---|"]
     for key, (label, _) in CONTROL_LABELS.items():
         if key in control:
@@ -190,11 +194,11 @@ def _fds(value: float | None) -> str:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = ["# fastfwd benchmark results", "",
-             f"Machine: {m['cpus']} × {m['cpu']} ({'virtual machine' if m['hypervisor'] else 'bare metal'}), "
-             f"{m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}. Everything on loopback; "
-             "client, forwarder and server share the cores ('cores busy' is the whole box during the "
-             "window). 'fwd' figures are the forwarder's processes only.", ""]
+    summary = (f"Machine: {m['cpus']} × {m['cpu']} ({'virtual machine' if m['hypervisor'] else 'bare metal'}), "
+               f"{m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}. Everything on loopback; "
+               "client, forwarder and server share the cores ('cores busy' is the whole box during the "
+               "window). 'fwd' figures are the forwarder's processes only.")
+    lines = ["# fastfwd benchmark results", "", summary, ""]
     gone = [f"{s['label']}: {s['unavailable']}" for s in results["subjects"].values() if s["unavailable"]]
     if gone:
         lines += ["Not run: " + "; ".join(gone) + ".", ""]

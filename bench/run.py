@@ -23,7 +23,7 @@ from .build import build
 from .figures import BY_NAME as FIGURES_BY_NAME
 from .figures import FULL, QUICK, Figure, Settings
 from .subjects import BY_NAME as SUBJECTS_BY_NAME
-from .subjects import REPO, SUBJECTS, Subject
+from .subjects import REPO, SUBJECTS, Subject, engine_build
 from .system import BoxCpu, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,7 +44,7 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def background_load(seconds: float = 0.3) -> float:
+def background_load(seconds: float = 0.2) -> float:
     """Cores kept busy by other work on the box just before a measurement."""
     before = BoxCpu.now()
     time.sleep(seconds)
@@ -58,6 +58,7 @@ def run_figure(figure: Figure, subjects: list[Subject], settings: Settings, repe
               and not (figure.needs_forwarder and s.kind == "direct")]
     runs: dict[str, list] = {s.name: [] for s in takers}
     failed = {s.name: reason for s in subjects if (reason := s.broken_for(figure.proto))}
+    engine = engine_build() if any(s.kind == "fastfwd" for s in takers) else None
     with figure.context() as in_force:
         for round_ in range(repeats):
             # Rotate the order each round, so no subject always follows the same one (the
@@ -70,29 +71,29 @@ def run_figure(figure: Figure, subjects: list[Subject], settings: Settings, repe
                 background = background_load()
                 try:
                     running = subject.start(scratch)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure becomes the table's reason
                     failed[subject.name] = f"did not start: {exc}"
                     continue
                 try:
                     runs[subject.name].append({**figure.measure(settings, subject, running),
                                                "background": background})
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure becomes the table's reason
                     failed[subject.name] = f"failed: {exc}"
                 finally:
                     running.stop()
     setting = figure.setting if in_force is not False else f"NOT in force: {figure.setting}"
     notes = {s.name: s.idle_cap[1] for s in takers if figure.name == "idle" and s.idle_cap}
     return {"title": figure.title, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "repeats": repeats, "settings": asdict(settings), "setting": setting, "runs": {k: v for k, v in runs.items() if v},
+            "repeats": repeats, "settings": asdict(settings), "setting": setting, "engine": engine, "runs": {k: v for k, v in runs.items() if v},
             "failed": failed, "notes": notes}
 
 
 def run_control(repeats: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.control", "--repeats", str(repeats)],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+                         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     if out.returncode != 0:
         return {"failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "exit " + str(out.returncode)}
-    return json.loads(out.stdout)
+    return {**json.loads(out.stdout), "engine": engine_build()}
 
 
 def main(argv: list[str] | None = None) -> int:

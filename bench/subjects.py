@@ -6,8 +6,10 @@ into the run's scratch directory, never as the system's services.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +100,17 @@ class Subject:
         return running
 
 
+def engine_build() -> str | None:
+    """Which compiled engine the fastfwd subjects ran: its file's hash and build time."""
+    import importlib.util
+    spec = importlib.util.find_spec("fastfwd._engine")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(path.stat().st_mtime))
+    return f"sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}, built {stamp}"
+
+
 def _python_forwarder(module: str, *extra: str) -> Launcher:
     def launch(_: Path, forwards: Sequence[Forward]) -> list[list[str]]:
         args = [a for p, l, t in forwards for a in ("--forward", f"{p}:{l}:{t}")]
@@ -159,33 +172,39 @@ def _rinetd(workdir: Path, forwards: Sequence[Forward]) -> list[list[str]]:
 
 
 TCP, BOTH = frozenset({"tcp"}), frozenset({"tcp", "udp"})
-BULK_ONLY, CONNS_ONLY = frozenset({"tcp1", "tcp8"}), frozenset({"conns"})
+BULK_ONLY, CONNS_ONLY, RTT_ONLY = frozenset({"tcp1", "tcp8"}), frozenset({"conns"}), frozenset({"rtt_tcp", "rtt_udp"})
 
 
-def _fastfwd(splice: str, workers: int, sources: int = 0) -> Subject:
-    pool = f", {sources} upstream source addresses" if sources else ""
+def _fastfwd(splice: str, workers: int, *, sources: int = 0, busy_poll_us: int = 0,
+             only: frozenset[str] | None = None) -> Subject:
+    name = f"fastfwd-{splice}-{workers}w"
+    label = f"fastfwd (splice {splice}, {workers} worker{'s' * (workers > 1)}"
+    if sources:
+        name, label = f"{name}-pool{sources}", f"{label}, {sources} upstream source addresses"
+    if busy_poll_us:
+        name, label = f"{name}-poll{busy_poll_us}", f"{label}, busy poll {busy_poll_us} µs"
     return Subject(
-        f"fastfwd-{splice}-{workers}w" + (f"-pool{sources}" if sources else ""),
-        f"fastfwd (splice {splice}, {workers} worker{'s' * (workers > 1)}{pool})",
-        "fastfwd", BOTH, _python_forwarder("bench.peers.fastfwd_fwd", "--workers", str(workers),
-                                           "--splice", splice, "--sources", str(sources)),
-        only=CONNS_ONLY if sources else None if splice == "auto" else BULK_ONLY)
+        name, label + ")",
+        "fastfwd", BOTH, _python_forwarder("bench.peers.fastfwd_fwd", "--workers", str(workers), "--splice", splice,
+                                           "--sources", str(sources), "--busy-poll-us", str(busy_poll_us)),
+        only=only if only is not None else None if splice == "auto" else BULK_ONLY)
 
 
 SUBJECTS: tuple[Subject, ...] = (
     Subject("direct", "direct (no forwarder)", "direct", BOTH),
     *(_fastfwd(splice, workers) for splice in ("auto", "always", "never") for workers in (1, 2)),
-    _fastfwd("auto", 1, sources=8),
+    _fastfwd("auto", 1, sources=8, only=CONNS_ONLY),
+    _fastfwd("auto", 1, busy_poll_us=50, only=RTT_ONLY),
     Subject("haproxy", "HAProxy (TCP mode)", "peer", TCP, _haproxy(False), ("haproxy",)),
     Subject("haproxy-splice", "HAProxy (TCP mode, splice-auto)", "peer", TCP, _haproxy(True), ("haproxy",),
-            idle_cap=(7900, "with splice HAProxy sizes maxconn from the open-files limit leaving room for "
-                            "pipes (about 8,000 here): 7,900 held, not 9,900")),
+            idle_cap=(7900, ("with splice HAProxy sizes maxconn from the open-files limit leaving room for "
+                             "pipes (about 8,000 here): 7,900 held, not 9,900"))),
     Subject("nginx", "nginx stream", "peer", BOTH, _nginx, ("nginx",)),
     Subject("socat", "socat", "peer", BOTH, _socat, ("socat",),
             idle_cap=(1000, "socat forks a process per connection: 1,000 held, not 9,900")),
     Subject("rinetd", "rinetd", "peer", TCP, _rinetd, ("rinetd",),
-            idle_cap=(4000, "rinetd's cost per event grows with the connections it holds (at 8,000 it "
-                            "accepted about 20 a second at full CPU): 4,000 held, not 9,900"),
+            idle_cap=(4000, ("rinetd's cost per event grows with the connections it holds (at 8,000 it "
+                             "accepted about 20 a second at full CPU): 4,000 held, not 9,900")),
             broken=(("udp", "rinetd 0.73 relays each UDP datagram as an empty one (seen with strace): not run"),)),
     Subject("uvloop", "uvloop forwarder (bench/peers)", "peer", BOTH,
             _python_forwarder("bench.peers.uvloop_fwd")),

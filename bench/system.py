@@ -39,12 +39,12 @@ class BoxCpu:
     at: float
 
     @classmethod
-    def now(cls) -> "BoxCpu":
+    def now(cls) -> BoxCpu:
         cols = [int(c) for c in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
         idle = cols[3] + cols[4]  # idle + iowait
         return cls((sum(cols) - idle) / CLK_TCK, time.monotonic())
 
-    def cores_busy_since(self, earlier: "BoxCpu") -> float:
+    def cores_busy_since(self, earlier: BoxCpu) -> float:
         return (self.busy_s - earlier.busy_s) / max(self.at - earlier.at, 1e-9)
 
 

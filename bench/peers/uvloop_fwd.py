@@ -6,6 +6,8 @@ client address. Run: ``python -m bench.peers.uvloop_fwd --forward tcp:611:601 ..
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import cast
 
 import uvloop
 
@@ -15,13 +17,17 @@ from . import LOOPBACK, Forwards, parser, until_terminated
 class Relay(asyncio.Protocol):
     """One side of a TCP connection; ``peer`` is the other side."""
 
-    def __init__(self, peer: "Relay | None" = None) -> None:
-        self.peer = peer
-        self.transport: asyncio.Transport | None = None
+    # Set by connection_made (transport) and by the constructor or the dialer (peer).
+    transport: asyncio.Transport
+    peer: Relay
+
+    def __init__(self, peer: Relay | None = None) -> None:
+        if peer is not None:
+            self.peer = peer
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
 
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)
@@ -38,8 +44,9 @@ class Relay(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer and self.peer.transport:
-            self.peer.transport.close()
+        peer = getattr(self, "peer", None)  # a client whose dial has not finished has none yet
+        if peer is not None and hasattr(peer, "transport"):
+            peer.transport.close()
 
     # The peer cannot take more: stop reading from our side until it drains.
     def pause_writing(self) -> None:
@@ -62,14 +69,14 @@ class Client(Relay):
         asyncio.ensure_future(self.dial())
 
     def data_received(self, data: bytes) -> None:
-        if self.peer is None:
-            self.early.append(data)
-        else:
+        if hasattr(self, "peer"):
             super().data_received(data)
+        else:
+            self.early.append(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.peer is not None:
+        if hasattr(self, "peer"):
             self.pass_eof()
         return True
 
@@ -96,7 +103,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self.sessions: dict[tuple, asyncio.Future] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's does not subclass it
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         session = self.sessions.get(addr)
@@ -113,7 +120,7 @@ class UdpListener(asyncio.DatagramProtocol):
 class Upstream(asyncio.DatagramProtocol):
     """A client's upstream socket: replies go back to the client through the listener."""
 
-    def __init__(self, listener: asyncio.BaseTransport, client: tuple) -> None:
+    def __init__(self, listener: asyncio.DatagramTransport, client: tuple) -> None:
         self.listener = listener
         self.client = client
 
@@ -125,9 +132,9 @@ async def serve(forwards: Forwards) -> None:
     loop = asyncio.get_running_loop()
     for proto, listen, target in forwards:
         if proto == "tcp":
-            await loop.create_server(lambda t=target: Client(t), LOOPBACK, listen, backlog=4096)
+            await loop.create_server(functools.partial(Client, target), LOOPBACK, listen, backlog=4096)
         else:
-            await loop.create_datagram_endpoint(lambda t=target: UdpListener(t), local_addr=(LOOPBACK, listen))
+            await loop.create_datagram_endpoint(functools.partial(UdpListener, target), local_addr=(LOOPBACK, listen))
     await until_terminated()
 
 
