@@ -116,8 +116,9 @@ def control_table(control: dict) -> list[str]:
     return lines + [""]
 
 
-#: fastfwd's configurations the bar is checked for: the default splice mode, 1 and 2 workers.
-BAR_SUBJECTS = ("fastfwd-auto-1w", "fastfwd-auto-2w")
+#: fastfwd's configurations the bar is checked for: the default splice mode with 1 and 2 workers,
+#: and the variants that run in some figures only (upstream source pool, busy polling).
+BAR_SUBJECTS = ("fastfwd-auto-1w", "fastfwd-auto-2w", "fastfwd-auto-1w-pool8", "fastfwd-auto-1w-poll50")
 
 
 def _median(results: dict, figure: str, subject: str, key: str) -> float | None:
@@ -141,9 +142,10 @@ def _vs_peer(results: dict, figure: str, subject: str, col: Column) -> float | N
 
 def _check(value: float | None, limit: float, at_least: bool, unit: str = "×") -> str:
     if value is None:
-        return "not measured"
+        return "—"
     ok = value >= limit if at_least else value <= limit
-    return f"{fmt(value)}{unit} {'✅' if ok else '❌'}"
+    shown = f"{value:.3f}" if unit == "×" else fmt(value)  # a ratio next to its limit needs the digits
+    return f"{shown}{unit} {'✅' if ok else '❌'}"
 
 
 def bar_table(results: dict) -> list[str]:
@@ -166,7 +168,8 @@ def bar_table(results: dict) -> list[str]:
     ]
     names = [n for n in BAR_SUBJECTS if n in results["subjects"]]
     lines = ["## fastfwd against the bar (issue 3)", "",
-             "From the medians below; ratios against the direct path and the best peer of the same figure.", "",
+             ("From the medians below; ratios against the direct path and the best peer of the same figure; "
+              "— where a variant does not take part in the figure."), "",
              "| bar | " + " | ".join(results["subjects"][n]["label"] for n in names) + " |",
              "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(check(n) for n in names) + " |" for label, check in rows]
@@ -189,7 +192,7 @@ def _p99_vs_conn_peer(results: dict, subject: str) -> float | None:
 
 
 def _fds(value: float | None) -> str:
-    return "not measured" if value is None else f"{value:.3f} {'✅' if abs(value - 2) < 0.005 else '❌'}"
+    return "—" if value is None else f"{value:.3f} {'✅' if abs(value - 2) < 0.005 else '❌'}"
 
 
 def markdown(results: dict) -> str:
