@@ -143,6 +143,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int getsockname(int fd, sockaddr* addr, socklen_t* len)
     ssize_t recv(int fd, void* buf, size_t n, int flags)
     ssize_t send(int fd, const void* buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
     int recvmmsg(int fd, mmsghdr* msgs, unsigned int vlen, int flags, void* timeout)
     int sendmmsg(int fd, mmsghdr* msgs, unsigned int vlen, int flags)
 
@@ -180,6 +181,12 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned int ipi6_ifindex
     uint16_t htons(uint16_t)
     uint16_t ntohs(uint16_t)
+
+
+cdef extern from "<netinet/udp.h>" nogil:
+    enum:
+        SOL_UDP
+        UDP_SEGMENT
 
 
 cdef extern from "<netinet/tcp.h>" nogil:

@@ -5,6 +5,7 @@ from syscalls cimport *
 cdef enum:
     UDP_BATCH = 32          # datagrams per recvmmsg/sendmmsg call
     UDP_MAX = 65536         # room for the largest datagram, so nothing is cut
+    GSO_MAX = 60000         # bytes in one segmented send (one IP datagram before segmenting)
 
 # What tells sessions apart: the client's address and, on a wildcard listener, the local
 # address it sent to (replies must leave from it, or the client drops them).
@@ -20,6 +21,7 @@ cdef struct session_s:
     session_s* dead_next
     listener_t* listener
     int fd                  # connected to the target
+    int no_gso              # segmentation offload failed on this socket: plain batches only
     flow_t flow
 
 ctypedef session_s session_t
@@ -39,3 +41,4 @@ ctypedef struct udp_batch_t:
     iovec out_iov[UDP_BATCH]
     char reply_ctrl[64]
     char* data
+    char gso[GSO_MAX]       # a run of equal-sized datagrams, end to end, for one segmented send
