@@ -15,7 +15,7 @@ Two figures, p50 / p99 / min / max over repeated runs:
    made right after the reply has completed; then ``del``, so each run starts from pending.
 
 Everything (client, fastfwd, dnsmasq, VM) shares this machine's CPUs; the numbers include
-waking them. Usage: ``python scripts/measure_lease_latency.py [--dhcp-runs N] [--event-runs N]
+waking them. Usage: ``python -m bench.lease_latency [--dhcp-runs N] [--event-runs N]
 [--json FILE]``.
 """
 from __future__ import annotations
@@ -27,8 +27,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastfwd.host.lab import Lab
 from fastfwd.host.testbed import VmHost, wait_for
