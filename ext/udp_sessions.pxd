@@ -39,6 +39,6 @@ ctypedef struct udp_batch_t:
     char ctrl[UDP_BATCH][64]
     mmsghdr out[UDP_BATCH]
     iovec out_iov[UDP_BATCH]
-    char reply_ctrl[64]
+    char send_ctrl[64]      # control message of the send under way (pktinfo, segment size)
     char* data
     char gso[GSO_MAX]       # a run of equal-sized datagrams, end to end, for one segmented send

@@ -203,7 +203,7 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k) noexcept nogil:
     cdef int i
     cdef msghdr m
     cdef iovec iov
-    cdef cmsghdr* cm
+    cdef uint16_t segment
     cdef ssize_t n
     if s.no_gso or k < 2 or size == 0 or <size_t>k * size > GSO_MAX:
         return -1
@@ -215,16 +215,12 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k) noexcept nogil:
         total += b.out_iov[i].iov_len
     iov.iov_base = b.gso
     iov.iov_len = total
+    segment = <uint16_t>size
     memset(&m, 0, sizeof(msghdr))
     m.msg_iov = &iov
     m.msg_iovlen = 1
-    m.msg_control = b.reply_ctrl
-    m.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
-    cm = CMSG_FIRSTHDR(&m)
-    cm.cmsg_level = SOL_UDP
-    cm.cmsg_type = UDP_SEGMENT
-    cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-    (<uint16_t*>CMSG_DATA(cm))[0] = <uint16_t>size
+    m.msg_control = b.send_ctrl
+    m.msg_controllen = one_cmsg(b.send_ctrl, SOL_UDP, UDP_SEGMENT, &segment, sizeof(uint16_t))
     n = sendmsg(s.fd, &m, MSG_DONTWAIT)
     if n == <ssize_t>total:
         return k
@@ -320,32 +316,34 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
             return
 
 
-cdef size_t reply_control(udp_batch_t* b, session_t* s) noexcept nogil:
+cdef size_t one_cmsg(char* buf, int level, int kind, const void* data, size_t size) noexcept nogil:
+    """Write a control buffer holding one message; returns its length for msg_controllen."""
     cdef msghdr m
     cdef cmsghdr* cm
-    cdef in_pktinfo* p4
-    cdef in6_pktinfo* p6
-    if s.flow.local_family == AF_UNSPEC:
-        return 0
-    memset(b.reply_ctrl, 0, sizeof(b.reply_ctrl))
-    m.msg_control = b.reply_ctrl
-    if s.flow.local_family == AF_INET:
-        m.msg_controllen = CMSG_SPACE(sizeof(in_pktinfo))
-        cm = CMSG_FIRSTHDR(&m)
-        cm.cmsg_level = IPPROTO_IP
-        cm.cmsg_type = IP_PKTINFO
-        cm.cmsg_len = CMSG_LEN(sizeof(in_pktinfo))
-        p4 = <in_pktinfo*>CMSG_DATA(cm)
-        memcpy(&p4.ipi_spec_dst, s.flow.local, 4)
-    else:
-        m.msg_controllen = CMSG_SPACE(sizeof(in6_pktinfo))
-        cm = CMSG_FIRSTHDR(&m)
-        cm.cmsg_level = IPPROTO_IPV6
-        cm.cmsg_type = IPV6_PKTINFO
-        cm.cmsg_len = CMSG_LEN(sizeof(in6_pktinfo))
-        p6 = <in6_pktinfo*>CMSG_DATA(cm)
-        memcpy(&p6.ipi6_addr, s.flow.local, 16)
+    memset(buf, 0, CMSG_SPACE(size))
+    m.msg_control = buf
+    m.msg_controllen = CMSG_SPACE(size)
+    cm = CMSG_FIRSTHDR(&m)
+    cm.cmsg_level = level
+    cm.cmsg_type = kind
+    cm.cmsg_len = CMSG_LEN(size)
+    memcpy(CMSG_DATA(cm), data, size)
     return m.msg_controllen
+
+
+cdef size_t reply_control(udp_batch_t* b, session_t* s) noexcept nogil:
+    # Replies leave from the local address the client sent to (wildcard listeners only).
+    cdef in_pktinfo p4
+    cdef in6_pktinfo p6
+    if s.flow.local_family == AF_INET:
+        memset(&p4, 0, sizeof(p4))
+        memcpy(&p4.ipi_spec_dst, s.flow.local, 4)
+        return one_cmsg(b.send_ctrl, IPPROTO_IP, IP_PKTINFO, &p4, sizeof(p4))
+    if s.flow.local_family == AF_INET6:
+        memset(&p6, 0, sizeof(p6))
+        memcpy(&p6.ipi6_addr, s.flow.local, 16)
+        return one_cmsg(b.send_ctrl, IPPROTO_IPV6, IPV6_PKTINFO, &p6, sizeof(p6))
+    return 0
 
 
 cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
@@ -371,7 +369,7 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
                 rw.c.truncated += 1
                 continue
             prepare_send(b, k, i, &s.flow.client, addr_len(&s.flow.client),
-                         b.reply_ctrl if ctrllen else NULL, ctrllen)
+                         b.send_ctrl if ctrllen else NULL, ctrllen)
             k += 1
         sent = send_all(l.fd, b.out, k)
         rw.c.datagrams_down += sent
