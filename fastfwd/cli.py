@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument("mac", metavar="MAC", help="six hex pairs with colons, like 52:54:00:12:34:56")
         ev.add_argument("ip", metavar="IP", help="the leased IPv4 or IPv6 address")
         ev.add_argument("hostname", metavar="HOSTNAME", nargs="?", help="the host name the guest gave, if any")
-    snap = lsub.add_parser("snapshot", help="the complete lease table; leases not listed are gone",
+    snap = lsub.add_parser("snapshot", help="all the DHCP leases; DHCP leases not listed are gone",
                            parents=[common])
     snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]")
     lease.set_defaults(func=_lease)

@@ -8,7 +8,8 @@ Messages (one JSON object per line)::
 Replies: ``{"ok": true, "changed": N}`` once the table has the change, it is saved, and the
 daemon's ``on_change`` callback (which re-points the rules) has returned; or
 ``{"ok": false, "error": "..."}`` with nothing changed. Messages are applied one at a time,
-in arrival order, so a reply also means every earlier message is live.
+in arrival order, so a reply also means every earlier message is live. A snapshot replaces
+the DHCP leases only: what other sources (the neighbour table) found stays.
 
 Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 80,000 leases).
 """

@@ -6,6 +6,13 @@ reconciled rather than trusted one by one: an address handed to a new MAC is tak
 MAC that held it before (its ``del`` may have been lost), and a ``del`` for an address the
 MAC no longer holds changes nothing (it arrived after the newer ``add``).
 
+Two sources write the table: DHCP (the lease socket) and the kernel's neighbour table (static
+VMs seen on the bridge). Each lease remembers its source, and a source only ever removes its
+own leases: a DHCP ``del`` or snapshot never drops a lease the neighbour table found, nor the
+other way round. Where both know a MAC, or one address, **DHCP wins**: a DHCP lease replaces
+a neighbour-learned one, and a sighting never replaces a DHCP lease (the grant is what the
+guest was told to use; a sighting is only what answered on the bridge, and may be stale).
+
 The table persists to one JSON file in the state directory: written to a temporary file,
 fsynced, renamed over the old one, and the directory fsynced, so a crash leaves either the
 old or the new file. A file that fails its checksum or does not parse is rejected whole
@@ -35,6 +42,11 @@ Event = Literal["add", "old", "del"]
 #: A lease's identity: its MAC and address family (4 or 6).
 LeaseKey = tuple[str, int]
 EVENTS: tuple[Event, ...] = ("add", "old", "del")
+Source = Literal["neighbours", "dhcp"]
+DHCP: Source = "dhcp"
+NEIGHBOURS: Source = "neighbours"
+#: Lowest precedence first: where two sources disagree, the later one here wins.
+SOURCES: tuple[Source, ...] = (NEIGHBOURS, DHCP)
 
 STATE_FILE = "leases.json"
 _STATE_VERSION = 1
@@ -81,25 +93,28 @@ def normalize_hostname(value: object) -> str | None:
 
 @dataclass(frozen=True)
 class Lease:
-    """One address held by one machine. ``seen`` is when the DHCP server last confirmed it."""
+    """One address held by one machine. ``seen`` is when its source last confirmed it."""
 
     mac: str
     ip: str
     hostname: str | None = None
     seen: float = 0.0
+    source: Source = DHCP
 
     def __post_init__(self) -> None:
         # Every way in (socket, state file, other address sources) is validated and normalized here.
         object.__setattr__(self, "mac", normalize_mac(self.mac))
         object.__setattr__(self, "ip", normalize_ip(self.ip))
         object.__setattr__(self, "hostname", normalize_hostname(self.hostname))
+        if self.source not in SOURCES:
+            raise LeaseError(f"source: expected one of {', '.join(SOURCES)}, got {self.source!r:.80}")
 
     @functools.cached_property
     def key(self) -> LeaseKey:
         return (self.mac, ipaddress.ip_address(self.ip).version)
 
     @classmethod
-    def from_message(cls, doc: object, *, seen: float | None = None,
+    def from_message(cls, doc: object, *, seen: float | None = None, source: object = DHCP,
                      extra: Iterable[str] = ()) -> Lease:
         """Validate ``{"mac", "ip", "hostname"?}``; ``extra`` names further keys the caller reads."""
         if not isinstance(doc, dict):
@@ -111,14 +126,22 @@ class Lease:
             if key not in doc:
                 raise LeaseError(f"missing {key!r}")
         return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
-                   seen=time.time() if seen is None else seen)
+                   seen=time.time() if seen is None else seen, source=source)  # type: ignore[arg-type]
 
     def same(self, other: Lease | None) -> bool:
-        """Equal but for ``seen``: what matters for forwarding."""
-        return other is not None and (self.mac, self.ip, self.hostname) == (other.mac, other.ip, other.hostname)
+        """Equal but for ``seen``: what matters for forwarding, and which source may remove it."""
+        return other is not None and (self.mac, self.ip, self.hostname, self.source) == (
+            other.mac, other.ip, other.hostname, other.source)
+
+    def outranks(self, other: Lease) -> bool:
+        """May this lease replace ``other`` (the same MAC and family, or the same address)?"""
+        return SOURCES.index(self.source) >= SOURCES.index(other.source)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mac": self.mac, "ip": self.ip, "hostname": self.hostname, "seen": self.seen}
+        # DHCP, the default, is left out: a state file of DHCP leases alone stays readable
+        # by versions that predate sources.
+        doc = {"mac": self.mac, "ip": self.ip, "hostname": self.hostname, "seen": self.seen}
+        return doc if self.source == DHCP else {**doc, "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -169,29 +192,40 @@ class LeaseTable:
         mac = normalize_mac(mac)
         return self._leases.get((mac, 4)) or self._leases.get((mac, 6))
 
+    def holding(self, ip: str) -> Lease | None:
+        """The lease that holds the address, if any."""
+        key = self._holders.get(normalize_ip(ip))
+        return None if key is None else self._leases[key]
+
     # -- changing ----------------------------------------------------------------------------
     def apply_event(self, event: str, lease: Lease) -> list[LeaseChange]:
-        """Apply one DHCP event. ``add``/``old`` set the lease; ``del`` removes it if the MAC
-        still holds that address. Returns what changed (a refreshed ``seen`` alone is not a change)."""
+        """Apply one event from ``lease.source``. ``add``/``old`` set the lease unless a lease
+        of a source that outranks it holds the MAC (for that family) or the address; ``del``
+        removes it if the MAC still holds that address, from the same source. Returns what
+        changed (a refreshed ``seen`` alone is not a change)."""
         if event not in EVENTS:
             raise LeaseError(f"event: expected one of {', '.join(EVENTS)}, got {event!r:.80}")
         holder = self._holders.get(lease.ip)
         # Only the MAC's own lease and the address's previous holder can change.
         before = {key: self._leases.get(key) for key in {lease.key, holder} if key is not None}
         if event == "del":
-            if holder == lease.key:
+            if holder == lease.key and self._leases[holder].source == lease.source:
                 del self._leases[lease.key]
                 del self._holders[lease.ip]
-        else:
+        elif all(lease.outranks(old) for old in before.values() if old is not None):
             self._put(lease)
         return self._commit(before)
 
-    def apply_snapshot(self, leases: Iterable[Lease]) -> list[LeaseChange]:
-        """Make the table exactly ``leases``: anything absent is gone. Validated whole first, so
-        a snapshot that lists a MAC twice per family, or one address twice, changes nothing."""
+    def apply_snapshot(self, leases: Iterable[Lease], source: Source = DHCP) -> list[LeaseChange]:
+        """Make ``source``'s part of the table exactly ``leases``: any lease of that source
+        absent from it is gone; the other sources' leases stay, unless the snapshot outranks
+        them on their MAC or address. Validated whole first, so a snapshot that lists a MAC
+        twice per family, or one address twice, or a lease of another source, changes nothing."""
         wanted: dict[LeaseKey, Lease] = {}
         holders: dict[str, LeaseKey] = {}
         for lease in leases:
+            if lease.source != source:
+                raise LeaseError(f"a {source} snapshot lists a {lease.source} lease ({lease.mac})")
             if lease.key in wanted:
                 raise LeaseError(f"snapshot lists {lease.mac} twice for IPv{lease.key[1]}")
             if lease.ip in holders:
@@ -200,7 +234,14 @@ class LeaseTable:
             holders[lease.ip] = lease.key
         before: dict[LeaseKey, Lease | None] = {key: None for key in wanted}
         before.update(self._leases)
+        rank = SOURCES.index(source)
+        # Lower sources keep what the snapshot does not claim; higher ones displace it.
+        below = [lease for lease in self._leases.values() if SOURCES.index(lease.source) < rank
+                 and lease.key not in wanted and lease.ip not in holders]
+        above = [lease for lease in self._leases.values() if SOURCES.index(lease.source) > rank]
         self._leases, self._holders = wanted, holders
+        for lease in (*below, *above):
+            self._put(lease)
         return self._commit(before)
 
     def _put(self, lease: Lease) -> None:
@@ -227,6 +268,7 @@ class LeaseTable:
         return changes
 
     # -- persistence -------------------------------------------------------------------------
+
     def save(self) -> None:
         """Write the table to ``state_file`` atomically (temp file, fsync, rename, fsync dir)."""
         if self.state_file is None:
@@ -256,7 +298,8 @@ class LeaseTable:
     @classmethod
     def restore(cls, state_file: str | os.PathLike[str]) -> LeaseTable:
         """The table saved in ``state_file``, bound to it for later saves. A missing file gives
-        an empty table; a damaged one is moved aside to ``*.corrupt`` and gives an empty table."""
+        an empty table; a damaged one is moved aside to ``*.corrupt`` and gives an empty table.
+        An entry without a ``source`` (written before there were sources) is a DHCP lease."""
         path = Path(state_file)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)  # a write cut short by a crash: never valid state
@@ -280,7 +323,8 @@ class LeaseTable:
                 seen = entry.get("seen") if isinstance(entry, dict) else None
                 if not isinstance(seen, (int, float)) or isinstance(seen, bool):
                     raise LeaseError("seen: expected a time")
-                table._put(Lease.from_message(entry, seen=float(seen), extra=("seen",)))
+                table._put(Lease.from_message(entry, seen=float(seen), source=entry.get("source", DHCP),
+                                              extra=("seen", "source")))
             except LeaseError as exc:
                 log.warning("lease state %s: entry %d skipped: %s", path, i, exc)
         log.info("restored %d lease(s) from %s", len(table), path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -101,3 +103,24 @@ def test_static_vm_is_reached_through_the_neighbour_table(host: VmHost) -> None:
     wait_for(lambda: _ready(host, "vm1"), timeout=15, message="forwarding to the static VM")
     assert host.tcp(size=1 << 20) == "vm1"
     assert host.udp_flow().send() == "vm1"
+
+
+def test_a_dhcp_snapshot_keeps_the_static_vm_the_neighbour_table_found(host: VmHost) -> None:
+    """Both sources on one lease table: a DHCP snapshot that does not list the static VM (it
+    never asked for a lease) leaves its rule forwarding, not pending until the next resync."""
+    host.sources = "dhcp = true\nneighbours = true"
+    host.write_config(MAC1)
+    host.start_daemon()
+    vm = host.add_vm("vm1", MAC1, static_ip=str(host.net[50]))
+    host.lab.run(vm.ns, ["busybox", "ping", "-c1", "-W2", str(host.gateway.ip)])
+    wait_for(lambda: _ready(host, "vm1"), timeout=15, message="forwarding to the static VM")
+    snapshot = subprocess.run([sys.executable, "-m", "fastfwd", "lease", "snapshot", "--socket",
+                               str(host.lease_socket), f"{MAC2}={host.net[120]}=other"],
+                              capture_output=True, text=True, timeout=30)
+    assert snapshot.returncode == 0, snapshot.stderr
+    # Right after the reply, with the neighbour source's next resync 30 s away.
+    assert host.tcp(size=1 << 20) == "vm1"
+    status = host.status()
+    assert status is not None
+    assert sorted((x["mac"], x.get("source", "dhcp")) for x in status["leases"]) == [
+        (MAC1, "neighbours"), (MAC2, "dhcp")]

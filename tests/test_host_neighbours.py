@@ -1,6 +1,6 @@
 """The neighbour-table address source: a static-address VM behind a veth on the bridge is
-seen, fed to the lease table, dropped when it stops answering, and restored after the table
-is wiped; and the feeder never deletes what DHCP granted."""
+seen, fed to the lease table, kept through DHCP snapshots, dropped when it stops answering,
+and restored after its lease is lost; and the feeder never deletes what DHCP granted."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +15,7 @@ import uvloop
 from fastfwd.host.lab import Lab
 from fastfwd.host.links import ensure_address, ensure_bridge
 from fastfwd.host.neighbours import Sighting, feed_neighbours, watch_neighbours
-from fastfwd.leases import Lease, LeaseChange, LeaseTable
+from fastfwd.leases import NEIGHBOURS, Lease, LeaseChange, LeaseTable
 
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -53,6 +53,20 @@ def test_failed_neighbour_never_deletes_a_dhcp_lease() -> None:
     assert calls == []
     lease = table.for_mac(VM_MAC)
     assert lease is not None and lease.hostname == "vm1"  # not overwritten by a nameless copy
+
+
+def test_failed_neighbour_removes_a_lease_found_before_a_restart() -> None:
+    table = LeaseTable([Lease(VM_MAC, "10.0.0.5", source=NEIGHBOURS)])  # as restored from the state file
+    calls = _feed(table, Sighting("del", "10.0.0.5"))
+    assert [len(c) for c in calls] == [1] and len(table) == 0
+
+
+def test_sightings_are_neighbour_leases_that_a_dhcp_snapshot_keeps() -> None:
+    table = LeaseTable()
+    _feed(table, Sighting("add", "10.0.0.5", VM_MAC))
+    assert table.apply_snapshot([Lease(OTHER_MAC, "10.0.0.6", "vm2")]) != []
+    lease = table.for_mac(VM_MAC)
+    assert lease is not None and (lease.ip, lease.source) == ("10.0.0.5", NEIGHBOURS)
 
 
 def test_mac_filter() -> None:
@@ -121,8 +135,12 @@ def test_static_vm_seen_lost_and_resynced() -> None:
                 assert lease is not None and lease.ip == vm_ip
                 assert table.for_mac(OTHER_MAC) is None
 
-                # A DHCP snapshot wipes the table; the next resync brings the VM back.
+                # A DHCP snapshot leaves it alone.
                 table.apply_snapshot([])
+                assert lease.same(table.for_mac(VM_MAC))  # ("seen" may have been refreshed)
+                # Its lease lost (as if an event had been): the next resync brings it back.
+                table.apply_snapshot([], source=NEIGHBOURS)
+                assert table.for_mac(VM_MAC) is None
                 await _wait(lambda: table.for_mac(VM_MAC) is not None)
 
                 # The VM goes away; the host asks for it, nobody answers: the lease goes.

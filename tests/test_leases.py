@@ -1,6 +1,7 @@
 """The lease table: validation, events, snapshots, name resolution and crash-safe persistence."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import signal
@@ -11,16 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from fastfwd.leases import (STATE_FILE, HostEntry, Lease, LeaseChange, LeaseError, LeaseTable,
-                            name_updates, normalize_hostname, normalize_ip, normalize_mac,
+from fastfwd.leases import (DHCP, NEIGHBOURS, STATE_FILE, HostEntry, Lease, LeaseChange, LeaseError,
+                            LeaseTable, name_updates, normalize_hostname, normalize_ip, normalize_mac,
                             resolve_names)
 
 REPO = Path(__file__).resolve().parents[1]
 A, B, C = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
 
 
-def lease(mac: str, ip: str, hostname: str | None = None, seen: float = 1000.0) -> Lease:
-    return Lease(mac=mac, ip=ip, hostname=hostname, seen=seen)
+def lease(mac: str, ip: str, hostname: str | None = None, seen: float = 1000.0, source: str = DHCP) -> Lease:
+    return Lease(mac=mac, ip=ip, hostname=hostname, seen=seen, source=source)
+
+
+def seen_on_bridge(mac: str, ip: str) -> Lease:
+    """A lease the neighbour table found."""
+    return lease(mac, ip, source=NEIGHBOURS)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -160,6 +166,69 @@ def test_inconsistent_snapshot_changes_nothing(snapshot: list[Lease], error: str
     assert [x.mac for x in table] == [C]
 
 
+# -- sources: DHCP and the neighbour table ------------------------------------------------------
+def test_a_dhcp_snapshot_keeps_the_leases_the_neighbour_table_found() -> None:
+    table = LeaseTable([seen_on_bridge(A, "10.0.0.1"), lease(B, "10.0.0.2")])
+    changes = table.apply_snapshot([lease(C, "10.0.0.3")])
+    assert changes == [LeaseChange(lease(B, "10.0.0.2"), None), LeaseChange(None, lease(C, "10.0.0.3"))]
+    assert list(table) == [seen_on_bridge(A, "10.0.0.1"), lease(C, "10.0.0.3")]
+    assert table.apply_snapshot([]) == [LeaseChange(lease(C, "10.0.0.3"), None)]
+    assert list(table) == [seen_on_bridge(A, "10.0.0.1")]
+
+
+def test_a_neighbour_snapshot_keeps_the_dhcp_leases() -> None:
+    table = LeaseTable([seen_on_bridge(A, "10.0.0.1"), lease(B, "10.0.0.2")])
+    assert table.apply_snapshot([], source=NEIGHBOURS) == [LeaseChange(seen_on_bridge(A, "10.0.0.1"), None)]
+    assert list(table) == [lease(B, "10.0.0.2")]
+    # DHCP wins where they meet: B's address and B's MAC stay B's DHCP lease.
+    assert table.apply_snapshot([seen_on_bridge(C, "10.0.0.2"), seen_on_bridge(B, "10.0.0.9")],
+                                source=NEIGHBOURS) == []
+    assert list(table) == [lease(B, "10.0.0.2")]
+    with pytest.raises(LeaseError, match="a neighbours snapshot lists a dhcp lease"):
+        table.apply_snapshot([lease(C, "10.0.0.3")], source=NEIGHBOURS)
+
+
+def test_dhcp_wins_over_the_neighbour_table_for_a_mac_and_for_an_address() -> None:
+    table = LeaseTable([seen_on_bridge(A, "10.0.0.1"), seen_on_bridge(B, "10.0.0.2")])
+    # A DHCP lease replaces what the bridge saw of the same MAC, and takes its address from another.
+    assert table.apply_event("add", lease(A, "10.0.0.5", "vm1")) == [
+        LeaseChange(seen_on_bridge(A, "10.0.0.1"), lease(A, "10.0.0.5", "vm1"))]
+    assert table.apply_event("add", lease(C, "10.0.0.2")) == [
+        LeaseChange(seen_on_bridge(B, "10.0.0.2"), None), LeaseChange(None, lease(C, "10.0.0.2"))]
+    # A sighting never replaces a DHCP lease, neither its MAC's nor its address's.
+    assert table.apply_event("add", seen_on_bridge(A, "10.0.0.7")) == []
+    assert table.apply_event("add", seen_on_bridge(B, "10.0.0.5")) == []
+    assert list(table) == [lease(A, "10.0.0.5", "vm1"), lease(C, "10.0.0.2")]
+
+
+def test_a_dhcp_snapshot_takes_over_what_the_bridge_saw_of_its_macs_and_addresses() -> None:
+    table = LeaseTable([seen_on_bridge(A, "10.0.0.1"), seen_on_bridge(B, "10.0.0.2")])
+    changes = table.apply_snapshot([lease(A, "10.0.0.1", "vm1"), lease(C, "10.0.0.2")])
+    assert changes == [LeaseChange(seen_on_bridge(A, "10.0.0.1"), lease(A, "10.0.0.1", "vm1")),
+                       LeaseChange(seen_on_bridge(B, "10.0.0.2"), None), LeaseChange(None, lease(C, "10.0.0.2"))]
+
+
+def test_a_source_deletes_only_its_own_leases() -> None:
+    table = LeaseTable([seen_on_bridge(A, "10.0.0.1"), lease(B, "10.0.0.2")])
+    assert table.apply_event("del", lease(A, "10.0.0.1")) == []
+    assert table.apply_event("del", seen_on_bridge(B, "10.0.0.2")) == []
+    assert len(table) == 2
+    assert table.apply_event("del", seen_on_bridge(A, "10.0.0.1")) == [LeaseChange(seen_on_bridge(A, "10.0.0.1"), None)]
+    assert table.holding("10.0.0.2") == lease(B, "10.0.0.2") and table.holding("10.0.0.1") is None
+
+
+def test_a_source_changing_is_a_change() -> None:
+    """Saved, so that after a restart the right source may remove it."""
+    table = LeaseTable([seen_on_bridge(A, "10.0.0.1")])
+    assert table.apply_event("add", lease(A, "10.0.0.1")) == [LeaseChange(seen_on_bridge(A, "10.0.0.1"),
+                                                                          lease(A, "10.0.0.1"))]
+
+
+def test_unknown_source_is_rejected() -> None:
+    with pytest.raises(LeaseError, match="source: expected one of neighbours, dhcp, got 'arp'"):
+        lease(A, "10.0.0.1", source="arp")
+
+
 # -- names -------------------------------------------------------------------------------------
 def test_dhcp_hostnames_resolve_to_their_address() -> None:
     table = LeaseTable([lease(A, "10.0.0.1", "vm1"), lease(B, "10.0.0.2")])
@@ -227,23 +296,28 @@ def test_a_large_table_restores_and_takes_events_in_linear_time(tmp_path: Path) 
 
 
 def test_the_table_agrees_with_a_plain_model_over_random_events() -> None:
-    """Events and snapshots against a table that scans everything: the address index must
-    never disagree with it."""
+    """Events of both sources and DHCP snapshots against a table that scans everything: the
+    address index and the precedence of DHCP must never disagree with it."""
     rng = random.Random(7)
     table, model = LeaseTable(), {}
     macs, ips = [A, B, C], ["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"]
-    for step in range(2000):
+    for step in range(3000):
         if step % 97 == 0:
             chosen = {(x.mac, x.key[1]): x for x in (lease(rng.choice(macs), ip) for ip in rng.sample(ips, 2))}
             table.apply_snapshot(chosen.values())
-            model = dict(chosen)
+            taken = {x.ip for x in chosen.values()}
+            model = {k: v for k, v in model.items() if v.source == NEIGHBOURS and k not in chosen and v.ip not in taken}
+            model.update(chosen)
+            assert list(table) == sorted(model.values(), key=lambda x: x.key)
             continue
-        event, new = rng.choice(["add", "old", "del"]), lease(rng.choice(macs), rng.choice(ips))
+        event = rng.choice(["add", "old", "del"])
+        new = lease(rng.choice(macs), rng.choice(ips), source=rng.choice([DHCP, NEIGHBOURS]))
         before = dict(model)
         if event == "del":
-            if new.key in model and model[new.key].ip == new.ip:
+            if new.key in model and model[new.key].ip == new.ip and model[new.key].source == new.source:
                 del model[new.key]
-        else:
+        elif new.source == DHCP or not any(v.source == DHCP for k, v in model.items()
+                                           if k == new.key or v.ip == new.ip):
             model = {k: v for k, v in model.items() if v.ip != new.ip or k == new.key}
             model[new.key] = new
         expected = [LeaseChange(before.get(k), model.get(k)) for k in sorted(before.keys() | model.keys())
@@ -285,13 +359,18 @@ def test_state_file_that_is_not_lease_state_is_rejected(tmp_path: Path, text: st
     assert state.with_name(STATE_FILE + ".corrupt").exists()
 
 
-def test_intact_state_keeps_the_entries_that_validate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from fastfwd.leases import _digest
+def _write_state(state: Path, entries: list) -> None:
+    """A state file as version 1 has always written it (the checksum computed here, not by
+    the code under test, so that the format stays what older files hold)."""
+    digest = hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    state.write_text(json.dumps({"version": 1, "sha256": digest, "leases": entries}))
 
+
+def test_intact_state_keeps_the_entries_that_validate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     entries = [lease(A, "10.0.0.1", "vm1").to_json(), {"mac": "bogus", "ip": "10.0.0.2", "hostname": None, "seen": 1.0},
                {"mac": B, "ip": "10.0.0.3", "hostname": None}]
     state = tmp_path / STATE_FILE
-    state.write_text(json.dumps({"version": 1, "sha256": _digest(entries), "leases": entries}))
+    _write_state(state, entries)
     table = LeaseTable.restore(state)
     assert [x.mac for x in table] == [A]
     assert "entry 1 skipped" in caplog.text and "entry 2 skipped" in caplog.text
@@ -344,6 +423,19 @@ def test_kill_9_in_the_middle_of_writing_leaves_a_consistent_state(tmp_path: Pat
     # Every save holds leases 1..n: a torn or partial write would break the sequence or be rejected.
     assert sorted(x.seen for x in table) == [float(i) for i in range(1, n + 1)]
     assert not state.with_name(STATE_FILE + ".corrupt").exists()
+
+
+def test_sources_are_saved_and_a_file_from_before_sources_loads_as_dhcp(tmp_path: Path) -> None:
+    state = tmp_path / STATE_FILE
+    table = LeaseTable(state_file=state)
+    table.apply_event("add", lease(A, "10.0.0.1", "vm1"))
+    table.apply_event("add", seen_on_bridge(B, "10.0.0.2"))
+    assert list(LeaseTable.restore(state)) == [lease(A, "10.0.0.1", "vm1"), seen_on_bridge(B, "10.0.0.2")]
+    # DHCP, the default, is not written: a file of DHCP leases reads as before, old versions included.
+    entries = json.loads(state.read_text())["leases"]
+    assert [e.get("source") for e in entries] == [None, "neighbours"] and "source" not in entries[0]
+    _write_state(state, [{"mac": A, "ip": "10.0.0.1", "hostname": "vm1", "seen": 5.0}])
+    assert list(LeaseTable.restore(state)) == [lease(A, "10.0.0.1", "vm1", seen=5.0, source=DHCP)]
 
 
 def test_a_state_file_that_cannot_be_written_does_not_stop_the_change(

@@ -15,11 +15,12 @@ What counts:
 - an entry the kernel deletes says nothing (unused entries are garbage-collected while the
   VM lives on), so it is ignored.
 
-Netlink events can be lost (a full socket buffer), and a DHCP snapshot on the lease socket
-replaces the whole table, so the watcher reconciles: every ``resync`` seconds it dumps the
-table again and repeats each sighting; repeating one the table already holds changes nothing.
-The feeder only ever removes what it added itself: a failed neighbour never deletes a lease
-the DHCP server granted (dnsmasq would not say it again until the lease renews).
+Netlink events can be lost (a full socket buffer), so the watcher reconciles: every
+``resync`` seconds it dumps the table again and repeats each sighting; repeating one the
+table already holds changes nothing. The leases it adds are marked as the neighbour table's
+(:data:`~fastfwd.leases.NEIGHBOURS`), and the lease table keeps the sources apart: a failed
+neighbour never deletes a lease the DHCP server granted (dnsmasq would not say it again until
+the lease renews), a sighting never overrides one, and a DHCP snapshot leaves these alone.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
 from ..leases import (
+    NEIGHBOURS,
     Lease,
     LeaseChange,
     LeaseError,
@@ -209,28 +211,26 @@ async def feed_neighbours(table: LeaseTable, on_change: OnChange, *,
     the lease table. ``lock`` is held around each change, to serialize with other sources.
     """
     source = sightings if sightings is not None else watch_neighbours(**watch)
-    added: dict[str, str] = {}  # ip -> mac, for the leases this feeder put in the table
     async with contextlib.aclosing(source):  # stops the netlink thread when we are cancelled
         async for sighting in source:
-            await _apply(sighting, table, on_change, added, macs, lock)
+            await _apply(sighting, table, on_change, macs, lock)
 
 
-async def _apply(sighting: Sighting, table: LeaseTable, on_change: OnChange, added: dict[str, str],
+async def _apply(sighting: Sighting, table: LeaseTable, on_change: OnChange,
                  macs: Callable[[], Iterable[str]] | None, lock: asyncio.Lock | None) -> None:
-    if sighting.event == "add":
-        assert sighting.mac is not None
-        if macs is not None and sighting.mac not in set(macs()):
-            return
-        if any(lease.mac == sighting.mac and lease.ip == sighting.ip for lease in table):
-            return  # already known, from DHCP or an earlier sighting
-        event, lease = "add", Lease(sighting.mac, sighting.ip, seen=time.time())
-        added[sighting.ip] = sighting.mac
-    elif sighting.ip in added:
-        event, lease = "del", Lease(added.pop(sighting.ip), sighting.ip)
-    else:
+    if sighting.event == "add" and macs is not None and sighting.mac not in set(macs()):
         return
     async with lock if lock is not None else contextlib.nullcontext():
-        changes = table.apply_event(event, lease)
+        if sighting.event == "add":
+            assert sighting.mac is not None
+            lease = Lease(sighting.mac, sighting.ip, seen=time.time(), source=NEIGHBOURS)
+        else:
+            held = table.holding(sighting.ip)
+            if held is None:
+                return
+            # A del from this source: the table removes the lease only if this source put it there.
+            lease = Lease(held.mac, held.ip, source=NEIGHBOURS)
+        changes = table.apply_event(sighting.event, lease)
         if changes:
-            log.info("neighbour %s: %s %s", event, lease.mac, lease.ip)
+            log.info("neighbour %s: %s %s", sighting.event, lease.mac, lease.ip)
             await on_change(changes)
