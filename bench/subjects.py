@@ -1,4 +1,8 @@
-"""The subjects compared: the direct path, fastfwd's variants and the peers.
+"""The subjects compared: the direct path, fastfwd's variants, the peers and a reference.
+
+The reference is a minimal C forwarder (bench/peers/reference_fwd.c): what user space can
+reach on this box, measured in the same run. It is no peer (nobody would deploy it), so it
+never counts as the best peer.
 
 Each forwarder listens on a backend's port plus ``SHIFT`` and relays to the backend; the
 direct path is the client talking to the backend itself. Peers run from configs written
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backends
+from .build import tool
 from .procs import Proc, Usage, tree, wait_bound
 
 SHIFT = 10
@@ -51,7 +56,7 @@ class Running:
 class Subject:
     name: str
     label: str
-    kind: str  # "direct", "fastfwd" or "peer"
+    kind: str  # "direct", "fastfwd", "peer" or "reference"
     protos: frozenset[str]
     launch: Launcher | None = None
     #: Executables it needs; a missing one makes the subject unavailable.
@@ -116,6 +121,10 @@ def _python_forwarder(module: str, *extra: str) -> Launcher:
         args = [a for p, l, t in forwards for a in ("--forward", f"{p}:{l}:{t}")]
         return [[sys.executable, "-m", module, *extra, *args]]
     return launch
+
+
+def _reference(_: Path, forwards: Sequence[Forward]) -> list[list[str]]:
+    return [[tool("reference_fwd"), *(f"{p}:{l}:{t}" for p, l, t in forwards)]]
 
 
 def _haproxy(splice: bool) -> Launcher:
@@ -192,6 +201,7 @@ def _fastfwd(splice: str, workers: int, *, sources: int = 0, busy_poll_us: int =
 
 SUBJECTS: tuple[Subject, ...] = (
     Subject("direct", "direct (no forwarder)", "direct", BOTH),
+    Subject("cref", "C reference forwarder (bench/peers)", "reference", BOTH, _reference),
     *(_fastfwd(splice, workers) for splice in ("auto", "always", "never") for workers in (1, 2)),
     _fastfwd("auto", 1, sources=8, only=CONNS_ONLY),
     _fastfwd("auto", 1, busy_poll_us=50, only=RTT_ONLY),
