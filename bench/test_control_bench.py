@@ -16,6 +16,8 @@ from fastfwd.leases import Lease, LeaseTable, name_updates, resolve_names
 from .control import range_rule, small_rules
 
 LEASES = 1000
+#: The lease-burst case: this many events into a saved table of that many leases.
+BURST, SAVED_LEASES = 1000, 20_000
 
 
 def test_parse_port_specs(benchmark) -> None:
@@ -61,9 +63,9 @@ def test_diff_8000_port_range_rule(benchmark, forwarder) -> None:
     benchmark(lambda: loop.run_until_complete(fw.apply(table)))
 
 
-def _leases(generation: int) -> list[Lease]:
-    return [Lease(mac=f"52:54:00:00:{i >> 8:02x}:{i & 255:02x}", ip=f"10.{generation}.{i >> 8}.{i & 255}",
-                  hostname=f"vm{i}", seen=float(i)) for i in range(LEASES)]
+def _leases(generation: int, n: int = LEASES) -> list[Lease]:
+    return [Lease(mac=f"52:54:00:{i >> 16:02x}:{i >> 8 & 255:02x}:{i & 255:02x}",
+                  ip=f"10.{generation}.{i >> 8}.{i & 255}", hostname=f"vm{i}", seen=float(i)) for i in range(n)]
 
 
 def test_lease_event_into_1000(benchmark) -> None:
@@ -90,3 +92,22 @@ def test_lease_snapshot_1000_and_names(benchmark) -> None:
         table.apply_snapshot(snapshots[next(flip) % 2])
         return name_updates(before, resolve_names({}, table))
     assert len(benchmark(reconcile)) == LEASES
+
+
+@pytest.mark.parametrize("save_delay", [0.0, 1.0], ids=["saved-each", "coalesced"])
+def test_lease_burst_1000_into_20000_saved(benchmark, tmp_path, save_delay: float) -> None:
+    """1,000 DHCP events into a table of 20,000 with a state file, until the file holds them
+    all: saved after every change, or saved once for the burst (the daemon's way, with its
+    delay; the burst ends with the flush a stop would do)."""
+    table = LeaseTable(_leases(0, SAVED_LEASES), state_file=tmp_path / "leases.json", save_delay=save_delay)
+    table.save()
+    generations = iter(range(1, 1 << 30))
+    loop = asyncio.new_event_loop()
+
+    async def burst() -> None:
+        for lease in _leases(1 + next(generations) % 2, BURST):  # the first 1,000 guests move
+            table.apply_event("add", lease)
+        table.flush()
+    benchmark.pedantic(lambda: loop.run_until_complete(burst()), rounds=1 if not save_delay else 20)
+    loop.close()
+    assert len(LeaseTable.restore(tmp_path / "leases.json")) == SAVED_LEASES

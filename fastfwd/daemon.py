@@ -33,6 +33,11 @@ from .watcher import watch_config
 log = logging.getLogger("fastfwd")
 _T = TypeVar("_T")
 
+#: Seconds the lease state file may lag behind the table: a burst of lease events costs one
+#: save, not one each. A clean stop saves at once; a crash loses at most this window, which
+#: the DHCP server's next snapshot or events restore.
+LEASE_SAVE_DELAY = 1.0
+
 
 class DaemonError(Exception):
     """The daemon cannot start; the message is one line naming the problem."""
@@ -101,7 +106,7 @@ class Daemon:
             if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
                 state = Path(self.control.state_dir) / STATE_FILE
                 try:
-                    self.leases = LeaseTable.restore(state)
+                    self.leases = LeaseTable.restore(state, save_delay=LEASE_SAVE_DELAY)
                 except OSError as exc:
                     raise DaemonError(f"lease state {state}: {_reason(exc)}") from None
             self._names = resolve_names(self.config.hosts, self.leases)
@@ -156,6 +161,7 @@ class Daemon:
             async with self._lock:  # a reload under way finishes before the engine goes
                 await self._shutdown(fw, how)
         finally:
+            self.leases.flush()  # however the run ends, what it learnt is on disk
             for sig in signals:
                 loop.remove_signal_handler(sig)
         return 0

@@ -5,11 +5,12 @@ Messages (one JSON object per line)::
     {"event": "add"|"old"|"del", "mac": "52:54:00:12:34:56", "ip": "10.0.0.5", "hostname": "vm1"}
     {"snapshot": [{"mac": ..., "ip": ..., "hostname": ...}, ...]}
 
-Replies: ``{"ok": true, "changed": N}`` once the table has the change, it is saved, and the
-daemon's ``on_change`` callback (which re-points the rules) has returned; or
-``{"ok": false, "error": "..."}`` with nothing changed. Messages are applied one at a time,
-in arrival order, so a reply also means every earlier message is live. A snapshot replaces
-the DHCP leases only: what other sources (the neighbour table) found stays.
+Replies: ``{"ok": true, "changed": N}`` once the table has the change and the daemon's
+``on_change`` callback (which re-points the rules) has returned; or ``{"ok": false, "error":
+"..."}`` with nothing changed. Messages are applied one at a time, in arrival order, so a
+reply also means every earlier message is live. Saving the table is the table's business
+(see ``LeaseTable``'s ``save_delay``). A snapshot replaces the DHCP leases only: what other
+sources (the neighbour table) found stays.
 
 Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 80,000 leases).
 """

@@ -15,13 +15,16 @@ guest was told to use; a sighting is only what answered on the bridge, and may b
 
 The table persists to one JSON file in the state directory: written to a temporary file,
 fsynced, renamed over the old one, and the directory fsynced, so a crash leaves either the
-old or the new file. A file that fails its checksum or does not parse is rejected whole
-(moved aside to ``leases.json.corrupt``) and the table starts empty: a damaged file cannot
-say which of its entries are still true. Entries of an intact file that fail validation are
-skipped one by one, with a log line each.
+old or the new file. With a ``save_delay``, changes are saved together at most that long
+after the first of them (a crash loses at most that window); ``flush`` saves at once. A
+file that fails its checksum or does not parse is rejected whole (moved aside to
+``leases.json.corrupt``) and the table starts empty: a damaged file cannot say which of its
+entries are still true. Entries of an intact file that fail validation are skipped one by
+one, with a log line each.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import ipaddress
@@ -143,6 +146,12 @@ class Lease:
         doc = {"mac": self.mac, "ip": self.ip, "hostname": self.hostname, "seen": self.seen}
         return doc if self.source == DHCP else {**doc, "source": self.source}
 
+    @functools.cached_property
+    def record(self) -> str:
+        """The lease as the state file stores it: compact with sorted keys, which is also the
+        form its checksum hashes, so a save encodes only the leases that are new since."""
+        return _encode(self.to_json())
+
 
 @dataclass(frozen=True)
 class LeaseChange:
@@ -169,9 +178,12 @@ class HostEntry:
 
 
 class LeaseTable:
-    """The current leases. With a ``state_file``, every change is saved before it is returned."""
+    """The current leases. With a ``state_file``, changes are saved: each before it is
+    returned, or with a ``save_delay`` (seconds, on the running event loop) together at most
+    that long after the first of them."""
 
-    def __init__(self, leases: Iterable[Lease] = (), *, state_file: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, leases: Iterable[Lease] = (), *, state_file: str | os.PathLike[str] | None = None,
+                 save_delay: float = 0.0) -> None:
         self._leases: dict[LeaseKey, Lease] = {}
         #: Who holds each address, so that an event or a restored entry costs the same however
         #: large the table is.
@@ -179,6 +191,9 @@ class LeaseTable:
         for lease in leases:
             self._put(lease)
         self.state_file = Path(state_file) if state_file is not None else None
+        self.save_delay = save_delay
+        self._unsaved = False
+        self._save_timer: asyncio.TimerHandle | None = None
 
     # -- reading -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -257,32 +272,45 @@ class LeaseTable:
 
     def _commit(self, before: Mapping[LeaseKey, Lease | None]) -> list[LeaseChange]:
         """The changes against ``before``, which holds every key that may have changed (None:
-        absent before); saved to the state file if there are any."""
+        absent before); saved to the state file (or scheduled to be) if there are any."""
         changes = [LeaseChange(before[key], self._leases.get(key))
                    for key in sorted(before) if not _same(before[key], self._leases.get(key))]
         if changes and self.state_file is not None:
-            try:
-                self.save()
-            except OSError as exc:  # forwarding must follow the lease even when the disk cannot
-                log.error("cannot save leases to %s: %s; they are kept in memory", self.state_file, exc)
+            self._unsaved = True
+            if not self.save_delay:
+                self.flush()
+            elif self._save_timer is None:
+                self._save_timer = asyncio.get_running_loop().call_later(self.save_delay, self.flush)
         return changes
 
     # -- persistence -------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Save the changes not saved yet, if any. A failure is logged and the leases stay in
+        memory (forwarding must follow them even when the disk cannot); the next change or
+        flush tries again."""
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
+        if not self._unsaved:
+            return
+        try:
+            self.save()
+        except OSError as exc:
+            log.error("cannot save leases to %s: %s; they are kept in memory", self.state_file, exc)
 
     def save(self) -> None:
         """Write the table to ``state_file`` atomically (temp file, fsync, rename, fsync dir)."""
         if self.state_file is None:
             raise RuntimeError("this lease table has no state file")
-        entries = [lease.to_json() for lease in self]
+        records = [lease.record for lease in self]
         directory = self.state_file.parent
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.state_file.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                # One entry a line: readable, and still the C encoder (indent= is pure Python,
-                # ten times slower on a large table).
-                f.write(f'{{"version": {_STATE_VERSION}, "sha256": "{_digest(entries)}", "leases": [')
-                f.write(",".join(f"\n{json.dumps(entry)}" for entry in entries) + "\n]}\n")
+                # One entry a line: readable, and cheap to write (each lease encodes itself once).
+                f.write(f'{{"version": {_STATE_VERSION}, "sha256": "{_digest(records)}", "leases": [')
+                f.write(",".join(f"\n{record}" for record in records) + "\n]}\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_file)
@@ -294,16 +322,17 @@ class LeaseTable:
             os.fsync(dir_fd)  # makes the rename itself survive a power cut
         finally:
             os.close(dir_fd)
+        self._unsaved = False
 
     @classmethod
-    def restore(cls, state_file: str | os.PathLike[str]) -> LeaseTable:
+    def restore(cls, state_file: str | os.PathLike[str], *, save_delay: float = 0.0) -> LeaseTable:
         """The table saved in ``state_file``, bound to it for later saves. A missing file gives
         an empty table; a damaged one is moved aside to ``*.corrupt`` and gives an empty table.
         An entry without a ``source`` (written before there were sources) is a DHCP lease."""
         path = Path(state_file)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)  # a write cut short by a crash: never valid state
-        table = cls(state_file=path)
+        table = cls(state_file=path, save_delay=save_delay)
         try:
             raw = path.read_bytes() if path.stat().st_size <= _STATE_MAX_BYTES else None
         except FileNotFoundError:
@@ -335,8 +364,14 @@ def _same(a: Lease | None, b: Lease | None) -> bool:
     return a is b or (a is not None and a.same(b))
 
 
-def _digest(entries: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _encode(entry: Any) -> str:
+    """One state-file entry, compact with sorted keys: the form the checksum covers."""
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"))
+
+
+def _digest(records: list[str]) -> str:
+    """The checksum of the encoded entries, as the JSON array they make."""
+    return hashlib.sha256(f"[{','.join(records)}]".encode()).hexdigest()
 
 
 def _verified_entries(raw: bytes | None) -> list[Any] | None:
@@ -350,7 +385,7 @@ def _verified_entries(raw: bytes | None) -> list[Any] | None:
     if not isinstance(doc, dict) or doc.get("version") != _STATE_VERSION:
         return None
     entries = doc.get("leases")
-    if not isinstance(entries, list) or doc.get("sha256") != _digest(entries):
+    if not isinstance(entries, list) or doc.get("sha256") != _digest([_encode(e) for e in entries]):
         return None
     return entries
 

@@ -17,6 +17,7 @@ import pytest
 
 from fastfwd.config import load_config
 from fastfwd.daemon import Daemon, Overrides, _background
+from fastfwd.leases import STATE_FILE, LeaseTable
 from fastfwd.unixclient import call
 
 from helpers_control import (DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip, fastfwd, free_port,
@@ -129,10 +130,39 @@ def test_restart_after_kill_restores_leases_before_any_event(tmp_path: Path, ech
     with daemon(tmp_path, "-c", "f.toml") as proc:
         reply = call(proc.lease_socket, {"event": "add", "mac": MAC, "ip": "127.0.0.1"})
         assert reply == {"ok": True, "changed": 1}
+        # Saved within LEASE_SAVE_DELAY of the change; a kill before would lose it.
+        wait_until(lambda: len(_saved_leases(tmp_path)) == 1, what="the lease saved")
         proc.proc.kill()
         proc.wait()
     with daemon(tmp_path, "-c", "f.toml"):
         assert echo_roundtrip(port)
+
+
+def test_a_burst_of_lease_events_is_all_saved_by_a_clean_stop(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    macs = [f"52:54:00:00:{i >> 8:02x}:{i & 255:02x}" for i in range(1000)]
+    (tmp_path / "f.toml").write_text(f'[[forward]]\nlisten = {port}\nto = "vm1:{echo.port}"\n'
+                                     f'[hosts.vm1]\nmac = "{macs[-1]}"\n')
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        with socket.socket(socket.AF_UNIX) as s:  # one connection, replies read as they come
+            s.settimeout(30)
+            s.connect(str(proc.lease_socket))
+            replies = s.makefile("rb")
+            for i, mac in enumerate(macs):
+                ip = "127.0.0.1" if mac == macs[-1] else f"10.9.{i >> 8}.{i & 255}"
+                s.sendall(json.dumps({"event": "add", "mac": mac, "ip": ip}).encode() + b"\n")
+                assert json.loads(replies.readline()) == {"ok": True, "changed": 1}
+        assert echo_roundtrip(port)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    assert sorted(lease.mac for lease in LeaseTable.restore(tmp_path / "state" / STATE_FILE)) == macs
+
+
+def _saved_leases(tmp_path: Path) -> list[dict]:
+    """The leases in a running daemon's state file (read only: restoring would remove the
+    temporary file of a save under way)."""
+    state = tmp_path / "state" / STATE_FILE
+    return json.loads(state.read_text())["leases"] if state.exists() else []
 
 
 def test_metrics_over_http_and_control_socket(tmp_path: Path, echo: EchoServer) -> None:

@@ -3,6 +3,7 @@ a bridge, dnsmasq with fastfwd's hook, ``fastfwd run -c``, VMs that take DHCP le
 static addresses, and a client. Every forwarded byte is compared by hash at the far end."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -39,6 +40,13 @@ def _ready(host: VmHost, vm_name: str) -> bool:
         return host.tcp(size=16, timeout=5) == vm_name
     except OSError:
         return False
+
+
+def _saved(host: VmHost) -> bool:
+    """Does the state file hold the leases the daemon reports, as of their last sighting?"""
+    state, status = host.state_dir / "leases.json", host.status()
+    return state.exists() and status is not None and json.loads(state.read_text())["leases"] == [
+        {"mac": x["mac"], "ip": x["ip"], "hostname": x["hostname"], "seen": x["seen"]} for x in status["leases"]]
 
 
 def test_dhcp_vm_is_followed_through_lease_changes_and_restarts(host: VmHost) -> None:
@@ -84,6 +92,9 @@ def test_dhcp_vm_is_followed_through_lease_changes_and_restarts(host: VmHost) ->
     vm2.dhcp = host.lab.dhcp_client(vm2.ns, hostname="vm2")
     vm2.dhcp.wait_address()
     wait_for(lambda: _ready(host, "vm2"), message="forwarding to vm2 after its new lease")
+    # The state file follows the table within a second (LEASE_SAVE_DELAY); a kill before
+    # that would lose the lease until dnsmasq, gone here, said it again.
+    wait_for(lambda: _saved(host), message="the lease table saved")
     host.stop_dnsmasq()
     host.kill_daemon()
     host.start_daemon()

@@ -1,6 +1,7 @@
 """The lease table: validation, events, snapshots, name resolution and crash-safe persistence."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -438,6 +439,39 @@ def test_sources_are_saved_and_a_file_from_before_sources_loads_as_dhcp(tmp_path
     assert list(LeaseTable.restore(state)) == [lease(A, "10.0.0.1", "vm1", seen=5.0, source=DHCP)]
 
 
+def _burst(table: LeaseTable, n: int) -> None:
+    for i in range(n):
+        table.apply_event("add", lease(f"52:54:00:00:{i >> 8:02x}:{i & 255:02x}", f"10.1.{i >> 8}.{i & 255}"))
+
+
+def test_with_a_save_delay_a_burst_is_saved_once_on_flush(tmp_path: Path) -> None:
+    state = tmp_path / STATE_FILE
+
+    async def burst() -> LeaseTable:
+        table = LeaseTable.restore(state, save_delay=3600)
+        _burst(table, 1000)
+        assert not state.exists()  # nothing written yet: the delay has an hour to run
+        table.flush()
+        return table
+    table = asyncio.run(burst())
+    assert list(LeaseTable.restore(state)) == list(table) and len(table) == 1000
+    table.flush()  # nothing new: no timer left, nothing to write
+
+
+def test_with_a_save_delay_a_burst_is_saved_when_it_runs_out(tmp_path: Path) -> None:
+    state = tmp_path / STATE_FILE
+
+    async def burst() -> None:
+        table = LeaseTable.restore(state, save_delay=0.05)
+        _burst(table, 300)
+        for _ in range(400):  # bounded: 20 s
+            if state.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert len(LeaseTable.restore(state)) == 300
+    asyncio.run(burst())
+
+
 def test_a_state_file_that_cannot_be_written_does_not_stop_the_change(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "file").write_text("not a directory")
@@ -445,6 +479,9 @@ def test_a_state_file_that_cannot_be_written_does_not_stop_the_change(
     assert len(table.apply_event("add", lease(A, "10.0.0.1"))) == 1
     assert table.for_mac(A) is not None
     assert "cannot save leases" in caplog.text
+    (tmp_path / "file").unlink()  # the disk is writable again: the next flush saves what was missed
+    table.flush()
+    assert list(LeaseTable.restore(tmp_path / "file" / STATE_FILE)) == [lease(A, "10.0.0.1")]
 
 
 def test_leases_are_validated_and_normalized_however_they_are_made() -> None:
