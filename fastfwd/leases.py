@@ -24,7 +24,6 @@ one, with a log line each.
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import ipaddress
@@ -37,7 +36,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("fastfwd.leases")
 
@@ -280,6 +282,9 @@ class LeaseTable:
             if not self.save_delay:
                 self.flush()
             elif self._save_timer is None:
+                # Imported here: the DHCP hook reads this module and must start without asyncio.
+                import asyncio
+
                 self._save_timer = asyncio.get_running_loop().call_later(self.save_delay, self.flush)
         return changes
 
