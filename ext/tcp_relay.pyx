@@ -165,6 +165,11 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
     if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
         c.wr[side] = 1
     rw = &c.rule.per_worker[w.id]
+    if events & EPOLLERR and c.half[side].done:
+        # A reset on a leg already read to its FIN: no read will report it, and a write there
+        # may never come (the other peer is idle), so pass it on now.
+        conn_close(w, c, True)
+        return
     if c.state == CONN_CONNECTING:
         if side == 0 or not c.wr[1]:
             return
