@@ -10,12 +10,19 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from . import __version__
-from .config import Config, ConfigError, ControlSettings, load_config
-from .rules import DEFAULT_LISTEN, Proto, Rule, SpecError
+from .config import (
+    Config,
+    ConfigError,
+    ControlSettings,
+    load_config,
+    parse_config,
+    parse_rule_options,
+)
+from .rules import DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError
 from .unixclient import timeout_arg
 
 SPEC_HELP = f"""\
@@ -38,6 +45,7 @@ examples:
 """
 
 _DEFAULT_SOCKETS = "default: [control] in the config, else /run/fastfwd (root) or $XDG_RUNTIME_DIR/fastfwd"
+_T = TypeVar("_T")
 
 
 class UsageError(Exception):
@@ -65,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-t", "--tcp", metavar="SPEC", action="append", default=[], help="forward TCP (repeatable)")
     run.add_argument("-u", "--udp", metavar="SPEC", action="append", default=[], help="forward UDP (repeatable)")
     run.add_argument("--workers", type=int, metavar="N", help="worker threads (default: [engine] workers, else one per CPU)")
+    run.add_argument("--splice", metavar="MODE",
+                     help="how the -t rules move bytes: 'auto' copies short exchanges and moves a direction "
+                          f"to splice(2) once it has carried {RuleOptions.splice_threshold // 1024} KiB, "
+                          "'always' splices from the first byte, 'never' always copies "
+                          f"(default: {RuleOptions.splice}; in a config file, the 'splice' key)")
+    run.add_argument("--busy-poll-us", metavar="N",
+                     help="after traffic, workers poll again for N microseconds (0-1000000) before "
+                          "sleeping: lower latency for CPU time (default: [engine] busy_poll_us, else 0: off)")
     run.add_argument("--control-socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
     run.add_argument("--lease-socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
     run.add_argument("--state-dir", metavar="DIR", help="where leases persist (default: [control] state_dir)")
@@ -147,14 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def cli_rules(tcp: Sequence[str], udp: Sequence[str]) -> list[Rule]:
-    """Rules from -t/-u specs; a bad one is a UsageError naming the flag and the problem."""
+def cli_rules(tcp: Sequence[str], udp: Sequence[str], options: RuleOptions | None = None) -> list[Rule]:
+    """Rules from -t/-u specs, with ``options``; a bad spec is a UsageError naming the flag and
+    the problem."""
     rules = []
     kinds: tuple[tuple[str, Proto, Sequence[str]], ...] = (("-t", "tcp", tcp), ("-u", "udp", udp))
     for flag, proto, specs in kinds:
         for spec in specs:
             try:
-                rules.append(Rule.parse(spec, proto))
+                rules.append(Rule.parse(spec, proto, options=options))
             except SpecError as exc:  # its message starts with the spec
                 raise UsageError(f"{flag} {exc}") from None
     return rules
@@ -163,19 +180,50 @@ def cli_rules(tcp: Sequence[str], udp: Sequence[str]) -> list[Rule]:
 def _run(args: argparse.Namespace) -> int:
     from .daemon import DaemonError, Overrides, run_daemon
 
-    rules = cli_rules(args.tcp, args.udp)
+    options, busy_poll_us = _run_settings(args)
+    rules = cli_rules(args.tcp, args.udp, options)
     if not rules and not args.config:
         raise UsageError("nothing to forward: give -c FILE and/or -t/-u SPEC (see fastfwd run --help)")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers: expected an integer >= 1, got {args.workers}")
     config = load_config(args.config) if args.config else Config(source="command line")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    overrides = Overrides(workers=args.workers, control_socket=args.control_socket,
+    overrides = Overrides(workers=args.workers, busy_poll_us=busy_poll_us, control_socket=args.control_socket,
                           lease_socket=args.lease_socket, state_dir=args.state_dir)
     try:
         return run_daemon(config, args.config, rules, overrides)
     except DaemonError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _run_settings(args: argparse.Namespace) -> tuple[RuleOptions, int | None]:
+    """The options of the command-line rules (--splice) and the busy polling (--busy-poll-us,
+    None: not given), each checked as the config file's key is."""
+    options = RuleOptions()
+    if args.splice is not None:
+        if not args.tcp:
+            raise UsageError("--splice: it applies to -t rules and none is given "
+                             "(in a config file, set 'splice' in [[forward]] or [defaults])")
+        options = _checked("--splice", lambda: parse_rule_options({"splice": args.splice}))
+    if args.busy_poll_us is None:
+        return options, None
+    # A number goes in as a TOML integer, anything else as a string, which the check refuses
+    # in its own words.
+    try:
+        value = str(int(args.busy_poll_us))
+    except ValueError:
+        value = json.dumps(args.busy_poll_us, ensure_ascii=False)
+    return options, _checked("--busy-poll-us", lambda: parse_config(
+        f"[engine]\nbusy_poll_us = {value}\n", "--busy-poll-us").engine.busy_poll_us)
+
+
+def _checked(flag: str, check: Callable[[], _T]) -> _T:
+    """``check()``, which validates a flag's value as the config file's key; its error (one,
+    under the key's path) becomes a UsageError naming the flag instead."""
+    try:
+        return check()
+    except ConfigError as exc:
+        raise UsageError(f"{flag}: {exc.errors[0].partition(': ')[2]}") from None
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from .config import Config, ConfigError, ControlSettings, load_config
+from .config import Config, ConfigError, ControlSettings, EngineSettings, load_config
 from .control import ControlServer
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer
@@ -48,6 +48,7 @@ class Overrides:
     """Command-line settings that win over the config file's."""
 
     workers: int | None = None
+    busy_poll_us: int | None = None
     control_socket: str | None = None
     lease_socket: str | None = None
     state_dir: str | None = None
@@ -87,11 +88,13 @@ class Daemon:
         if rule.target_is_name and not self.config.sources.dhcp and rule.target_host not in self.config.hosts:
             raise ValueError(f"{rule.target_host!r} is not in [hosts] and DHCP names are off ([sources] dhcp = false)")
 
+    def _engine_settings(self) -> EngineSettings:
+        return _overridden(self.config.engine, workers=self.overrides.workers, busy_poll_us=self.overrides.busy_poll_us)
+
     def _control_settings(self, config: Config) -> ControlSettings:
         o = self.overrides
-        given: dict[str, Any] = {"control_socket": o.control_socket, "lease_socket": o.lease_socket,
-                                 "state_dir": o.state_dir}
-        return dataclasses.replace(config.control, **{k: v for k, v in given.items() if v is not None})
+        return _overridden(config.control, control_socket=o.control_socket, lease_socket=o.lease_socket,
+                           state_dir=o.state_dir)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> Forwarder:
@@ -110,9 +113,9 @@ class Daemon:
                 except OSError as exc:
                     raise DaemonError(f"lease state {state}: {_reason(exc)}") from None
             self._names = resolve_names(self.config.hosts, self.leases)
-            engine = self.config.engine
-            fw = Forwarder(workers=self.overrides.workers or engine.workers, pipe_size=engine.pipe_size,
-                           busy_poll_us=engine.busy_poll_us, hosts=self._names)
+            engine = self._engine_settings()
+            fw = Forwarder(workers=engine.workers, pipe_size=engine.pipe_size, busy_poll_us=engine.busy_poll_us,
+                           hosts=self._names)
             try:
                 await fw.start()
             except ImportError as exc:
@@ -148,7 +151,9 @@ class Daemon:
             tasks = [_background(self._watch(), "the config file watcher")] if self.path else []
             if self.config.sources.neighbours:
                 tasks.append(_background(self._watch_neighbours(), "the neighbour-table source"))
-            log.info("fastfwd started: %d rule(s), %d worker(s)%s", len(fw.rules), fw.workers,
+            busy_poll_us = self._engine_settings().busy_poll_us
+            log.info("fastfwd started: %d rule(s), %d worker(s)%s%s", len(fw.rules), fw.workers,
+                     f", busy polling {busy_poll_us} us" if busy_poll_us else "",
                      f", watching {self.path}" if self.path else "")
             how = await self._stop
             for task in tasks:
@@ -377,6 +382,14 @@ async def _close_all(servers: Iterable[JsonLineServer | asyncio.AbstractServer])
             await server.close()
         else:
             server.close()
+
+
+_Settings = TypeVar("_Settings", EngineSettings, ControlSettings)
+
+
+def _overridden(settings: _Settings, **given: Any) -> _Settings:
+    """``settings`` with the values the command line gave (None: not given)."""
+    return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
 
 
 def _reason(exc: BaseException) -> str:

@@ -69,6 +69,25 @@ def test_bad_spec_is_one_clear_line(capsys: pytest.CaptureFixture[str], flag: st
     assert capsys.readouterr().err == f"fastfwd: {error}\n"
 
 
+@pytest.mark.parametrize("args,error", [
+    (["--splice", "sometimes"], "--splice: expected 'auto', 'always' or 'never', got 'sometimes'"),
+    (["--splice", "ALWAYS"], "--splice: expected 'auto', 'always' or 'never', got 'ALWAYS'"),
+    (["--busy-poll-us", "2000000"], "--busy-poll-us: expected microseconds from 0 to 1000000, got 2000000"),
+    (["--busy-poll-us", "-1"], "--busy-poll-us: expected microseconds from 0 to 1000000, got -1"),
+    (["--busy-poll-us", "50us"], "--busy-poll-us: expected microseconds from 0 to 1000000, got '50us'"),
+    (["--busy-poll-us", 'fifty "us"'], """--busy-poll-us: expected microseconds from 0 to 1000000, got 'fifty "us"'"""),
+])
+def test_bad_run_flag_is_one_clear_line_and_exit_2(args: list[str], error: str) -> None:
+    result = fastfwd("run", "-t", f"{free_port()}:127.0.0.1:9", *args)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"fastfwd: {error}\n")
+
+
+def test_splice_without_a_tcp_rule_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "-u", "5353:127.0.0.1:53", "--splice", "never"]) == 2
+    assert capsys.readouterr().err == ("fastfwd: --splice: it applies to -t rules and none is given "
+                                       "(in a config file, set 'splice' in [[forward]] or [defaults])\n")
+
+
 def test_bad_spec_from_the_installed_entry_point_has_no_traceback() -> None:
     result = fastfwd("run", "-t", "8000-7999:127.0.0.1:9000-9001")
     assert result.returncode == 2
@@ -156,6 +175,14 @@ def test_help_explains_specs_default_bind_and_examples() -> None:
         assert "IPv6 addresses go in brackets" in text
     for command in ("run", "check", "status", "lease", "hook"):
         assert command in fastfwd("--help").stdout
+
+
+def test_run_help_explains_splice_and_busy_polling_with_their_defaults() -> None:
+    text = " ".join(fastfwd("run", "--help").stdout.split())  # unwrapped
+    assert "--splice MODE how the -t rules move bytes: 'auto' copies short exchanges" in text
+    assert "'always' splices from the first byte, 'never' always copies (default: auto;" in text
+    assert "--busy-poll-us N after traffic, workers poll again for N microseconds (0-1000000)" in text
+    assert "(default: [engine] busy_poll_us, else 0: off)" in text
 
 
 def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:

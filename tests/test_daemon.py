@@ -48,6 +48,32 @@ def test_flags_alone_forward(tmp_path: Path, echo: EchoServer) -> None:
         assert "fastfwd started: 1 rule(s), 3 worker(s)" in proc.log()
 
 
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_splice_and_busy_poll_flags_take_effect(tmp_path: Path, echo: EchoServer, mode: str) -> None:
+    port = free_port()
+    with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}", "--splice", mode, "--busy-poll-us", "50") as proc:
+        assert echo_roundtrip(port, 1 << 20)
+        assert "fastfwd started: 1 rule(s)" in proc.log() and ", busy polling 50 us" in proc.log()
+        counters = status(proc)["rules"][0]["counters"]
+    moved = counters["bytes_up"] + counters["bytes_down"]
+    assert moved == 2 << 20  # 1 MiB each way
+    if mode == "never":
+        assert (counters["bytes_copied"], counters["bytes_spliced"]) == (moved, 0), counters
+    else:
+        assert (counters["bytes_copied"], counters["bytes_spliced"]) == (0, moved), counters
+
+
+def test_busy_poll_flag_wins_over_the_config_file(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    (tmp_path / "f.toml").write_text(f'[engine]\nbusy_poll_us = 20\n[[forward]]\nlisten = {port}\n'
+                                     f'to = "127.0.0.1:{echo.port}"\n')
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert ", busy polling 20 us" in proc.log()
+    with daemon(tmp_path, "-c", "f.toml", "--busy-poll-us", "0") as proc:
+        assert echo_roundtrip(port)
+        assert "busy polling" not in proc.log()
+
+
 def test_file_and_flags_together_and_status(tmp_path: Path, echo: EchoServer) -> None:
     a, b = free_port(), free_port()
     (tmp_path / "f.toml").write_text(f'[[forward]]\nname = "a"\nlisten = {a}\nto = "127.0.0.1:{echo.port}"\n')
