@@ -207,6 +207,8 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k) noexcept nogil:
     cdef ssize_t n
     if s.no_gso or k < 2 or size == 0 or <size_t>k * size > GSO_MAX:
         return -1
+    if b.out_iov[k - 1].iov_len == 0:
+        return -1       # an empty datagram makes no segment: folded in, it would be lost
     for i in range(k):
         if b.out_iov[i].iov_len > size or (b.out_iov[i].iov_len < size and i != k - 1):
             return -1
