@@ -19,7 +19,7 @@ from .config import (
     ConfigError,
     ControlSettings,
     load_config,
-    parse_config,
+    parse_engine_settings,
     parse_rule_options,
 )
 from .rules import DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError
@@ -207,14 +207,14 @@ def _run_settings(args: argparse.Namespace) -> tuple[RuleOptions, int | None]:
         options = _checked("--splice", lambda: parse_rule_options({"splice": args.splice}))
     if args.busy_poll_us is None:
         return options, None
-    # A number goes in as a TOML integer, anything else as a string, which the check refuses
-    # in its own words.
+    # A number goes in as an integer, anything else as the string, which the check refuses in
+    # its own words.
+    value: int | str
     try:
-        value = str(int(args.busy_poll_us))
+        value = int(args.busy_poll_us)
     except ValueError:
-        value = json.dumps(args.busy_poll_us, ensure_ascii=False)
-    return options, _checked("--busy-poll-us", lambda: parse_config(
-        f"[engine]\nbusy_poll_us = {value}\n", "--busy-poll-us").engine.busy_poll_us)
+        value = args.busy_poll_us
+    return options, _checked("--busy-poll-us", lambda: parse_engine_settings({"busy_poll_us": value}).busy_poll_us)
 
 
 def _checked(flag: str, check: Callable[[], _T]) -> _T:

@@ -133,6 +133,16 @@ def parse_rule_options(doc: Any, path: str = "options") -> RuleOptions:
     return options
 
 
+def parse_engine_settings(doc: Any, path: str = "engine") -> EngineSettings:
+    """``[engine]`` settings given by name (the command line's overrides), checked exactly as
+    a config file's are; a ConfigError lists every problem under ``path``."""
+    v = _Validator(Path())  # no paths among engine settings: the base is never used
+    settings = v.settings(EngineSettings, doc, path)
+    if v.errors:
+        raise ConfigError(v.errors, path)
+    return settings
+
+
 class _Validator:
     """Walks the parsed document, recording every problem under its key path."""
 
