@@ -218,7 +218,9 @@ cdef void sweep(worker_t* w) noexcept nogil:
     resume_listeners(w, NULL)
 
 
-cdef void dispatch(worker_t* w, epoll_event* ev) noexcept nogil:
+cdef bint dispatch(worker_t* w, epoll_event* ev) noexcept nogil:
+    """Handle one event. True for the command queue's wake-up: the loop runs the commands
+    after the whole batch."""
     cdef int tag = <int>(ev.data.u64 & TAG_MASK)
     cdef void* obj = <void*><size_t>(ev.data.u64 & ~(<uint64_t>TAG_MASK))
     if tag == TAG_CLIENT or tag == TAG_TARGET:
@@ -230,7 +232,8 @@ cdef void dispatch(worker_t* w, epoll_event* ev) noexcept nogil:
     elif tag == TAG_SESSION:
         udp_session_readable(w, <session_t*>obj)
     elif tag == TAG_WAKE:
-        run_commands(w)
+        return True
+    return False
 
 
 cdef int wait_events(worker_t* w, epoll_event* events) noexcept nogil:
@@ -254,11 +257,19 @@ cdef void* worker_main(void* arg) noexcept nogil:
     cdef worker_t* w = <worker_t*>arg
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i
+    cdef bint commands
     while w.running:
         n = wait_events(w, events)
         w.now = clock_ms()
+        commands = False
         for i in range(n):
-            dispatch(w, &events[i])
+            if dispatch(w, &events[i]):
+                commands = True
+        # Not in the middle of the batch: an event collected before a command (for a listener
+        # it stops polling, of a rule it removes) would be handled after it, when the control
+        # plane may already have closed the socket and freed the rule.
+        if commands:
+            run_commands(w)
         tcp_run_ready(w)
         if w.now >= w.next_sweep:
             sweep(w)

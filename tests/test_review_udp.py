@@ -5,9 +5,11 @@ import contextlib
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
-from netutil import LOOP4, ChildForwarder, UdpEcho, datagram, spec, udp_socket, wait_for
+from netutil import LOOP4, ChildForwarder, UdpEcho, child_env, datagram, spec, udp_socket, wait_for
 
 
 @contextlib.contextmanager
@@ -39,3 +41,51 @@ def test_empty_datagram_at_the_end_of_an_equal_sized_run_is_forwarded() -> None:
         assert stream == [hashlib.sha256(d).hexdigest() for d in burst]
     assert counters["datagrams_up"] == len(burst) and counters["drops"] == 0
 
+
+_REMOVE_UNDER_TRAFFIC = r"""
+import asyncio, os, socket, sys, threading
+import fastfwd
+
+target, rounds = int(sys.argv[1]), int(sys.argv[2])
+
+async def main():
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    go, sent, port = threading.Event(), threading.Event(), [0]
+    def late_sender():
+        # Runs while the control plane waits for the workers to remove the rule (the engine
+        # lets go of the GIL there): the datagram lands just after the command.
+        while go.wait() and port[0]:
+            go.clear()
+            client.sendto(b"late", ("127.0.0.1", port[0]))
+            sent.set()
+    threading.Thread(target=late_sender, daemon=True).start()
+    async with fastfwd.Forwarder(workers=1) as fw:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(rounds):
+            rule = await fw.add(fastfwd.Rule.parse(f"127.0.0.1:0:127.0.0.1:{target}", "udp"))
+            port[0] = rule.port
+            go.set()
+            await fw.remove(rule)
+            sent.wait(5)
+            sent.clear()
+        await asyncio.sleep(0.3)  # replies to anything forwarded late come back meanwhile
+        after = len(os.listdir("/proc/self/fd"))
+    port[0] = 0
+    go.set()
+    print(before, after, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_removing_a_udp_rule_while_datagrams_arrive() -> None:
+    """A datagram arriving as a UDP rule is removed must not outlive the rule: an event the
+    worker had already collected for the rule's listener used to be handled after the removal
+    command (commands ran in the middle of an event batch), opening a session on the removed
+    rule that nothing would close, and whose replies then read the freed rule (a crash)."""
+    with UdpEcho(LOOP4) as server:
+        proc = subprocess.run([sys.executable, "-c", _REMOVE_UNDER_TRAFFIC, str(server.port), "1500"],
+                              capture_output=True, text=True, timeout=120, env=child_env())
+    assert proc.returncode == 0, f"the forwarder died ({proc.returncode}): {proc.stderr[-2000:]}"
+    before, after = map(int, proc.stdout.split())
+    assert after <= before, f"{after - before} fds (sessions of removed rules) left open"
