@@ -134,6 +134,7 @@ cdef class Engine:
                 close(w.epfd)
                 close(w.wakefd)
                 raise OSError(errno, f"cannot start worker thread {i}")
+            pthread_setname_np(w.thread, f"fastfwd-w{i}".encode())   # as top -H and /proc show it
             self._n = i + 1
 
     def __dealloc__(self):

@@ -234,6 +234,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_create(pthread_t* thread, const pthread_attr_t* attr,
                        void* (*start)(void*) noexcept nogil, void* arg)
     int pthread_join(pthread_t thread, void** ret)
+    int pthread_setname_np(pthread_t thread, const char* name)
     int pthread_mutex_init(pthread_mutex_t* m, void* attr)
     int pthread_mutex_destroy(pthread_mutex_t* m)
     int pthread_mutex_lock(pthread_mutex_t* m)
@@ -242,6 +243,20 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_destroy(pthread_cond_t* c)
     int pthread_cond_broadcast(pthread_cond_t* c)
     int pthread_cond_timedwait(pthread_cond_t* c, pthread_mutex_t* m, const timespec* t)
+
+
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    enum:
+        SIG_BLOCK
+        SIGSEGV
+        SIGBUS
+        SIGFPE
+        SIGILL
+    int sigfillset(sigset_t* set)
+    int sigdelset(sigset_t* set, int signum)
+    int pthread_sigmask(int how, const sigset_t* set, sigset_t* old)
 
 
 # Counters are written by one worker and read by the control plane; the relaxed atomics keep

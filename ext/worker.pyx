@@ -122,6 +122,7 @@ cdef void run_command(worker_t* w, cmd_t* cmd) noexcept nogil:
     cdef rule_t* r = cmd.rule
     cdef rule_worker_t* rw = &r.per_worker[w.id] if r != NULL else NULL
     cdef bint owner = r != NULL and r.proto == PROTO_UDP and r.udp_owner == w.id
+    cdef bint moved
     cdef dnode_t* n
     cdef int i
     if cmd.op == CMD_ADD_RULE:
@@ -131,10 +132,11 @@ cdef void run_command(worker_t* w, cmd_t* cmd) noexcept nogil:
     elif cmd.op == CMD_LISTEN_OFF:
         poll_listeners(w, r, False)
     elif cmd.op == CMD_SET_CONF:
+        moved = not addr_same(&rw.conf.target, &cmd.conf.target)
         rw.conf = cmd.conf
         if cmd.close_live:
             tcp_close_all(w, rw, True)
-        if owner:
+        if owner and moved:     # an option change leaves the sessions' sockets alone
             udp_retarget(w, rw)
     elif cmd.op == CMD_REMOVE_RULE:
         if owner:
@@ -253,11 +255,25 @@ cdef int wait_events(worker_t* w, epoll_event* events) noexcept nogil:
     return n
 
 
+cdef void block_signals() noexcept nogil:
+    # Signals are the host program's business, handled by its own threads. Above all SIGPIPE:
+    # splice has no MSG_NOSIGNAL, and a program that restored SIGPIPE's default action would
+    # otherwise die when a peer resets mid-write. Faults stay deliverable.
+    cdef sigset_t mask
+    sigfillset(&mask)
+    sigdelset(&mask, SIGSEGV)
+    sigdelset(&mask, SIGBUS)
+    sigdelset(&mask, SIGFPE)
+    sigdelset(&mask, SIGILL)
+    pthread_sigmask(SIG_BLOCK, &mask, NULL)
+
+
 cdef void* worker_main(void* arg) noexcept nogil:
     cdef worker_t* w = <worker_t*>arg
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i
     cdef bint commands
+    block_signals()
     while w.running:
         n = wait_events(w, events)
         w.now = clock_ms()

@@ -728,8 +728,10 @@ def open_fds(pid: int) -> int:
 # then answers each "counters" line on stdin with the JSON counters of every rule, and exits
 # when stdin closes.
 _CHILD = r"""
-import asyncio, dataclasses, json, resource, sys
+import asyncio, dataclasses, json, resource, signal, sys
 config = json.loads(sys.argv[1])
+if config["default_sigpipe"]:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as some host programs do
 if config["nofile"]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (config["nofile"], config["nofile"]))
 import fastfwd
@@ -758,9 +760,12 @@ class ChildForwarder:
 
     @classmethod
     def start(cls, rules: list[tuple[str, str, dict[str, Any]]], nofile: int | None = None,
-              workers: int = 2, wrapper: tuple[str, ...] = ()) -> "ChildForwarder":
-        """``wrapper`` is a command prefix the child runs under (e.g. a seccomp launcher)."""
-        config = json.dumps({"nofile": nofile, "rules": rules, "workers": workers})
+              workers: int = 2, wrapper: tuple[str, ...] = (), default_sigpipe: bool = False,
+              ) -> "ChildForwarder":
+        """``wrapper`` is a command prefix the child runs under (e.g. a seccomp launcher);
+        ``default_sigpipe`` gives SIGPIPE its default action (death) instead of Python's ignore."""
+        config = json.dumps({"nofile": nofile, "rules": rules, "workers": workers,
+                             "default_sigpipe": default_sigpipe})
         proc = subprocess.Popen([*wrapper, sys.executable, "-c", _CHILD, config], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=child_env())
