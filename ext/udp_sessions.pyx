@@ -389,14 +389,19 @@ cdef void udp_retarget(worker_t* w, rule_worker_t* rw) noexcept nogil:
     cdef session_t* s
     cdef addr_t target
     cdef socklen_t tlen
+    cdef sockaddr unspec
+    unspec.sa_family = AF_UNSPEC
     while n != NULL:
         nxt = n.next if n.next != &rw.sessions.head else NULL
         s = <session_t*>n
         if rw.conf.target.sa.sa_family == AF_UNSPEC:
             session_close(w, s)
         else:
-            # A connected UDP socket can simply connect again; a new address family cannot.
+            # A connected UDP socket can connect again (a new address family cannot). Dissolve
+            # the old association first: it drops the source address picked for the old
+            # target, which may not be the one that reaches the new target.
             rule_target(rw.conf, s.listener.index, &target, &tlen)
+            connect(s.fd, &unspec, sizeof(sockaddr))
             if connect(s.fd, &target.sa, tlen) < 0:
                 session_close(w, s)
         n = nxt

@@ -3,10 +3,16 @@ connection alone; adding one loses nothing; re-pointing a rule moves new connect
 UDP sessions but keeps live TCP connections where they are."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import socket
 import threading
 
+import pytest
+from pyroute2 import IPRoute
+
 import fastfwd
+from fastfwd.host.lab import Lab
 from netutil import (LOOP4, TIMEOUT, Progress, Received, SyncForwarder, TcpServer, UdpEcho, closed_how,
                      connect, echo_handler, echo_once, exchange, exchange_handler, free_port_range,
                      is_refused, make_rule, payload, spawn, turned_away, udp_roundtrip, udp_socket, wait_for)
@@ -173,3 +179,42 @@ def test_retarget_moves_udp_sessions_at_once(fwd: SyncForwarder) -> None:
             fwd.resolve("vm1", "127.0.0.2")
             assert udp_roundtrip(sock, (LOOP4, rule.port), b"second") == b"second"
         assert (one.total, two.total) == (1, 1), "the session kept sending to the old target"
+
+
+def test_an_option_change_leaves_udp_sessions_on_their_socket(fwd: SyncForwarder) -> None:
+    with UdpEcho() as echo:
+        rule = fwd.add(make_rule(echo.port, "udp"))
+        with udp_socket(timeout=TIMEOUT) as sock:
+            assert udp_roundtrip(sock, (LOOP4, rule.port), b"first") == b"first"
+            fwd.apply([dataclasses.replace(rule.bound, options=fastfwd.RuleOptions(udp_idle_timeout=30.0))])
+            assert udp_roundtrip(sock, (LOOP4, rule.port), b"second") == b"second"
+        assert [len(v) for v in echo.received.values()] == [2], "the target saw the session change source"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
+def test_a_retargeted_udp_session_sends_from_the_address_that_reaches_its_new_target() -> None:
+    # In a namespace of our own, 10.77.0.1 sits on a veth: a socket that reaches it leaves
+    # from 10.77.0.1, one that reaches 127.0.0.1 from 127.0.0.1.
+    with Lab() as lab:
+        ns = lab.netns("udpsrc")
+        with IPRoute(netns=ns) as ipr:
+            ipr.link("add", ifname="v0", kind="veth", peer="v1")
+            index = ipr.link_lookup(ifname="v0")[0]
+            ipr.addr("add", index=index, address="10.77.0.1", prefixlen=24)
+            ipr.link("set", index=index, state="up")
+        one = lab.call(ns, UdpEcho, "127.0.0.1")
+        two = lab.call(ns, UdpEcho, "10.77.0.1", one.port)
+        fwd = lab.call(ns, SyncForwarder, 1)
+        try:
+            rule = fwd.add(make_rule(one.port, "udp").with_target("vm1"))
+            fwd.resolve("vm1", "127.0.0.1")
+            with lab.socket(ns, kind=socket.SOCK_DGRAM) as sock:
+                sock.settimeout(TIMEOUT)
+                assert udp_roundtrip(sock, (LOOP4, rule.port), b"first") == b"first"
+                fwd.resolve("vm1", "10.77.0.1")
+                assert udp_roundtrip(sock, (LOOP4, rule.port), b"second") == b"second"
+            assert [source[0] for source in two.received] == ["10.77.0.1"]
+        finally:
+            fwd.close()
+            one.close()
+            two.close()

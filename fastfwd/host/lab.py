@@ -15,11 +15,15 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, netns
+
+
+T = TypeVar("T")
 
 
 def suffix() -> str:
@@ -72,14 +76,18 @@ class Lab:
             attrs = {"address": mac_b} if mac_b else {}
             ipr.link("set", index=ipr.link_lookup(ifname=name_b)[0], state="up", **attrs)
 
-    def socket(self, ns: str, family: int = socket.AF_INET,
-               kind: int = socket.SOCK_STREAM) -> socket.socket:
-        """A socket in namespace ``ns``, usable from any thread of this process. It is made by
-        a thread that entered ``ns`` (setns changes only the calling thread's namespace)."""
+    def call(self, ns: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` run by a thread that entered ``ns`` (setns changes only the calling
+        thread's namespace): the sockets it makes, and the threads it starts, live there."""
         if ns not in self._threads:
             self._threads[ns] = ThreadPoolExecutor(
                 1, initializer=functools.partial(netns.setns, ns, flags=0, fork=False))
-        return self._threads[ns].submit(socket.socket, family, kind).result()
+        return self._threads[ns].submit(fn, *args).result()
+
+    def socket(self, ns: str, family: int = socket.AF_INET,
+               kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket in namespace ``ns``, usable from any thread of this process."""
+        return self.call(ns, socket.socket, family, kind)
 
     @staticmethod
     def argv(ns: str, argv: Sequence[str]) -> list[str]:
