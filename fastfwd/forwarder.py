@@ -213,9 +213,10 @@ class Forwarder:
                     undo.append(functools.partial(self.remove, active))
             for rule, kept in pairs:
                 if kept is not None:
-                    old = kept.rule
+                    # Undo first: an update that fails half way (the rule took its new
+                    # options, then could not listen) must be reverted as well.
+                    undo.append(functools.partial(self._revert, kept, kept.rule))
                     self._update(kept, rule, diff)
-                    undo.append(functools.partial(self._revert, kept, old))
             for active in gone:
                 await self.remove(active)
                 diff.removed.append(active)

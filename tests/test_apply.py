@@ -51,3 +51,25 @@ def test_port_zero_rules_continue_across_apply(fwd: SyncForwarder) -> None:
         assert not again.changed and len(again.unchanged) == 2
         assert {r.port for r in again.unchanged} == {r.port for r in first.added}
         assert all(greeting_at(r.port) == b"a" for r in again.unchanged)
+
+
+def test_a_retarget_that_fails_to_listen_is_undone_too(fwd: SyncForwarder) -> None:
+    # A pending TCP rule keeps its port bound but not listening. Linux lets another socket
+    # with SO_REUSEADDR bind and listen there meanwhile; the rule then cannot listen again.
+    with TcpServer(greeting(b"a")) as a, TcpServer(greeting(b"b")) as b:
+        port = free_port_range(1)
+        pending = fastfwd.Rule.parse(f"{port}:vm1:{a.port}")
+        other = rule(f"{port + 1}", a.port)
+        fwd.apply([pending, other])
+        with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind((LOOP4, port))
+            squatter.listen()
+            live = fastfwd.Rule.parse(f"{port}:{LOOP4}:{b.port}", options=fastfwd.RuleOptions(idle_timeout=5.0))
+            with pytest.raises(OSError):
+                fwd.apply([live, rule(f"{port + 1}", b.port)])
+            assert sorted(str(r.rule) for r in fwd.fw.rules) == sorted([str(pending), str(other)])
+            assert fwd.fw.find(pending).rule.options == pending.options
+        assert greeting_at(port + 1) == b"a"
+        fwd.resolve("vm1", LOOP4)       # the squatter is gone: the rule can listen again
+        assert greeting_at(port) == b"a"
