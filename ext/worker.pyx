@@ -217,6 +217,9 @@ cdef void sweep(worker_t* w) noexcept nogil:
         udp_sweep(w, rw)
         drop_rule_if_idle(w, i)
         i -= 1
+    if w.reserve_fd < 0:
+        # Another thread took the fd the last refusal freed; take one back once fds are free.
+        w.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
     resume_listeners(w, NULL)
 
 
