@@ -294,6 +294,10 @@ def format_status(reply: dict[str, Any], now: float | None = None) -> str:
         lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))
     parts = [_table(rows) if len(rows) > 1 else "no rules",
              _table(lease_rows) if len(lease_rows) > 1 else "no leases"]
+    if engine := reply.get("engine"):
+        workers, poll = engine["workers"], engine["busy_poll_us"]
+        parts.append(f"engine: {workers} worker{'s' * (workers != 1)}, pipes of {_bytes(engine['pipe_size'])}, "
+                     + (f"busy polling {poll} us" if poll else "no busy polling"))
     return "\n\n".join(parts)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import ConfigError, parse_rule_options
@@ -40,6 +40,11 @@ class ControlTarget(Protocol):
 
     @property
     def leases(self) -> Iterable[Lease]: ...
+
+    @property
+    def engine(self) -> Mapping[str, int]:
+        """The engine's settings (:attr:`Forwarder.settings`)."""
+        ...
 
     async def add_rule(self, rule: Rule) -> ActiveRule:
         """Forward ``rule`` from now on (kept across config reloads); OSError/ValueError if it cannot."""
@@ -90,7 +95,8 @@ class ControlServer(JsonLineServer):
 
     def _status(self, sessions: bool) -> dict[str, Any]:
         return {"rules": [self._describe(a, sessions) for a in self._target.rules],
-                "leases": [lease.to_json() for lease in self._target.leases]}
+                "leases": [lease.to_json() for lease in self._target.leases],
+                "engine": dict(self._target.engine)}
 
     def _describe(self, active: ActiveRule, sessions: bool) -> dict[str, Any]:
         rule = active.rule

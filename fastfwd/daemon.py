@@ -280,6 +280,10 @@ class Daemon:
         assert self.fw is not None
         return self.fw.counters(rule)
 
+    @property
+    def engine(self) -> dict[str, int]:
+        return self.fw.settings if self.fw is not None else {}
+
     def sessions(self, rule: ActiveRule) -> list[tuple[str, int]]:
         assert self.fw is not None
         return self.fw.sessions(rule)

@@ -153,6 +153,11 @@ class Forwarder:
     def workers(self) -> int:
         return self._workers
 
+    @property
+    def settings(self) -> dict[str, int]:
+        """What the engine runs with: worker threads, the pipe size asked for, busy polling (µs)."""
+        return {"workers": self._workers, "pipe_size": self._pipe_size, "busy_poll_us": self._busy_poll_us}
+
     # -- rules -------------------------------------------------------------------------------
     @property
     def rules(self) -> list[ActiveRule]:

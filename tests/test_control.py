@@ -45,6 +45,10 @@ class Target:
     def leases(self) -> LeaseTable:
         return self.table
 
+    @property
+    def engine(self) -> dict[str, int]:
+        return self.fw.settings
+
     async def add_rule(self, rule: Rule) -> ActiveRule:
         active = await self.fw.add(rule)
         self.added.add(active.rule.key)
@@ -148,6 +152,8 @@ def test_status_shows_rules_with_live_counters_pending_rules_and_leases(sockdir:
     assert lines[2].split() == ["-", "udp", dns["listen"], "vm9:53", "-", "pending", "-", "-", "0", "0", "0"]
     assert lines[4].split() == ["MAC", "IP", "HOSTNAME", "SEEN"]
     assert lines[5].split() == [A, "10.0.0.1", "vm1", "2h", "ago"]
+    assert status["engine"] == {"workers": 1, "pipe_size": 1 << 20, "busy_poll_us": 0}
+    assert lines[7] == "engine: 1 worker, pipes of 1.0 MiB, no busy polling"
 
 
 def test_udp_sessions_are_listed_on_request(sockdir: Path) -> None:

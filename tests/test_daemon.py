@@ -54,7 +54,9 @@ def test_splice_and_busy_poll_flags_take_effect(tmp_path: Path, echo: EchoServer
     with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}", "--splice", mode, "--busy-poll-us", "50") as proc:
         assert echo_roundtrip(port, 1 << 20)
         assert "fastfwd started: 1 rule(s)" in proc.log() and ", busy polling 50 us" in proc.log()
-        counters = status(proc)["rules"][0]["counters"]
+        reply = status(proc)
+        counters = reply["rules"][0]["counters"]
+    assert reply["engine"]["busy_poll_us"] == 50
     moved = counters["bytes_up"] + counters["bytes_down"]
     assert moved == 2 << 20  # 1 MiB each way
     if mode == "never":
