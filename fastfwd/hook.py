@@ -7,8 +7,9 @@ exit 0 at once (``init`` must print the lease database; printing nothing means "
 For DHCPv6, dnsmasq passes the client's DUID where the MAC goes and the MAC, if known, in
 ``DNSMASQ_MAC``; a v6 lease with no known MAC cannot be keyed and is skipped with a note.
 
-``SCRIPT snapshot LEASEFILE`` sends every IPv4 lease in a dnsmasq lease file as one snapshot
-(for example after a restart of both), which the daemon reconciles against its table.
+``SCRIPT snapshot LEASEFILE`` sends every IPv4 lease in a dnsmasq lease file as one IPv4
+snapshot (for example after a restart of both), which the daemon reconciles against its
+table; the IPv6 leases it holds are left alone.
 
 Exit status: 0 done or ignored; 1 the daemon could not be reached in time or refused the
 event (one line on stderr says why); 2 bad arguments.
@@ -69,7 +70,9 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
     if action == "snapshot":
         if len(args) != 1:
             raise LeaseError("snapshot takes one argument: the dnsmasq lease file")
-        return {"snapshot": _read_lease_file(args[0])}
+        # The file's DHCPv6 part has no MACs: the snapshot speaks for IPv4 only, so it leaves
+        # the IPv6 leases that events brought alone.
+        return {"snapshot": _read_lease_file(args[0]), "family": 4}
     if action not in EVENTS:
         return None
     if len(args) not in (2, 3):

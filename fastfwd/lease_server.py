@@ -3,14 +3,15 @@
 Messages (one JSON object per line)::
 
     {"event": "add"|"old"|"del", "mac": "52:54:00:12:34:56", "ip": "10.0.0.5", "hostname": "vm1"}
-    {"snapshot": [{"mac": ..., "ip": ..., "hostname": ...}, ...]}
+    {"snapshot": [{"mac": ..., "ip": ..., "hostname": ...}, ...], "family": 4}
 
 Replies: ``{"ok": true, "changed": N}`` once the table has the change and the daemon's
 ``on_change`` callback (which re-points the rules) has returned; or ``{"ok": false, "error":
 "..."}`` with nothing changed. Messages are applied one at a time, in arrival order, so a
 reply also means every earlier message is live. Saving the table is the table's business
 (see ``LeaseTable``'s ``save_delay``). A snapshot replaces the DHCP leases only: what other
-sources (the neighbour table) found stays.
+sources (the neighbour table) found stays; with ``family`` (optional, 4 or 6) it replaces the
+DHCP leases of that IP version only.
 
 Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 80,000 leases).
 """
@@ -47,10 +48,10 @@ class LeaseServer(JsonLineServer):
         self._lock = lock if lock is not None else asyncio.Lock()
 
     async def _handle(self, request: Request) -> dict[str, Any]:
-        event, leases = _parse(request)
+        event, leases, family = _parse(request)
         async with self._lock:
             try:
-                changes = (self.table.apply_snapshot(leases) if event is None
+                changes = (self.table.apply_snapshot(leases, family=family) if event is None
                            else self.table.apply_event(event, leases[0]))
             except LeaseError as exc:
                 raise RequestError(str(exc)) from None
@@ -86,16 +87,20 @@ def _held(lease: Lease) -> str:
     return f"{lease.ip} {lease.hostname}" if lease.hostname else lease.ip
 
 
-def _parse(request: Request) -> tuple[str | None, list[Lease]]:
-    """Validate a whole message before anything is applied: ``(event, leases)``, where the
-    event is None for a snapshot (an event's name is checked by the table)."""
+def _parse(request: Request) -> tuple[str | None, list[Lease], int | None]:
+    """Validate a whole message before anything is applied: ``(event, leases, family)``, where
+    the event is None for a snapshot (an event's name is checked by the table) and the family
+    (4, 6, or None: both) is the IP version a snapshot covers."""
     doc = request.message
     if not isinstance(doc, dict):
         raise RequestError(f"expected a JSON object, got {type(doc).__name__}")
     try:
         if "snapshot" in doc:
-            if set(doc) != {"snapshot"}:
-                raise LeaseError("a snapshot message has only the 'snapshot' key")
+            if not set(doc) <= {"snapshot", "family"}:
+                raise LeaseError("a snapshot message has only the 'snapshot' and 'family' keys")
+            family = doc.get("family")
+            if family not in (None, 4, 6) or isinstance(family, bool):
+                raise LeaseError(f"family: expected 4 or 6, got {family!r}")
             if not isinstance(doc["snapshot"], list):
                 raise LeaseError(f"snapshot: expected a list of leases, got {type(doc['snapshot']).__name__}")
             leases = []
@@ -104,14 +109,14 @@ def _parse(request: Request) -> tuple[str | None, list[Lease]]:
                     leases.append(Lease.from_message(entry))
                 except LeaseError as exc:
                     raise LeaseError(f"snapshot[{i}]: {exc}") from None
-            return None, leases
+            return None, leases, family
         if request.size > EVENT_MAX:
             raise LeaseError(f"event line too long (limit {EVENT_MAX} bytes)")
         if "event" not in doc:
             raise LeaseError("expected an 'event' or a 'snapshot' key")
         if not isinstance(doc["event"], str):
             raise LeaseError(f"event: expected a string, got {type(doc['event']).__name__}")
-        return doc["event"], [Lease.from_message(doc, extra=("event",))]
+        return doc["event"], [Lease.from_message(doc, extra=("event",))], None
     except LeaseError as exc:
         raise RequestError(str(exc)) from None
 

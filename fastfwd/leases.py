@@ -233,16 +233,21 @@ class LeaseTable:
             self._put(lease)
         return self._commit(before)
 
-    def apply_snapshot(self, leases: Iterable[Lease], source: Source = DHCP) -> list[LeaseChange]:
+    def apply_snapshot(self, leases: Iterable[Lease], source: Source = DHCP,
+                       family: int | None = None) -> list[LeaseChange]:
         """Make ``source``'s part of the table exactly ``leases``: any lease of that source
         absent from it is gone; the other sources' leases stay, unless the snapshot outranks
-        them on their MAC or address. Validated whole first, so a snapshot that lists a MAC
-        twice per family, or one address twice, or a lease of another source, changes nothing."""
+        them on their MAC or address. With ``family`` (4 or 6) the snapshot covers only that
+        IP version, and the source's leases of the other stay. Validated whole first, so a
+        snapshot that lists a MAC twice per family, or one address twice, or a lease of another
+        source or family, changes nothing."""
         wanted: dict[LeaseKey, Lease] = {}
         holders: dict[str, LeaseKey] = {}
         for lease in leases:
             if lease.source != source:
                 raise LeaseError(f"a {source} snapshot lists a {lease.source} lease ({lease.mac})")
+            if family is not None and lease.key[1] != family:
+                raise LeaseError(f"an IPv{family} snapshot lists {lease.ip} ({lease.mac})")
             if lease.key in wanted:
                 raise LeaseError(f"snapshot lists {lease.mac} twice for IPv{lease.key[1]}")
             if lease.ip in holders:
@@ -256,8 +261,10 @@ class LeaseTable:
         below = [lease for lease in self._leases.values() if SOURCES.index(lease.source) < rank
                  and lease.key not in wanted and lease.ip not in holders]
         above = [lease for lease in self._leases.values() if SOURCES.index(lease.source) > rank]
+        uncovered = [lease for lease in self._leases.values()
+                     if lease.source == source and family is not None and lease.key[1] != family]
         self._leases, self._holders = wanted, holders
-        for lease in (*below, *above):
+        for lease in (*uncovered, *below, *above):
             self._put(lease)
         return self._commit(before)
 

@@ -167,6 +167,19 @@ def test_inconsistent_snapshot_changes_nothing(snapshot: list[Lease], error: str
     assert [x.mac for x in table] == [C]
 
 
+def test_a_snapshot_of_one_family_leaves_the_other_familys_leases() -> None:
+    table = LeaseTable([lease(A, "10.0.0.1"), lease(A, "fd00::1"), lease(B, "fd00::2")])
+    changes = table.apply_snapshot([lease(C, "10.0.0.3")], family=4)
+    assert sorted(changes, key=str) == sorted([LeaseChange(lease(A, "10.0.0.1"), None),
+                                              LeaseChange(None, lease(C, "10.0.0.3"))], key=str)
+    assert sorted((x.mac, x.ip) for x in table) == [(A, "fd00::1"), (B, "fd00::2"), (C, "10.0.0.3")]
+    with pytest.raises(LeaseError, match="an IPv4 snapshot lists fd00::9"):
+        table.apply_snapshot([lease(C, "fd00::9")], family=4)
+    assert table.apply_snapshot([], family=6) == [LeaseChange(lease(A, "fd00::1"), None),
+                                                  LeaseChange(lease(B, "fd00::2"), None)]
+    assert [(x.mac, x.ip) for x in table] == [(C, "10.0.0.3")]
+
+
 # -- sources: DHCP and the neighbour table ------------------------------------------------------
 def test_a_dhcp_snapshot_keeps_the_leases_the_neighbour_table_found() -> None:
     table = LeaseTable([seen_on_bridge(A, "10.0.0.1"), lease(B, "10.0.0.2")])
