@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument("hostname", metavar="HOSTNAME", nargs="?", help="the host name the guest gave, if any")
     snap = lsub.add_parser("snapshot", help="all the DHCP leases; DHCP leases not listed are gone",
                            parents=[common])
+    snap.add_argument("--family", type=int, choices=(4, 6),
+                      help="the snapshot covers this IP version only; the other's leases stay (default: both)")
     snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]")
     lease.set_defaults(func=_lease)
 
@@ -251,6 +253,8 @@ def _lease(args: argparse.Namespace) -> int:
                 raise UsageError(f"snapshot entry {item!r}: expected MAC=IP[=HOSTNAME]")
             leases.append({"mac": mac, "ip": ip, "hostname": hostname or None})
         message: dict = {"snapshot": leases}
+        if args.family is not None:
+            message["family"] = args.family
     else:
         message = {"event": args.action, "mac": args.mac, "ip": args.ip, "hostname": args.hostname}
     reply = _call(args.socket or _settings(args).lease_socket, message, timeout=args.timeout)

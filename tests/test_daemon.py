@@ -131,6 +131,8 @@ def test_dhcp_hostname_and_snapshot_reconcile(tmp_path: Path, echo: EchoServer) 
         snapshot = ("lease", "snapshot", "--socket", str(proc.lease_socket))
         assert fastfwd(*snapshot, f"{MAC}=127.0.0.1=GUEST7").returncode == 0
         assert echo_roundtrip(port)
+        assert fastfwd(*snapshot, "--family", "6").returncode == 0  # no IPv6 leases: nothing changes
+        assert echo_roundtrip(port)
         assert fastfwd(*snapshot).returncode == 0  # empty snapshot: every lease is gone
         assert not echo_roundtrip(port)
 
