@@ -104,7 +104,7 @@ cdef class Engine:
     def __init__(self, int workers=0, int pipe_size=1 << 20, int copy_buffer=256 * 1024,
                  int busy_poll_us=0):
         cdef worker_t* w
-        cdef int i
+        cdef int i, rc
         if workers <= 0:
             workers = len(os.sched_getaffinity(0))
         if pipe_size < 4096 or copy_buffer < 4096:
@@ -127,13 +127,16 @@ cdef class Engine:
             w.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
             pthread_mutex_init(&w.qlock, NULL)
             pool_init(&w.pool, pipe_size, copy_buffer)
-            if w.epfd < 0 or w.wakefd < 0 or not table_init(&w.sessions, 1024):
-                raise OSError(errno, f"cannot start worker {i}: {strerror(errno).decode()}")
-            ep_add(w, w.wakefd, EPOLLIN, NULL, TAG_WAKE)
-            if pthread_create(&w.thread, NULL, worker_main, w) != 0:
-                close(w.epfd)
-                close(w.wakefd)
-                raise OSError(errno, f"cannot start worker thread {i}")
+            rc = errno if w.epfd < 0 or w.wakefd < 0 or not table_init(&w.sessions, 1024) else 0
+            if rc == 0:
+                ep_add(w, w.wakefd, EPOLLIN, NULL, TAG_WAKE)
+                rc = pthread_create(&w.thread, NULL, worker_main, w)    # returns the error
+            if rc != 0:
+                # Release what this worker got, so a start that fails (out of fds, say) can
+                # be retried without leaking; the workers already started stop in close().
+                pthread_mutex_destroy(&w.qlock)
+                worker_teardown(w)
+                raise OSError(rc, f"cannot start worker {i}: {strerror(rc).decode()}")
             pthread_setname_np(w.thread, f"fastfwd-w{i}".encode())   # as top -H and /proc show it
             self._n = i + 1
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
+import sys
 
-from netutil import ChildForwarder, TcpServer, connect, echo_handler, echo_once, wait_for
+from netutil import ChildForwarder, TcpServer, child_env, connect, echo_handler, echo_once, wait_for
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -42,3 +44,28 @@ def test_a_sigpipe_in_a_worker_leaves_a_program_with_default_sigpipe_running() -
                 assert echo_once(sock, b"still here") == b"still here"
         assert child.proc.poll() is None
         assert child.close() == 0
+
+
+_START_OUT_OF_FDS = r"""
+import os, resource
+from fastfwd import _engine
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+def open_fds():
+    return len(os.listdir("/proc/self/fd")) - 1         # less the one listdir holds
+held = [os.open("/dev/null", os.O_RDONLY) for _ in range(64 - 4 - open_fds())]
+before, failed = open_fds(), 0
+for _ in range(20):
+    try:
+        _engine.Engine(workers=4)       # 3 fds a worker: the second cannot start
+    except OSError:
+        failed += 1
+print(failed, before, open_fds())
+"""
+
+
+def test_a_start_that_runs_out_of_fds_leaks_none() -> None:
+    proc = subprocess.run([sys.executable, "-c", _START_OUT_OF_FDS], capture_output=True, text=True,
+                          timeout=60, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    failed, before, after = map(int, proc.stdout.split())
+    assert (failed, after) == (20, before)
