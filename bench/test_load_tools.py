@@ -34,3 +34,37 @@ def test_udpflood_counts_only_the_windows_datagrams(size: int) -> None:
     assert res["sent"] > 0
     assert res["delivered"] <= res["sent"]
     assert res["loss"] >= 0
+
+
+def test_connrate_counts_connections_cut_short(tmp_path) -> None:
+    # A server that echoes 10 of the 64 bytes and closes: no connection completes, and every
+    # one of them is an error (a read that ended early used to be dropped without counting).
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 10602), backlog=256)
+    done = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                got = b""
+                while len(got) < 64 and (chunk := conn.recv(64 - len(got))):
+                    got += chunk
+                conn.sendall(got[:10])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        res = run("connrate", "127.0.0.1", "10602", "4", "0.1", "0.3", "2")
+    finally:
+        done.set()
+        thread.join()
+        server.close()
+    assert res["conns"] == 0
+    assert res["errors"] > 0

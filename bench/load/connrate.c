@@ -96,6 +96,8 @@ int main(int argc, char **argv) {
                         if (n == cap) lat = realloc(lat, (cap *= 2) * sizeof *lat);
                         lat[n++] = end - s->started;
                     }
+                } else {
+                    errors++; /* closed or reset before the whole echo came back: a failure too */
                 }
                 close(s->fd);
                 start(s);
