@@ -78,9 +78,14 @@ def normalize_ip(value: object) -> str:
     if not isinstance(value, str):
         raise LeaseError(f"ip: expected a string, got {type(value).__name__}")
     try:
-        return str(ipaddress.ip_address(value))
+        ip = ipaddress.ip_address(value)
     except ValueError:
-        raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address") from None
+        ip = None
+    # An IPv6 zone (fe80::1%eth0) parses, but the engine cannot forward to it: a lease with
+    # one would be saved, fail every re-pointing, and then stop the daemon's next start.
+    if ip is None or (isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None):
+        raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address")
+    return str(ip)
 
 
 def normalize_hostname(value: object) -> str | None:
