@@ -142,7 +142,7 @@ def udp_flood(size: int) -> Callable[[Settings, Subject, Running], Metrics]:
 
 def idle(s: Settings, subject: Subject, running: Running) -> Metrics:
     conns = subject.idle_cap[0] if subject.idle_cap else s.idle_conns
-    before = running.usage()
+    before, pss_before = running.usage(), running.pss_kib()
     holder = Proc([tool("idlehold"), HOST, str(subject.port(backends.ECHO)), str(conns)],
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, log=running.workdir / "load.log")
     watchdog = threading.Timer(120.0, holder.stop)  # a subject that stops accepting
@@ -152,12 +152,16 @@ def idle(s: Settings, subject: Subject, running: Running) -> Metrics:
         if not holder.popen.stdout.readline():
             raise RuntimeError(f"idlehold failed (exit {holder.popen.wait()}): {holder.log_tail(2)}")
         time.sleep(1.0)  # let the forwarder settle: deferred frees, lazy upstream setup
-        after = running.usage()
+        after, pss_after = running.usage(), running.pss_kib()
     finally:
         watchdog.cancel()
         holder.stop()
-    assert before and after
-    return {"kib_per_conn": (after.rss_kib - before.rss_kib) / conns,
+    assert before and after and pss_before is not None and pss_after is not None
+    # Memory is the growth of anonymous PSS, not of VmRSS, summed over the subject's processes:
+    # the same for one process, but a subject that forks per connection (socat) shares most of
+    # each child with its parent, and summed VmRSS counted those pages once per child.
+    return {"kib_per_conn": (pss_after - pss_before) / conns,
+            "rss_kib_per_conn": (after.rss_kib - before.rss_kib) / conns,
             "fds_per_conn": (after.fds - before.fds) / conns, "held": conns}
 
 

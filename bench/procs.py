@@ -124,6 +124,24 @@ class Usage:
         return cls(cpu / CLK_TCK, rss, fds)
 
 
+def pss_kib(pids: Iterable[int]) -> int:
+    """Proportional set size of anonymous and shared memory, summed over ``pids``
+    (``/proc/PID/smaps_rollup``: Pss_Anon + Pss_Shmem). A page mapped by n processes counts
+    1/n in each, so over a parent and its forked children (socat, one per connection) every
+    page counts once; VmRSS summed over them counted each page they share once per process.
+    File pages are left out: their share moves whenever an unrelated process mapping the
+    same library (another Python) starts or exits."""
+    total = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in rollup
+                     if line.startswith(("Pss_Anon:", "Pss_Shmem:")))
+    return total
+
+
 def _rss_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

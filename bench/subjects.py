@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import backends
 from .build import tool
-from .procs import Proc, Usage, tree, wait_bound
+from .procs import Proc, Usage, pss_kib, tree, wait_bound
 
 SHIFT = 10
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +46,9 @@ class Running:
 
     def usage(self) -> Usage | None:
         return Usage.of(tree(p.pid for p in self.procs)) if self.procs else None
+
+    def pss_kib(self) -> int | None:
+        return pss_kib(tree(p.pid for p in self.procs)) if self.procs else None
 
     def stop(self) -> None:
         for proc in self.procs:

@@ -191,6 +191,7 @@ class _Validator:
             self.error("hosts", f"expected a table of [hosts.NAME] entries, got {_kind(doc)}")
             return {}
         hosts = {}
+        spelled: dict[str, str] = {}  # each name as the file first spelled it
         for name, entry in doc.items():
             path = f"hosts.{name}"
             try:
@@ -203,6 +204,12 @@ class _Validator:
                 self.error(path, "give exactly one of 'mac' or 'ip'")
                 continue
             (key, value), = entry.items()
+            # Names ignore case: [hosts.VM1] and [hosts.vm1] are one name, and keeping either
+            # silently would forward to whichever entry the file happened to list last.
+            first = spelled.setdefault(name.lower(), name)
+            if first != name:
+                self.error(path, f"{name.lower()!r} is the same name as hosts.{first} (names ignore case)")
+                continue
             try:
                 hosts[name.lower()] = HostEntry(**{key: value})
             except LeaseError as exc:

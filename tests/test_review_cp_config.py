@@ -1,0 +1,14 @@
+"""Config checks found missing in review: input that was accepted but should be an error."""
+from __future__ import annotations
+
+import pytest
+
+from fastfwd.config import ConfigError, parse_config
+
+
+def test_two_host_entries_differing_only_in_case_are_an_error() -> None:
+    # Names ignore case, so these are one name: silently keeping the last would forward to
+    # whichever entry happened to come second.
+    with pytest.raises(ConfigError) as info:
+        parse_config('[hosts.VM1]\nip = "10.0.0.1"\n[hosts.vm1]\nip = "10.0.0.2"\n')
+    assert info.value.errors == ["hosts.vm1: 'vm1' is the same name as hosts.VM1 (names ignore case)"]
