@@ -51,6 +51,18 @@ def background_load(seconds: float = 0.2) -> float:
     return BoxCpu.now().cores_busy_since(before)
 
 
+def round_order(takers: list, round_: int) -> list:
+    """The order of the subjects in one round: backwards every other round, and rotated by one
+    each round. Rotation alone kept every subject behind the same one (A B C D, B C D A,
+    C D A B: D always follows C), so whatever a subject leaves behind (the TIME_WAIT of a
+    connection-rate run, say) always weighed on the same next subject."""
+    if not takers:
+        return []
+    base = takers[::-1] if round_ % 2 else takers
+    shift = round_ % len(base)
+    return base[shift:] + base[:shift]
+
+
 def run_figure(figure: Figure, subjects: list[Subject], settings: Settings, repeats: int,
                scratch: Path) -> dict:
     """All repeats of one figure, subjects interleaved; failures are recorded, not raised."""
@@ -61,10 +73,7 @@ def run_figure(figure: Figure, subjects: list[Subject], settings: Settings, repe
     engine = engine_build() if any(s.kind == "fastfwd" for s in takers) else None
     with figure.context() as in_force:
         for round_ in range(repeats):
-            # Rotate the order each round, so no subject always follows the same one (the
-            # TIME_WAIT left by a connection-rate run, say, weighs on whoever comes next).
-            shift = round_ % len(takers) if takers else 0
-            for subject in takers[shift:] + takers[:shift]:
+            for subject in round_order(takers, round_):
                 if subject.name in failed:
                     continue
                 log(f"{figure.name} {round_ + 1}/{repeats} {subject.name}")
