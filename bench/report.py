@@ -100,6 +100,11 @@ def figure_table(figure: Figure, fig: dict, results: dict) -> list[str]:
         lines.append("| " + " | ".join(row) + " |")
     for name, note in fig.get("notes", {}).items():
         lines.append(f"\n{subjects[name]['label']}: {note}.")
+    # A subject that failed after some rounds keeps a row, a median of fewer rounds than the
+    # heading says: say so, and why (the row alone used to hide the failure).
+    for name, reason in fig["failed"].items():
+        if runs := fig["runs"].get(name):
+            lines.append(f"\n{subjects[name]['label']}: {len(runs)} of {fig['repeats']} rounds, then {reason}.")
     return lines + [""]
 
 
