@@ -18,6 +18,7 @@ another table. :func:`foreign_drops` finds the chains that would, so ``check`` c
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -28,7 +29,13 @@ from typing import Any
 
 def table_name(bridge: str) -> str:
     # nft identifiers take letters, digits and '_' (interface names may also have '-' and '.').
-    return "fastfwd_" + re.sub(r"[^A-Za-z0-9_]", "_", bridge)
+    name = "fastfwd_" + re.sub(r"[^A-Za-z0-9_]", "_", bridge)
+    if re.fullmatch(r"[A-Za-z0-9-]+", bridge):
+        return name
+    # '-' becomes '_', so br-vms, br_vms and br.vms would share one table, and setting up or
+    # destroying one bridge would replace or delete another's: a name with '_' or '.' gets
+    # a digest of itself too.
+    return f"{name}_{hashlib.sha256(bridge.encode()).hexdigest()[:8]}"
 
 
 def ruleset(bridge: str, subnet: ipaddress.IPv4Network, *, nat: bool = True) -> str:

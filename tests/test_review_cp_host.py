@@ -1,0 +1,38 @@
+"""fastfwd-bridge found wanting in review: one bridge's setup or destroy must never touch the
+nftables table of another bridge, whatever the two are called."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from fastfwd.host import firewall
+from fastfwd.host.lab import Lab
+
+from test_host_bridge import Bridge
+
+
+def test_table_names_of_different_bridges_differ() -> None:
+    names = {firewall.table_name(b) for b in ("br-vms", "br_vms", "br.vms")}
+    assert len(names) == 3
+    assert firewall.table_name("br-vms") == "fastfwd_br_vms"  # the name docs/vm-hosts.md shows
+
+
+@pytest.fixture
+def br() -> Iterator[Bridge]:
+    with Lab() as lab:
+        yield Bridge(lab)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_setup_and_destroy_of_a_similarly_named_bridge_leave_the_other_table(br: Bridge) -> None:
+    br.setup("--no-dhcp")
+    ours = br.sh("nft", "list", "table", "inet", "fastfwd_br_vms")
+    assert f"{br.subnet}.0/24" in ours
+    br("setup", "br_vms", "--address", "10.254.254.1/24", "--no-dhcp")
+    assert br.sh("nft", "list", "table", "inet", "fastfwd_br_vms") == ours
+    br("destroy", "br_vms")
+    assert br.sh("nft", "list", "table", "inet", "fastfwd_br_vms") == ours
+    br("destroy", "br-vms")
+    assert br.sh("nft", "list", "ruleset").strip() == ""
