@@ -7,11 +7,12 @@ everything to fix. ``docs/config.md`` is the reference for the schema and its de
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,16 +99,19 @@ class Config:
     control: ControlSettings = field(default_factory=ControlSettings)
     sources: SourceSettings = field(default_factory=SourceSettings)
     source: str = "<config>"
+    #: SHA-256 (hex) of the bytes a file was loaded from, as the watcher fingerprints them.
+    digest: str | None = None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; raise ConfigError listing every problem."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read: {getattr(exc, 'strerror', None) or exc}"], str(path)) from None
-    return parse_config(text, str(path), base=path.parent)
+    return replace(parse_config(text, str(path), base=path.parent), digest=hashlib.sha256(raw).hexdigest())
 
 
 def parse_config(text: str, source: str = "<config>", *, base: Path | None = None) -> Config:

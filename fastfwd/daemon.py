@@ -243,7 +243,9 @@ class Daemon:
 
     async def _watch(self) -> None:
         assert self.path is not None
-        async for _ in watch_config(self.path):
+        # From the file the running rules came from: an edit saved while the daemon was
+        # starting (after the file was read, before this watch) would otherwise never apply.
+        async for _ in watch_config(self.path, since=self.config.digest):
             await self.reload("config changed")
 
     # -- leases and names ---------------------------------------------------------------------

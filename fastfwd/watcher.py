@@ -28,9 +28,13 @@ def fingerprint(path: Path) -> str | None:
         return None
 
 
-async def watch_config(path: Path, *, step_ms: int = 50, recheck_ms: int = 1000) -> AsyncIterator[None]:
-    """Yield once each time the content behind ``path`` changes. Runs until cancelled."""
-    last = fingerprint(path)
+async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 50,
+                       recheck_ms: int = 1000) -> AsyncIterator[None]:
+    """Yield once each time the content behind ``path`` changes. Runs until cancelled.
+
+    ``since`` is the fingerprint of the content already in use (None: whatever the file
+    holds now); a file that differs from it already yields at the first check."""
+    last = since if since is not None else fingerprint(path)
     while True:
         dirs = _watched_dirs(path)
         stop = asyncio.Event()
