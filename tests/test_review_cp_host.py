@@ -36,3 +36,13 @@ def test_setup_and_destroy_of_a_similarly_named_bridge_leave_the_other_table(br:
     assert br.sh("nft", "list", "table", "inet", "fastfwd_br_vms") == ours
     br("destroy", "br-vms")
     assert br.sh("nft", "list", "ruleset").strip() == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_destroy_removes_every_address_setup_added_to_a_bridge_it_found(br: Bridge) -> None:
+    br.sh("ip", "link", "add", "br-vms", "type", "bridge")  # the host's own bridge
+    br("setup", "br-vms", "--address", "10.254.1.1/24", "--no-dhcp")
+    br("setup", "br-vms", "--address", "10.254.2.1/24", "--no-dhcp")  # moved to another subnet
+    br("destroy", "br-vms")
+    assert "br-vms" in br.sh("ip", "-br", "link")  # not ours: it stays
+    assert br.sh("ip", "-4", "-br", "addr", "show", "dev", "br-vms").split()[2:] == []

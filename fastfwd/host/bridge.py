@@ -68,6 +68,9 @@ class Made:
 
     bridge: bool = False
     address: str | None = None
+    #: Every address setup added, not only the last: a setup run again with another
+    #: ``--address`` adds that one too, and destroy must remove both.
+    addresses: list[str] = field(default_factory=list)
     ip_forward_was: str | None = None
     firewall: bool = False
     dnsmasq_pid: int | None = None
@@ -110,6 +113,7 @@ def setup(plan: Plan) -> list[str]:
         record(f"created bridge {plan.bridge}")
     if ensure_address(plan.bridge, plan.address):
         made.address = str(plan.address)
+        made.addresses = [*(a for a in made.addresses if a != made.address), made.address]
         record(f"added {plan.address} to {plan.bridge}")
     if sysctl.read(IP_FORWARD) != "1":
         if made.ip_forward_was is None:
@@ -177,8 +181,11 @@ def destroy(bridge: str, state_dir: Path | None = None) -> list[str]:
     if made.bridge:
         if delete_link(bridge):
             done.append(f"deleted bridge {bridge}")
-    elif made.address is not None and remove_address(bridge, ipaddress.IPv4Interface(made.address)):
-        done.append(f"removed {made.address} from {bridge}")
+    else:
+        # A record written before ``addresses`` has only ``address``.
+        for address in dict.fromkeys([*made.addresses, *([made.address] if made.address else [])]):
+            if remove_address(bridge, ipaddress.IPv4Interface(address)):
+                done.append(f"removed {address} from {bridge}")
     for name in made.files:
         Path(name).unlink(missing_ok=True)
     Made.path(state_dir, bridge).unlink(missing_ok=True)
