@@ -76,6 +76,8 @@ class Daemon:
         self._lease_lock = asyncio.Lock()
         self._stop: asyncio.Future[str] | None = None
         self._draining: asyncio.Future[None] | None = None
+        #: A stop-at-once signal came (SIGINT, a second SIGTERM), maybe before the drain began.
+        self._hurried = False
         self._reloads: set[asyncio.Task[Diff | None]] = set()
 
     # -- what should be forwarded -------------------------------------------------------------
@@ -181,7 +183,7 @@ class Daemon:
             self._stop.set_result(how)
 
     async def _shutdown(self, fw: Forwarder, how: str) -> None:
-        if how == "drain":
+        if how == "drain" and not self._hurried:
             deadline = self.control.drain_deadline
             log.info("draining: no new connections, waiting up to %gs for live ones", deadline)
             self._draining = asyncio.ensure_future(fw.close(drain=deadline))
@@ -197,14 +199,20 @@ class Daemon:
         task.add_done_callback(self._reloads.discard)
 
     def _on_term(self) -> None:
-        if self._draining is not None:
-            self._draining.cancel()  # the second SIGTERM: stop at once
+        if self._stopping:
+            self._hurry()  # the second SIGTERM: stop at once
         self.stop("drain")
 
     def _on_int(self) -> None:
+        self._hurry()
+        self.stop("now")
+
+    def _hurry(self) -> None:
+        # The drain begins only once a reload or lease change under way is done; a signal
+        # that comes before must not be lost, or the drain would run its whole deadline.
+        self._hurried = True
         if self._draining is not None:
             self._draining.cancel()
-        self.stop("now")
 
     # -- reloading ----------------------------------------------------------------------------
     async def reload(self, why: str = "reload") -> Diff | None:
