@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import logging.handlers
 import signal
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +25,7 @@ from .config import Config, ConfigError, ControlSettings, EngineSettings, load_c
 from .control import ControlServer
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer
-from .leases import STATE_FILE, LeaseChange, LeaseTable, name_updates, resolve_names
+from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_names
 from .rules import Rule, split_hostports
 from .unixserver import Access, JsonLineServer
 from .watcher import watch_config
@@ -235,9 +235,14 @@ class Daemon:
             if (config.engine, self._control_settings(config), config.sources) != (
                     self.config.engine, self.control, self.config.sources):
                 log.warning("%s: [engine], [control] and [sources] changes take effect at the next start", why)
+            # Names the new file brings are known before its rules change: a rule re-pointed
+            # to one would otherwise go pending until the _resolve below, closing its
+            # listener and resetting the connections waiting in its accept queue.
+            await self._resolve(config.hosts, new_only=True)
             try:
                 diff = await self.fw.apply(self.wanted_rules(config))
             except (OSError, ValueError) as exc:
+                await self._resolve()  # the names of the file still running
                 fresh = [str(r) for r in self.wanted_rules(config) if self.fw.find(r) is None]
                 log.error("%s: %s rejected, rules unchanged: %s (new: %s)", why, self.path, _reason(exc),
                           "; ".join(fresh) or "none")
@@ -273,9 +278,13 @@ class Daemon:
             return {entry.mac for entry in self.config.hosts.values() if entry.mac}
         await feed_neighbours(self.leases, self.leases_changed, macs=macs, lock=self._lease_lock)
 
-    async def _resolve(self) -> None:
+    async def _resolve(self, hosts: Mapping[str, HostEntry] | None = None, *, new_only: bool = False) -> None:
+        """Tell the forwarder the names' addresses under ``hosts`` (default: the running
+        config's). With ``new_only``, only names without an address so far are added."""
         assert self.fw is not None
-        names = resolve_names(self.config.hosts, self.leases)
+        names = resolve_names(self.config.hosts if hosts is None else hosts, self.leases)
+        if new_only:
+            names = {**names, **self._names}
         for name, ip in name_updates(self._names, names).items():
             touched = await self.fw.resolve(name, ip)
             log.info("name %s is now %s (%d rule(s))", name, ip or "unknown, its rules are pending", len(touched))
