@@ -175,11 +175,12 @@ def split_hostports(text: str) -> list[str]:
 def parse_ports(text: str) -> tuple[int, int]:
     """``PORT`` or ``PORT-END`` into (first port, count)."""
     first, sep, last = text.partition("-")
-    try:
-        lo = int(first)
-        hi = int(last) if sep else lo
-    except ValueError:
-        raise SpecError(f"{text!r} is not a port or a port range") from None
+    # ASCII digits only: int() would also read '8_0' as 80, and '+80', ' 80' or other
+    # scripts' digits, so a typo could become some other port.
+    if not all(part.isascii() and part.isdigit() for part in ((first, last) if sep else (first,))):
+        raise SpecError(f"{text!r} is not a port or a port range")
+    lo = int(first)
+    hi = int(last) if sep else lo
     for port in (lo, hi):
         if not 0 <= port <= 65535:
             raise SpecError(f"port {port} is out of range 0-65535")
