@@ -200,6 +200,8 @@ class _Validator:
             path = f"hosts.{name}"
             try:
                 check_target_host(name)
+                if is_ip(name):  # a 'to' with an address never looks it up: the entry would be dead
+                    raise SpecError(name)
             except SpecError:
                 self.error(path, f"{name!r} is not a valid host name")
                 continue

@@ -24,3 +24,9 @@ def test_a_port_is_ascii_digits_only(ports: str) -> None:
         parse_config(f'[[forward]]\nlisten = "{ports}"\nto = "127.0.0.1:80"\n')
     assert info.value.errors == [f"forward[0].listen: {ports!r} is not a port or a port range"]
 
+
+def test_a_host_entry_named_by_an_address_is_an_error() -> None:
+    # A 'to' with an address forwards to that address: such an entry would never be used.
+    with pytest.raises(ConfigError) as info:
+        parse_config('[hosts."10.0.0.9"]\nmac = "52:54:00:00:00:01"\n')
+    assert info.value.errors == ["hosts.10.0.0.9: '10.0.0.9' is not a valid host name"]
