@@ -2,6 +2,7 @@
 nftables table of another bridge, whatever the two are called."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -46,3 +47,13 @@ def test_destroy_removes_every_address_setup_added_to_a_bridge_it_found(br: Brid
     br("destroy", "br-vms")
     assert "br-vms" in br.sh("ip", "-br", "link")  # not ours: it stays
     assert br.sh("ip", "-4", "-br", "addr", "show", "dev", "br-vms").split()[2:] == []
+
+
+def test_an_id_or_name_ending_in_a_newline_is_not_an_interface_name() -> None:
+    # '$' also matches before a final newline: 'tap-vm1\n' passed as a valid name, and the
+    # kernel refused it later instead of the id being hashed.
+    from fastfwd.host.tap import check_ifname, tap_name
+
+    assert tap_name("vm1\n") == "tap-" + hashlib.sha256(b"vm1\n").hexdigest()[:11]
+    with pytest.raises(ValueError):
+        check_ifname("tap0\n")

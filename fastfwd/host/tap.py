@@ -18,7 +18,8 @@ from ..leases import normalize_mac
 from .links import link_state
 
 IFNAMSIZ = 15  # usable characters; the kernel's IFNAMSIZ of 16 includes the NUL
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+# \Z, not $: '$' also matches before a final newline, which the kernel refuses in a name.
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 
 
 def check_ifname(name: str) -> str:
