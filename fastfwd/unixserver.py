@@ -123,7 +123,11 @@ def _check_owners(directory: Path) -> None:
     the daemon first ran."""
     for d in (directory.absolute(), *directory.absolute().parents):
         try:
-            owner = d.stat().st_uid
+            # A symlink's own owner counts too: in /tmp, say, they may replace it with one
+            # pointing at a directory of theirs, whoever owns where it points now.
+            owner = d.lstat().st_uid
+            if owner in (0, os.geteuid()):
+                owner = d.stat().st_uid
         except FileNotFoundError:
             continue  # made by us below
         if owner not in (0, os.geteuid()):
