@@ -448,6 +448,9 @@ def _ports(rule: Rule) -> str:
 
 
 def _addresses_clash(a: Rule, b: Rule) -> bool:
-    """Both would bind the same port: the same address, or either one a wildcard."""
-    wild = ("0.0.0.0", "::")
-    return a.listen_host == b.listen_host or a.listen_host in wild or b.listen_host in wild
+    """Both would bind the same port: the same address, or either one the wildcard of the
+    other's IP version. The engine's IPv6 listeners are IPv6-only, so 0.0.0.0 and :: (the
+    way to publish a port on both) do not clash."""
+    if (":" in a.listen_host) != (":" in b.listen_host):
+        return False
+    return a.listen_host == b.listen_host or a.listen_host in ("0.0.0.0", "::") or b.listen_host in ("0.0.0.0", "::")

@@ -1,10 +1,16 @@
 """Config checks found missing in review: input that was accepted but should be an error."""
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from fastfwd.config import ConfigError, parse_config
 from fastfwd.rules import Rule, SpecError
+
+from helpers_control import EchoServer, daemon, free_port, needs_engine
 
 
 def test_two_host_entries_differing_only_in_case_are_an_error() -> None:
@@ -30,3 +36,38 @@ def test_a_host_entry_named_by_an_address_is_an_error() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config('[hosts."10.0.0.9"]\nmac = "52:54:00:00:00:01"\n')
     assert info.value.errors == ["hosts.10.0.0.9: '10.0.0.9' is not a valid host name"]
+
+
+def test_one_port_on_the_ipv4_and_the_ipv6_wildcard_is_not_an_overlap() -> None:
+    # The engine's IPv6 listeners are IPv6-only: publishing a port on both families takes
+    # two rules, which do not clash. Within one family a wildcard still clashes.
+    config = parse_config('[[forward]]\nlisten = "0.0.0.0:8000"\nto = "127.0.0.1:80"\n'
+                          '[[forward]]\nlisten = "[::]:8000"\nto = "127.0.0.1:80"\n'
+                          '[[forward]]\nlisten = "[::1]:8001"\nto = "127.0.0.1:80"\n'
+                          '[[forward]]\nlisten = "0.0.0.0:8001"\nto = "127.0.0.1:80"\n')
+    assert len(config.rules) == 4
+    with pytest.raises(ConfigError) as info:
+        parse_config('[[forward]]\nlisten = "[::]:8000"\nto = "127.0.0.1:80"\n'
+                     '[[forward]]\nlisten = "[::1]:8000"\nto = "127.0.0.1:80"\n')
+    assert info.value.errors == ["forward[1].listen: tcp port 8000 overlaps forward[0] (tcp [::]:8000 -> 127.0.0.1:80)"]
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@needs_engine
+@pytest.mark.timeout(60)
+def test_a_port_published_on_both_wildcards_forwards_over_both_families(tmp_path: Path, echo: EchoServer) -> None:
+    port = free_port()
+    (tmp_path / "f.toml").write_text(f'[[forward]]\nlisten = "0.0.0.0:{port}"\nto = "127.0.0.1:{echo.port}"\n'
+                                     f'[[forward]]\nlisten = "[::]:{port}"\nto = "127.0.0.1:{echo.port}"\n')
+    with daemon(tmp_path, "-c", "f.toml"):
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.create_connection((host, port), timeout=10) as sock:
+                assert sock.family == family
+                sock.sendall(b"both")
+                assert sock.recv(4) == b"both"
