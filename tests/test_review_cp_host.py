@@ -3,14 +3,19 @@ nftables table of another bridge, whatever the two are called."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from fastfwd.host import firewall
+from fastfwd.host import bridge, firewall
 from fastfwd.host.lab import Lab
 
+from helpers_control import wait_until
 from test_host_bridge import Bridge
 
 
@@ -57,3 +62,22 @@ def test_an_id_or_name_ending_in_a_newline_is_not_an_interface_name() -> None:
     assert tap_name("vm1\n") == "tap-" + hashlib.sha256(b"vm1\n").hexdigest()[:11]
     with pytest.raises(ValueError):
         check_ifname("tap0\n")
+
+
+def test_destroy_leaves_alone_a_dnsmasq_that_took_over_the_recorded_pid(tmp_path: Path) -> None:
+    # Our dnsmasq died and its pid went to another dnsmasq (libvirt's, say): it is not ours.
+    fake = tmp_path / "dnsmasq"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", fake)
+    other = subprocess.Popen([str(fake), "60"])
+    try:
+        wait_until(lambda: Path(f"/proc/{other.pid}/comm").read_text().strip() == "dnsmasq",
+                   what="the stand-in running")
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "br-x.json").write_text(json.dumps(
+            {"dnsmasq_pid": other.pid, "files": [str(state / "br-x.dnsmasq.pid")]}))
+        assert bridge.destroy("br-x", state) == []
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

@@ -171,7 +171,9 @@ def destroy(bridge: str, state_dir: Path | None = None) -> list[str]:
     state_dir = state_dir or default_state_dir()
     made = Made.load(state_dir, bridge)
     done = []
-    if made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid):
+    # The pid file setup gave its dnsmasq: the pid alone may belong to another dnsmasq by now.
+    pidfile = next((f for f in made.files if f.endswith(".dnsmasq.pid")), None)
+    if made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid, pidfile=pidfile):
         done.append(f"stopped dnsmasq (pid {made.dnsmasq_pid})")
     if made.firewall and firewall.remove(bridge):
         done.append(f"removed nftables table inet {firewall.table_name(bridge)}")

@@ -56,10 +56,14 @@ def start(args: list[str], pidfile: Path) -> int:
     return int(pidfile.read_text().strip())
 
 
-def stop(pid: int, timeout: float = 5.0) -> bool:
+def stop(pid: int, timeout: float = 5.0, *, pidfile: str | None = None) -> bool:
     """Stop dnsmasq ``pid`` if it is still a dnsmasq (a pid alone may have been reused), and
-    wait up to ``timeout`` for it to exit; False if it was gone."""
+    wait up to ``timeout`` for it to exit; False if it was gone. With ``pidfile``, only the
+    dnsmasq started with that ``--pid-file`` counts: another one (libvirt's, say) may have
+    been given the pid of ours after it died."""
     if not _is_dnsmasq(pid):
+        return False
+    if pidfile is not None and f"--pid-file={pidfile}".encode() not in _cmdline(pid):
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -95,6 +99,13 @@ def servers_for(bridge: str) -> list[Server]:
         if bridge in server.interfaces:
             found.append(server)
     return found
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def _is_dnsmasq(pid: int) -> bool:
