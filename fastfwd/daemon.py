@@ -67,6 +67,8 @@ class Daemon:
         self.runtime_rules: dict[tuple, Rule] = {}
         self.overrides = overrides
         self.control = self._control_settings(config)
+        #: [sources] as started: a reload that changes them takes effect only at the next start.
+        self.sources = config.sources
         self.leases = LeaseTable()
         self.fw: Forwarder | None = None
         self._names: dict[str, str] = {}
@@ -87,7 +89,7 @@ class Daemon:
     def _check_target(self, rule: Rule) -> None:
         """With DHCP off, a target name can only come from [hosts]; any other would leave the
         rule pending for good. (The config file's own rules are checked when it is loaded.)"""
-        if rule.target_is_name and not self.config.sources.dhcp and rule.target_host not in self.config.hosts:
+        if rule.target_is_name and not self.sources.dhcp and rule.target_host not in self.config.hosts:
             raise ValueError(f"{rule.target_host!r} is not in [hosts] and DHCP names are off ([sources] dhcp = false)")
 
     def _engine_settings(self) -> EngineSettings:

@@ -12,6 +12,7 @@ import pytest
 from fastfwd.config import load_config
 from fastfwd.daemon import Daemon, Overrides
 from fastfwd.leases import Lease
+from fastfwd.rules import Rule
 
 from helpers_control import EchoServer, echo_roundtrip, free_port, needs_engine
 
@@ -78,3 +79,22 @@ def test_a_rejected_reload_leaves_the_names_it_introduced_unknown(tmp_path: Path
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         echo.close()
+
+
+def test_run_time_rules_are_checked_against_the_sources_in_effect(tmp_path: Path) -> None:
+    """[sources] is read at start only: after a reload that turns DHCP off (in the file, for
+    the next start), the lease socket still serves, so a rule may still target a DHCP name."""
+    path = tmp_path / "f.toml"
+    path.write_text("")
+
+    async def main() -> None:
+        d = Daemon(load_config(path), path, overrides=Overrides(workers=1, state_dir=str(tmp_path / "state")))
+        fw = await d.start()
+        try:
+            path.write_text("[sources]\ndhcp = false\n")
+            assert await d.reload("test") is not None
+            active = await d.add_rule(Rule.parse(f"{free_port()}:vm9:22"))
+            assert active.pending
+        finally:
+            await fw.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
