@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,13 @@ from fastfwd.rules import Rule
 from helpers_control import EchoServer, echo_roundtrip, free_port, needs_engine
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
+
+
+def _run_then_close(main: Coroutine[Any, Any, None], echo: EchoServer) -> None:
+    try:
+        asyncio.run(asyncio.wait_for(main, 30))
+    finally:
+        echo.close()
 
 
 def _listener_inode(port: int) -> str:
@@ -50,10 +59,7 @@ def test_retarget_to_a_name_the_reload_introduces_keeps_the_listener(tmp_path: P
             assert await asyncio.to_thread(echo_roundtrip, port)
         finally:
             await fw.close()
-    try:
-        asyncio.run(asyncio.wait_for(main(), 30))
-    finally:
-        echo.close()
+    _run_then_close(main(), echo)
 
 
 def test_a_rejected_reload_leaves_the_names_it_introduced_unknown(tmp_path: Path) -> None:
@@ -75,10 +81,7 @@ def test_a_rejected_reload_leaves_the_names_it_introduced_unknown(tmp_path: Path
         finally:
             blocker.close()
             await fw.close()
-    try:
-        asyncio.run(asyncio.wait_for(main(), 30))
-    finally:
-        echo.close()
+    _run_then_close(main(), echo)
 
 
 def test_run_time_rules_are_checked_against_the_sources_in_effect(tmp_path: Path) -> None:
