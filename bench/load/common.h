@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,5 +88,18 @@ static inline double quantile(double *v, size_t n, double p) {
 static inline void window_open(void) {
     puts("window");
     fflush(stdout);
+}
+
+/* After ``warmup`` seconds of load, a measured window of ``secs``: *start and *end are what
+ * the load's counter read as it opened and closed; returns the window's real length. */
+static inline double counted_window(atomic_ullong *counter, double warmup, double secs,
+                                    unsigned long long *start, unsigned long long *end) {
+    usleep((useconds_t)(warmup * 1e6));
+    *start = atomic_load(counter);
+    double t0 = now();
+    window_open();
+    usleep((useconds_t)(secs * 1e6));
+    *end = atomic_load(counter);
+    return now() - t0;
 }
 #endif

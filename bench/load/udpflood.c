@@ -88,13 +88,8 @@ int main(int argc, char **argv) {
     pthread_t ts, tr;
     pthread_create(&tr, NULL, sink, NULL);
     pthread_create(&ts, NULL, sender, NULL);
-    usleep((useconds_t)(warmup * 1e6));
-    unsigned long long s0 = atomic_load(&sent);
-    double t0 = now();
-    window_open();
-    usleep((useconds_t)(secs * 1e6));
-    unsigned long long s1 = atomic_load(&sent);
-    double t1 = now();
+    unsigned long long s0, s1;
+    double elapsed = counted_window(&sent, warmup, secs, &s0, &s1);
     atomic_store(&stop, 1);
     usleep(200000); /* let datagrams still queued in the forwarder arrive */
     if (s1 > SEQ_BITS) {
@@ -108,7 +103,7 @@ int main(int argc, char **argv) {
     double delivered = (double)got, total = (double)(s1 - s0);
     printf("{\"sent\": %llu, \"delivered\": %llu, \"seconds\": %.6f, \"delivered_s\": %.1f, "
            "\"sent_s\": %.1f, \"loss\": %.4f}\n",
-           s1 - s0, got, t1 - t0, delivered / (t1 - t0), total / (t1 - t0),
+           s1 - s0, got, elapsed, delivered / elapsed, total / elapsed,
            total > 0 ? 1 - delivered / total : 0);
     fflush(stdout);
     _exit(0);
