@@ -99,7 +99,7 @@ class Config:
     control: ControlSettings = field(default_factory=ControlSettings)
     sources: SourceSettings = field(default_factory=SourceSettings)
     source: str = "<config>"
-    #: SHA-256 (hex) of the bytes a file was loaded from, as the watcher fingerprints them.
+    #: content_digest() of the bytes a file was loaded from, as the watcher fingerprints them.
     digest: str | None = None
 
 
@@ -111,7 +111,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read: {getattr(exc, 'strerror', None) or exc}"], str(path)) from None
-    return replace(parse_config(text, str(path), base=path.parent), digest=hashlib.sha256(raw).hexdigest())
+    return replace(parse_config(text, str(path), base=path.parent), digest=content_digest(raw))
+
+
+def content_digest(raw: bytes) -> str:
+    """A config file's fingerprint: the loaded config and the watcher compare these."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def parse_config(text: str, source: str = "<config>", *, base: Path | None = None) -> Config:
@@ -453,4 +458,5 @@ def _addresses_clash(a: Rule, b: Rule) -> bool:
     way to publish a port on both) do not clash."""
     if (":" in a.listen_host) != (":" in b.listen_host):
         return False
-    return a.listen_host == b.listen_host or a.listen_host in ("0.0.0.0", "::") or b.listen_host in ("0.0.0.0", "::")
+    wild = ("0.0.0.0", "::")
+    return a.listen_host == b.listen_host or a.listen_host in wild or b.listen_host in wild

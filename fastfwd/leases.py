@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .rules import ip_address
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -77,15 +79,12 @@ def normalize_ip(value: object) -> str:
     """An IPv4 or IPv6 address in its compressed form (so equal addresses compare equal)."""
     if not isinstance(value, str):
         raise LeaseError(f"ip: expected a string, got {type(value).__name__}")
+    # Without an IPv6 zone (fe80::1%eth0): a lease with one would be saved, fail every
+    # re-pointing, and then stop the daemon's next start.
     try:
-        ip = ipaddress.ip_address(value)
+        return str(ip_address(value))
     except ValueError:
-        ip = None
-    # An IPv6 zone (fe80::1%eth0) parses, but the engine cannot forward to it: a lease with
-    # one would be saved, fail every re-pointing, and then stop the daemon's next start.
-    if ip is None or (isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None):
-        raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address")
-    return str(ip)
+        raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address") from None
 
 
 def normalize_hostname(value: object) -> str | None:

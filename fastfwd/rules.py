@@ -191,20 +191,20 @@ def parse_ports(text: str) -> tuple[int, int]:
 
 def parse_ip(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
-        return _ip_address(text.strip("[]"))
+        return ip_address(text.strip("[]"))
     except ValueError:
         raise SpecError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
 
 
 def is_ip(text: str) -> bool:
     try:
-        _ip_address(text)
+        ip_address(text)
     except ValueError:
         return False
     return True
 
 
-def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address the engine can bind and connect to. Python takes an IPv6 zone
     (``fe80::1%eth0``) as part of an address, but the engine has no zone to give it and
     refuses it later: a rule would fail at start instead of at the check."""

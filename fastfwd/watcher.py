@@ -10,12 +10,13 @@ watch was being moved to a symlink's new directory).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from watchfiles import awatch
+
+from .config import content_digest
 
 log = logging.getLogger("fastfwd")
 
@@ -23,7 +24,7 @@ log = logging.getLogger("fastfwd")
 def fingerprint(path: Path) -> str | None:
     """Digest of what ``path`` leads to now; None while it is missing or unreadable."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return content_digest(path.read_bytes())
     except OSError:
         return None
 
