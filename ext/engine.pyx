@@ -124,7 +124,8 @@ cdef class Engine:
             w.spin_ns = <uint64_t>busy_poll_us * 1000
             w.epfd = epoll_create1(EPOLL_CLOEXEC)
             w.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-            w.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+            w.reserve_fd = -1
+            reserve_refill(w)
             pthread_mutex_init(&w.qlock, NULL)
             pool_init(&w.pool, pipe_size, copy_buffer)
             rc = errno if w.epfd < 0 or w.wakefd < 0 or not table_init(&w.sessions, 1024) else 0

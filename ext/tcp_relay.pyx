@@ -87,7 +87,7 @@ cdef void out_of_fds(worker_t* w, listener_t* l) noexcept nogil:
         if fd >= 0:
             reset_close(fd)
             rw.c.refused += 1
-        w.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+        reserve_refill(w)
         if fd < 0:
             break
     rw.c.accept_paused += 1

@@ -71,3 +71,9 @@ cdef struct worker_s:
     udp_batch_t* udp
 
 ctypedef worker_s worker_t
+
+
+cdef inline void reserve_refill(worker_t* w) noexcept nogil:
+    # The reserve is spent to refuse one client when out of fds; take it again when one is free.
+    if w.reserve_fd < 0:
+        w.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)

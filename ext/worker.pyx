@@ -217,9 +217,7 @@ cdef void sweep(worker_t* w) noexcept nogil:
         udp_sweep(w, rw)
         drop_rule_if_idle(w, i)
         i -= 1
-    if w.reserve_fd < 0:
-        # Another thread took the fd the last refusal freed; take one back once fds are free.
-        w.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+    reserve_refill(w)      # another thread may have taken the fd the last refusal freed
     resume_listeners(w, NULL)
 
 
