@@ -22,10 +22,12 @@ include "tcp_relay.pyx"
 include "udp_sessions.pyx"
 include "worker.pyx"
 
+# counters_t's fields, in order: the engine sums them as an array of uint64_t.
 _COUNTERS = ("accepted", "closed", "refused", "connect_failed", "bytes_up", "bytes_down",
-             "bytes_spliced", "bytes_copied", "splice_fallbacks", "accept_paused",
+             "bytes_spliced", "bytes_copied", "splice_fallbacks", "pipe_shortages", "accept_paused",
              "datagrams_up", "datagrams_down", "sessions_created", "sessions_closed",
              "sessions_evicted", "sessions_expired", "drops", "truncated")
+assert len(_COUNTERS) == sizeof(counters_t) // sizeof(uint64_t)
 
 
 cdef int UDP_RCVBUF = 4 << 20
@@ -372,13 +374,14 @@ cdef class Engine:
     # -- observation -------------------------------------------------------------------------
     def counters(self, int rule_id):
         cdef rule_t* r = self._rule(rule_id)
+        cdef counters_t total
+        cdef uint64_t* sums = <uint64_t*>&total
         cdef uint64_t* block
-        cdef uint64_t sums[18]
         cdef int i, k
-        memset(sums, 0, sizeof(sums))
+        memset(&total, 0, sizeof(counters_t))
         for i in range(self._n):
             block = <uint64_t*>&r.per_worker[i].c
-            for k in range(18):
+            for k in range(<int>(sizeof(counters_t) // sizeof(uint64_t))):
                 sums[k] += ff_load_u64(&block[k])
         raw = {name: sums[k] for k, name in enumerate(_COUNTERS)}
         return {
@@ -386,7 +389,8 @@ cdef class Engine:
             "refused": raw["refused"], "connect_failed": raw["connect_failed"],
             "bytes_up": raw["bytes_up"], "bytes_down": raw["bytes_down"],
             "bytes_spliced": raw["bytes_spliced"], "bytes_copied": raw["bytes_copied"],
-            "splice_fallbacks": raw["splice_fallbacks"], "accept_paused": raw["accept_paused"],
+            "splice_fallbacks": raw["splice_fallbacks"], "pipe_shortages": raw["pipe_shortages"],
+            "accept_paused": raw["accept_paused"],
             "datagrams_up": raw["datagrams_up"], "datagrams_down": raw["datagrams_down"],
             "sessions_active": raw["sessions_created"] - raw["sessions_closed"],
             "sessions_created": raw["sessions_created"], "sessions_evicted": raw["sessions_evicted"],

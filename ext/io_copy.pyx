@@ -1,6 +1,15 @@
 # Buffered copy: recv into a pooled buffer, send it on. Cheaper than splice for short
 # exchanges; a direction in "auto" mode is promoted to splice once it has moved enough.
 
+
+cdef inline uint64_t splice_from(rconf_t* conf, half_t* h) noexcept nogil:
+    """How many bytes a direction copies before it splices (UINT64_MAX: it never does)."""
+    if conf.splice_mode == SPLICE_NEVER:
+        return UINT64_MAX
+    if conf.splice_mode == SPLICE_AUTO:
+        return max(conf.splice_threshold, h.copy_until)
+    return h.copy_until
+
 cdef int copy_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil:
     cdef half_t* h = &c.half[d]
     cdef int src = c.fd[d]
@@ -9,6 +18,7 @@ cdef int copy_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil
     cdef ssize_t n
     cdef int rc
     cdef size_t want
+    cdef uint64_t switch_at
     while True:
         if h.off < h.len:
             if not c.wr[1 - d]:
@@ -26,16 +36,15 @@ cdef int copy_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil
             h.off = h.len = 0
         if h.eof or not c.rd[d]:
             return MOVE_BLOCKED
-        if rw.conf.splice_mode == SPLICE_AUTO and not h.nosplice and h.moved >= rw.conf.splice_threshold:
+        switch_at = splice_from(rw.conf, h)
+        if h.moved >= switch_at:
             h.splicing = 1
             return MOVE_SWITCH
         h.buf = buf_take(&w.pool)
         if h.buf == NULL:
             return MOVE_RESET
-        want = <size_t>w.pool.buf_size
-        if rw.conf.splice_mode == SPLICE_AUTO and not h.nosplice:
-            # Copy exactly up to the threshold, so the promotion point is the same for all.
-            want = min(want, <size_t>(rw.conf.splice_threshold - h.moved))
+        # Copy exactly up to the switch, so the promotion point is the same for all.
+        want = <size_t>min(<uint64_t>w.pool.buf_size, switch_at - h.moved)
         n = recv(src, h.buf, want, MSG_DONTWAIT)
         if n > 0:
             h.off = 0

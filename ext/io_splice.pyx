@@ -1,5 +1,6 @@
 # Zero copy: socket -> pipe -> socket with splice(2). The pipe is borrowed from the worker's
-# pool for as long as it holds data. EINVAL/ENOSYS (no splice for this pair) falls back to copy.
+# pool for as long as it holds data. EINVAL/ENOSYS (no splice for this pair) falls back to copy
+# for good; no pipe to be had (out of fds) falls back for a while, then splice is tried again.
 
 cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil:
     cdef half_t* h = &c.half[d]
@@ -26,7 +27,8 @@ cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nog
             return MOVE_BLOCKED
         h.pipe = pipe_take(&w.pool)
         if h.pipe == NULL:
-            return _fall_back(rw, h)
+            rw.c.pipe_shortages += 1
+            return _copy_until(h, h.moved + PIPE_RETRY_BYTES)
         # The pipe is empty here, so its size bounds the length: no overflow, no short pipe.
         n = splice(src, NULL, h.pipe.w, NULL, <size_t>h.pipe.size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         if n > 0:
@@ -39,13 +41,14 @@ cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nog
         elif errno == EINVAL or errno == ENOSYS:
             pipe_give(&w.pool, h.pipe)
             h.pipe = NULL
-            return _fall_back(rw, h)
+            rw.c.splice_fallbacks += 1
+            return _copy_until(h, UINT64_MAX)
         elif errno != EINTR:
             return MOVE_RESET
 
 
-cdef int _fall_back(rule_worker_t* rw, half_t* h) noexcept nogil:
-    rw.c.splice_fallbacks += 1
+cdef inline int _copy_until(half_t* h, uint64_t moved) noexcept nogil:
+    # Set before switching, or "auto" and "always" would promote the copy straight back.
+    h.copy_until = moved
     h.splicing = 0
-    h.nosplice = 1          # for good: "auto" would promote it straight back
     return MOVE_SWITCH

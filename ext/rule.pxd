@@ -40,6 +40,7 @@ ctypedef struct counters_t:
     uint64_t bytes_spliced
     uint64_t bytes_copied
     uint64_t splice_fallbacks
+    uint64_t pipe_shortages
     uint64_t accept_paused
     uint64_t datagrams_up
     uint64_t datagrams_down

@@ -1,6 +1,6 @@
 # System-call and libc declarations used by the data plane. Python.h defines _GNU_SOURCE,
 # so splice, accept4, recvmmsg and sendmmsg are visible.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, UINT64_MAX
 
 
 cdef extern from "<errno.h>" nogil:

@@ -13,17 +13,19 @@ cdef enum:
     MOVE_RESET = 3          # a leg failed: reset both
     MOVE_ON = 4             # (within a strategy) carry on moving
 
+    PIPE_RETRY_BYTES = 1024 * 1024  # copied after a pipe shortage before splice is tried again
+
 # One direction: bytes read from leg d and written to leg 1-d. Data in flight sits either in a
 # pipe (splice) or in a buffer (copy), both borrowed from the worker's pool.
 ctypedef struct half_t:
     pipe_t* pipe
     char* buf
     uint64_t moved          # bytes delivered so far (promotion to splice)
+    uint64_t copy_until     # copy at least until `moved` reaches this; UINT64_MAX: for good
     uint32_t pipe_bytes
     uint32_t off
     uint32_t len
     uint8_t splicing
-    uint8_t nosplice        # splice failed on this direction: copy from now on
     uint8_t eof             # the source sent FIN and everything was read
     uint8_t done            # the FIN was passed on with shutdown(SHUT_WR)
 

@@ -42,6 +42,7 @@ class Counters:
     bytes_spliced: int = 0
     bytes_copied: int = 0
     splice_fallbacks: int = 0
+    pipe_shortages: int = 0
     accept_paused: int = 0
     datagrams_up: int = 0
     datagrams_down: int = 0

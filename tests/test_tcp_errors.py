@@ -197,3 +197,54 @@ def test_fd_exhaustion_refuses_extra_keeps_existing_and_recovers() -> None:
         wait_for(served, timeout=TIMEOUT, interval=0.2, what="service to resume")
         assert child.proc.poll() is None, "the forwarder exited"
     assert child.proc.returncode == 0
+
+
+def echo_all(socks: list[socket.socket], size: int, seed: int) -> None:
+    """Send ``size`` bytes on every socket at once, each reading its echo back in full."""
+    def one(i: int, sock: socket.socket) -> bool:
+        data = payload(size, seed=seed + i)
+        sender = spawn(sock.sendall, data)
+        got = recv_exact(sock, size)
+        sender.result()
+        return got == data
+    tasks = [spawn(one, i, sock) for i, sock in enumerate(socks)]
+    assert all(task.result(60) for task in tasks), "an echo came back different"
+
+
+def test_pipe_shortage_copies_for_a_while_then_splices_again() -> None:
+    # Out of fds, a direction that needs a pipe copies instead and loses nothing; once fds
+    # are back it splices again, rather than copying for the rest of the connection.
+    with TcpServer(echo_handler) as server, \
+            ChildForwarder.start([(spec(server.port), "tcp", {"splice": "always"})], nofile=NOFILE,
+                                 workers=1) as child:
+        port = child.ports[0]
+        busy = [connect(port) for _ in range(4)]
+        fillers: list[socket.socket] = []
+        try:
+            for i, sock in enumerate(busy):
+                assert echo_once(sock, b"busy %d" % i) == b"busy %d" % i
+            for i in range(NOFILE):  # take every fd the forwarder has left
+                sock, outcome = try_echo(port, b"filler %d" % i)
+                if sock is None:
+                    break
+                fillers.append(sock)
+            assert outcome in ("eof", "reset"), f"filler {len(fillers)} beyond the limit was {outcome}"
+
+            echo_all(busy, 4 * MB, seed=10)  # eight directions want a pipe at once: few get one
+            (exhausted,) = child.counters()
+            assert exhausted["pipe_shortages"] >= 1, exhausted
+            assert exhausted["splice_fallbacks"] == 0, exhausted
+
+            for sock in fillers:
+                sock.close()
+            fillers.clear()
+            wait_for(lambda: child.counters()[0]["active"] == len(busy), what="the fillers to close")
+            echo_all(busy, 32 * MB, seed=20)
+            (after,) = child.counters()
+            copied = after["bytes_copied"] - exhausted["bytes_copied"]
+            # each direction copies at most its retry allowance (1 MiB) before splicing again
+            assert copied <= 2 * len(busy) * MB, after
+            assert after["bytes_spliced"] - exhausted["bytes_spliced"] >= 2 * len(busy) * 31 * MB, after
+        finally:
+            for sock in busy + fillers:
+                sock.close()
