@@ -44,6 +44,30 @@ def test_setup_and_destroy_of_a_similarly_named_bridge_leave_the_other_table(br:
     assert br.sh("nft", "list", "ruleset").strip() == ""
 
 
+def _tables(br: Bridge) -> set[str]:
+    return {line.removeprefix("table ") for line in br.sh("nft", "list", "tables").splitlines()}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_destroy_removes_our_table_left_under_the_name_before_bridges_got_their_own(br: Bridge) -> None:
+    # What setup of br_vms made before table names told '-', '_' and '.' apart: the record,
+    # and its table under the name br-vms now has.
+    br("setup", "br_vms", "--address", "10.254.254.1/24", "--no-dhcp")
+    br.sh("nft", f"delete table inet {firewall.table_name('br_vms')}")
+    br.sh("nft", 'add table inet fastfwd_br_vms { comment "made by fastfwd-bridge for br_vms"; }')
+    br.sh("nft", "add table inet theirs")
+    assert "removed nftables table inet fastfwd_br_vms" in br("destroy", "br_vms").stdout
+    assert _tables(br) == {"inet theirs"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_destroy_leaves_a_table_under_the_old_name_that_is_not_ours(br: Bridge) -> None:
+    br("setup", "br_vms", "--address", "10.254.254.1/24", "--no-dhcp")
+    br.sh("nft", "add table inet fastfwd_br_vms")  # someone else's: it does not say it is ours
+    br("destroy", "br_vms")
+    assert _tables(br) == {"inet fastfwd_br_vms"}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 def test_destroy_removes_every_address_setup_added_to_a_bridge_it_found(br: Bridge) -> None:
     br.sh("ip", "link", "add", "br-vms", "type", "bridge")  # the host's own bridge

@@ -175,8 +175,8 @@ def destroy(bridge: str, state_dir: Path | None = None) -> list[str]:
     pidfile = next((f for f in made.files if f.endswith(".dnsmasq.pid")), None)
     if made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid, pidfile=pidfile):
         done.append(f"stopped dnsmasq (pid {made.dnsmasq_pid})")
-    if made.firewall and firewall.remove(bridge):
-        done.append(f"removed nftables table inet {firewall.table_name(bridge)}")
+    if made.firewall:
+        done.extend(f"removed nftables table inet {name}" for name in firewall.remove(bridge))
     if made.ip_forward_was is not None:
         sysctl.write(IP_FORWARD, made.ip_forward_was)
         done.append(f"restored {IP_FORWARD} = {made.ip_forward_was}")

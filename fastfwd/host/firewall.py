@@ -28,14 +28,25 @@ from typing import Any
 
 
 def table_name(bridge: str) -> str:
-    # nft identifiers take letters, digits and '_' (interface names may also have '-' and '.').
-    name = "fastfwd_" + re.sub(r"[^A-Za-z0-9_]", "_", bridge)
+    name = _old_table_name(bridge)
     if re.fullmatch(r"[A-Za-z0-9-]+", bridge):
         return name
     # '-' becomes '_', so br-vms, br_vms and br.vms would share one table, and setting up or
     # destroying one bridge would replace or delete another's: a name with '_' or '.' gets
     # a digest of itself too.
     return f"{name}_{hashlib.sha256(bridge.encode()).hexdigest()[:8]}"
+
+
+def _old_table_name(bridge: str) -> str:
+    """The name every bridge's table had before :func:`table_name` told '-', '_' and '.' apart."""
+    # nft identifiers take letters, digits and '_' (interface names may also have '-' and '.').
+    return "fastfwd_" + re.sub(r"[^A-Za-z0-9_]", "_", bridge)
+
+
+def _comment(bridge: str) -> str:
+    """Our table's comment line, as ``nft list`` prints it too: what tells a table under the
+    old name apart from the table another bridge has under that name now."""
+    return f'comment "made by fastfwd-bridge for {bridge}"'
 
 
 def ruleset(bridge: str, subnet: ipaddress.IPv4Network, *, nat: bool = True) -> str:
@@ -47,7 +58,7 @@ def ruleset(bridge: str, subnet: ipaddress.IPv4Network, *, nat: bool = True) -> 
     return f"""table {table}
 delete table {table}
 table {table} {{
-  comment "made by fastfwd-bridge for {bridge}"
+  {_comment(bridge)}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     {masquerade}
@@ -78,9 +89,16 @@ def apply(bridge: str, subnet: ipaddress.IPv4Network, *, nat: bool = True) -> No
         raise RuntimeError(f"nft refused our table: {done.stderr.strip()}")
 
 
-def remove(bridge: str) -> bool:
-    """Delete our table; False if it was not there."""
-    return _nft("delete", "table", "inet", table_name(bridge)).returncode == 0
+def remove(bridge: str) -> list[str]:
+    """Delete our table, and the one an earlier version made under the old name if its
+    comment says it is this bridge's; returns the names deleted."""
+    names = [table_name(bridge)]
+    old = _old_table_name(bridge)
+    if old != names[0]:
+        listed = _nft("list", "table", "inet", old)
+        if listed.returncode == 0 and _comment(bridge) in map(str.strip, listed.stdout.splitlines()):
+            names.append(old)
+    return [name for name in names if _nft("delete", "table", "inet", name).returncode == 0]
 
 
 @dataclass(frozen=True)
