@@ -16,7 +16,8 @@ guest was told to use; a sighting is only what answered on the bridge, and may b
 The table persists to one JSON file in the state directory: written to a temporary file,
 fsynced, renamed over the old one, and the directory fsynced, so a crash leaves either the
 old or the new file. With a ``save_delay``, changes are saved together at most that long
-after the first of them (a crash loses at most that window); ``flush`` saves at once. A
+after the first of them (a crash loses at most that window); a timed save that fails is
+retried by itself, at intervals doubling up to ``SAVE_RETRY_MAX``; ``flush`` saves at once. A
 file that fails its checksum or does not parse is rejected whole (moved aside to
 ``leases.json.corrupt``) and the table starts empty: a damaged file cannot say which of its
 entries are still true. Entries of an intact file that fail validation are skipped one by
@@ -59,6 +60,8 @@ STATE_FILE = "leases.json"
 _STATE_VERSION = 1
 #: A state file larger than this is not lease data (tens of thousands of leases fit easily).
 _STATE_MAX_BYTES = 64 << 20
+#: The longest wait, in seconds, between retries of a timed save that keeps failing.
+SAVE_RETRY_MAX = 30.0
 
 _MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -200,6 +203,9 @@ class LeaseTable:
         self.save_delay = save_delay
         self._unsaved = False
         self._save_timer: asyncio.TimerHandle | None = None
+        self._save_failing = False  # so that a streak of failed saves is logged once
+        #: The wait before the next retry of a failed timed save; 0 while saves succeed.
+        self._retry_delay = 0.0
 
     # -- reading -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -293,10 +299,7 @@ class LeaseTable:
             if not self.save_delay:
                 self.flush()
             elif self._save_timer is None:
-                # Imported here: the DHCP hook reads this module and must start without asyncio.
-                import asyncio
-
-                self._save_timer = asyncio.get_running_loop().call_later(self.save_delay, self.flush)
+                self._save_later(self.save_delay)
         return changes
 
     # -- persistence -------------------------------------------------------------------------
@@ -307,12 +310,38 @@ class LeaseTable:
         if self._save_timer is not None:
             self._save_timer.cancel()
             self._save_timer = None
-        if not self._unsaved:
-            return
+        if self._unsaved:
+            self._try_save()
+
+    def _save_later(self, delay: float) -> None:
+        # Imported here: the DHCP hook reads this module and must start without asyncio.
+        import asyncio
+
+        self._save_timer = asyncio.get_running_loop().call_later(delay, self._timed_save)
+
+    def _timed_save(self) -> None:
+        self._save_timer = None
+        if self._unsaved and not self._try_save():
+            # Retried by itself: no further change or stop may come for days, and the file
+            # would stay behind the table all that time.
+            self._retry_delay = min(max(2 * self._retry_delay, self.save_delay), SAVE_RETRY_MAX)
+            self._save_later(self._retry_delay)
+
+    def _try_save(self) -> bool:
+        """Save; of a streak of failures only the first is logged (a retry fails the same way)."""
         try:
             self.save()
         except OSError as exc:
-            log.error("cannot save leases to %s: %s; they are kept in memory", self.state_file, exc)
+            if not self._save_failing:
+                log.error("cannot save leases to %s: %s; they are kept in memory until a save "
+                          "succeeds", self.state_file, exc)
+                self._save_failing = True
+            return False
+        if self._save_failing:
+            log.info("leases saved to %s again", self.state_file)
+            self._save_failing = False
+        self._retry_delay = 0.0
+        return True
 
     def save(self) -> None:
         """Write the table to ``state_file`` atomically (temp file, fsync, rename, fsync dir)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import signal
 import subprocess
@@ -495,6 +496,37 @@ def test_a_state_file_that_cannot_be_written_does_not_stop_the_change(
     (tmp_path / "file").unlink()  # the disk is writable again: the next flush saves what was missed
     table.flush()
     assert list(LeaseTable.restore(tmp_path / "file" / STATE_FILE)) == [lease(A, "10.0.0.1")]
+
+
+def test_a_timed_save_that_fails_is_retried_until_it_succeeds(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fastfwd.leases")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")  # the state file's directory cannot be made, even by root
+    state = blocker / STATE_FILE
+
+    async def run() -> None:
+        table = LeaseTable(state_file=state, save_delay=0.01)
+        attempts = []
+        save = table.save
+        table.save = lambda: (attempts.append(1), save())[1]  # type: ignore[method-assign]
+        table.apply_event("add", lease(A, "10.0.0.1"))
+        for _ in range(1000):  # bounded: 20 s
+            if len(attempts) >= 3:
+                break
+            await asyncio.sleep(0.02)
+        assert len(attempts) >= 3 and not state.exists()
+        blocker.unlink()  # the disk is writable again; no further change comes
+        for _ in range(1000):
+            if state.exists():
+                break
+            await asyncio.sleep(0.02)
+        table.flush()  # cancels any timer left, so none outlives the loop
+    asyncio.run(run())
+    assert list(LeaseTable.restore(state)) == [lease(A, "10.0.0.1")]
+    failures = [r for r in caplog.records if "cannot save leases" in r.getMessage()]
+    assert len(failures) == 1  # one line for the streak, not one per retry
+    assert f"leases saved to {state} again" in caplog.text
 
 
 def test_leases_are_validated_and_normalized_however_they_are_made() -> None:
