@@ -23,6 +23,14 @@ log = logging.getLogger("fastfwd")
 _GAUGES = {"active": "TCP connections open now", "sessions_active": "UDP sessions open now"}
 _LABELS = ["rule", "proto", "listen", "target"]
 
+#: HTTP connections open at once, at most: each holds an fd and a task of the daemon, and a
+#: flood of connections must not use up the fds the forwarding needs.
+MAX_CONNECTIONS = 16
+#: How long a client may take to send its request (a scraper sends it at once).
+REQUEST_TIMEOUT = 5.0
+#: How long a whole exchange may take: a scraper that stops reading goes too.
+EXCHANGE_TIMEOUT = 10.0
+
 
 class RuleCollector:
     """A prometheus-client collector over a running Forwarder's rules."""
@@ -60,12 +68,29 @@ def render(fw: Forwarder) -> bytes:
 
 async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
     """A minimal HTTP/1.0 endpoint answering every GET with the metrics (on the event loop,
-    so a scrape never races a rule change)."""
+    so a scrape never races a rule change). At most ``MAX_CONNECTIONS`` are open at once; a
+    connection past that closes the oldest one still waiting for its request, so idle clients
+    cannot keep a scraper out (and only if every one is being answered, it is closed itself)."""
+    waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first
+    answering: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(waiting) + len(answering) >= MAX_CONNECTIONS:
+            if not waiting:
+                writer.transport.abort()
+                return
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            oldest.transport.abort()
+        waiting[writer] = None
         try:
-            async with asyncio.timeout(10):  # the whole exchange: a scraper that stops reading goes too
-                request = await reader.readuntil(b"\r\n\r\n")
+            async with asyncio.timeout(EXCHANGE_TIMEOUT):
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    request = await reader.readuntil(b"\r\n\r\n")
+                if writer not in waiting:
+                    return  # its request came, but a newer connection had closed it already
+                del waiting[writer]
+                answering.add(writer)
                 if request.startswith(b"GET "):
                     body = render(fw)
                     head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
@@ -77,6 +102,8 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a client that hangs up or talks nonsense just goes away
         finally:
+            waiting.pop(writer, None)
+            answering.discard(writer)
             writer.close()
 
     server = await asyncio.start_server(handle, host.strip("[]"), port)

@@ -1,0 +1,101 @@
+"""The metrics HTTP endpoint (``[control] metrics_listen``) under a flood of idle connections:
+its fds stay bounded, forwarding goes on, and a scraper still gets through."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fastfwd import metrics
+
+from helpers_control import EchoServer, daemon, echo_roundtrip, free_port, wait_until
+
+pytest.importorskip("fastfwd._engine", reason="the data-plane engine is not built")
+import fastfwd  # noqa: E402
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def idle_connection(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setblocking(False)  # for closed_by_server: a socket with a timeout waits in recv
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Has the server closed this idle connection (it never sends it anything)?"""
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_past_the_cap_make_room_so_a_scrape_gets_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    uvloop = pytest.importorskip("uvloop")  # as the daemon runs
+    # Only the cap may close a connection here, never a timeout.
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 3600.0)
+    monkeypatch.setattr(metrics, "EXCHANGE_TIMEOUT", 3600.0)
+    cap, extra = metrics.MAX_CONNECTIONS, 5
+
+    def flood(forward_port: int, metrics_port: int) -> None:
+        junk = [idle_connection(metrics_port) for _ in range(cap + extra)]
+        try:
+            wait_until(lambda: sum(map(closed_by_server, junk)) >= extra, what="idle connections closed")
+            assert [closed_by_server(s) for s in junk] == [True] * extra + [False] * cap  # the oldest go
+            assert "fastfwd_accepted_total" in scrape(metrics_port)  # while idle ones fill the cap
+            assert echo_roundtrip(forward_port)
+        finally:
+            for s in junk:
+                s.close()
+        assert "fastfwd_accepted_total" in scrape(metrics_port)
+
+    async def main(echo: EchoServer) -> None:
+        async with fastfwd.Forwarder(workers=1) as fw:
+            rule = await fw.add(fastfwd.Rule.parse(f"0:127.0.0.1:{echo.port}", "tcp"))
+            server = await metrics.serve_http(fw, "127.0.0.1", 0)
+            try:
+                await asyncio.to_thread(flood, rule.port, server.sockets[0].getsockname()[1])
+            finally:
+                server.close()
+                await server.wait_closed()
+
+    with contextlib.closing(EchoServer()) as echo:
+        uvloop.run(asyncio.wait_for(main(echo), 60))
+
+
+def test_a_flood_of_idle_connections_cannot_use_up_the_daemons_fds(tmp_path: Path) -> None:
+    port, mport = free_port(), free_port()
+    with contextlib.closing(EchoServer()) as echo:
+        (tmp_path / "f.toml").write_text(f'[[forward]]\nname = "web"\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'
+                                         f'[control]\nmetrics_listen = "127.0.0.1:{mport}"\n')
+        with daemon(tmp_path, "-c", "f.toml") as proc:
+            # Beyond what it has open now: room for the cap, a burst of connections queued for
+            # accept (backlog 100) and forwarding, and only half the flood.
+            room = 256
+            limit = len(os.listdir(f"/proc/{proc.proc.pid}/fd")) + room
+            resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+            junk: list[socket.socket] = []
+            try:
+                for _ in range(2 * room):
+                    try:
+                        junk.append(socket.create_connection(("127.0.0.1", mport), timeout=2))
+                    except OSError:
+                        break  # the daemon stopped accepting: its fds ran out
+                assert echo_roundtrip(port), "the flood stopped forwarding"
+                assert 'rule="web"' in scrape(mport)
+            finally:
+                for s in junk:
+                    s.close()
+            assert "fastfwd_accepted_total{listen" in scrape(mport)
