@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +62,8 @@ class Figure:
     setting: str = ""
     #: How many leading columns get ratios to the direct path and the best peer.
     compared: int = 1
+    #: Programs it runs besides the bench's own (checked before a run starts).
+    needs: tuple[str, ...] = ()
 
     @property
     def headline(self) -> Column:
@@ -104,11 +108,26 @@ def _per(cpu: float | None, amount: float, scale: float) -> float | None:
     return cpu / amount * scale if cpu is not None and amount else None
 
 
+def _bulk(argv: list[str], running: Running) -> Metrics:
+    res, cpu, cores = windowed(argv, running)
+    return {"gbit_s": res["gbit_s"], "cpu_s_per_gb": _per(cpu, res["bytes"], 1e9), "cores": cores}
+
+
 def tcp_bulk(streams: int) -> Callable[[Settings, Subject, Running], Metrics]:
     def measure(s: Settings, subject: Subject, running: Running) -> Metrics:
-        res, cpu, cores = windowed([tool("bulk"), "recv", HOST, str(subject.port(backends.BULK)),
-                                    str(streams), str(s.warmup), str(s.seconds)], running)
-        return {"gbit_s": res["gbit_s"], "cpu_s_per_gb": _per(cpu, res["bytes"], 1e9), "cores": cores}
+        return _bulk([tool("bulk"), "recv", HOST, str(subject.port(backends.BULK)),
+                      str(streams), str(s.warmup), str(s.seconds)], running)
+    return measure
+
+
+IPERF_WINDOW = str(Path(__file__).with_name("iperf_window.py"))
+
+
+def iperf3_bulk(streams: int) -> Callable[[Settings, Subject, Running], Metrics]:
+    def measure(s: Settings, subject: Subject, running: Running) -> Metrics:
+        # iperf3 counts whole seconds, and opens its window only after at least one of warm-up.
+        return _bulk([sys.executable, IPERF_WINDOW, HOST, str(subject.port(backends.IPERF3)), str(streams),
+                      str(max(1, math.ceil(s.warmup))), str(math.ceil(s.seconds))], running)
     return measure
 
 
@@ -181,6 +200,9 @@ DELIVERED = (Column("delivered_s", "delivered/s", True), Column("loss", "loss"),
 FIGURES: tuple[Figure, ...] = (
     Figure("tcp1", "TCP bulk, 1 stream", "tcp", (GBIT, CPU_GB, CORES), tcp_bulk(1)),
     Figure("tcp8", "TCP bulk, 8 streams", "tcp", (GBIT, CPU_GB, CORES), tcp_bulk(8)),
+    # The bar's 8-stream figures were measured this way: one client thread drives all 8 streams.
+    Figure("tcp8_iperf3", "TCP bulk, 8 streams (iperf3 -P 8: single-threaded client)", "tcp",
+           (GBIT, CPU_GB, CORES), iperf3_bulk(8), needs=("iperf3",)),
     Figure("conns", "TCP connections/s (connect, 64 B echo, close)", "tcp",
            (Column("conns_s", "conns/s", True), P50, P99,
             Column("cpu_us_per_conn", "fwd CPU µs/conn", False), CORES),

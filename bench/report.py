@@ -159,8 +159,14 @@ def bar_table(results: dict) -> list[str]:
     rows = [
         ("TCP 1 stream ≥ 0.75× direct", lambda s: _check(_vs_direct(results, "tcp1", s, "gbit_s"), 0.75, True)),
         ("TCP 1 stream ≤ 0.25 CPU-s/GB", lambda s: _check(_median(results, "tcp1", s, "cpu_s_per_gb"), 0.25, False, "")),
-        ("TCP 8 streams ≥ 0.73× direct", lambda s: _check(_vs_direct(results, "tcp8", s, "gbit_s"), 0.73, True)),
-        ("TCP 8 streams ≤ 0.25 CPU-s/GB", lambda s: _check(_median(results, "tcp8", s, "cpu_s_per_gb"), 0.25, False, "")),
+        ("TCP 8 streams (bench client) ≥ 0.73× direct",
+         lambda s: _check(_vs_direct(results, "tcp8", s, "gbit_s"), 0.73, True)),
+        ("TCP 8 streams (bench client) ≤ 0.25 CPU-s/GB",
+         lambda s: _check(_median(results, "tcp8", s, "cpu_s_per_gb"), 0.25, False, "")),
+        ("TCP 8 streams (iperf3 -P 8) ≥ 0.73× direct",
+         lambda s: _check(_vs_direct(results, "tcp8_iperf3", s, "gbit_s"), 0.73, True)),
+        ("TCP 8 streams (iperf3 -P 8) ≤ 0.25 CPU-s/GB",
+         lambda s: _check(_median(results, "tcp8_iperf3", s, "cpu_s_per_gb"), 0.25, False, "")),
         ("conns/s ≥ best peer", lambda s: _check(_vs_peer(results, "conns", s, Column("conns_s", "", True)), 1.0, True)),
         ("conns p99 ≤ that peer's", lambda s: _check(_p99_vs_conn_peer(results, s), 1.0, False)),
         ("TCP round trip p50 ≤ 2.4× direct", lambda s: _check(_vs_direct(results, "rtt_tcp", s, "p50_us"), 2.4, False)),
@@ -184,6 +190,10 @@ def bar_table(results: dict) -> list[str]:
              "| bar | " + " | ".join(results["subjects"][n]["label"] for n in names) + " |",
              "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(check(n) for n in names) + " |" for label, check in rows]
+    lines += ["", ("The bar's bracketed 8-stream figures (C reference 0.73×, best peer 0.67-0.72×) were measured "
+                   "with iperf3 3.12 -P 8, whose one client thread drives all 8 streams and caps the direct path: "
+                   "the iperf3 rows. The bench client runs a thread per stream, so its direct path is the box's "
+                   "limit (both cores busy).")]
     control = results.get("control", {})
     checks = [f"{label}: {_check(statistics.median(control[key]), CONTROL_BAR_MS[key], False, ' ms')} "
               f"(bar < {fmt(CONTROL_BAR_MS[key])} ms)" for key, (label, _) in CONTROL_LABELS.items() if key in control]

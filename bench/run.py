@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     subjects = [s for s in SUBJECTS if chosen is None or s.name in chosen]
     figure_names = _names(args.figures, {**FIGURES_BY_NAME, CONTROL: None}, "figures") or \
         [*FIGURES_BY_NAME, CONTROL]
+    needed = {(tool, name) for name in figure_names if name != CONTROL for tool in FIGURES_BY_NAME[name].needs}
+    missing = sorted((tool, name) for tool, name in needed if shutil.which(tool) is None)
+    if missing:
+        raise SystemExit("not installed: " + ", ".join(f"{tool} (figure {name} runs it)" for tool, name in missing)
+                         + "; install it, or leave the figure out with --figures")
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     build()
     with tempfile.TemporaryDirectory(prefix="fastfwd-bench-") as tmp:
         scratch = Path(tmp)
-        servers = backends.start(scratch)
+        servers = backends.start(scratch, iperf3=any(tool == "iperf3" for tool, _ in needed))
         try:
             for name in figure_names:
                 if name == CONTROL:

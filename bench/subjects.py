@@ -30,6 +30,7 @@ Forward = tuple[str, int, int]
 FORWARDS: tuple[Forward, ...] = (
     ("tcp", backends.BULK + SHIFT, backends.BULK),
     ("tcp", backends.ECHO + SHIFT, backends.ECHO),
+    ("tcp", backends.IPERF3 + SHIFT, backends.IPERF3),
     ("udp", backends.ECHO + SHIFT, backends.ECHO),
     ("udp", backends.SINK + SHIFT, backends.SINK),
 )
@@ -184,7 +185,8 @@ def _rinetd(workdir: Path, forwards: Sequence[Forward]) -> list[list[str]]:
 
 
 TCP, BOTH = frozenset({"tcp"}), frozenset({"tcp", "udp"})
-BULK_ONLY, CONNS_ONLY, RTT_ONLY = frozenset({"tcp1", "tcp8"}), frozenset({"conns"}), frozenset({"rtt_tcp", "rtt_udp"})
+BULK_ONLY = frozenset({"tcp1", "tcp8", "tcp8_iperf3"})
+CONNS_ONLY, RTT_ONLY = frozenset({"conns"}), frozenset({"rtt_tcp", "rtt_udp"})
 
 
 def _fastfwd(splice: str, workers: int, *, sources: int = 0, busy_poll_us: int = 0,

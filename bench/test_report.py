@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .figures import BY_NAME
-from .report import best_peer, figure_table
+from .report import bar_table, best_peer, figure_table
 
 
 def results_with(runs: dict, failed: dict | None = None, repeats: int = 3) -> tuple[dict, dict]:
@@ -31,3 +31,15 @@ def test_best_peer_is_a_peer_in_the_right_direction() -> None:
             "socat": [{"gbit_s": 4.0}]}
     results, fig = results_with(runs)
     assert best_peer(fig, BY_NAME["tcp1"].columns[0], kinds) == ("nginx", 5.0)
+
+
+def test_the_bar_checks_8_streams_with_each_client() -> None:
+    results, _ = results_with({})
+    results["figures"] = {
+        "tcp8": {"runs": {"direct": [{"gbit_s": 50.0}], "fastfwd-auto-1w": [{"gbit_s": 20.0, "cpu_s_per_gb": 0.3}]}},
+        "tcp8_iperf3": {"runs": {"direct": [{"gbit_s": 26.0}],
+                                 "fastfwd-auto-1w": [{"gbit_s": 19.5, "cpu_s_per_gb": 0.2}]}}}
+    text = "\n".join(bar_table(results))
+    assert "| TCP 8 streams (bench client) ≥ 0.73× direct | 0.400× ❌ |" in text
+    assert "| TCP 8 streams (iperf3 -P 8) ≥ 0.73× direct | 0.750× ✅ |" in text
+    assert "| TCP 8 streams (iperf3 -P 8) ≤ 0.25 CPU-s/GB | 0.20 ✅ |" in text
