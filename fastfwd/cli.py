@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -180,20 +182,25 @@ def cli_rules(tcp: Sequence[str], udp: Sequence[str], options: RuleOptions | Non
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .daemon import DaemonError, Overrides, run_daemon
-
     options, busy_poll_us = _run_settings(args)
     rules = cli_rules(args.tcp, args.udp, options)
     if not rules and not args.config:
         raise UsageError("nothing to forward: give -c FILE and/or -t/-u SPEC (see fastfwd run --help)")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers: expected an integer >= 1, got {args.workers}")
+    # Until the daemon handles SIGHUP (a reload), its default action would kill the process,
+    # and a service manager may send one as soon as it started us: from here on, through the
+    # slow imports and the config load, one is recorded, and the daemon reloads once it is up.
+    early_hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: early_hup.set())
+    from .daemon import DaemonError, Overrides, run_daemon
+
     config = load_config(args.config) if args.config else Config(source="command line")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     overrides = Overrides(workers=args.workers, busy_poll_us=busy_poll_us, control_socket=args.control_socket,
                           lease_socket=args.lease_socket, state_dir=args.state_dir)
     try:
-        return run_daemon(config, args.config, rules, overrides)
+        return run_daemon(config, args.config, rules, overrides, early_hup)
     except DaemonError as exc:
         raise UsageError(str(exc)) from None
 

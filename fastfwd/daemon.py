@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import logging.handlers
 import signal
+import threading
 from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,11 +138,15 @@ class Daemon:
             self.fw = fw
             return fw
 
-    async def run(self) -> int:
-        """Serve until stopped by a signal. Returns the exit status."""
+    async def run(self, early_hup: threading.Event | None = None) -> int:
+        """Serve until stopped by a signal. Returns the exit status.
+
+        ``early_hup`` is set by a SIGHUP that came before this handles the signals itself (see
+        cli); the daemon reloads once it is up, as that SIGHUP asked."""
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         signals = {signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term, signal.SIGINT: self._on_int}
+        before = {sig: signal.getsignal(sig) for sig in signals}
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
         try:
@@ -152,6 +157,8 @@ class Daemon:
                 except BaseException:
                     await fw.close()
                     raise
+            if early_hup is not None and early_hup.is_set():
+                self._on_hup()  # before the watcher starts: this reload is the first applied
             tasks = [_background(self._watch(), "the config file watcher")] if self.path else []
             if self.config.sources.neighbours:
                 tasks.append(_background(self._watch_neighbours(), "the neighbour-table source"))
@@ -172,7 +179,9 @@ class Daemon:
         finally:
             self.leases.flush()  # however the run ends, what it learnt is on disk
             for sig in signals:
-                loop.remove_signal_handler(sig)
+                loop.remove_signal_handler(sig)  # which leaves the default action: put back the one before
+                if before[sig] is not None:
+                    signal.signal(sig, before[sig])
         return 0
 
     @property
@@ -217,9 +226,11 @@ class Daemon:
             self._draining.cancel()
 
     # -- reloading ----------------------------------------------------------------------------
-    async def reload(self, why: str = "reload") -> Diff | None:
+    async def reload(self, why: str = "reload", expect: str | None = None) -> Diff | None:
         """Re-read the config file and apply it as a diff. On any problem, log it and change
-        nothing (returns None)."""
+        nothing (returns None). ``expect`` is the fingerprint of the content the watcher saw
+        finished; a file that reads otherwise now is being written again, and is left to the
+        watcher to hand over once that write is finished too."""
         if self.path is None:
             log.info("%s: no config file, nothing to reload", why)
             return None
@@ -233,6 +244,9 @@ class Daemon:
                 for error in exc.errors:
                     log.error("%s: %s: %s", why, exc.source, error)
                 log.error("%s: %s rejected, rules unchanged", why, exc.source)
+                return None
+            if expect is not None and config.digest != expect:
+                log.info("%s: %s changed again while being read: waiting for it to be finished", why, self.path)
                 return None
             if (config.engine, self._control_settings(config), config.sources) != (
                     self.config.engine, self.control, self.config.sources):
@@ -260,8 +274,8 @@ class Daemon:
         assert self.path is not None
         # From the file the running rules came from: an edit saved while the daemon was
         # starting (after the file was read, before this watch) would otherwise never apply.
-        async for _ in watch_config(self.path, since=self.config.digest):
-            await self.reload("config changed")
+        async for digest in watch_config(self.path, since=self.config.digest):
+            await self.reload("config changed", expect=digest)
 
     # -- leases and names ---------------------------------------------------------------------
     async def leases_changed(self, changes: list[LeaseChange]) -> None:
@@ -422,6 +436,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def run_daemon(config: Config, config_path: str | Path | None, cli_rules: Iterable[Rule],
-               overrides: Overrides = Overrides()) -> int:
-    """Run the daemon on uvloop until a signal stops it; returns the exit status."""
-    return uvloop.run(Daemon(config, config_path, cli_rules, overrides).run())
+               overrides: Overrides = Overrides(), early_hup: threading.Event | None = None) -> int:
+    """Run the daemon on uvloop until a signal stops it; returns the exit status. See
+    ``Daemon.run`` for ``early_hup``."""
+    return uvloop.run(Daemon(config, config_path, cli_rules, overrides).run(early_hup))

@@ -6,11 +6,22 @@ a symlink; neither shows up as a write to the file itself. So the file's directo
 path now leads to differ from the last ones seen. Events make a reload prompt; a re-check
 every ``recheck_ms`` even without one catches what no event reported (a change made while the
 watch was being moved to a symlink's new directory).
+
+Content is handed over only once its writer has finished. A tool that rewrites the file in
+place (truncates it, then writes, maybe in several writes with pauses: ``cat > FILE``, an
+editor that keeps the inode, a deploy script) would otherwise be caught half way, and a
+truncated file that is still valid TOML, or an empty one (no rules), would be applied. So a
+change waits until no process has the file open for writing and two reads ``settle_ms``
+apart agree; while it keeps changing, the wait goes on and the later content wins.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +30,11 @@ from watchfiles import awatch
 from .config import content_digest
 
 log = logging.getLogger("fastfwd")
+
+#: Milliseconds the content must stay the same to count as finished. Where the kernel cannot
+#: tell whether the file is open for writing (see _open_for_writing), this alone decides, and
+#: a writer pausing longer between two writes is caught half way.
+SETTLE_MS = 150
 
 
 def fingerprint(path: Path) -> str | None:
@@ -30,8 +46,9 @@ def fingerprint(path: Path) -> str | None:
 
 
 async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 50,
-                       recheck_ms: int = 1000) -> AsyncIterator[None]:
-    """Yield once each time the content behind ``path`` changes. Runs until cancelled.
+                       recheck_ms: int = 1000, settle_ms: int = SETTLE_MS) -> AsyncIterator[str]:
+    """Yield the fingerprint of the content behind ``path`` each time it changes, once its
+    writer has finished. Runs until cancelled.
 
     ``since`` is the fingerprint of the content already in use (None: whatever the file
     holds now); a file that differs from it already yields at the first check."""
@@ -41,14 +58,67 @@ async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 5
         stop = asyncio.Event()
         async for _ in awatch(*dirs, watch_filter=None, recursive=False, step=step_ms, stop_event=stop,
                               rust_timeout=recheck_ms, yield_on_timeout=True):
-            now = fingerprint(path)
-            if now != last:
-                last = now
-                if now is not None:
-                    yield
+            if fingerprint(path) != last:
+                now = await _finished(path, settle_ms)
+                if now != last:
+                    last = now
+                    if now is not None:
+                        yield now
+                        # The consumer may read the file again (the daemon does) and find a new
+                        # write begun, applying nothing: what that write ends with is then handed
+                        # over too, even if it is this content again.
+                        if fingerprint(path) != last:
+                            last = None
             if _watched_dirs(path) != dirs:
                 stop.set()  # the symlink now points into another directory: watch that one instead
                 break
+
+
+async def _finished(path: Path, settle_ms: int) -> str | None:
+    """The fingerprint of what ``path`` holds once its writer is done: no process has it open
+    for writing, and it read the same ``settle_ms`` ago. None: missing or unreadable."""
+    _, seen = _look(path)
+    told = False
+    while True:
+        await asyncio.sleep(settle_ms / 1000)
+        writing, now = _look(path)
+        if not writing and now == seen:
+            return now
+        if writing and not told:  # a writer may hold it for long (cat > FILE): say why nothing happens
+            log.info("%s is open for writing: reloading once it is closed", path)
+            told = True
+        seen = now
+
+
+def _look(path: Path) -> tuple[bool, str | None]:
+    """(whether some process has ``path`` open for writing, its fingerprint), from one open."""
+    try:
+        # O_NONBLOCK: a file under another process's write lease refuses at once instead of
+        # blocking the event loop until that lease is broken.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.EWOULDBLOCK, None
+    with open(fd, "rb") as file:
+        try:
+            return _open_for_writing(fd), content_digest(file.read())
+        except OSError:
+            return False, None
+
+
+def _open_for_writing(fd: int) -> bool:
+    """Does any process have this file open for writing? The kernel refuses a read lease
+    (EAGAIN) exactly then; granted, it is dropped at once. Where leases are not allowed (not
+    the file's owner and no CAP_LEASE: EACCES; a filesystem without them: EINVAL) the answer
+    is no, and the settle time alone decides."""
+    # A writer opening the file while the lease is held makes the kernel signal the holder,
+    # SIGIO by default, whose default action kills the process; SIGURG is ignored by default.
+    fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
 
 
 def _watched_dirs(path: Path) -> tuple[str, ...]:

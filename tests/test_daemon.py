@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from fastfwd.config import load_config
+from fastfwd.config import Config, load_config
 from fastfwd.daemon import Daemon, Overrides, _background
 from fastfwd.leases import STATE_FILE, LeaseTable
+from fastfwd.rules import Rule
 from fastfwd.unixclient import call
 
 from helpers_control import (DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip, fastfwd, free_port,
-                             needs_engine, wait_until)
+                             needs_engine, short_dir, wait_until)
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
 
@@ -292,6 +293,95 @@ def test_sigint_stops_at_once(tmp_path: Path, echo: EchoServer) -> None:
         assert "draining" not in proc.log()
         assert not connects(port)
 
+
+def _daemon_reading_its_config(tmp_path: Path) -> tuple[DaemonProcess, int]:
+    """``fastfwd run -c f.toml`` caught inside its start: f.toml is a FIFO, so the daemon's read
+    of its config waits for the test to write it; returned with the FIFO's writing end."""
+    path = tmp_path / "f.toml"
+    os.mkfifo(path)
+    proc = DaemonProcess(tmp_path, "-c", "f.toml")
+    fifo: list[int] = []
+
+    def reader_came() -> bool:  # a FIFO opens for writing without waiting only once it has a reader
+        try:
+            fifo.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            assert proc.proc.poll() is None, proc.log()
+        return bool(fifo)
+    try:
+        wait_until(reader_came, what="the daemon to open its config")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, fifo[0]
+
+
+def test_a_sighup_while_the_daemon_starts_does_not_kill_it_and_reloads_once_up(
+        tmp_path: Path, echo: EchoServer) -> None:
+    """A service manager may send SIGHUP as soon as it started the daemon, before the daemon
+    handles it: the process must not die (the default action), and the reload it asked for
+    happens once the daemon is up."""
+    first, added = free_port(), free_port()
+    one = f'[[forward]]\nlisten = {first}\nto = "127.0.0.1:{echo.port}"\n'
+    two = f'[[forward]]\nlisten = {added}\nto = "127.0.0.1:{echo.port}"\n'
+    proc, fifo = _daemon_reading_its_config(tmp_path)
+    try:
+        # While the daemon reads one rule, the file is replaced by one with two, and SIGHUP asks
+        # for that to be loaded.
+        (tmp_path / "next.toml").write_text(one + two)
+        os.replace(tmp_path / "next.toml", tmp_path / "f.toml")
+        for _ in range(3):
+            proc.signal(signal.SIGHUP)
+        os.write(fifo, one.encode())
+        os.close(fifo)
+        proc.wait_log("SIGHUP: ")
+        assert "fastfwd started: 1 rule(s)" in proc.log()
+        assert "SIGHUP: f.toml applied: 1 added, 0 removed, 0 re-pointed, 0 reconfigured, 1 unchanged" in proc.log()
+        assert echo_roundtrip(first) and echo_roundtrip(added)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
+def test_a_stop_signal_while_the_daemon_starts_ends_it_leaving_nothing_behind(
+        tmp_path: Path, sig: int, status: int) -> None:
+    proc, fifo = _daemon_reading_its_config(tmp_path)
+    try:
+        proc.signal(sig)
+        assert proc.wait() == status
+    finally:
+        os.close(fifo)
+        proc.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["daemon.log", "f.toml"]
+
+def test_run_puts_back_the_signal_handlers_it_found(tmp_path: Path, echo: EchoServer) -> None:
+    """Once ``run`` is done, a SIGHUP finds the handler from before (the command's, which
+    records it), not the default action, which would kill the process on its way out."""
+    def found(*_: object) -> None:
+        pass
+
+    async def main() -> None:
+        with short_dir() as sockets:
+            d = Daemon(Config(), None, [Rule.parse(f"{free_port()}:127.0.0.1:{echo.port}", "tcp")], Overrides(
+                workers=1, state_dir=str(tmp_path / "state"), control_socket=str(sockets / "c.sock"),
+                lease_socket=str(sockets / "l.sock")))
+            run = asyncio.create_task(d.run())
+            for _ in range(200):
+                if d.rules or run.done():
+                    break
+                await asyncio.sleep(0.05)
+            d.stop()
+            assert await run == 0
+    before = signal.signal(signal.SIGHUP, found)
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+        assert signal.getsignal(signal.SIGHUP) is found
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 def test_socket_of_a_running_daemon_is_not_taken_over(tmp_path: Path, echo: EchoServer) -> None:
     with daemon(tmp_path, "-t", f"{free_port()}:127.0.0.1:{echo.port}"):

@@ -9,12 +9,14 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fastfwd.watcher import watch_config
+from fastfwd.unixclient import call
+from fastfwd.watcher import _open_for_writing, watch_config
 
 from helpers_control import (BAD_CONFIGS, DaemonProcess, EchoServer, UdpEcho, connects, daemon, echo_roundtrip,
                              free_port, needs_engine, udp_ask, wait_until)
@@ -96,6 +98,70 @@ def test_watcher_sees_a_swapped_directory_symlink(tmp_path: Path) -> None:
     assert asyncio.run(asyncio.wait_for(_changes(path, [(lambda: swap_symlink(tmp_path / "data", Path("v2")), 1)]), 30)) == [1]
 
 
+def needs_leases(path: Path) -> None:
+    """Skip unless the kernel tells the watcher whether ``path`` is open for writing (a file
+    lease): without, only the settle time decides, and a writer pausing longer is caught."""
+    with open(path, "ab"), open(path, "rb") as reader:
+        if not _open_for_writing(reader.fileno()):
+            pytest.skip("file leases are refused here: the watcher goes by the settle time alone")
+
+
+def test_the_lease_probe_sees_writers_and_where_not_allowed_says_no(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text("a = 1\n")
+    needs_leases(path)
+    with open(path, "rb") as reader:
+        assert not _open_for_writing(reader.fileno())
+        with open(path, "r+b"):
+            assert _open_for_writing(reader.fileno())
+            # Neither the file's owner nor holding CAP_LEASE: the lease is refused (EACCES),
+            # which must mean "cannot tell", not an error.
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setuid(65534)
+                    os._exit(0 if _open_for_writing(reader.fileno()) is False else 1)
+                finally:
+                    os._exit(2)
+            assert os.waitpid(pid, 0)[1] == 0
+        assert not _open_for_writing(reader.fileno())  # the lease taken is dropped at once: no writer waits
+
+
+def test_a_write_begun_while_the_consumer_handles_a_change_is_handed_over_even_if_the_same(
+        tmp_path: Path) -> None:
+    """The daemon reads the file again after the watcher saw it finished; if a new write has
+    begun by then, it applies nothing, so what that write ends with must come again."""
+    path = tmp_path / "f.toml"
+    path.write_text("a = 1\n")
+    needs_leases(path)
+
+    async def main() -> list[str]:
+        changes = watch_config(path)
+        first = asyncio.ensure_future(anext(changes))
+        await asyncio.sleep(0.4)  # the watch is up
+        write_atomic(path, "a = 2\n")
+        got = [await first]
+        begun = threading.Event()
+
+        def rewrite() -> None:  # in place, while the consumer still handles "a = 2"; ends the same
+            with open(path, "r+b") as writer:
+                writer.truncate(0)
+                writer.write(b"a =")
+                writer.flush()
+                begun.set()
+                time.sleep(0.5)
+                writer.write(b" 2\n")
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        await asyncio.to_thread(begun.wait, 10)
+        got.append(await anext(changes))
+        writer.join()
+        await changes.aclose()
+        return got
+    first, again = asyncio.run(asyncio.wait_for(main(), 30))
+    assert first == again == hashlib.sha256(b"a = 2\n").hexdigest()
+
+
 # -- reloads of a running daemon -------------------------------------------------------------------
 @pytest.fixture
 def echo() -> Iterator[EchoServer]:
@@ -138,6 +204,58 @@ def test_every_bad_config_is_rejected_by_a_running_daemon_and_old_rules_keep_for
             assert f"config changed: f.toml: {error}\n" in proc.log(), error
             assert echo_roundtrip(port, 64 * 1024), f"stopped forwarding after: {error}"
         assert " applied: " not in proc.log()
+
+
+def rule_ports(proc: DaemonProcess) -> list[int]:
+    reply = call(proc.control_socket, {"cmd": "status"})
+    assert reply["ok"], reply
+    return [rule["port"] for rule in reply["rules"]]
+
+
+def hold_forwarding(proc: DaemonProcess, port: int, rounds: int = 10) -> None:
+    """While a writer holds the config file half written: ``port`` keeps its rule and forwards."""
+    for _ in range(rounds):
+        assert port in rule_ports(proc), proc.log()
+        assert echo_roundtrip(port, 4096), proc.log()
+        time.sleep(0.1)
+
+
+@needs_engine
+def test_a_file_written_in_place_with_a_pause_applies_once_closed_and_never_half(
+        tmp_path: Path, echo: EchoServer) -> None:
+    keep, path = one_rule(tmp_path, echo.port)
+    needs_leases(path)
+    added = free_port()
+    # Its first half is valid on its own and lacks the rule that stays: applied, it would remove it.
+    first, rest = forward(added, f"127.0.0.1:{echo.port}"), forward(keep, f"127.0.0.1:{echo.port}")
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        with open(path, "r+b") as writer:
+            writer.truncate(0)
+            writer.write(first.encode())
+            writer.flush()
+            hold_forwarding(proc, keep)
+            writer.write(rest.encode())
+        proc.wait_log(" applied: ")
+        assert "config changed: f.toml applied: 1 added, 0 removed, 0 re-pointed, 0 reconfigured, 1 unchanged" \
+            in proc.log()
+        assert reloads(proc) == 1
+        assert echo_roundtrip(added) and echo_roundtrip(keep)
+
+
+@needs_engine
+def test_a_file_truncated_in_place_changes_nothing_until_closed_then_empty_removes_all(
+        tmp_path: Path, echo: EchoServer) -> None:
+    port, path = one_rule(tmp_path, echo.port)
+    needs_leases(path)
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        with open(path, "r+b") as writer:
+            writer.truncate(0)
+            hold_forwarding(proc, port)
+        # Closed empty: the user asked for no rules.
+        proc.wait_log(" applied: ")
+        assert "config changed: f.toml applied: 0 added, 1 removed" in proc.log()
+        wait_until(lambda: not connects(port), what="the removed rule's listener to close")
+        assert rule_ports(proc) == []
 
 
 @needs_engine
