@@ -27,6 +27,7 @@ from .control import ControlServer
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_names
+from .notify import notify, reloading
 from .rules import Rule, split_hostports
 from .unixserver import Access, JsonLineServer
 from .watcher import watch_config
@@ -166,7 +167,9 @@ class Daemon:
             log.info("fastfwd started: %d rule(s), %d worker(s)%s%s", len(fw.rules), fw.workers,
                      f", busy polling {busy_poll_us} us" if busy_poll_us else "",
                      f", watching {self.path}" if self.path else "")
+            notify("READY=1", f"STATUS=forwarding {len(fw.rules)} rule(s)")
             how = await self._stop
+            notify("STOPPING=1")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -234,6 +237,18 @@ class Daemon:
         if self.path is None:
             log.info("%s: no config file, nothing to reload", why)
             return None
+        # A service manager waiting on the reload (systemctl reload) hears when it is over,
+        # whether it applied or not.
+        if not self._stopping:
+            reloading()
+        try:
+            return await self._reload(why, expect)
+        finally:
+            if not self._stopping and self.fw is not None:
+                notify("READY=1", f"STATUS=forwarding {len(self.fw.rules)} rule(s)")
+
+    async def _reload(self, why: str, expect: str | None) -> Diff | None:
+        assert self.path is not None
         async with self._lock:
             if self.fw is None or self._stopping:
                 log.info("%s: not forwarding (start failed or stopping), nothing to reload", why)

@@ -1,0 +1,38 @@
+"""Readiness for a service manager: the ``sd_notify`` datagram protocol.
+
+When systemd starts the daemon as ``Type=notify`` it passes ``NOTIFY_SOCKET``; the daemon
+says ``READY=1`` once its rules forward, ``RELOADING=1`` and ``READY=1`` around a reload and
+``STOPPING=1`` when it begins to stop, so units ordered after it start only once its ports
+work. Without ``NOTIFY_SOCKET`` every call does nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+log = logging.getLogger("fastfwd")
+
+
+def notify(*fields: str) -> bool:
+    """Send ``fields`` (``KEY=value``) as one message. False when there is no service
+    manager to tell, or it could not be told (logged: a missing readiness message makes the
+    manager time the start out, so the reason must be findable)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    # A leading "@" names a socket in the abstract namespace.
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(fields).encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify the service manager at %s: %s", path, exc)
+        return False
+    return True
+
+
+def reloading() -> bool:
+    """``RELOADING=1``, stamped with the monotonic clock as the protocol asks."""
+    return notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")

@@ -1,0 +1,117 @@
+"""The daemon tells a service manager (``NOTIFY_SOCKET``, systemd's ``Type=notify``) when it
+forwards, reloads and stops; and the unit file shipped in scripts/ matches how it behaves."""
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastfwd.config import ControlSettings
+from fastfwd.notify import notify
+
+from helpers_control import EchoServer, daemon, echo_roundtrip, free_port, needs_engine, short_dir
+
+UNIT = Path(__file__).resolve().parent.parent / "scripts" / "fastfwd.service"
+
+
+class Manager:
+    """The service manager's end: a datagram socket collecting what the daemon says."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(20)
+
+    def next(self) -> dict[str, str]:
+        message = self.sock.recv(4096).decode()
+        return dict(line.split("=", 1) for line in message.split("\n"))
+
+
+@pytest.fixture
+def manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Manager]:
+    with short_dir() as d:
+        path = str(d / "notify")
+        m = Manager(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        try:
+            yield m
+        finally:
+            m.sock.close()
+
+
+def test_without_a_manager_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify("READY=1") is False
+
+
+def test_an_abstract_socket_is_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"fastfwd-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify("READY=1", "STATUS=up") is True
+        assert sock.recv(100) == b"READY=1\nSTATUS=up"
+
+
+def test_a_manager_that_is_gone_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody"))
+    assert notify("READY=1") is False
+
+
+@needs_engine
+@pytest.mark.timeout(60)
+def test_ready_once_forwarding_then_reloading_and_stopping(manager: Manager, tmp_path: Path) -> None:
+    echo = EchoServer()
+    port = free_port()
+    config = tmp_path / "fastfwd.toml"
+    config.write_text(f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n')
+    try:
+        with daemon(tmp_path, "-c", str(config)) as d:
+            ready = manager.next()
+            assert ready["READY"] == "1"
+            assert echo_roundtrip(port), "READY=1 came before the forward worked"
+
+            d.signal(signal.SIGHUP)
+            reloading = manager.next()
+            assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+            assert manager.next()["READY"] == "1"
+
+            d.signal(signal.SIGTERM)
+            assert manager.next()["STOPPING"] == "1"
+            assert d.wait() == 0
+    finally:
+        echo.close()
+
+
+def _unit() -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    unit.read(UNIT)
+    return unit
+
+
+def test_the_unit_waits_for_readiness_and_outlasts_the_drain() -> None:
+    service = _unit()["Service"]
+    assert service["Type"] == "notify"
+    assert service["ExecReload"].endswith("-HUP $MAINPID")
+    # SIGTERM drains for up to drain_deadline; systemd must not kill the drain half way.
+    assert float(service["TimeoutStopSec"]) > ControlSettings().drain_deadline
+    assert service["ExecStart"].split()[1] == "run"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_unit_file_is_valid(tmp_path: Path) -> None:
+    # verify insists that ExecStart's program exists: point it at one that does.
+    text = UNIT.read_text().replace(_unit()["Service"]["ExecStart"].split()[0], shutil.which("true") or "/bin/true")
+    (tmp_path / "fastfwd.service").write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "fastfwd.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
