@@ -1,4 +1,5 @@
-"""Config checks found missing in review: input that was accepted but should be an error."""
+"""Config input that looks plausible but is an error (host names that clash by case or are
+addresses, ports that are not ASCII digits), and the IPv4/IPv6 wildcard pair that is not."""
 from __future__ import annotations
 
 import socket

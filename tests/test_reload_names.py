@@ -1,4 +1,4 @@
-"""Reloads found wanting in review: re-pointing a rule to a name that the same file
+"""Reloads and target names: re-pointing a rule to a name that the same file
 introduces must not close the rule's listener (and reset the connections in its accept
 queue) while the name waits to be resolved."""
 from __future__ import annotations

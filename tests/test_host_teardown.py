@@ -1,5 +1,6 @@
-"""fastfwd-bridge found wanting in review: one bridge's setup or destroy must never touch the
-nftables table of another bridge, whatever the two are called."""
+"""fastfwd-bridge set-up and tear-down: one bridge's setup or destroy must never touch the
+nftables table of another bridge, whatever the two are called; destroy removes what setup
+made (addresses, tables under older names) and nothing that is not its own."""
 from __future__ import annotations
 
 import hashlib

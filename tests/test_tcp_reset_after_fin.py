@@ -1,4 +1,5 @@
-"""TCP relay defects found in review: each test names the path it guards."""
+"""A reset on a TCP leg already read to its FIN: no read will report it, so it must reach
+the other peer at once, even when that peer is idle."""
 from __future__ import annotations
 
 import select

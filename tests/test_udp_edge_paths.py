@@ -1,4 +1,5 @@
-"""UDP defects found in review: each test names the path it guards."""
+"""UDP edge paths: an empty datagram at the end of a segmented run, and a rule removed while
+datagrams arrive."""
 from __future__ import annotations
 
 import contextlib
