@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _daemon_socket_args(which: str) -> argparse.ArgumentParser:
     """The options of a command that asks a running daemon on its ``which`` socket."""
     args = argparse.ArgumentParser(add_help=False)
-    args.add_argument("--socket", metavar="PATH", help=f"{which} socket ({_DEFAULT_SOCKETS})")
+    # --WHICH-socket too: the name `fastfwd run` gives the same path.
+    args.add_argument("--socket", f"--{which}-socket", dest="socket", metavar="PATH",
+                      help=f"{which} socket ({_DEFAULT_SOCKETS})")
     args.add_argument("-c", "--config", metavar="FILE", help="take the socket path from this config file")
     args.add_argument("--timeout", type=timeout_arg, default=10.0, metavar="SECONDS",
                       help="seconds to wait for the reply (default: 10)")

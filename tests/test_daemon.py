@@ -47,6 +47,9 @@ def test_flags_alone_forward(tmp_path: Path, echo: EchoServer) -> None:
     with daemon(tmp_path, "-t", f"{port}:127.0.0.1:{echo.port}", "--workers", "3") as proc:
         assert echo_roundtrip(port, 1 << 20)
         assert "fastfwd started: 1 rule(s), 3 worker(s)" in proc.log()
+        # The socket option has the name `run` gave it too.
+        result = fastfwd("status", "--control-socket", str(proc.control_socket))
+        assert result.returncode == 0 and f"127.0.0.1:{port}" in result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("mode", ["never", "always"])
@@ -115,7 +118,7 @@ def test_lease_makes_a_host_entry_active_then_pending_again(tmp_path: Path, echo
         assert status(proc)["rules"][0]["state"] == "pending"
         with pytest.raises(ConnectionRefusedError):  # refused at once, not left to time out
             socket.create_connection(("127.0.0.1", port), timeout=5)
-        lease = ("lease", "--socket", str(proc.lease_socket))
+        lease = ("lease", "--lease-socket", str(proc.lease_socket))
         assert fastfwd(*lease[:1], "add", MAC, "127.0.0.1", *lease[1:]).returncode == 0
         assert echo_roundtrip(port)  # right after the reply: already forwarding
         assert status(proc)["rules"][0]["target_ip"] == "127.0.0.1"
