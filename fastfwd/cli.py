@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -193,18 +192,24 @@ def _run(args: argparse.Namespace) -> int:
     # Until the daemon handles SIGHUP (a reload), its default action would kill the process,
     # and a service manager may send one as soon as it started us: from here on, through the
     # slow imports and the config load, one is recorded, and the daemon reloads once it is up.
-    early_hup = threading.Event()
-    signal.signal(signal.SIGHUP, lambda *_: early_hup.set())
-    from .daemon import DaemonError, Overrides, run_daemon
-
-    config = load_config(args.config) if args.config else Config(source="command line")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    overrides = Overrides(workers=args.workers, busy_poll_us=busy_poll_us, control_socket=args.control_socket,
-                          lease_socket=args.lease_socket, state_dir=args.state_dir)
+    # A plain list, not a threading.Event: the next SIGHUP can enter the handler again while it
+    # runs, and Event.set() would then wait for the lock it holds itself.
+    early_hup: list[bool] = []
+    before = signal.signal(signal.SIGHUP, lambda *_: early_hup.append(True) if not early_hup else None)
     try:
-        return run_daemon(config, args.config, rules, overrides, early_hup)
-    except DaemonError as exc:
-        raise UsageError(str(exc)) from None
+        from .daemon import DaemonError, Overrides, run_daemon
+
+        config = load_config(args.config) if args.config else Config(source="command line")
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+        overrides = Overrides(workers=args.workers, busy_poll_us=busy_poll_us, control_socket=args.control_socket,
+                              lease_socket=args.lease_socket, state_dir=args.state_dir)
+        try:
+            return run_daemon(config, args.config, rules, overrides, lambda: bool(early_hup))
+        except DaemonError as exc:
+            raise UsageError(str(exc)) from None
+    finally:
+        # Called in-process (tests, library users), the caller's handler is theirs again.
+        signal.signal(signal.SIGHUP, before)
 
 
 def _run_settings(args: argparse.Namespace) -> tuple[RuleOptions, int | None]:

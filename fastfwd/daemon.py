@@ -14,8 +14,7 @@ import dataclasses
 import logging
 import logging.handlers
 import signal
-import threading
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -139,10 +138,10 @@ class Daemon:
             self.fw = fw
             return fw
 
-    async def run(self, early_hup: threading.Event | None = None) -> int:
+    async def run(self, early_hup: Callable[[], bool] | None = None) -> int:
         """Serve until stopped by a signal. Returns the exit status.
 
-        ``early_hup`` is set by a SIGHUP that came before this handles the signals itself (see
+        ``early_hup`` tells whether a SIGHUP came before this handles the signals itself (see
         cli); the daemon reloads once it is up, as that SIGHUP asked."""
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
@@ -158,7 +157,7 @@ class Daemon:
                 except BaseException:
                     await fw.close()
                     raise
-            if early_hup is not None and early_hup.is_set():
+            if early_hup is not None and early_hup():
                 self._on_hup()  # before the watcher starts: this reload is the first applied
             tasks = [_background(self._watch(), "the config file watcher")] if self.path else []
             if self.config.sources.neighbours:
@@ -451,7 +450,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def run_daemon(config: Config, config_path: str | Path | None, cli_rules: Iterable[Rule],
-               overrides: Overrides = Overrides(), early_hup: threading.Event | None = None) -> int:
+               overrides: Overrides = Overrides(), early_hup: Callable[[], bool] | None = None) -> int:
     """Run the daemon on uvloop until a signal stops it; returns the exit status. See
     ``Daemon.run`` for ``early_hup``."""
     return uvloop.run(Daemon(config, config_path, cli_rules, overrides).run(early_hup))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -105,6 +106,22 @@ def test_run_with_a_bad_config_lists_its_errors_and_starts_nothing(tmp_path: Pat
     result = fastfwd("run", "-c", str(path), "-t", "0:127.0.0.1:1")
     assert result.returncode == 2
     assert result.stderr == f"{path}: forward[0].listen: range 8000-7999 is reversed\n"
+
+
+def test_run_in_process_leaves_the_sighup_handler_it_found(tmp_path: Path) -> None:
+    """``main(["run", ...])`` records an early SIGHUP while it starts; once it returns (here: a
+    bad config), a SIGHUP must meet the caller's handler again, not be swallowed."""
+    def callers(*_: object) -> None:
+        pass
+
+    path = tmp_path / "bad.toml"
+    path.write_text('[[forward]]\nlisten = "8000-7999"\nto = "127.0.0.1:1-2"\n')
+    before = signal.signal(signal.SIGHUP, callers)
+    try:
+        assert main(["run", "-c", str(path)]) == 2
+        assert signal.getsignal(signal.SIGHUP) is callers
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 @needs_engine

@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -346,6 +348,33 @@ def test_a_sighup_while_the_daemon_starts_does_not_kill_it_and_reloads_once_up(
         proc.signal(signal.SIGTERM)
         assert proc.wait() == 0
     finally:
+        proc.stop()
+
+
+def test_a_flood_of_sighups_while_the_daemon_starts_does_not_hang_it(tmp_path: Path, echo: EchoServer) -> None:
+    """The handler that records an early SIGHUP can be entered again by the next SIGHUP while
+    it runs: it must take no lock (a threading.Event's would deadlock the process)."""
+    port = free_port()
+    proc, fifo = _daemon_reading_its_config(tmp_path)
+    try:
+        flood = subprocess.run([sys.executable, "-c", "import os, signal, sys\n"
+                                "for _ in range(20000): os.kill(int(sys.argv[1]), signal.SIGHUP)",
+                                str(proc.proc.pid)], timeout=60)
+        assert flood.returncode == 0
+        rule = f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'
+        (tmp_path / "next.toml").write_text(rule)  # what the reload reads: a file, not the FIFO
+        os.replace(tmp_path / "next.toml", tmp_path / "f.toml")
+        os.write(fifo, rule.encode())
+        os.close(fifo)
+        fifo = -1
+        proc.wait_log("SIGHUP: ")
+        assert proc.log().count("SIGHUP: ") == 1, proc.log()  # all of them asked for one reload
+        assert echo_roundtrip(port)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        if fifo >= 0:
+            os.close(fifo)
         proc.stop()
 
 
