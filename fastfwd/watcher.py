@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -38,11 +39,9 @@ SETTLE_MS = 150
 
 
 def fingerprint(path: Path) -> str | None:
-    """Digest of what ``path`` leads to now; None while it is missing or unreadable."""
-    try:
-        return content_digest(path.read_bytes())
-    except OSError:
-        return None
+    """Digest of what ``path`` leads to now; None while it is missing, unreadable or not a
+    regular file."""
+    return _look(path, probe=False)[1]
 
 
 async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 50,
@@ -76,7 +75,8 @@ async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 5
 
 async def _finished(path: Path, settle_ms: int) -> str | None:
     """The fingerprint of what ``path`` holds once its writer is done: no process has it open
-    for writing, and it read the same ``settle_ms`` ago. None: missing or unreadable."""
+    for writing, and it read the same ``settle_ms`` ago. None: missing, unreadable or not a
+    regular file."""
     _, seen = _look(path)
     told = False
     while True:
@@ -90,17 +90,23 @@ async def _finished(path: Path, settle_ms: int) -> str | None:
         seen = now
 
 
-def _look(path: Path) -> tuple[bool, str | None]:
-    """(whether some process has ``path`` open for writing, its fingerprint), from one open."""
+def _look(path: Path, probe: bool = True) -> tuple[bool, str | None]:
+    """(whether some process has ``path`` open for writing, its fingerprint), from one open;
+    ``probe`` False: the first is False, unasked."""
     try:
         # O_NONBLOCK: a file under another process's write lease refuses at once instead of
-        # blocking the event loop until that lease is broken.
+        # blocking the event loop until that lease is broken, and a FIFO opens without
+        # waiting for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         return exc.errno == errno.EWOULDBLOCK, None
     with open(fd, "rb") as file:
         try:
-            return _open_for_writing(fd), content_digest(file.read())
+            # Only a regular file: a FIFO (`-c <(...)`) was read once, at start, and a read
+            # now would take another writer's bytes or wait for them.
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False, None
+            return probe and _open_for_writing(fd), content_digest(file.read())
         except OSError:
             return False, None
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -369,6 +370,29 @@ def test_a_flood_of_sighups_while_the_daemon_starts_does_not_hang_it(tmp_path: P
         fifo = -1
         proc.wait_log("SIGHUP: ")
         assert proc.log().count("SIGHUP: ") == 1, proc.log()  # all of them asked for one reload
+        assert echo_roundtrip(port)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        if fifo >= 0:
+            os.close(fifo)
+        proc.stop()
+
+
+def test_a_config_that_is_a_fifo_is_read_at_start_and_never_blocks_the_daemon(
+        tmp_path: Path, echo: EchoServer) -> None:
+    """``fastfwd run -c <(...)`` gives a pipe: read once, at start. The watcher must not open it
+    again the blocking way, which waits (with the whole event loop) for a writer never coming."""
+    port = free_port()
+    proc, fifo = _daemon_reading_its_config(tmp_path)
+    try:
+        os.write(fifo, f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'.encode())
+        os.close(fifo)
+        fifo = -1
+        proc.wait_log("fastfwd started")
+        for _ in range(4):  # across the watcher's re-checks (one a second)
+            assert call(proc.control_socket, {"cmd": "status"})["ok"]
+            time.sleep(0.5)
         assert echo_roundtrip(port)
         proc.signal(signal.SIGTERM)
         assert proc.wait() == 0
