@@ -7,7 +7,10 @@ scrapes, so there is no second set of numbers to drift from the engine's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -83,6 +86,7 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
             del waiting[oldest]
             oldest.transport.abort()
         waiting[writer] = None
+        closed = False
         try:
             async with asyncio.timeout(EXCHANGE_TIMEOUT):
                 async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -98,13 +102,23 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
                 else:
                     body, head = b"", "HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n"
                 writer.write(head.encode() + body)
-                await writer.drain()
+                writer.close()
+                await writer.wait_closed()  # all sent: that too within the exchange's time
+                closed = True
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a client that hangs up or talks nonsense just goes away
         finally:
             waiting.pop(writer, None)
             answering.discard(writer)
-            writer.close()
+            if not closed:
+                # Not close(): with an answer still unsent it keeps the connection, and its fd,
+                # out of the count above, until a client that stopped reading takes the rest. A
+                # reset, so that no orphan is left in the kernel sending that rest either.
+                sock = writer.get_extra_info("socket")  # None once closed (an evicted one)
+                with contextlib.suppress(OSError):
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
 
     server = await asyncio.start_server(handle, host.strip("[]"), port)
     log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])

@@ -99,3 +99,36 @@ def test_a_flood_of_idle_connections_cannot_use_up_the_daemons_fds(tmp_path: Pat
                 for s in junk:
                     s.close()
             assert "fastfwd_accepted_total{listen" in scrape(mport)
+
+
+def test_a_scraper_that_stops_reading_is_dropped_at_the_exchange_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer the client never takes must not hold the connection (and its fd, outside the
+    cap's count) once the exchange's time is up: close() would wait for the client forever."""
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.setattr(metrics, "EXCHANGE_TIMEOUT", 0.5)
+    monkeypatch.setattr(metrics, "render", lambda fw: b"#" * (16 << 20))  # far more than socket buffers hold
+
+    def stalled_scrape(port: int) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reset: list[int] = []  # SO_ERROR reads once, then clears
+
+            def was_reset() -> bool:
+                reset.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+                return any(reset)
+            wait_until(was_reset, what="the stalled scrape dropped by the server")
+        finally:
+            sock.close()
+
+    async def main() -> None:
+        server = await metrics.serve_http(None, "127.0.0.1", 0)  # type: ignore[arg-type]
+        try:
+            await asyncio.to_thread(stalled_scrape, server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    uvloop.run(asyncio.wait_for(main(), 60))
