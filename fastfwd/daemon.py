@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import logging.handlers
 import signal
+import stat
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,6 +253,11 @@ class Daemon:
             if self.fw is None or self._stopping:
                 log.info("%s: not forwarding (start failed or stopping), nothing to reload", why)
                 return None
+            if not _regular_or_missing(self.path):
+                # A FIFO (`-c <(...)`): opened again, it would wait, with the whole event loop,
+                # for a writer that may never come.
+                log.error("%s: %s is not a regular file, rules unchanged (a pipe is read once, at start)", why, self.path)
+                return None
             try:
                 config = load_config(self.path)
             except ConfigError as exc:
@@ -397,6 +403,13 @@ class Daemon:
                 await _close_all(servers)
                 raise DaemonError(f"metrics_listen {c.metrics_listen}: {_reason(exc)}") from None
         return servers
+
+
+def _regular_or_missing(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True  # load_config tells what is wrong
 
 
 def _background(coro: Coroutine[Any, Any, _T], what: str) -> asyncio.Task[_T]:

@@ -402,6 +402,30 @@ def test_a_config_that_is_a_fifo_is_read_at_start_and_never_blocks_the_daemon(
         proc.stop()
 
 
+def test_a_sighup_with_a_fifo_for_config_changes_nothing_and_never_blocks_the_daemon(
+        tmp_path: Path, echo: EchoServer) -> None:
+    """The reload would open the FIFO again and wait, with the whole event loop, for a writer
+    that never comes: a config that is not a regular file was read once, at start."""
+    port = free_port()
+    proc, fifo = _daemon_reading_its_config(tmp_path)
+    try:
+        os.write(fifo, f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'.encode())
+        os.close(fifo)
+        fifo = -1
+        proc.wait_log("fastfwd started")
+        proc.signal(signal.SIGHUP)
+        proc.wait_log("SIGHUP: ")
+        assert "SIGHUP: f.toml is not a regular file, rules unchanged (a pipe is read once, at start)" in proc.log()
+        assert call(proc.control_socket, {"cmd": "status"})["ok"]
+        assert echo_roundtrip(port)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        if fifo >= 0:
+            os.close(fifo)
+        proc.stop()
+
+
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
 def test_a_stop_signal_while_the_daemon_starts_ends_it_leaving_nothing_behind(
         tmp_path: Path, sig: int, status: int) -> None:
