@@ -3,6 +3,7 @@ restart with restored leases, metrics, run-time rules, and the SIGTERM drain / S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -352,78 +353,68 @@ def test_a_sighup_while_the_daemon_starts_does_not_kill_it_and_reloads_once_up(
         proc.stop()
 
 
+@contextlib.contextmanager
+def _daemon_fed_its_config(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Callable[[str], None]]]:
+    """``_daemon_reading_its_config`` with a function that writes the config to the FIFO and
+    closes it; the daemon is stopped on the way out."""
+    proc, fifo = _daemon_reading_its_config(tmp_path)
+    fed: list[bool] = []
+
+    def feed(text: str) -> None:
+        fed.append(True)
+        try:
+            os.write(fifo, text.encode())
+        finally:
+            os.close(fifo)
+    try:
+        yield proc, feed
+    finally:
+        if not fed:
+            os.close(fifo)
+        proc.stop()
+
+
+def _forwards_and_stops_cleanly(proc: DaemonProcess, port: int) -> None:
+    assert echo_roundtrip(port)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
+
+
 def test_a_flood_of_sighups_while_the_daemon_starts_does_not_hang_it(tmp_path: Path, echo: EchoServer) -> None:
     """The handler that records an early SIGHUP can be entered again by the next SIGHUP while
     it runs: it must take no lock (a threading.Event's would deadlock the process)."""
     port = free_port()
-    proc, fifo = _daemon_reading_its_config(tmp_path)
-    try:
+    rule = f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'
+    with _daemon_fed_its_config(tmp_path) as (proc, feed):
         flood = subprocess.run([sys.executable, "-c", "import os, signal, sys\n"
                                 "for _ in range(20000): os.kill(int(sys.argv[1]), signal.SIGHUP)",
                                 str(proc.proc.pid)], timeout=60)
         assert flood.returncode == 0
-        rule = f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'
         (tmp_path / "next.toml").write_text(rule)  # what the reload reads: a file, not the FIFO
         os.replace(tmp_path / "next.toml", tmp_path / "f.toml")
-        os.write(fifo, rule.encode())
-        os.close(fifo)
-        fifo = -1
+        feed(rule)
         proc.wait_log("SIGHUP: ")
         assert proc.log().count("SIGHUP: ") == 1, proc.log()  # all of them asked for one reload
-        assert echo_roundtrip(port)
-        proc.signal(signal.SIGTERM)
-        assert proc.wait() == 0
-    finally:
-        if fifo >= 0:
-            os.close(fifo)
-        proc.stop()
+        _forwards_and_stops_cleanly(proc, port)
 
 
+@pytest.mark.parametrize("sighup", [False, True], ids=["watched", "sighup"])
 def test_a_config_that_is_a_fifo_is_read_at_start_and_never_blocks_the_daemon(
-        tmp_path: Path, echo: EchoServer) -> None:
-    """``fastfwd run -c <(...)`` gives a pipe: read once, at start. The watcher must not open it
-    again the blocking way, which waits (with the whole event loop) for a writer never coming."""
+        tmp_path: Path, echo: EchoServer, sighup: bool) -> None:
+    """``fastfwd run -c <(...)`` gives a pipe: read once, at start. Neither the watcher nor a
+    SIGHUP may open it again, which waits (with the whole event loop) for a writer never coming."""
     port = free_port()
-    proc, fifo = _daemon_reading_its_config(tmp_path)
-    try:
-        os.write(fifo, f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'.encode())
-        os.close(fifo)
-        fifo = -1
+    with _daemon_fed_its_config(tmp_path) as (proc, feed):
+        feed(f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n')
         proc.wait_log("fastfwd started")
+        if sighup:
+            proc.signal(signal.SIGHUP)
+            proc.wait_log("SIGHUP: ")
+            assert "SIGHUP: f.toml is not a regular file, rules unchanged (a pipe is read once, at start)" in proc.log()
         for _ in range(4):  # across the watcher's re-checks (one a second)
             assert call(proc.control_socket, {"cmd": "status"})["ok"]
             time.sleep(0.5)
-        assert echo_roundtrip(port)
-        proc.signal(signal.SIGTERM)
-        assert proc.wait() == 0
-    finally:
-        if fifo >= 0:
-            os.close(fifo)
-        proc.stop()
-
-
-def test_a_sighup_with_a_fifo_for_config_changes_nothing_and_never_blocks_the_daemon(
-        tmp_path: Path, echo: EchoServer) -> None:
-    """The reload would open the FIFO again and wait, with the whole event loop, for a writer
-    that never comes: a config that is not a regular file was read once, at start."""
-    port = free_port()
-    proc, fifo = _daemon_reading_its_config(tmp_path)
-    try:
-        os.write(fifo, f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'.encode())
-        os.close(fifo)
-        fifo = -1
-        proc.wait_log("fastfwd started")
-        proc.signal(signal.SIGHUP)
-        proc.wait_log("SIGHUP: ")
-        assert "SIGHUP: f.toml is not a regular file, rules unchanged (a pipe is read once, at start)" in proc.log()
-        assert call(proc.control_socket, {"cmd": "status"})["ok"]
-        assert echo_roundtrip(port)
-        proc.signal(signal.SIGTERM)
-        assert proc.wait() == 0
-    finally:
-        if fifo >= 0:
-            os.close(fifo)
-        proc.stop()
+        _forwards_and_stops_cleanly(proc, port)
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
