@@ -237,8 +237,8 @@ class Daemon:
         if self.path is None:
             log.info("%s: no config file, nothing to reload", why)
             return None
-        # A service manager waiting on the reload (systemctl reload) hears when it is over,
-        # whether it applied or not.
+        # A service manager waiting on the reload (systemctl reload of a Type=notify-reload
+        # unit) hears when it is over, whether it applied or not.
         if not self._stopping:
             reloading()
         try:
