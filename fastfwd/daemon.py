@@ -167,7 +167,7 @@ class Daemon:
             log.info("fastfwd started: %d rule(s), %d worker(s)%s%s", len(fw.rules), fw.workers,
                      f", busy polling {busy_poll_us} us" if busy_poll_us else "",
                      f", watching {self.path}" if self.path else "")
-            notify("READY=1", f"STATUS=forwarding {len(fw.rules)} rule(s)")
+            self._ready()
             how = await self._stop
             notify("STOPPING=1")
             for task in tasks:
@@ -234,21 +234,24 @@ class Daemon:
         nothing (returns None). ``expect`` is the fingerprint of the content the watcher saw
         finished; a file that reads otherwise now is being written again, and is left to the
         watcher to hand over once that write is finished too."""
-        if self.path is None:
-            log.info("%s: no config file, nothing to reload", why)
-            return None
         # A service manager waiting on the reload (systemctl reload of a Type=notify-reload
-        # unit) hears when it is over, whether it applied or not.
+        # unit) hears when it is over, whether it applied or not, or there was nothing to read.
         if not self._stopping:
             reloading()
         try:
             return await self._reload(why, expect)
         finally:
             if not self._stopping and self.fw is not None:
-                notify("READY=1", f"STATUS=forwarding {len(self.fw.rules)} rule(s)")
+                self._ready()
+
+    def _ready(self) -> None:
+        assert self.fw is not None
+        notify("READY=1", f"STATUS=forwarding {len(self.fw.rules)} rule(s)")
 
     async def _reload(self, why: str, expect: str | None) -> Diff | None:
-        assert self.path is not None
+        if self.path is None:
+            log.info("%s: no config file, nothing to reload", why)
+            return None
         async with self._lock:
             if self.fw is None or self._stopping:
                 log.info("%s: not forwarding (start failed or stopping), nothing to reload", why)

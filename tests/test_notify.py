@@ -91,6 +91,25 @@ def test_ready_once_forwarding_then_reloading_and_stopping(manager: Manager, tmp
         echo.close()
 
 
+@needs_engine
+@pytest.mark.timeout(60)
+def test_a_sighup_without_a_config_file_is_answered_too(manager: Manager, tmp_path: Path) -> None:
+    """Under Type=notify-reload systemd sends the SIGHUP and waits for RELOADING=1 and READY=1:
+    a daemon with nothing to re-read must still say both, or `systemctl reload` hangs."""
+    echo = EchoServer()
+    try:
+        with daemon(tmp_path, "-t", f"{free_port()}:127.0.0.1:{echo.port}") as d:
+            assert manager.next()["READY"] == "1"
+            d.signal(signal.SIGHUP)
+            assert manager.next()["RELOADING"] == "1"
+            assert manager.next()["READY"] == "1"
+            d.signal(signal.SIGTERM)
+            assert manager.next()["STOPPING"] == "1"
+            assert d.wait() == 0
+    finally:
+        echo.close()
+
+
 def _unit() -> configparser.ConfigParser:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
