@@ -311,7 +311,8 @@ class LeaseTable:
             self._save_timer.cancel()
             self._save_timer = None
         if self._unsaved:
-            self._try_save()
+            # Logged even within a streak of failed timed saves: this may be the last try (stop).
+            self._try_save(quiet=False)
 
     def _save_later(self, delay: float) -> None:
         # Imported here: the DHCP hook reads this module and must start without asyncio.
@@ -327,12 +328,13 @@ class LeaseTable:
             self._retry_delay = min(max(2 * self._retry_delay, self.save_delay), SAVE_RETRY_MAX)
             self._save_later(self._retry_delay)
 
-    def _try_save(self) -> bool:
-        """Save; of a streak of failures only the first is logged (a retry fails the same way)."""
+    def _try_save(self, quiet: bool = True) -> bool:
+        """Save; of a streak of failures only the first is logged (a retry fails the same way),
+        unless not ``quiet``."""
         try:
             self.save()
         except OSError as exc:
-            if not self._save_failing:
+            if not self._save_failing or not quiet:
                 log.error("cannot save leases to %s: %s; they are kept in memory until a save "
                           "succeeds", self.state_file, exc)
                 self._save_failing = True

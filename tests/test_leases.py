@@ -529,6 +529,28 @@ def test_a_timed_save_that_fails_is_retried_until_it_succeeds(
     assert f"leases saved to {state} again" in caplog.text
 
 
+def test_a_flush_that_fails_says_so_even_while_timed_saves_keep_failing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Timed retries log a failure once per streak; the flush at stop is the last chance, and
+    its failure must be logged too, or the daemon ends losing leases without a word."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    state = blocker / STATE_FILE
+
+    async def run() -> None:
+        table = LeaseTable(state_file=state, save_delay=0.01)
+        table.apply_event("add", lease(A, "10.0.0.1"))
+        for _ in range(1000):  # bounded: 20 s
+            if "cannot save leases" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        table.apply_event("add", lease(B, "10.0.0.2"))
+        table.flush()
+    asyncio.run(run())
+    failures = [r for r in caplog.records if "cannot save leases" in r.getMessage()]
+    assert len(failures) == 2, caplog.text
+
+
 def test_leases_are_validated_and_normalized_however_they_are_made() -> None:
     assert Lease(mac="52:54:00:AA:BB:CC", ip="FD00::0:1", hostname="VM1") == Lease(
         mac="52:54:00:aa:bb:cc", ip="fd00::1", hostname="vm1")
