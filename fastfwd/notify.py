@@ -25,7 +25,9 @@ def notify(*fields: str) -> bool:
     # A leading "@" names a socket in the abstract namespace.
     address = "\0" + path[1:] if path.startswith("@") else path
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Non-blocking: this runs on the event loop, and a manager whose queue is full must
+        # not stop the daemon (the message fails, logged).
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.sendto("\n".join(fields).encode(), address)
     except OSError as exc:
         log.warning("cannot notify the service manager at %s: %s", path, exc)

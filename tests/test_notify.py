@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,27 @@ def test_an_abstract_socket_is_reached(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_manager_that_is_gone_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody"))
     assert notify("READY=1") is False
+
+
+def test_a_manager_that_does_not_read_never_blocks_the_sender(manager: Manager) -> None:
+    """notify() runs on the daemon's event loop: a full queue at the manager's end must fail
+    the message (logged), not wait for room."""
+    results: list[bool] = []
+
+    def send() -> None:
+        for _ in range(10000):  # a datagram queue holds far fewer
+            results.append(notify("STATUS=x"))
+            if not results[-1]:
+                return
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        sender.join(20)
+        assert not sender.is_alive(), "notify() blocked on a manager that does not read"
+        assert results[-1] is False
+    finally:
+        manager.sock.close()  # unblocks a sender stuck in sendto
+        sender.join(5)
 
 
 @needs_engine
