@@ -100,15 +100,18 @@ def _look(path: Path, probe: bool = True) -> tuple[bool, str | None]:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         return exc.errno == errno.EWOULDBLOCK, None
-    with open(fd, "rb") as file:
-        try:
-            # Only a regular file: a FIFO (`-c <(...)`) was read once, at start, and a read
-            # now would take another writer's bytes or wait for them.
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False, None
-            return probe and _open_for_writing(fd), content_digest(file.read())
-        except OSError:
+    try:
+        # Only a regular file: a FIFO (`-c <(...)`) was read once, at start, and a read now
+        # would take another writer's bytes or wait for them. Asked before open(), which
+        # refuses a directory (and would leave the fd open).
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False, None
+        with open(fd, "rb", closefd=False) as file:
+            return probe and _open_for_writing(fd), content_digest(file.read())
+    except OSError:
+        return False, None
+    finally:
+        os.close(fd)
 
 
 def _open_for_writing(fd: int) -> bool:

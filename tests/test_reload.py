@@ -98,6 +98,19 @@ def test_watcher_sees_a_swapped_directory_symlink(tmp_path: Path) -> None:
     assert asyncio.run(asyncio.wait_for(_changes(path, [(lambda: swap_symlink(tmp_path / "data", Path("v2")), 1)]), 30)) == [1]
 
 
+def test_watcher_outlives_a_path_that_is_briefly_no_file(tmp_path: Path) -> None:
+    """A directory or a FIFO where the file was is nothing to load (and a FIFO is not opened
+    the blocking way); the watch goes on and sees the file once it is back."""
+    path = tmp_path / "f.toml"
+    path.write_text("a = 1\n")
+    steps = [
+        (lambda: (path.unlink(), path.mkdir()), 0),
+        (lambda: (path.rmdir(), os.mkfifo(path)), 0),
+        (lambda: (path.unlink(), path.write_text("a = 2\n")), 1),
+    ]
+    assert asyncio.run(asyncio.wait_for(_changes(path, steps), 60)) == [n for _, n in steps]
+
+
 def needs_leases(path: Path) -> None:
     """Skip unless the kernel tells the watcher whether ``path`` is open for writing (a file
     lease): without, only the settle time decides, and a writer pausing longer is caught."""
