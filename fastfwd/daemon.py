@@ -259,7 +259,8 @@ class Daemon:
             if not _regular_or_missing(self.path):
                 # A FIFO (`-c <(...)`): opened again, it would wait, with the whole event loop,
                 # for a writer that may never come.
-                log.error("%s: %s is not a regular file, rules unchanged (a pipe is read once, at start)", why, self.path)
+                log.error("%s: %s is not a regular file, rules unchanged (a pipe is read once, at start)",
+                          why, self.path)
                 return None
             try:
                 config = load_config(self.path)
