@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                     "  dnsmasq ... --dhcp-script=/usr/local/bin/fastfwd-dhcp-hook",
         epilog="exit status: 0 done or ignored; 1 the daemon could not be reached in time or\n"
                "refused; 2 bad arguments.")
-    parser.add_argument("--socket", metavar="PATH", default=os.environ.get(SOCKET_ENV),
+    parser.add_argument("--socket", "--lease-socket", dest="socket", metavar="PATH",
+                        default=os.environ.get(SOCKET_ENV),
                         help=f"the lease socket (default: ${SOCKET_ENV}, else the daemon's default)")
     parser.add_argument("--timeout", type=timeout_arg, default=10.0, metavar="SECONDS",
                         help="seconds the whole exchange may take (default: 10)")
