@@ -83,6 +83,9 @@ class Daemon:
         #: A stop-at-once signal came (SIGINT, a second SIGTERM), maybe before the drain began.
         self._hurried = False
         self._reloads: set[asyncio.Task[Diff | None]] = set()
+        #: READY=1 was sent: from then on reloads are announced too. One asked for during the
+        #: start runs before the servers are up, and its READY=1 would come too early.
+        self._up = False
 
     # -- what should be forwarded -------------------------------------------------------------
     def wanted_rules(self, config: Config | None = None) -> list[Rule]:
@@ -167,6 +170,7 @@ class Daemon:
             log.info("fastfwd started: %d rule(s), %d worker(s)%s%s", len(fw.rules), fw.workers,
                      f", busy polling {busy_poll_us} us" if busy_poll_us else "",
                      f", watching {self.path}" if self.path else "")
+            self._up = True
             self._ready()
             how = await self._stop
             notify("STOPPING=1")
@@ -236,12 +240,13 @@ class Daemon:
         watcher to hand over once that write is finished too."""
         # A service manager waiting on the reload (systemctl reload of a Type=notify-reload
         # unit) hears when it is over, whether it applied or not, or there was nothing to read.
-        if not self._stopping:
+        announce = self._up and not self._stopping
+        if announce:
             reloading()
         try:
             return await self._reload(why, expect)
         finally:
-            if not self._stopping and self.fw is not None:
+            if announce and not self._stopping:
                 self._ready()
 
     def _ready(self) -> None:

@@ -2,6 +2,7 @@
 forwards, reloads and stops; and the unit file shipped in scripts/ matches how it behaves."""
 from __future__ import annotations
 
+import asyncio
 import configparser
 import os
 import shutil
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fastfwd.config import ControlSettings
+from fastfwd.config import ControlSettings, load_config
+from fastfwd.daemon import Daemon, Overrides
 from fastfwd.notify import notify
 
 from helpers_control import EchoServer, daemon, echo_roundtrip, free_port, needs_engine, short_dir
@@ -115,6 +117,30 @@ def test_ready_once_forwarding_then_reloading_and_stopping(manager: Manager, tmp
             assert d.wait() == 0
     finally:
         echo.close()
+
+
+@needs_engine
+@pytest.mark.timeout(60)
+def test_a_reload_before_the_daemon_is_up_says_nothing(manager: Manager, tmp_path: Path) -> None:
+    """A SIGHUP during the start reloads once the rules are in, before the servers are: a
+    READY=1 after that reload would tell the manager the daemon is up too early."""
+    config = tmp_path / "fastfwd.toml"
+    config.write_text(f'[[forward]]\nlisten = {free_port()}\nto = "127.0.0.1:9"\n')
+
+    async def main() -> None:
+        with short_dir() as sockets:
+            d = Daemon(load_config(config), config, overrides=Overrides(
+                workers=1, state_dir=str(tmp_path / "state"), control_socket=str(sockets / "c.sock"),
+                lease_socket=str(sockets / "l.sock")))
+            fw = await d.start()
+            try:
+                assert await d.reload("SIGHUP") is not None
+            finally:
+                await fw.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
+    manager.sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        manager.sock.recv(4096)
 
 
 def _unit() -> configparser.ConfigParser:
