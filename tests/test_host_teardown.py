@@ -106,3 +106,13 @@ def test_destroy_leaves_alone_a_dnsmasq_that_took_over_the_recorded_pid(tmp_path
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_setup_again_replaces_our_table_left_under_the_old_name(br: Bridge) -> None:
+    # Set up again after an upgrade: the old table would otherwise stay, a second copy of
+    # the same rules, until destroy.
+    br.sh("nft", 'add table inet fastfwd_br_vms { comment "made by fastfwd-bridge for br_vms"; }')
+    br("setup", "br_vms", "--address", "10.254.254.1/24", "--no-dhcp")
+    assert _tables(br) == {f"inet {firewall.table_name('br_vms')}"}
+    br("destroy", "br_vms")

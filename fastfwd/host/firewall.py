@@ -84,7 +84,11 @@ def _nft(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
 
 
 def apply(bridge: str, subnet: ipaddress.IPv4Network, *, nat: bool = True) -> None:
-    done = _nft("-f", "-", stdin=ruleset(bridge, subnet, nat=nat))
+    script = ruleset(bridge, subnet, nat=nat)
+    old = _ours_under_old_name(bridge)
+    if old is not None:  # in the same transaction: never both tables, never neither
+        script += f"delete table inet {old}\n"
+    done = _nft("-f", "-", stdin=script)
     if done.returncode != 0:
         raise RuntimeError(f"nft refused our table: {done.stderr.strip()}")
 
@@ -92,13 +96,20 @@ def apply(bridge: str, subnet: ipaddress.IPv4Network, *, nat: bool = True) -> No
 def remove(bridge: str) -> list[str]:
     """Delete our table, and the one an earlier version made under the old name if its
     comment says it is this bridge's; returns the names deleted."""
-    names = [table_name(bridge)]
+    names = [table_name(bridge), _ours_under_old_name(bridge)]
+    return [name for name in names
+            if name is not None and _nft("delete", "table", "inet", name).returncode == 0]
+
+
+def _ours_under_old_name(bridge: str) -> str | None:
+    """The table an earlier version made for this bridge under the old name, if there is one
+    and its comment says it is this bridge's (another bridge's table may have that name now)."""
     old = _old_table_name(bridge)
-    if old != names[0]:
-        listed = _nft("list", "table", "inet", old)
-        if listed.returncode == 0 and _comment(bridge) in map(str.strip, listed.stdout.splitlines()):
-            names.append(old)
-    return [name for name in names if _nft("delete", "table", "inet", name).returncode == 0]
+    if old == table_name(bridge):
+        return None
+    listed = _nft("list", "table", "inet", old)
+    ours = listed.returncode == 0 and _comment(bridge) in map(str.strip, listed.stdout.splitlines())
+    return old if ours else None
 
 
 @dataclass(frozen=True)
