@@ -383,20 +383,11 @@ cdef class Engine:
             block = <uint64_t*>&r.per_worker[i].c
             for k in range(<int>(sizeof(counters_t) // sizeof(uint64_t))):
                 sums[k] += ff_load_u64(&block[k])
-        raw = {name: sums[k] for k, name in enumerate(_COUNTERS)}
-        return {
-            "accepted": raw["accepted"], "active": raw["accepted"] - raw["closed"],
-            "refused": raw["refused"], "connect_failed": raw["connect_failed"],
-            "bytes_up": raw["bytes_up"], "bytes_down": raw["bytes_down"],
-            "bytes_spliced": raw["bytes_spliced"], "bytes_copied": raw["bytes_copied"],
-            "splice_fallbacks": raw["splice_fallbacks"], "pipe_shortages": raw["pipe_shortages"],
-            "accept_paused": raw["accept_paused"],
-            "datagrams_up": raw["datagrams_up"], "datagrams_down": raw["datagrams_down"],
-            "sessions_active": raw["sessions_created"] - raw["sessions_closed"],
-            "sessions_created": raw["sessions_created"], "sessions_evicted": raw["sessions_evicted"],
-            "sessions_expired": raw["sessions_expired"], "drops": raw["drops"],
-            "truncated": raw["truncated"],
-        }
+        out = {name: sums[k] for k, name in enumerate(_COUNTERS)}
+        # What is open now, rather than the closes it is derived from.
+        out["active"] = out["accepted"] - out.pop("closed")
+        out["sessions_active"] = out["sessions_created"] - out.pop("sessions_closed")
+        return out
 
     def sessions(self, int rule_id):
         """Client addresses of the rule's UDP sessions, least recently active first."""

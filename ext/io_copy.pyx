@@ -1,7 +1,6 @@
 # Buffered copy: recv into a pooled buffer, send it on. Cheaper than splice for short
 # exchanges; a direction in "auto" mode is promoted to splice once it has moved enough.
 
-
 cdef inline uint64_t splice_from(rconf_t* conf, half_t* h) noexcept nogil:
     """How many bytes a direction copies before it splices (UINT64_MAX: it never does)."""
     if conf.splice_mode == SPLICE_NEVER:
@@ -9,6 +8,7 @@ cdef inline uint64_t splice_from(rconf_t* conf, half_t* h) noexcept nogil:
     if conf.splice_mode == SPLICE_AUTO:
         return max(conf.splice_threshold, h.copy_until)
     return h.copy_until
+
 
 cdef int copy_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil:
     cdef half_t* h = &c.half[d]
