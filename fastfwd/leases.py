@@ -298,8 +298,8 @@ class LeaseTable:
             self._unsaved = True
             if not self.save_delay:
                 self.flush()
-            elif self._save_timer is None:
-                self._save_later(self.save_delay)
+            else:
+                self._save_within(self.save_delay)
         return changes
 
     # -- persistence -------------------------------------------------------------------------
@@ -314,11 +314,18 @@ class LeaseTable:
             # Logged even within a streak of failed timed saves: this may be the last try (stop).
             self._try_save(quiet=False)
 
-    def _save_later(self, delay: float) -> None:
+    def _save_within(self, delay: float) -> None:
         # Imported here: the DHCP hook reads this module and must start without asyncio.
         import asyncio
 
-        self._save_timer = asyncio.get_running_loop().call_later(delay, self._timed_save)
+        loop = asyncio.get_running_loop()
+        if self._save_timer is not None:
+            if self._save_timer.when() <= loop.time() + delay:
+                return
+            # A retry paced by the backoff of a streak of failed saves: a new change is tried
+            # as soon as any other would be (the disk may have been fixed meanwhile).
+            self._save_timer.cancel()
+        self._save_timer = loop.call_later(delay, self._timed_save)
 
     def _timed_save(self) -> None:
         self._save_timer = None
@@ -326,7 +333,7 @@ class LeaseTable:
             # Retried by itself: no further change or stop may come for days, and the file
             # would stay behind the table all that time.
             self._retry_delay = min(max(2 * self._retry_delay, self.save_delay), SAVE_RETRY_MAX)
-            self._save_later(self._retry_delay)
+            self._save_within(self._retry_delay)
 
     def _try_save(self, quiet: bool = True) -> bool:
         """Save; of a streak of failures only the first is logged (a retry fails the same way),

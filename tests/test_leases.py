@@ -529,6 +529,41 @@ def test_a_timed_save_that_fails_is_retried_until_it_succeeds(
     assert f"leases saved to {state} again" in caplog.text
 
 
+def test_a_change_during_a_streak_of_failed_saves_is_tried_within_the_save_delay(tmp_path: Path) -> None:
+    """The backoff paces retries of what is already unsaved; a new change must not wait up to
+    SAVE_RETRY_MAX behind it (the disk may have been fixed since)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    state = blocker / STATE_FILE
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        table = LeaseTable(state_file=state, save_delay=0.01)
+        attempts = []
+        save = table.save
+        table.save = lambda: (attempts.append(1), save())[1]  # type: ignore[method-assign]
+        table.apply_event("add", lease(A, "10.0.0.1"))
+        for _ in range(1000):  # bounded: 20 s; the 8th retry waits 1.28 s
+            if len(attempts) >= 8:
+                break
+            await asyncio.sleep(0.02)
+        assert table._save_timer is not None and table._save_timer.when() - loop.time() > 0.5
+        blocker.unlink()
+        table.apply_event("add", lease(B, "10.0.0.2"))
+        due = table._save_timer.when() if table._save_timer is not None else None
+        assert due is not None and due - loop.time() <= 0.01
+        table.apply_event("del", lease(B, "10.0.0.2"))
+        table.apply_event("add", lease(B, "10.0.0.2"))
+        assert table._save_timer is not None and table._save_timer.when() == due  # not put off
+        for _ in range(1000):
+            if state.exists():
+                break
+            await asyncio.sleep(0.005)
+        table.flush()
+    asyncio.run(run())
+    assert list(LeaseTable.restore(state)) == [lease(A, "10.0.0.1"), lease(B, "10.0.0.2")]
+
+
 def test_a_flush_that_fails_says_so_even_while_timed_saves_keep_failing(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Timed retries log a failure once per streak; the flush at stop is the last chance, and
