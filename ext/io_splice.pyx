@@ -1,6 +1,7 @@
 # Zero copy: socket -> pipe -> socket with splice(2). The pipe is borrowed from the worker's
 # pool for as long as it holds data. EINVAL/ENOSYS (no splice for this pair) falls back to copy
-# for good; no pipe to be had (out of fds) falls back for a while, then splice is tried again.
+# for good; no pipe to be had (out of fds) falls back for a while, then splice is tried again;
+# a rule switched to "never" copies once the pipe is empty.
 
 cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil:
     cdef half_t* h = &c.half[d]
@@ -25,6 +26,11 @@ cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nog
             h.pipe = NULL
         if h.eof or not c.rd[d]:
             return MOVE_BLOCKED
+        if rw.conf.splice_mode == SPLICE_NEVER:
+            # Turned off by a reload: copy from here. The pipe is empty, so no byte is overtaken;
+            # copy_until stays, so a later "auto" or "always" splices again.
+            h.splicing = 0
+            return MOVE_SWITCH
         h.pipe = pipe_take(&w.pool)
         if h.pipe == NULL:
             rw.c.pipe_shortages += 1

@@ -69,6 +69,42 @@ def test_auto_promotes_each_direction_after_its_threshold(fwd: SyncForwarder, di
     assert counters.bytes_spliced == size - counters.bytes_copied
 
 
+@pytest.mark.parametrize("before, after", [("always", "never"), ("never", "always"), ("always", "auto")])
+def test_a_live_connection_follows_a_change_of_splice_mode(fwd: SyncForwarder, before: str, after: str) -> None:
+    """A rule's splice mode changed in place (a reload) applies to its live connections too:
+    "never" must stop splicing (it is the way out when splice misbehaves on a kernel)."""
+    chunk, rounds = payload(256 << 10, seed=5), 8
+
+    def echo_rounds(sock: socket.socket) -> None:
+        for _ in range(rounds):
+            sock.sendall(chunk)
+            got = bytearray()
+            while len(got) < len(chunk):
+                data = sock.recv(len(chunk) - len(got))
+                assert data, "the forward closed mid-exchange"
+                got += data
+            assert got == chunk
+
+    moved = 2 * rounds * len(chunk)
+    with TcpServer(echo_handler) as server:
+        rule = fwd.forward(server.port, splice=before)
+        with connect(rule.port) as sock:
+            echo_rounds(sock)
+            first = fwd.wait_counter(rule, "bytes_down", moved // 2)
+            fwd.apply([make_rule(server.port, listen_port=rule.port, splice=after)])
+            echo_rounds(sock)
+            second = fwd.wait_counter(rule, "bytes_down", moved)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+    assert second.accepted == 1
+    spliced, copied = second.bytes_spliced - first.bytes_spliced, second.bytes_copied - first.bytes_copied
+    assert spliced + copied == moved
+    if after == "never":
+        assert (spliced, copied) == (0, moved)
+    else:  # the switch waits for nothing: "always" and "auto" (past its threshold) splice at once
+        assert (spliced, copied) == (moved, 0)
+
+
 @pytest.mark.parametrize("pipe_size", [4096, 65536])
 def test_small_pipes_still_splice_everything(pipe_size: int) -> None:
     with forwarder(workers=2, pipe_size=pipe_size) as small:
