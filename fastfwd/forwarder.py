@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -313,7 +314,7 @@ class Forwarder:
     async def _revert(self, active: ActiveRule, old: Rule) -> None:
         self._update(active, old, Diff())
 
-    def _configure(self, active: ActiveRule) -> None:
+    def _configure(self, active: ActiveRule, target_ip: str | None = None) -> None:
         o = active.rule.options
         self._require().configure(
             active.id,
@@ -321,14 +322,22 @@ class Forwarder:
             half_closed_timeout=o.half_closed_timeout, splice=_SPLICE_MODES[o.splice],
             splice_threshold=o.splice_threshold, udp_idle_timeout=o.udp_idle_timeout,
             udp_max_sessions=o.udp_max_sessions, max_connections=o.max_connections,
-            allow=o.allow, source=o.source)
+            allow=o.allow, source=_pool(o.source, target_ip or active.target_ip))
 
     def _point(self, active: ActiveRule, close_live: bool) -> None:
         host = active.rule.target_host
         ip = host if is_ip(host) else self._names.get(host)
         was = active.target_ip
+        pool = active.rule.options.source
+        repool = ip is not None and _pool(pool, ip) != _pool(pool, was)
+        if repool:
+            # The name moved to the other family: its connections take the pool's other half.
+            self._configure(active, ip)
         self._require().set_target(active.id, ip, active.rule.target_port, close_live)
         active.target_ip = ip
+        if repool and not _pool(pool, ip):
+            log.warning("%s: no IPv%d address in its source pool; its connections leave from the kernel's "
+                        "choice", _describe(active), ipaddress.ip_address(ip).version)
         if was is not None and ip is None:
             log.warning("%s is pending: %s has no address", _describe(active), host)
         elif was is not None and ip != was:
@@ -343,6 +352,15 @@ class Forwarder:
 def _describe(active: ActiveRule) -> str:
     label = f"{active.rule.name}: " if active.rule.name else ""
     return f"{label}{active.rule}" + (f" ({active.target_ip})" if active.rule.target_is_name and active.target_ip else "")
+
+
+def _pool(source: tuple[str, ...], target_ip: str | None) -> tuple[str, ...]:
+    """The source addresses that can reach ``target_ip`` (all while it is unknown): the
+    engine binds an upstream socket only to an address of the target's family."""
+    if target_ip is None:
+        return source
+    version = ipaddress.ip_address(target_ip).version
+    return tuple(addr for addr in source if ipaddress.ip_address(addr).version == version)
 
 
 def _overlaps(a: Rule, b: Rule) -> bool:
