@@ -12,10 +12,12 @@ wait on Python), so when ``add``/``resolve``/``apply`` return, traffic already f
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
@@ -316,13 +318,16 @@ class Forwarder:
 
     def _configure(self, active: ActiveRule, target_ip: str | None = None) -> None:
         o = active.rule.options
+        pool = _pool(o.source, target_ip or active.target_ip)
+        for addr in pool:
+            _check_local(addr)
         self._require().configure(
             active.id,
             connect_timeout=o.connect_timeout, idle_timeout=o.idle_timeout,
             half_closed_timeout=o.half_closed_timeout, splice=_SPLICE_MODES[o.splice],
             splice_threshold=o.splice_threshold, udp_idle_timeout=o.udp_idle_timeout,
             udp_max_sessions=o.udp_max_sessions, max_connections=o.max_connections,
-            allow=o.allow, source=_pool(o.source, target_ip or active.target_ip))
+            allow=o.allow, source=pool)
 
     def _point(self, active: ActiveRule, close_live: bool) -> None:
         host = active.rule.target_host
@@ -361,6 +366,18 @@ def _pool(source: tuple[str, ...], target_ip: str | None) -> tuple[str, ...]:
         return source
     version = ipaddress.ip_address(target_ip).version
     return tuple(addr for addr in source if ipaddress.ip_address(addr).version == version)
+
+
+def _check_local(addr: str) -> None:
+    """Raise unless ``addr`` can be bound here: the engine binds each upstream socket to a
+    pool address, and one it cannot bind would send that connection from the kernel's choice."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((addr, 0))
+        except OSError as exc:
+            reason = "is not an address of this host" if exc.errno == errno.EADDRNOTAVAIL else f"cannot be bound: {exc.strerror}"
+            raise OSError(exc.errno, f"source {addr} {reason}") from None
 
 
 def _overlaps(a: Rule, b: Rule) -> bool:

@@ -5,6 +5,7 @@ family, target names that move between families, and the specs that cannot work 
 with one line when they are loaded instead of failing per connection."""
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -411,3 +412,12 @@ def test_defaults_may_hold_networks_of_both_families() -> None:
                           '[[forward]]\nlisten = "[::]:8000"\nto = "127.0.0.1:80"\n')
     assert [r.options.allow for r in config.rules] == [("10.0.0.0/8", "fd00::/8")] * 2
 
+
+
+@pytest.mark.parametrize("spec, source", [("0:127.0.0.1:80", "192.0.2.7"), ("[::1]:0:[::1]:80", "2001:db8::7")])
+def test_a_source_that_is_not_an_address_of_this_host_is_refused(fwd: SyncForwarder, spec: str, source: str) -> None:
+    # The engine could not bind it, and every connection would leave from the kernel's choice.
+    with pytest.raises(OSError) as info:
+        fwd.add(Rule.parse(spec, options=RuleOptions(source=("127.0.0.2" if "." in source else "::1", source))))
+    assert (info.value.errno, info.value.strerror) == (errno.EADDRNOTAVAIL, f"source {source} is not an address of this host")
+    assert fwd.fw.rules == []
