@@ -340,7 +340,7 @@ class Forwarder:
             self._configure(active, ip)
         self._require().set_target(active.id, ip, active.rule.target_port, close_live)
         active.target_ip = ip
-        if repool and not _pool(pool, ip):
+        if repool and ip is not None and not _pool(pool, ip):
             log.warning("%s: no IPv%d address in its source pool; its connections leave from the kernel's "
                         "choice", _describe(active), ipaddress.ip_address(ip).version)
         if was is not None and ip is None:

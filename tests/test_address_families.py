@@ -14,11 +14,10 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import IPRoute
 
-import fastfwd
 from fastfwd.config import ConfigError, parse_config
 from fastfwd.host.lab import Lab
 from fastfwd.rules import Proto, Rule, RuleOptions, SpecError
-from netutil import (LOOP4, LOOP6, TIMEOUT, Received, SyncForwarder, TcpServer, UdpEcho, bracket, connect,
+from netutil import (LOOP4, LOOP6, TIMEOUT, Handler, Received, SyncForwarder, TcpServer, UdpEcho, bracket, connect,
                      echo_handler, echo_once, free_port_range, make_rule, payload, turned_away_how,
                      udp_roundtrip, udp_socket, wait_for)
 
@@ -73,8 +72,7 @@ def test_a_port_range_forwards_across_families(fwd: SyncForwarder, proto: Proto,
     kinds = (KINDS[proto],)
     target_port = free_port_range(count, target, kinds)
     listen_port = free_port_range(count, listen, kinds, start=target_port + count + 100)
-    make = TcpServer if proto == "tcp" else UdpEcho
-    servers = [make(echo_handler, target, target_port + i) if proto == "tcp" else make(target, target_port + i)
+    servers = [TcpServer(echo_handler, target, target_port + i) if proto == "tcp" else UdpEcho(target, target_port + i)
                for i in range(count)]
     try:
         fwd.add(make_rule(target_port, proto, target, listen_port=listen_port, count=count, listen_host=listen))
@@ -122,7 +120,7 @@ def refused(proto: Proto, host: str, port: int) -> bool:
         return False
 
 
-def tag_handler(tag: bytes):
+def tag_handler(tag: bytes) -> Handler:
     def handle(conn: socket.socket) -> None:
         conn.sendall(tag + conn.recv(64))
     return handle
@@ -358,23 +356,6 @@ def test_a_name_target_that_nothing_resolves_is_pending_and_refuses(fwd: SyncFor
 
 # -- specs -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, message", [
-    ("::1:8080:127.0.0.1:80", "(IPv6 addresses go in brackets)"),
-    ("8080:::1:80", "(IPv6 addresses go in brackets)"),
-    ("[::ffff:127.0.0.1]:8080:127.0.0.1:80",
-     "listen address '::ffff:127.0.0.1' is an IPv4-mapped address: write 127.0.0.1"),
-    ("[::]:8080-8081:[::1]:80", "listen range has 2 ports but target range has 1"),
-    ("[::1]:65536:[::1]:80", "port 65536 is out of range 0-65535"),
-    ("[::1]:65535-65536:[::1]:80-81", "port 65536 is out of range 0-65535"),
-    ("[::1]:8080:[::1]:0", "target port 0 is out of range 1-65535"),
-    ("[fe80::1%lo]:8080:[::1]:80", "listen address 'fe80::1%lo' is not an IPv4 or IPv6 address"),
-])
-def test_bad_specs_of_either_family_are_one_clear_line(spec: str, message: str) -> None:
-    with pytest.raises(SpecError) as info:
-        Rule.parse(spec)
-    assert message in str(info.value) and "\n" not in str(info.value)
-
-
 @pytest.mark.parametrize("spec, listen, target", [
     ("[::]:80:127.0.0.1:80", "::", "127.0.0.1"),
     ("[0:0::0]:80:[::FFFF:127.0.0.1]:80", "::", "::ffff:127.0.0.1"),   # a mapped target is fine to connect to
@@ -389,15 +370,15 @@ def test_good_specs_of_either_family(spec: str, listen: str, target: str) -> Non
     ('listen = "[::1]:8000"\nto = "127.0.0.1:80"\nallow = ["127.0.0.0/8"]\n',
      "forward[0].allow: no IPv6 network, so every client of [::1]:8000 would be refused"),
     ('listen = 8000\nto = "127.0.0.1:80"\nallow = ["::ffff:10.0.0.0/104"]\n',
-     "forward[0].allow: '::ffff:10.0.0.0/104' is an IPv4-mapped network, which no client matches: "
-     "write '10.0.0.0/8' (IPv4 clients are seen as IPv4)"),
+     ("forward[0].allow: '::ffff:10.0.0.0/104' is an IPv4-mapped network, which no client matches: "
+      "write '10.0.0.0/8' (IPv4 clients are seen as IPv4)")),
     ('listen = 8000\nto = "[::1]:80"\nsource = ["127.0.0.2"]\n',
      "forward[0].source: '127.0.0.2' is IPv4 but the target ::1 is IPv6"),
     ('listen = "[::ffff:127.0.0.1]:8000"\nto = "127.0.0.1:80"\n',
      "forward[0].listen: listen address '::ffff:127.0.0.1' is an IPv4-mapped address: write 127.0.0.1"),
     ('listen = 8000\nto = "localhost:80"\n',
-     "forward[0].to: target host 'localhost' is a loopback name: write 127.0.0.1 or [::1] "
-     "(names come from [hosts] and DHCP leases)"),
+     ("forward[0].to: target host 'localhost' is a loopback name: write 127.0.0.1 or [::1] "
+      "(names come from [hosts] and DHCP leases)")),
 ])
 def test_a_config_names_the_key_of_a_family_mistake(entry: str, error: str) -> None:
     with pytest.raises(ConfigError) as info:
