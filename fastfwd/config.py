@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 
 from .leases import HostEntry, LeaseError
 from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_target_host,
-                    is_ip, parse_ports, split_hostports)
+                    is_ip, listen_address, parse_ports, split_hostports)
 
 _OPTION_KEYS = tuple(f.name for f in fields(RuleOptions))
 _S = TypeVar("_S", "EngineSettings", "ControlSettings", "SourceSettings")
@@ -289,7 +288,12 @@ class _Validator:
                              target_host=thost, target_port=tport, name=name, options=options)
                         for p in protos or ()]
             except SpecError as exc:
-                self.error(path, str(exc))
+                # An option that does not fit the rule's addresses is reported at its key.
+                key, _, problem = str(exc).partition(": ")
+                if key in _TUPLE_OPTIONS:
+                    self.error(f"{path}.{key}", problem)
+                else:
+                    self.error(path, str(exc))
         return []
 
     def overlaps(self, rules: list[tuple[str, Rule]]) -> None:
@@ -351,13 +355,11 @@ def _listen(value: Any) -> tuple[str, int, int]:
     parts = split_hostports(value)
     if len(parts) > 2:
         raise SpecError(f"{value!r}: expected [ADDR:]PORT[-END] (IPv6 addresses go in brackets)")
-    host = parts[0] if len(parts) == 2 else DEFAULT_LISTEN
-    if not is_ip(host):
-        raise SpecError(f"listen address {host!r} is not an IPv4 or IPv6 address")
+    host = listen_address(parts[0] if len(parts) == 2 else DEFAULT_LISTEN)
     first, count = parse_ports(parts[-1])
     if first == 0 and count > 1:
         raise SpecError("port 0 (any free port) cannot start a range")
-    return str(ipaddress.ip_address(host)), first, count
+    return host, first, count
 
 
 def _target(value: Any) -> tuple[str, int, int]:

@@ -12,9 +12,12 @@ wait on Python), so when ``add``/``resolve``/``apply`` return, traffic already f
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
@@ -313,22 +316,33 @@ class Forwarder:
     async def _revert(self, active: ActiveRule, old: Rule) -> None:
         self._update(active, old, Diff())
 
-    def _configure(self, active: ActiveRule) -> None:
+    def _configure(self, active: ActiveRule, target_ip: str | None = None) -> None:
         o = active.rule.options
+        pool = _pool(o.source, target_ip or active.target_ip)
+        for addr in pool:
+            _check_local(addr)
         self._require().configure(
             active.id,
             connect_timeout=o.connect_timeout, idle_timeout=o.idle_timeout,
             half_closed_timeout=o.half_closed_timeout, splice=_SPLICE_MODES[o.splice],
             splice_threshold=o.splice_threshold, udp_idle_timeout=o.udp_idle_timeout,
             udp_max_sessions=o.udp_max_sessions, max_connections=o.max_connections,
-            allow=o.allow, source=o.source)
+            allow=o.allow, source=pool)
 
     def _point(self, active: ActiveRule, close_live: bool) -> None:
         host = active.rule.target_host
         ip = host if is_ip(host) else self._names.get(host)
         was = active.target_ip
+        pool = active.rule.options.source
+        repool = ip is not None and _pool(pool, ip) != _pool(pool, was)
+        if repool:
+            # The name moved to the other family: its connections take the pool's other half.
+            self._configure(active, ip)
         self._require().set_target(active.id, ip, active.rule.target_port, close_live)
         active.target_ip = ip
+        if repool and ip is not None and not _pool(pool, ip):
+            log.warning("%s: no IPv%d address in its source pool; its connections leave from the kernel's "
+                        "choice", _describe(active), ipaddress.ip_address(ip).version)
         if was is not None and ip is None:
             log.warning("%s is pending: %s has no address", _describe(active), host)
         elif was is not None and ip != was:
@@ -343,6 +357,27 @@ class Forwarder:
 def _describe(active: ActiveRule) -> str:
     label = f"{active.rule.name}: " if active.rule.name else ""
     return f"{label}{active.rule}" + (f" ({active.target_ip})" if active.rule.target_is_name and active.target_ip else "")
+
+
+def _pool(source: tuple[str, ...], target_ip: str | None) -> tuple[str, ...]:
+    """The source addresses that can reach ``target_ip`` (all while it is unknown): the
+    engine binds an upstream socket only to an address of the target's family."""
+    if target_ip is None:
+        return source
+    version = ipaddress.ip_address(target_ip).version
+    return tuple(addr for addr in source if ipaddress.ip_address(addr).version == version)
+
+
+def _check_local(addr: str) -> None:
+    """Raise unless ``addr`` can be bound here: the engine binds each upstream socket to a
+    pool address, and one it cannot bind would send that connection from the kernel's choice."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((addr, 0))
+        except OSError as exc:
+            reason = "is not an address of this host" if exc.errno == errno.EADDRNOTAVAIL else f"cannot be bound: {exc.strerror}"
+            raise OSError(exc.errno, f"source {addr} {reason}") from None
 
 
 def _overlaps(a: Rule, b: Rule) -> bool:

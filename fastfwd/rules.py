@@ -73,13 +73,10 @@ class RuleOptions:
                 raise SpecError(f"{name}: expected 'keep' or 'close', got {getattr(self, name)!r}")
         allow = tuple(self.allow)
         for cidr in allow:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise SpecError(f"allow: {cidr!r} is not a CIDR network") from None
+            allow_network(cidr)
         source = tuple(self.source)
         for addr in source:
-            parse_ip(addr, "source")
+            unmapped_ip(addr, "source")
         object.__setattr__(self, "allow", allow)
         object.__setattr__(self, "source", source)
 
@@ -104,16 +101,33 @@ class Rule:
     def __post_init__(self) -> None:
         if self.proto not in ("tcp", "udp"):
             raise SpecError(f"proto: expected 'tcp' or 'udp', got {self.proto!r}")
-        object.__setattr__(self, "listen_host", str(parse_ip(self.listen_host, "listen address")))
+        object.__setattr__(self, "listen_host", listen_address(self.listen_host))
         check_target_host(self.target_host)
         if not is_ip(self.target_host):
             object.__setattr__(self, "target_host", self.target_host.lower())  # names ignore case
+        self._check_families()
         if self.count < 1:
             raise SpecError(f"port count must be at least 1, got {self.count}")
         if self.listen_port == 0 and self.count != 1:
             raise SpecError("listen port 0 (any free port) cannot start a range")
         _check_port_range(self.listen_port, self.count, "listen", allow_zero=True)
         _check_port_range(self.target_port, self.count, "target", allow_zero=False)
+
+    def _check_families(self) -> None:
+        """Refuse what could never work: IPv6 listeners take IPv6 clients only (IPv4 ones are
+        not seen as ::ffff:a.b.c.d), and an upstream socket binds only a source address of
+        its target's family. A name target's family is known once it resolves: the
+        forwarder then uses the pool addresses of that family."""
+        family = ipaddress.ip_address(self.listen_host).version
+        nets = [ipaddress.ip_network(cidr, strict=False) for cidr in self.options.allow]
+        if nets and all(net.version != family for net in nets):
+            raise SpecError(f"allow: no IPv{family} network, so every client of {self.listen_text} would be refused")
+        if self.target_is_name:
+            return
+        target = ipaddress.ip_address(self.target_host)
+        for addr in self.options.source:
+            if (version := ipaddress.ip_address(addr).version) != target.version:
+                raise SpecError(f"source: {addr!r} is IPv{version} but the target {target} is IPv{target.version}")
 
     @classmethod
     def parse(cls, spec: str, proto: Proto = "tcp", *, name: str | None = None,
@@ -122,7 +136,8 @@ class Rule:
         try:
             parts = split_hostports(spec)
             if len(parts) not in (3, 4):
-                raise SpecError("expected [ADDR:]PORT[-END]:HOST:PORT[-END]")
+                hint = " (IPv6 addresses go in brackets)" if len(parts) > 4 else ""
+                raise SpecError(f"expected [ADDR:]PORT[-END]:HOST:PORT[-END]{hint}")
             listen_host = parts[0] if len(parts) == 4 else DEFAULT_LISTEN
             (lport, lcount), thost, (tport, tcount) = (
                 parse_ports(parts[-3]), parts[-2], parse_ports(parts[-1]))
@@ -196,6 +211,33 @@ def parse_ip(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addr
         raise SpecError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
 
 
+def listen_address(text: str) -> str:
+    """A listen address in its normal form."""
+    return str(unmapped_ip(text, "listen address"))
+
+
+def unmapped_ip(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address to bind. An IPv4-mapped one (::ffff:a.b.c.d) cannot be bound by the
+    engine's IPv6-only sockets: the IPv4 form is what works."""
+    ip = parse_ip(text, what)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        raise SpecError(f"{what} {text!r} is an IPv4-mapped address: write {ip.ipv4_mapped}")
+    return ip
+
+
+def allow_network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise SpecError(f"allow: {cidr!r} is not a CIDR network") from None
+    # Clients arrive in their own family, so an IPv4 client never matches ::ffff:a.b.c.d/n.
+    if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+        v4 = ipaddress.IPv4Network((net.network_address.ipv4_mapped, net.prefixlen - 96))
+        raise SpecError(f"allow: {cidr!r} is an IPv4-mapped network, which no client matches: "
+                        f"write '{v4}' (IPv4 clients are seen as IPv4)")
+    return net
+
+
 def is_ip(text: str) -> bool:
     try:
         ip_address(text)
@@ -215,8 +257,16 @@ def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def check_target_host(host: str) -> None:
-    if not is_ip(host) and not _HOSTNAME.fullmatch(host):
+    if is_ip(host):
+        return
+    if not _HOSTNAME.fullmatch(host):
         raise SpecError(f"target host {host!r} is neither an IP address nor a valid host name")
+    # Names are looked up in [hosts] and leases, never in /etc/hosts: 'localhost' would wait
+    # for (or follow) a guest calling itself that, not reach this host.
+    name = host.lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        raise SpecError(f"target host {name!r} is a loopback name: write 127.0.0.1 or [::1] "
+                        "(names come from [hosts] and DHCP leases)")
 
 
 def _check_port_range(first: int, count: int, what: str, allow_zero: bool) -> None:

@@ -54,7 +54,12 @@ def test_default_listen_address_is_loopback() -> None:
     ("8080", "expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
     ("8080:80", "expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
     ("a:b:c:d:e", "expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
-    ("::1:5353:::1:53", "expected [ADDR:]PORT[-END]:HOST:PORT[-END]"),
+    ("::1:5353:::1:53", "expected [ADDR:]PORT[-END]:HOST:PORT[-END] (IPv6 addresses go in brackets)"),
+    ("8080:::1:80", "(IPv6 addresses go in brackets)"),
+    ("[::ffff:127.0.0.1]:8080:127.0.0.1:80",
+     "listen address '::ffff:127.0.0.1' is an IPv4-mapped address: write 127.0.0.1"),
+    ("[::]:8080-8081:[::1]:80", "listen range has 2 ports but target range has 1"),
+    ("[::1]:65535-65536:[::1]:80-81", "port 65536 is out of range 0-65535"),
 ])
 def test_bad_specs_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(SpecError) as info:

@@ -1,9 +1,13 @@
 """Upstream connections spread over a pool of local source addresses (``source`` option)."""
 from __future__ import annotations
 
+import logging
 import socket
 from collections import Counter
 
+import pytest
+
+import fastfwd
 from netutil import SyncForwarder, TcpServer, connect
 
 SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -34,11 +38,15 @@ def test_without_a_pool_the_kernel_picks_the_source(fwd: SyncForwarder) -> None:
         assert server.result() == "127.0.0.1"
 
 
-def test_a_pool_of_the_other_family_is_not_used(fwd: SyncForwarder) -> None:
-    # An IPv6 source cannot bind an IPv4 upstream: the connection still goes out, from the
-    # kernel's choice, instead of failing.
-    with TcpServer(peer_address) as server:
-        rule = fwd.forward(server.port, source=("::1",))
+
+def test_a_name_whose_family_the_pool_lacks_still_connects_and_warns(
+        fwd: SyncForwarder, caplog: pytest.LogCaptureFixture) -> None:
+    # A pool of the other family than an address target is refused when the rule is made;
+    # a name learns its family later, and then its connections leave from the kernel's choice.
+    with TcpServer(peer_address, "::1") as server, caplog.at_level(logging.WARNING, "fastfwd"):
+        rule = fwd.add(fastfwd.Rule.parse(f"0:vm1:{server.port}", options=fastfwd.RuleOptions(source=("127.0.0.2",))))
+        fwd.resolve("vm1", "::1")
         with connect(rule.port) as client:
             assert client.recv(2) == b"ok"
-        assert server.result() == "127.0.0.1"
+        assert server.result() == "::1"
+    assert "no IPv6 address in its source pool" in caplog.text
