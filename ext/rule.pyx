@@ -6,6 +6,23 @@ cdef socklen_t addr_len(addr_t* a) noexcept nogil:
     return sizeof(sockaddr_in) if a.sa.sa_family == AF_INET else sizeof(sockaddr_in6)
 
 
+cdef inline void set_int_opt(int fd, int level, int name, int value) noexcept nogil:
+    setsockopt(fd, level, name, &value, sizeof(int))
+
+
+cdef void bind_source(rule_worker_t* rw, int fd, int family) noexcept nogil:
+    """Bind an upstream socket to the rule's next source address, round robin. The port is
+    chosen at connect() time, so each address gets its own full port range."""
+    cdef addr_t* src
+    if rw.conf.nsource == 0:
+        return
+    src = &rw.conf.source[rw.next_source % <uint32_t>rw.conf.nsource]
+    rw.next_source += 1
+    if src.sa.sa_family == family:  # the forwarder hands over only the target's family
+        set_int_opt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        bind(fd, &src.sa, addr_len(src))
+
+
 cdef void rule_target(rconf_t* conf, int index, addr_t* out, socklen_t* outlen) noexcept nogil:
     # Listener i of a range forwards to the target's port + i.
     out[0] = conf.target

@@ -36,10 +36,6 @@ cdef inline int wrote(conn_t* c, int d, ssize_t n, size_t* budget, rule_worker_t
     return MOVE_ON
 
 
-cdef inline void set_int_opt(int fd, int level, int name, int value) noexcept nogil:
-    setsockopt(fd, level, name, &value, sizeof(int))
-
-
 cdef void reset_close(int fd) noexcept nogil:
     # SO_LINGER 0 turns close() into a RST, so the peer learns the other leg failed.
     cdef linger lg
@@ -101,7 +97,6 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
     cdef rconf_t* conf = rw.conf
     cdef addr_t target
     cdef socklen_t tlen
-    cdef addr_t* src
     cdef conn_t* c
     cdef int tfd, rc
     rule_target(conf, l.index, &target, &tlen)
@@ -117,14 +112,7 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
             pause_listener(w, l, w.now + PAUSE_MS)
         return False
     set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has it from the listener
-    if conf.nsource:
-        # Spread upstream connections over several local addresses; the port is chosen at
-        # connect() time, so each address gets its own full port range.
-        src = &conf.source[rw.next_source % <uint32_t>conf.nsource]
-        rw.next_source += 1
-        if src.sa.sa_family == target.sa.sa_family:
-            set_int_opt(tfd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            bind(tfd, &src.sa, addr_len(src))
+    bind_source(rw, tfd, target.sa.sa_family)
     c.rule = r
     c.fd[0] = cfd
     c.fd[1] = tfd

@@ -142,6 +142,7 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
     fd = socket(target.sa.sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         return NULL
+    bind_source(rw, fd, target.sa.sa_family)
     if connect(fd, &target.sa, tlen) < 0:
         close(fd)
         return NULL
@@ -289,6 +290,12 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
         while i < n:
             if b.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                 rw.c.truncated += 1
+                i += 1
+                continue
+            if not rule_allows(rw.conf, &b.flows[i].client):
+                # Checked per datagram, not per session: a reload that narrows the list
+                # stops the sessions it no longer admits.
+                rw.c.refused += 1
                 i += 1
                 continue
             s = NULL

@@ -47,14 +47,17 @@ class RuleOptions:
     udp_max_sessions: int = 4096
     #: Refuse TCP connections beyond this many open at once (0: no cap).
     max_connections: int = 0
-    #: Only these source networks may connect (CIDRs); empty allows all. Others are refused and counted.
+    #: Only these source networks may connect (TCP) or send (UDP, checked per datagram); empty
+    #: allows all. Others are refused and counted.
     allow: tuple[str, ...] = ()
-    #: Local addresses to spread upstream connections over (more ports in TIME_WAIT before running out).
+    #: Local addresses to spread upstream connections and UDP sessions over, round robin (more
+    #: ports in TIME_WAIT before running out).
     source: tuple[str, ...] = ()
     #: What happens to live TCP connections when the rule's target changes: ``keep`` lets
     #: them run to their end on the old target, ``close`` resets them. UDP sessions always move.
     on_retarget: LivePolicy = "keep"
-    #: What happens to live TCP connections and UDP sessions when the rule is removed.
+    #: What happens to live TCP connections when the rule is removed: ``keep`` lets them finish,
+    #: ``close`` resets them. UDP sessions end with the rule's listener either way.
     on_remove: LivePolicy = "keep"
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 import fastfwd
-from netutil import SyncForwarder, TcpServer, connect
+from netutil import LOOP4, SyncForwarder, TcpServer, UdpEcho, connect, udp_roundtrip, udp_socket
 
 SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
@@ -30,13 +30,22 @@ def test_upstream_connections_rotate_over_the_source_pool(fwd: SyncForwarder) ->
     assert set(seen) == set(SOURCES), seen
 
 
+def test_udp_sessions_rotate_over_the_source_pool(fwd: SyncForwarder) -> None:
+    with UdpEcho() as server:
+        rule = fwd.forward(server.port, "udp", source=SOURCES)
+        for i in range(6):  # each client socket is a session of its own
+            with udp_socket() as sock:
+                assert udp_roundtrip(sock, (LOOP4, rule.port), b"%d" % i) == b"%d" % i
+        seen = Counter(address for address, _ in list(server.received))
+    assert seen == Counter({source: 2 for source in SOURCES})  # a UDP rule has one worker
+
+
 def test_without_a_pool_the_kernel_picks_the_source(fwd: SyncForwarder) -> None:
     with TcpServer(peer_address) as server:
         rule = fwd.forward(server.port)
         with connect(rule.port) as client:
             assert client.recv(2) == b"ok"
         assert server.result() == "127.0.0.1"
-
 
 
 def test_a_name_whose_family_the_pool_lacks_still_connects_and_warns(
