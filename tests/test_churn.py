@@ -117,13 +117,32 @@ def _pipe_bytes(fd: int) -> int:
         return 0
 
 
+def held(fwd: SyncForwarder) -> dict[str, int]:
+    """What the engine's workers hold (Engine.resources)."""
+    return fwd.fw._engine.resources()
+
+
+def engine_leftovers(fwd: SyncForwarder) -> list[str]:
+    """What an idle engine should not hold: connections or sessions not freed, pipes or
+    buffers not given back, spares beyond the pools' bound, rules no longer installed."""
+    res = held(fwd)
+    found = [f"{res[k]} {k}" for k in ("connections", "sessions", "pipes_lent", "buffers_lent") if res[k]]
+    bound = POOL_SPARE_PIPES * fwd.fw.workers
+    found += [f"{res[k]} {k} (pools keep {bound})" for k in ("pipes_spare", "buffers_spare") if res[k] > bound]
+    if res["rules"] != len(fwd.fw.rules) * fwd.fw.workers:
+        found.append(f"{res['rules']} rule entries tracked by the workers for {len(fwd.fw.rules)} rules")
+    return found
+
+
 def wait_idle(fwd: SyncForwarder, *rules: fastfwd.ActiveRule, timeout: float = 10.0) -> list[fastfwd.Counters]:
-    """Wait until the engine holds no connection or session; return each rule's counters."""
-    def idle() -> bool:
-        return (fwd.fw._engine.live_connections() == 0
-                and all(fwd.counters(r).active == 0 and fwd.counters(r).sessions_active == 0 for r in rules))
-    wait_for(idle, timeout=timeout, what="no live connection or session")
-    return [fwd.counters(r) for r in rules]
+    """Wait until the engine holds no connection, session, pipe or buffer beyond its spares;
+    return each rule's counters (all of them show nothing open)."""
+    wait_for(lambda: not engine_leftovers(fwd), timeout=timeout,
+             what=f"an idle engine to hold nothing: {engine_leftovers(fwd)}")
+    counters = [fwd.counters(r) for r in rules]
+    assert all(c.active == 0 and c.sessions_active == 0 for c in counters), counters
+    assert fwd.fw._engine.live_connections() == 0
+    return counters
 
 
 # ------------------------------------------------------------------------------------------
@@ -432,6 +451,7 @@ def test_tcp_churn_gives_everything_back(fwd: SyncForwarder) -> None:
         assert refused.connect_failed == refused.accepted == 80
         assert timeout.connect_failed == timeout.accepted == 40
         assert auto.bytes_spliced and always.bytes_spliced and not always.bytes_copied
+        assert held(fwd)["pipes_spare"] > 0          # so pipes were lent and came back
         # The same round again must not need more memory: what the first round left in pools
         # and caches is reused, nothing accumulates per connection.
         assert heap[1] - heap[0] < 512 * KB, f"the heap grew by {heap[1] - heap[0]} bytes in an identical round"
@@ -494,7 +514,7 @@ def test_udp_retarget_cycles_move_sessions_without_new_sockets(fwd: SyncForwarde
             for sock in clients:
                 sock.close()
         fwd.remove(rule)
-        wait_for(lambda: fwd.fw._engine.live_connections() == 0, what="no live connection")
+        wait_idle(fwd)
         base.wait_back("the UDP rule was removed")
 
 
@@ -548,7 +568,7 @@ def test_rule_churn_releases_listeners_connections_and_ports(fwd: SyncForwarder)
                     assert _read_until_closed(sock) == b""
                     conn = cycle * 1000 + added.index(active)
                     assert wait_for(lambda: tgt.got.get(conn)) == Received.of(first + second)
-            wait_for(lambda: fwd.fw._engine.live_connections() == 0, what="no live connection")
+            wait_idle(fwd)
             base.wait_back(f"rule cycle {cycle}")
 
 
