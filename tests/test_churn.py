@@ -2,14 +2,16 @@
 rule took. Each test churns a live Forwarder with real traffic (bytes compared at the far
 end), then checks the process is back at its baseline: its sockets, eventfds and epoll sets
 exactly, spare pipes within the pool's bound and empty, counters consistent, ports bindable
-again, worker threads gone. Leaks that hold no fd are caught by repetition: the second of two
-identical rounds must not grow the heap."""
+again, worker threads gone. Leaks that hold no fd show in the engine's own count of what its
+workers hold (Engine.resources: connections, sessions, pipes and buffers lent) and, coarsely,
+by repetition: the second of two identical TCP rounds must not grow the heap past a slack."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ctypes
 import fcntl
+import functools
 import gc
 import hashlib
 import os
@@ -24,7 +26,7 @@ from typing import Any
 
 import fastfwd
 from netutil import (LOOP4, TIMEOUT, LoopThread, Received, SyncForwarder, UdpEcho, make_rule,
-                     refusing_port, run_async, udp_socket, udp_roundtrip, wait_for)
+                     refusing_port, run_async, udp_roundtrip, udp_socket, wait_for)
 
 KB, MB = 1 << 10, 1 << 20
 #: Spare pipes a worker's pool keeps for reuse (ext/pools.pyx, max_free).
@@ -89,7 +91,7 @@ class Baseline:
     workers: int
 
     @classmethod
-    def take(cls, workers: int) -> "Baseline":
+    def take(cls, workers: int) -> Baseline:
         return cls(fd_census(), set(pipe_fds()), workers)
 
     def problems(self) -> list[str]:
@@ -335,7 +337,7 @@ class Mix:
 
     async def target_reset(self, port: int) -> None:
         """The target reads 100 KiB of a 4 MiB stream, then resets."""
-        conn, header = self._new(READ_THEN_RESET, 100 * KB)
+        _, header = self._new(READ_THEN_RESET, 100 * KB)
         reader, writer = await _open(port)
         try:
             with contextlib.suppress(OSError):     # reset, or not connected any more
@@ -364,7 +366,7 @@ class Mix:
 
     def check_target(self) -> None:
         for conn, want in self.expect.items():
-            got = wait_for(lambda: self.tgt.got.get(conn), what=f"the target to finish connection {conn}")
+            got = wait_for(functools.partial(self.tgt.got.get, conn), what=f"the target to finish connection {conn}")
             if want == "reset":
                 continue        # the target read some prefix, then saw an EOF or a reset
             assert got == want, f"connection {conn}: the target read {got}, the client sent {want}"
@@ -453,7 +455,8 @@ def test_tcp_churn_gives_everything_back(fwd: SyncForwarder) -> None:
         assert auto.bytes_spliced and always.bytes_spliced and not always.bytes_copied
         assert held(fwd)["pipes_spare"] > 0          # so pipes were lent and came back
         # The same round again must not need more memory: what the first round left in pools
-        # and caches is reused, nothing accumulates per connection.
+        # and caches is reused. Coarse: the interpreter's own warm-up still adds ~100 KiB in
+        # the second round, hence the slack; the exact check is wait_idle's.
         assert heap[1] - heap[0] < 512 * KB, f"the heap grew by {heap[1] - heap[0]} bytes in an identical round"
 
 
@@ -567,7 +570,7 @@ def test_rule_churn_releases_listeners_connections_and_ports(fwd: SyncForwarder)
                     sock.shutdown(socket.SHUT_WR)
                     assert _read_until_closed(sock) == b""
                     conn = cycle * 1000 + added.index(active)
-                    assert wait_for(lambda: tgt.got.get(conn)) == Received.of(first + second)
+                    assert wait_for(functools.partial(tgt.got.get, conn)) == Received.of(first + second)
             wait_idle(fwd)
             base.wait_back(f"rule cycle {cycle}")
 
