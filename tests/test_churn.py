@@ -26,7 +26,7 @@ from typing import Any
 
 import fastfwd
 from netutil import (LOOP4, TIMEOUT, LoopThread, Received, SyncForwarder, UdpEcho, make_rule,
-                     refusing_port, run_async, udp_roundtrip, udp_socket, wait_for)
+                     refusing_port, run_async, turned_away, udp_roundtrip, udp_socket, wait_for)
 
 KB, MB = 1 << 10, 1 << 20
 #: Spare pipes a worker's pool keeps for reuse (ext/pools.pyx, max_free).
@@ -167,12 +167,12 @@ class Target:
     """Each connection starts with a HEADER saying how the target behaves; ``got[id]`` is what
     it read after the header (bytes and digest), or ``"reset"``."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = LOOP4, port: int = 0) -> None:
         self.got: dict[int, Received | str] = {}
         self._loop = LoopThread()
         self._release = asyncio.Event()
         self._open: set[asyncio.StreamWriter] = set()
-        self._server = self._loop.run(asyncio.start_server(self._handle, LOOP4, 0, backlog=4096))
+        self._server = self._loop.run(asyncio.start_server(self._handle, host, port, backlog=4096))
         self.port: int = self._server.sockets[0].getsockname()[1]
 
     async def _read_all(self, reader: asyncio.StreamReader, echo: asyncio.StreamWriter | None) -> Received:
@@ -231,8 +231,8 @@ class Target:
 
 
 @contextlib.contextmanager
-def target() -> Iterator[Target]:
-    t = Target()
+def target(host: str = LOOP4, port: int = 0) -> Iterator[Target]:
+    t = Target(host, port)
     try:
         yield t
     finally:
@@ -573,6 +573,52 @@ def test_rule_churn_releases_listeners_connections_and_ports(fwd: SyncForwarder)
                     assert wait_for(functools.partial(tgt.got.get, conn)) == Received.of(first + second)
             wait_idle(fwd)
             base.wait_back(f"rule cycle {cycle}")
+
+
+def test_pending_retarget_and_timeout_cycles_give_everything_back(fwd: SyncForwarder) -> None:
+    """A TCP rule following a name through addresses and gaps (its listener closed and bound
+    again each time), with connections left to its idle and half-closed timeouts."""
+    with target("127.0.0.2") as a, target("127.0.0.3", a.port) as b:
+        targets = {"127.0.0.2": a, "127.0.0.3": b}
+        base = Baseline.take(fwd.fw.workers)
+        fwd.resolve("web", "127.0.0.2")
+        quick = dict(idle_timeout=0.3, half_closed_timeout=0.3)
+        rules = [fwd.add(fastfwd.Rule.parse(f"0:web:{a.port}", options=fastfwd.RuleOptions(on_retarget=policy, **quick)))
+                 for policy in ("keep", "close")]
+        conn = 0
+        socks: list[tuple[socket.socket, Target, int]] = []
+        for ip in ["127.0.0.3", None, "127.0.0.2", None] * 3:
+            fwd.resolve("web", ip)
+            for sock, tgt, left in socks:
+                # Reset by the forwarder (the close policy, or a timeout), not ended by the client.
+                assert wait_for(functools.partial(tgt.got.get, left),
+                                what=f"the forwarder to end connection {left}") == "reset"
+                sock.close()
+            socks = []
+            if ip is None:
+                assert all(turned_away(rule.port) for rule in rules)
+                continue
+            for rule in rules:
+                # One exchange to its end, one left idle, one half-closed by the target.
+                conn += 1
+                message = data(2000, conn)
+                with socket.create_connection((LOOP4, rule.port), timeout=TIMEOUT) as sock:
+                    sock.sendall(HEADER.pack(ECHO, conn, 0) + message)
+                    sock.shutdown(socket.SHUT_WR)
+                    assert _read_until_closed(sock) == message
+                assert wait_for(functools.partial(targets[ip].got.get, conn)) == Received.of(message)
+                idle = socket.create_connection((LOOP4, rule.port), timeout=TIMEOUT)
+                idle.sendall(HEADER.pack(ECHO, conn + 1000, 0))
+                assert _echo_sync(idle, b"y") == b"y"
+                half = socket.create_connection((LOOP4, rule.port), timeout=TIMEOUT)
+                half.sendall(HEADER.pack(SEND_THEN_SINK, conn + 2000, 1000))
+                assert len(_read_until_closed(half)) == 1000    # then the client goes quiet
+                socks += [(idle, targets[ip], conn + 1000), (half, targets[ip], conn + 2000)]
+        wait_idle(fwd, *rules)
+        for rule in rules:
+            fwd.remove(rule)
+        wait_idle(fwd)
+        base.wait_back("the rules following a name were removed")
 
 
 def _read_until_closed(sock: socket.socket) -> bytes | str:
