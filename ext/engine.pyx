@@ -421,6 +421,25 @@ cdef class Engine:
             total += ff_load_int(&self._w[i].live)
         return total
 
+    def resources(self):
+        """What the workers hold now, summed: connections and UDP sessions allocated (closed
+        ones until the end of their loop turn), pipes and copy buffers lent to connections or
+        kept spare in the pools, and rules tracked (one entry per worker). For leak checks."""
+        cdef worker_t* w
+        cdef int i
+        out = dict.fromkeys(("connections", "sessions", "pipes_lent", "pipes_spare",
+                             "buffers_lent", "buffers_spare", "rules"), 0)
+        for i in range(self._n):
+            w = &self._w[i]
+            out["connections"] += ff_load_int(&w.conns_held)
+            out["sessions"] += ff_load_int(&w.sessions_held)
+            out["pipes_lent"] += ff_load_int(&w.pool.pipes_lent)
+            out["pipes_spare"] += ff_load_int(&w.pool.npipes)
+            out["buffers_lent"] += ff_load_int(&w.pool.bufs_lent)
+            out["buffers_spare"] += ff_load_int(&w.pool.nbufs)
+            out["rules"] += ff_load_int(&w.nrules)
+        return out
+
     def close(self):
         """Stop the workers, close every connection and listener. Idempotent."""
         cdef int i

@@ -16,3 +16,5 @@ ctypedef struct pool_t:
     int nbufs
     int buf_size
     int max_free          # pipes and buffers kept for reuse beyond this are released
+    int pipes_lent        # taken and not yet given back (leak checks read these)
+    int bufs_lent

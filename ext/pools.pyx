@@ -9,6 +9,8 @@ cdef void pool_init(pool_t* p, int pipe_size, int buf_size) noexcept nogil:
     p.nbufs = 0
     p.buf_size = buf_size
     p.max_free = 64
+    p.pipes_lent = 0
+    p.bufs_lent = 0
 
 
 cdef void pool_clear(pool_t* p) noexcept nogil:
@@ -33,6 +35,7 @@ cdef pipe_t* pipe_take(pool_t* p) noexcept nogil:
     if pp != NULL:
         p.pipes = pp.next
         p.npipes -= 1
+        p.pipes_lent += 1
         return pp
     if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
         return NULL
@@ -48,16 +51,24 @@ cdef pipe_t* pipe_take(pool_t* p) noexcept nogil:
     if granted < 0:
         granted = fcntl(fds[1], F_GETPIPE_SZ)
     pp.size = granted if granted > 0 else 65536
+    p.pipes_lent += 1
     return pp
 
 
 cdef void pipe_give(pool_t* p, pipe_t* pp) noexcept nogil:
+    p.pipes_lent -= 1
     if p.npipes >= p.max_free:
         pipe_discard(pp)
         return
     pp.next = p.pipes
     p.pipes = pp
     p.npipes += 1
+
+
+cdef void pipe_drop(pool_t* p, pipe_t* pp) noexcept nogil:
+    # A lent pipe that still holds bytes nobody will read: not fit for reuse.
+    p.pipes_lent -= 1
+    pipe_discard(pp)
 
 
 cdef void pipe_discard(pipe_t* pp) noexcept nogil:
@@ -71,11 +82,15 @@ cdef char* buf_take(pool_t* p) noexcept nogil:
     if b != NULL:
         p.bufs = (<void**>b)[0]
         p.nbufs -= 1
-        return <char*>b
-    return <char*>malloc(p.buf_size)
+    else:
+        b = malloc(p.buf_size)
+    if b != NULL:
+        p.bufs_lent += 1
+    return <char*>b
 
 
 cdef void buf_give(pool_t* p, char* buf) noexcept nogil:
+    p.bufs_lent -= 1
     if p.nbufs >= p.max_free:
         free(buf)
         return

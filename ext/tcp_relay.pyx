@@ -111,6 +111,7 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
             rw.c.accept_paused += 1
             pause_listener(w, l, w.now + PAUSE_MS)
         return False
+    w.conns_held += 1
     set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has it from the listener
     bind_source(rw, tfd, target.sa.sa_family)
     c.rule = r
@@ -237,7 +238,7 @@ cdef void conn_close(worker_t* w, conn_t* c, bint reset) noexcept nogil:
         h = &c.half[d]
         if h.pipe != NULL:
             if h.pipe_bytes:
-                pipe_discard(h.pipe)      # still holds bytes nobody will read
+                pipe_drop(&w.pool, h.pipe)
             else:
                 pipe_give(&w.pool, h.pipe)
             h.pipe = NULL
@@ -278,6 +279,7 @@ cdef void tcp_free_dead(worker_t* w) noexcept nogil:
     while c != NULL:
         nxt = c.next
         free(c)
+        w.conns_held -= 1
         c = nxt
 
 

@@ -150,6 +150,7 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
     if s == NULL:
         close(fd)
         return NULL
+    w.sessions_held += 1
     s.fd = fd
     s.listener = l
     s.flow = flow[0]
@@ -436,4 +437,5 @@ cdef void udp_free_dead(worker_t* w) noexcept nogil:
     while s != NULL:
         nxt = s.dead_next
         free(s)
+        w.sessions_held -= 1
         s = nxt

@@ -48,6 +48,8 @@ cdef struct worker_s:
     int reserve_fd          # spent to refuse a client when out of fds
     int running
     int live                # open TCP connections (read by the control plane for draining)
+    int conns_held          # connections and sessions allocated and not yet freed (leak checks)
+    int sessions_held
     uint64_t now
     uint64_t next_sweep
     uint64_t spin_ns        # busy-poll this long after the last event before sleeping (0: never)
