@@ -45,6 +45,11 @@ class DaemonError(Exception):
     """The daemon cannot start; the message is one line naming the problem."""
 
 
+class SettingsError(DaemonError):
+    """The daemon cannot start because its settings ask for what can never work (a target
+    name nothing can resolve, an unknown user): as wrong as a bad config file."""
+
+
 @dataclass(frozen=True)
 class Overrides:
     """Command-line settings that win over the config file's."""
@@ -114,7 +119,7 @@ class Daemon:
                 try:
                     self._check_target(rule)
                 except ValueError as exc:
-                    raise DaemonError(f"cannot forward {rule}: {exc}") from None
+                    raise SettingsError(f"cannot forward {rule}: {exc}") from None
             if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
                 state = Path(self.control.state_dir) / STATE_FILE
                 try:
@@ -389,7 +394,7 @@ class Daemon:
         try:
             access = Access.from_names(c.allow_users, c.allow_groups)
         except KeyError as exc:  # from pwd/grp: "getpwnam(): name not found: 'bob'"
-            raise DaemonError(f"[control] allow_users/allow_groups: {exc.args[0]}") from None
+            raise SettingsError(f"[control] allow_users/allow_groups: {exc.args[0]}") from None
         servers: list[JsonLineServer | asyncio.AbstractServer] = []
         units: list[JsonLineServer] = [ControlServer(c.control_socket, self, access=access)]
         if self.config.sources.dhcp:
@@ -452,7 +457,8 @@ def _logs_held_until_started() -> Iterator[None]:
 
 
 async def _close_all(servers: Iterable[JsonLineServer | asyncio.AbstractServer]) -> None:
-    for server in servers:
+    # Last started, first closed: a directory the first socket made is empty by its turn.
+    for server in reversed(list(servers)):
         if isinstance(server, JsonLineServer):
             await server.close()
         else:

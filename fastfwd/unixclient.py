@@ -10,7 +10,7 @@ import math
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 #: Replies larger than this are not from fastfwd (a status of thousands of rules fits easily).
 MAX_REPLY = 64 << 20
@@ -18,6 +18,14 @@ MAX_REPLY = 64 << 20
 
 class DaemonError(Exception):
     """The daemon could not be reached in time, or its reply was unusable. One line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """The commands' argument parser: a usage error is one line naming the problem and where
+    help is (not the usage text followed by the error), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def timeout_arg(text: str) -> float:
