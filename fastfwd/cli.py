@@ -32,7 +32,7 @@ port specs:
   [ADDR:]PORT[-END]:HOST:PORT[-END]
     ADDR   where to listen; without it, {DEFAULT_LISTEN} (loopback only), so a quick forward
            never publishes a port by surprise. Say 0.0.0.0:PORT (or [::]:PORT) to publish.
-    HOST   an IPv4/IPv6 address, or a name resolved through [hosts] or DHCP leases.
+    HOST   an IPv4/IPv6 address, or a name resolved through [hosts] or DHCP leases (not DNS).
     PORT-END  a range, mapped one to one onto a target range of the same length.
   IPv6 addresses go in brackets.
 

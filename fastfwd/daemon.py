@@ -145,6 +145,11 @@ class Daemon:
                     raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
             self.cli_rules = [a.bound for a in fw.rules if a.rule in self.cli_rules]
             self.fw = fw
+            # A name typed for a DNS name would otherwise just sit pending, said only at INFO.
+            for name in sorted({r.target_host for r in self.wanted_rules() if r.target_is_name}
+                               - self._names.keys() - self.config.hosts.keys()):
+                log.warning("target %r has no address: it is not in [hosts] and no DHCP lease names it yet "
+                            "(names are not looked up in DNS); its rules refuse connections until then", name)
             return fw
 
     async def run(self, early_hup: Callable[[], bool] | None = None) -> int:

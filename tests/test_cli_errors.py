@@ -220,3 +220,14 @@ def test_ctrl_c_on_the_hook_waiting_for_a_reply_is_one_line() -> None:
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+# -- a target name nothing knows ------------------------------------------------------------------
+@needs_engine
+def test_a_target_name_nothing_knows_is_warned_about_and_its_port_refuses(tmp_path: Path) -> None:
+    port = free_port()
+    with short_dir() as d, daemon(d, "-t", f"{port}:db.example.com:5432", "-t", f"{free_port()}:127.0.0.1:9") as proc:
+        assert is_refused(port)
+        warning, = [line for line in proc.log().splitlines() if "WARNING" in line]
+    assert warning.endswith("target 'db.example.com' has no address: it is not in [hosts] and no DHCP lease "
+                            "names it yet (names are not looked up in DNS); its rules refuse connections until then")
