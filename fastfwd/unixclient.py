@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import stat
 import time
 from typing import Any, NoReturn
 
@@ -53,7 +54,7 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
         try:
             sock.connect(os.fspath(path))
         except OSError as exc:
-            raise DaemonError(f"cannot reach fastfwd at {path}: {_why_unreachable(exc)}") from None
+            raise DaemonError(f"cannot reach fastfwd at {path}: {_why_unreachable(path, exc)}") from None
         try:
             try:
                 sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
@@ -75,14 +76,23 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
     return doc
 
 
-def _why_unreachable(exc: OSError) -> str:
+def _why_unreachable(path: str | os.PathLike[str], exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return "no such socket (is the daemon running?)"
+    if isinstance(exc, ConnectionRefusedError) and not _is_socket(path):
+        return "not a socket (a wrong path?)"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the daemon running?)"
     if isinstance(exc, PermissionError):
         return "permission denied"
     return exc.strerror or str(exc)
+
+
+def _is_socket(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True  # gone meanwhile: as a stale socket, "refused" says it best
 
 
 def _read_line(sock: socket.socket, deadline: float, path: str | os.PathLike[str]) -> bytes:

@@ -30,6 +30,9 @@ from typing import Any
 
 log = logging.getLogger("fastfwd.unixserver")
 
+#: The longest path a client can connect to: sun_path's 108 bytes, less the closing NUL.
+MAX_SOCKET_PATH = 107
+
 #: Linux >= 4.13: the peer's supplementary groups, fixed at connect time (not in Python's socket module).
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
@@ -102,6 +105,10 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
     not a socket, raises instead of being taken over.
     """
     path = Path(path)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        # Bound under a short temporary name and renamed, it would listen where no one can connect.
+        raise OSError(errno.ENAMETOOLONG, f"too long for a Unix socket ({len(os.fsencode(path))} bytes, "
+                      f"at most {MAX_SOCKET_PATH})", str(path))
     _check_owners(path.parent)
     new_dirs = [d for d in (path.parent, *path.parent.parents) if not os.path.lexists(d)]
     path.parent.mkdir(parents=True, exist_ok=True)

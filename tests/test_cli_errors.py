@@ -231,3 +231,19 @@ def test_a_target_name_nothing_knows_is_warned_about_and_its_port_refuses(tmp_pa
         warning, = [line for line in proc.log().splitlines() if "WARNING" in line]
     assert warning.endswith("target 'db.example.com' has no address: it is not in [hosts] and no DHCP lease "
                             "names it yet (names are not looked up in DNS); its rules refuse connections until then")
+
+
+# -- socket paths ---------------------------------------------------------------------------------
+@needs_engine
+def test_a_control_socket_path_too_long_to_connect_to_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / ("c" * (108 - len(str(tmp_path))))  # bindable in a short directory, then renamed
+    result = run_cli("run", *cli_sandbox(tmp_path), "--control-socket", str(path), "-t", "0:127.0.0.1:9")
+    one_line(result, 1, str(path), "too long for a Unix socket")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.write_text("")], ids=["directory", "file"])
+def test_status_at_a_path_that_is_no_socket_says_so(tmp_path: Path, make) -> None:
+    path = tmp_path / "c.sock"
+    make(path)
+    one_line(run_cli("status", "--socket", str(path)), 1, str(path), "not a socket")
