@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate a config file and list every problem",
         description="Validate a config file completely without running anything. Every problem is\n"
                     "printed on its own line, naming the key path (forward[3].listen: ...).\n"
-                    "Exit status: 0 valid, 2 otherwise.",
+                    "Exit status: 0 valid, 2 otherwise.\n\n"
+                    "example: fastfwd check /etc/fastfwd/fastfwd.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("file", metavar="FILE", help="the TOML config file (see docs/config.md)")
     check.set_defaults(func=_check)
@@ -127,17 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
                "  fastfwd lease del 52:54:00:12:34:56 192.168.122.10\n"
                "  fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 ...\n")
     common = _daemon_socket_args("lease")
-    lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action in ("add", "old", "del"):
-        ev = lsub.add_parser(action, help=f"a DHCP '{action}' event", parents=[common])
+    lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION", help="what to send")
+    events = {
+        "add": "MAC now holds IP (a new lease): rules that follow the MAC, or HOSTNAME, forward to IP\n"
+               "once this returns.\n\nexample: fastfwd lease add 52:54:00:12:34:56 192.168.122.10 vm1",
+        "old": "A lease the DHCP server already had (it sends these when it starts): the same as add.\n\n"
+               "example: fastfwd lease old 52:54:00:12:34:56 192.168.122.10 vm1",
+        "del": "MAC's lease on IP ended (one for an address MAC no longer holds changes nothing): with\n"
+               "no other address for it, the rules that follow it go pending, their ports refusing\n"
+               "connections.\n\n"
+               "example: fastfwd lease del 52:54:00:12:34:56 192.168.122.10",
+    }
+    for action, description in events.items():
+        ev = lsub.add_parser(action, help=f"a DHCP '{action}' event", description=description, parents=[common],
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
         ev.add_argument("mac", metavar="MAC", help="six hex pairs with colons, like 52:54:00:12:34:56")
         ev.add_argument("ip", metavar="IP", help="the leased IPv4 or IPv6 address")
         ev.add_argument("hostname", metavar="HOSTNAME", nargs="?", help="the host name the guest gave, if any")
     snap = lsub.add_parser("snapshot", help="all the DHCP leases; DHCP leases not listed are gone",
-                           parents=[common])
+                           parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Every DHCP lease there is: the daemon adds those it lacks and drops the DHCP\n"
+                                       "leases not listed (leases from the neighbour table stay).\n\n"
+                                       "example: fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 "
+                                       "52:54:00:12:34:57=192.168.122.11")
     snap.add_argument("--family", type=int, choices=(4, 6),
                       help="the snapshot covers this IP version only; the other's leases stay (default: both)")
-    snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]")
+    snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]", help="one per lease; none: there are none")
     lease.set_defaults(func=_lease)
 
     # Listed for --help only: main() hands "hook ..." to fastfwd.hook before parsing.

@@ -53,14 +53,19 @@ def test_fastfwd_without_arguments_lists_the_commands_and_how_to_start() -> None
         assert text in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("command", ["setup", "check", "destroy", "tap", "mac"])
-def test_each_bridge_command_help_says_what_it_does_and_what_its_arguments_are(command: str) -> None:
-    result = bridge(command, "--help")
+@pytest.mark.parametrize("tool,command", [
+    *((bridge, (c,)) for c in ("setup", "check", "destroy", "tap", "mac")),
+    *((run_cli, c) for c in (("run",), ("check",), ("status",), ("lease",), ("lease", "add"), ("lease", "old"),
+                             ("lease", "del"), ("lease", "snapshot"), ("hook",))),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else v.__name__)
+def test_each_command_help_says_what_it_does_and_what_its_arguments_are(tool, command: tuple[str, ...]) -> None:
+    result = tool(*command, "--help")
     assert result.returncode == 0
     usage, description, *sections = result.stdout.split("\n\n")
     assert not description.startswith(("positional arguments", "options")), result.stdout
-    positionals = next(s for s in sections if s.startswith("positional arguments:")).splitlines()[1:]
-    assert positionals and all(len(line.split()) > 1 for line in positionals), result.stdout
+    for section in sections:  # an argument listed without a word on it leaves the user guessing
+        if section.startswith("positional arguments:"):
+            assert all(len(line.split()) > 1 for line in section.splitlines()[1:]), result.stdout
 
 
 def test_bridge_options_may_follow_the_command(tmp_path: Path) -> None:
