@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _daemon_socket_args(which: str) -> argparse.ArgumentParser:
+def _daemon_socket_args(which: str) -> Parser:
     """The options of a command that asks a running daemon on its ``which`` socket."""
     args = Parser(add_help=False)
     # --WHICH-socket too: the name `fastfwd run` gives the same path.

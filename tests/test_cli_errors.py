@@ -29,12 +29,12 @@ MAC = "52:54:00:12:34:56"
 
 def cli(*args: str, wrapper: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*wrapper, sys.executable, "-m", "fastfwd", *args], capture_output=True, text=True,
-                          timeout=30, env=child_env(), stdin=subprocess.DEVNULL)
+                          timeout=30, env=child_env(), stdin=subprocess.DEVNULL, check=False)
 
 
 def bridge(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fastfwd.host", *args], capture_output=True, text=True,
-                          timeout=30, env=child_env(), stdin=subprocess.DEVNULL)
+                          timeout=30, env=child_env(), stdin=subprocess.DEVNULL, check=False)
 
 
 def one_line(result: subprocess.CompletedProcess[str], status: int, *parts: str) -> str:
@@ -61,7 +61,7 @@ def test_fastfwd_without_arguments_lists_the_commands_and_how_to_start() -> None
 def test_each_command_help_says_what_it_does_and_what_its_arguments_are(tool, command: tuple[str, ...]) -> None:
     result = tool(*command, "--help")
     assert result.returncode == 0
-    usage, description, *sections = result.stdout.split("\n\n")
+    _usage, description, *sections = result.stdout.split("\n\n")
     assert not description.startswith(("positional arguments", "options")), result.stdout
     for section in sections:  # an argument listed without a word on it leaves the user guessing
         if section.startswith("positional arguments:"):
@@ -184,7 +184,8 @@ def test_status_against_a_socket_it_may_not_use_exits_1(tmp_path: Path) -> None:
 
     def status_as_nobody(sock: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run([SYSTEM_PYTHON, "-c", client, repo, str(sock)], user=nobody.pw_uid,
-                              group=nobody.pw_gid, extra_groups=[], capture_output=True, text=True, timeout=30)
+                              group=nobody.pw_gid, extra_groups=[], capture_output=True, text=True, timeout=30,
+                              check=False)
     with short_dir() as d, daemon(d, "-t", f"{free_port()}:127.0.0.1:9") as proc:
         d.chmod(0o700)  # cannot even reach the socket
         one_line(status_as_nobody(proc.control_socket), 1, str(proc.control_socket), "permission denied")

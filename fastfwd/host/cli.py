@@ -10,6 +10,7 @@ import grp
 import ipaddress
 import pwd
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 EPILOG = """examples:
@@ -29,22 +30,24 @@ def _parser() -> argparse.ArgumentParser:
                            "1 it could not be done (check: a FAIL);\n2 bad arguments; 130 interrupted.")
     state_help = "where setup records what it made (default: /var/lib/fastfwd/host for root)"
     p.add_argument("--state-dir", type=Path, help=state_help)
-    # Also after the command, where users put options; SUPPRESS keeps one given before it.
-    state = Parser(add_help=False)
-    state.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, help=state_help)
+    # What setup, check and destroy share. --state-dir also after the command, where users put
+    # options; SUPPRESS keeps one given before it.
+    on_bridge = Parser(add_help=False)
+    on_bridge.add_argument("bridge", help="the bridge's interface name, like br-vms")
+    on_bridge.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, help=state_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, summary: str, description: str, **kwargs: object) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=description,
-                              formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    def command(name: str, summary: str, description: str,
+                parents: Sequence[Parser] = ()) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, parents=parents,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     s = command("setup", "create or complete the bridge, NAT, firewall and DHCP (idempotent)",
                 "Create the bridge with the host's address, an nftables table of fastfwd's own (NAT\n"
                 "for the VMs' outbound traffic, a firewall in front of them) and dnsmasq for DHCP\n"
                 "with fastfwd's hook. What exists already is kept; what it makes is recorded\n"
                 "for destroy. Example: fastfwd-bridge setup br-vms --address 10.77.0.1/24",
-                parents=[state])
-    s.add_argument("bridge", help="the bridge's interface name, like br-vms")
+                parents=[on_bridge])
     s.add_argument("--address", required=True, type=ipaddress.IPv4Interface,
                    help="the host's address on the bridge, with prefix: 10.77.0.1/24")
     s.add_argument("--dhcp-range", metavar="FIRST,LAST",
@@ -57,17 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     c = command("check", "one PASS/WARN/FAIL line per item; exit 1 on any FAIL",
                 "Look at the host as it is, whoever set it up, and print one PASS / WARN / FAIL\n"
                 "line per item: bridge, address, forwarding, NAT, firewall, DHCP server, hook.\n"
-                "Exit status 1 if any item FAILs.", parents=[state])
-    c.add_argument("bridge", help="the bridge's interface name")
+                "Exit status 1 if any item FAILs.", parents=[on_bridge])
     c.add_argument("--address", type=ipaddress.IPv4Interface, help="the address to expect (default: setup's)")
     c.add_argument("--no-dhcp", action="store_true", help="expect no DHCP server")
     c.add_argument("--lease-socket", metavar="PATH", help="fastfwd's lease socket (default: setup's, else the daemon's)")
 
-    d = command("destroy", "remove what setup made, and only that",
+    command("destroy", "remove what setup made, and only that",
                 "Undo what setup recorded for this bridge: stop its dnsmasq, delete its nftables\n"
                 "table, restore ip_forward if it changed it, delete the bridge if it created it\n"
-                "(else only the addresses it added). What setup found there stays.", parents=[state])
-    d.add_argument("bridge", help="the bridge's interface name")
+                "(else only the addresses it added). What setup found there stays.", parents=[on_bridge])
 
     t = command("tap", "create (or re-attach) a VM's TAP on the bridge",
                 "Create the TAP device of a VM on the bridge, owned by the user the VMM runs as,\n"
