@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import logging.handlers
+import os
 import signal
 import stat
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
@@ -420,7 +421,9 @@ class Daemon:
                 servers.append(await serve_http(self.fw, host, int(port)))
             except OSError as exc:
                 await _close_all(servers)
-                raise DaemonError(f"metrics_listen {c.metrics_listen}: {_reason(exc)}") from None
+                # asyncio's message repeats the address as a tuple: the errno alone says it.
+                why = os.strerror(exc.errno) if exc.errno else _reason(exc)
+                raise DaemonError(f"metrics_listen {c.metrics_listen}: {why}") from None
         return servers
 
 

@@ -253,3 +253,15 @@ def test_status_at_a_path_that_is_no_socket_says_so(tmp_path: Path, make) -> Non
     path = tmp_path / "c.sock"
     make(path)
     one_line(run_cli("status", "--socket", str(path)), 1, str(path), "not a socket")
+
+
+@needs_engine
+def test_a_metrics_port_in_use_exits_1_after_closing_both_sockets(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        (tmp_path / "f.toml").write_text(f'[control]\nmetrics_listen = "127.0.0.1:{port}"\n'
+                                         'control_socket = "run/c.sock"\nlease_socket = "run/l.sock"\n')
+        result = run_cli("run", "-c", str(tmp_path / "f.toml"), "--state-dir", str(tmp_path / "state"),
+                         "-t", "0:127.0.0.1:9")
+    assert one_line(result, 1) == f"fastfwd: metrics_listen 127.0.0.1:{port}: Address already in use"
+    assert os.listdir(tmp_path) == ["f.toml"]
