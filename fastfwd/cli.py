@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "sleeping: lower latency for CPU time (default: [engine] busy_poll_us, else 0: off)")
     run.add_argument("--control-socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
     run.add_argument("--lease-socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
-    run.add_argument("--state-dir", metavar="DIR", help="where leases persist (default: [control] state_dir)")
+    run.add_argument("--state-dir", metavar="DIR", help="where leases persist (default: [control] state_dir, else "
+                                                          "/var/lib/fastfwd (root) or $XDG_STATE_HOME/fastfwd)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="log to stderr from this level on (default: info)")
     run.set_defaults(func=_run)

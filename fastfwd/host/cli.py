@@ -79,13 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--user", required=True, help="who may attach to it (the VMM's user, name or id)")
     t.add_argument("--group", help="a group that may attach to it too (name or id)")
     t.add_argument("--name", help="interface name (default: tap-ID, or a hash for long ids)")
-    t.add_argument("--prefix", default="", help="MAC prefix for the VM's MAC (0-3 bytes)")
+    t.add_argument("--prefix", default="", help="0-3 leading bytes of the VM's MAC, e.g. 52:54:00 (default: none)")
 
     m = command("mac", "print the deterministic MAC of a VM id",
                 "Print the MAC a VM id always gets (the same as tap gives it), for a VM\n"
                 "started some other way. Example: fastfwd-bridge mac vm1 --prefix 52:54:00")
     m.add_argument("vm_id", help="the VM's id")
-    m.add_argument("--prefix", default="", help="0-3 leading bytes, e.g. 52:54:00")
+    m.add_argument("--prefix", default="", help="0-3 leading bytes, e.g. 52:54:00 (default: none)")
     return p
 
 
