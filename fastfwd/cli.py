@@ -1,7 +1,8 @@
 """The ``fastfwd`` command: run the daemon, check a config, query status, feed leases, DHCP hook.
 
-Every failure a user can cause ends in one line on stderr naming the problem and a non-zero
-exit status, never a traceback.
+Every failure ends in one line on stderr naming the problem, never a traceback. Exit status:
+0 done; 1 it could not be done (a port in use, no permission, no daemon, a refusal); 2 the
+command line or the config file is wrong; 130 interrupted (Ctrl-C) before the daemon was up.
 """
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ from .config import (
     parse_rule_options,
 )
 from .rules import DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError
-from .unixclient import timeout_arg
+from .unixclient import Parser, timeout_arg
 
 SPEC_HELP = f"""\
 port specs:
   [ADDR:]PORT[-END]:HOST:PORT[-END]
     ADDR   where to listen; without it, {DEFAULT_LISTEN} (loopback only), so a quick forward
            never publishes a port by surprise. Say 0.0.0.0:PORT (or [::]:PORT) to publish.
-    HOST   an IPv4/IPv6 address, or a name resolved through [hosts] or DHCP leases.
+    HOST   an IPv4/IPv6 address, or a name resolved through [hosts] or DHCP leases (not DNS).
     PORT-END  a range, mapped one to one onto a target range of the same length.
   IPv6 addresses go in brackets.
 
@@ -43,6 +44,9 @@ examples:
   fastfwd run -c /etc/fastfwd/fastfwd.toml               rules from a watched config file
   fastfwd check /etc/fastfwd/fastfwd.toml                validate without running
   fastfwd status --json
+
+exit status: 0 done; 1 it could not be done (a port in use, no permission, no daemon, a
+refusal); 2 a bad command line or config file.
 """
 
 _DEFAULT_SOCKETS = "default: [control] in the config, else /run/fastfwd (root) or $XDG_RUNTIME_DIR/fastfwd"
@@ -50,11 +54,16 @@ _T = TypeVar("_T")
 
 
 class UsageError(Exception):
-    """A problem the user caused, reported as one line and exit status 2."""
+    """The command line or config file is wrong: one line and exit status 2."""
+
+
+class Failed(Exception):
+    """What was asked could not be done (a port in use, no daemon, a refusal): one line and
+    exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fastfwd", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="High-performance TCP/UDP port forwarder for Linux.", epilog=SPEC_HELP)
     parser.add_argument("--version", action="version", version=f"fastfwd {__version__}")
@@ -68,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "logged and changes nothing; a good one is applied as a diff that leaves\n"
                     "unchanged rules and their connections alone. SIGTERM stops accepting and lets\n"
                     "live connections finish (up to [control] drain_deadline, then exit 0); a second\n"
-                    "SIGTERM, or SIGINT, stops at once. A bad spec or config, or a port in use,\n"
-                    "exits 2 with one line naming the problem.")
+                    "SIGTERM, or SIGINT, stops at once. A bad spec or config exits 2, a port in use\n"
+                    "or any other failure to start exits 1, with one line naming the problem.")
     run.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see docs/config.md)")
     run.add_argument("-t", "--tcp", metavar="SPEC", action="append", default=[], help="forward TCP (repeatable)")
     run.add_argument("-u", "--udp", metavar="SPEC", action="append", default=[], help="forward UDP (repeatable)")
@@ -84,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "sleeping: lower latency for CPU time (default: [engine] busy_poll_us, else 0: off)")
     run.add_argument("--control-socket", metavar="PATH", help=f"control socket ({_DEFAULT_SOCKETS})")
     run.add_argument("--lease-socket", metavar="PATH", help=f"lease socket ({_DEFAULT_SOCKETS})")
-    run.add_argument("--state-dir", metavar="DIR", help="where leases persist (default: [control] state_dir)")
+    run.add_argument("--state-dir", metavar="DIR", help="where leases persist (default: [control] state_dir, else "
+                                                          "/var/lib/fastfwd (root) or $XDG_STATE_HOME/fastfwd)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="log to stderr from this level on (default: info)")
     run.set_defaults(func=_run)
@@ -93,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate a config file and list every problem",
         description="Validate a config file completely without running anything. Every problem is\n"
                     "printed on its own line, naming the key path (forward[3].listen: ...).\n"
-                    "Exit status: 0 valid, 2 otherwise.",
+                    "Exit status: 0 valid, 2 otherwise.\n\n"
+                    "example: fastfwd check /etc/fastfwd/fastfwd.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("file", metavar="FILE", help="the TOML config file (see docs/config.md)")
     check.set_defaults(func=_check)
@@ -102,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="rules (active/pending), counters and leases of a running daemon",
         description="Ask a running daemon over its control socket for its rules (active, or pending\n"
                     "while a target name has no address), their counters, and the leases it knows.\n"
-                    "Exit status: 0 done; 2 the daemon could not be reached or refused.",
+                    "Exit status: 0 done; 1 the daemon could not be reached or refused; 2 bad arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_daemon_socket_args("control")])
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--sessions", action="store_true", help="also list each UDP rule's client addresses")
@@ -113,22 +124,37 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tell a running daemon about a DHCP lease, as the dnsmasq hook does. The reply\n"
                     "comes once the rules that follow the lease forward to its address.\n"
-                    "Exit status: 0 done; 2 bad arguments, the daemon could not be reached, or it refused.",
+                    "Exit status: 0 done; 1 the daemon could not be reached or refused; 2 bad arguments.",
         epilog="examples:\n  fastfwd lease add 52:54:00:12:34:56 192.168.122.10 vm1\n"
                "  fastfwd lease del 52:54:00:12:34:56 192.168.122.10\n"
                "  fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 ...\n")
     common = _daemon_socket_args("lease")
-    lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action in ("add", "old", "del"):
-        ev = lsub.add_parser(action, help=f"a DHCP '{action}' event", parents=[common])
+    lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION", help="what to send")
+    events = {
+        "add": "MAC now holds IP (a new lease): rules that follow the MAC, or HOSTNAME, forward to IP\n"
+               "once this returns.\n\nexample: fastfwd lease add 52:54:00:12:34:56 192.168.122.10 vm1",
+        "old": "A lease the DHCP server already had (it sends these when it starts): the same as add.\n\n"
+               "example: fastfwd lease old 52:54:00:12:34:56 192.168.122.10 vm1",
+        "del": "MAC's lease on IP ended (one for an address MAC no longer holds changes nothing): with\n"
+               "no other address for it, the rules that follow it go pending, their ports refusing\n"
+               "connections.\n\n"
+               "example: fastfwd lease del 52:54:00:12:34:56 192.168.122.10",
+    }
+    for action, description in events.items():
+        ev = lsub.add_parser(action, help=f"a DHCP '{action}' event", description=description, parents=[common],
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
         ev.add_argument("mac", metavar="MAC", help="six hex pairs with colons, like 52:54:00:12:34:56")
         ev.add_argument("ip", metavar="IP", help="the leased IPv4 or IPv6 address")
         ev.add_argument("hostname", metavar="HOSTNAME", nargs="?", help="the host name the guest gave, if any")
     snap = lsub.add_parser("snapshot", help="all the DHCP leases; DHCP leases not listed are gone",
-                           parents=[common])
+                           parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Every DHCP lease there is: the daemon adds those it lacks and drops the DHCP\n"
+                                       "leases not listed (leases from the neighbour table stay).\n\n"
+                                       "example: fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 "
+                                       "52:54:00:12:34:57=192.168.122.11")
     snap.add_argument("--family", type=int, choices=(4, 6),
                       help="the snapshot covers this IP version only; the other's leases stay (default: both)")
-    snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]")
+    snap.add_argument("leases", nargs="*", metavar="MAC=IP[=HOSTNAME]", help="one per lease; none: there are none")
     lease.set_defaults(func=_lease)
 
     # Listed for --help only: main() hands "hook ..." to fastfwd.hook before parsing.
@@ -136,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _daemon_socket_args(which: str) -> argparse.ArgumentParser:
+def _daemon_socket_args(which: str) -> Parser:
     """The options of a command that asks a running daemon on its ``which`` socket."""
-    args = argparse.ArgumentParser(add_help=False)
+    args = Parser(add_help=False)
     # --WHICH-socket too: the name `fastfwd run` gives the same path.
     args.add_argument("--socket", f"--{which}-socket", dest="socket", metavar="PATH",
                       help=f"{which} socket ({_DEFAULT_SOCKETS})")
@@ -155,12 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .hook import main as hook_main
 
         return hook_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:  # the user asks what to do: the commands and examples, not a bare error
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UsageError as exc:
         print(f"fastfwd: {exc}", file=sys.stderr)
         return 2
+    except Failed as exc:
+        print(f"fastfwd: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(exc, file=sys.stderr)  # one line per problem, each naming the file and key path
         return 2
@@ -197,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
     early_hup: list[bool] = []
     before = signal.signal(signal.SIGHUP, lambda *_: early_hup.append(True) if not early_hup else None)
     try:
-        from .daemon import DaemonError, Overrides, run_daemon
+        from .daemon import DaemonError, Overrides, SettingsError, run_daemon
 
         config = load_config(args.config) if args.config else Config(source="command line")
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
@@ -205,8 +238,10 @@ def _run(args: argparse.Namespace) -> int:
                               lease_socket=args.lease_socket, state_dir=args.state_dir)
         try:
             return run_daemon(config, args.config, rules, overrides, lambda: bool(early_hup))
-        except DaemonError as exc:
+        except SettingsError as exc:
             raise UsageError(str(exc)) from None
+        except DaemonError as exc:
+            raise Failed(str(exc)) from None
     finally:
         # Called in-process (tests, library users), the caller's handler is theirs again.
         signal.signal(signal.SIGHUP, before)
@@ -265,15 +300,26 @@ def _lease(args: argparse.Namespace) -> int:
             ip, _, hostname = rest.partition("=")
             if not mac or not ip:
                 raise UsageError(f"snapshot entry {item!r}: expected MAC=IP[=HOSTNAME]")
-            leases.append({"mac": mac, "ip": ip, "hostname": hostname or None})
+            leases.append(_lease_fields(mac, ip, hostname or None, f"snapshot entry {item!r}: "))
         message: dict = {"snapshot": leases}
         if args.family is not None:
             message["family"] = args.family
     else:
-        message = {"event": args.action, "mac": args.mac, "ip": args.ip, "hostname": args.hostname}
+        message = {"event": args.action, **_lease_fields(args.mac, args.ip, args.hostname)}
     reply = _call(args.socket or _settings(args).lease_socket, message, timeout=args.timeout)
     print(f"ok, {reply['changed']} lease(s) changed; rules follow")
     return 0
+
+
+def _lease_fields(mac: str, ip: str, hostname: str | None, where: str = "") -> dict[str, str | None]:
+    """A lease's fields, checked here: a typo is a usage error, not a refusal from the daemon."""
+    from .leases import LeaseError, normalize_hostname, normalize_ip, normalize_mac
+
+    try:
+        return {"mac": normalize_mac(mac), "ip": normalize_ip(ip),
+                "hostname": normalize_hostname(hostname) if hostname is not None else None}
+    except LeaseError as exc:
+        raise UsageError(f"{where}{exc}") from None
 
 
 def _settings(args: argparse.Namespace) -> ControlSettings:
@@ -281,15 +327,15 @@ def _settings(args: argparse.Namespace) -> ControlSettings:
 
 
 def _call(path: str, message: dict, timeout: float) -> dict:
-    """One request to a daemon socket; an unreachable daemon or an error reply is a UsageError."""
+    """One request to a daemon socket; an unreachable daemon or an error reply is a Failed."""
     from .unixclient import DaemonError, call
 
     try:
         reply = call(path, message, timeout=timeout)
     except DaemonError as exc:
-        raise UsageError(str(exc)) from None
+        raise Failed(str(exc)) from None
     if not reply["ok"]:
-        raise UsageError(f"refused: {reply.get('error')}")
+        raise Failed(f"refused: {reply.get('error')}")
     return reply
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import logging.handlers
+import os
 import signal
 import stat
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
@@ -43,6 +44,11 @@ LEASE_SAVE_DELAY = 1.0
 
 class DaemonError(Exception):
     """The daemon cannot start; the message is one line naming the problem."""
+
+
+class SettingsError(DaemonError):
+    """The daemon cannot start because its settings ask for what can never work (a target
+    name nothing can resolve, an unknown user): as wrong as a bad config file."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class Daemon:
                 try:
                     self._check_target(rule)
                 except ValueError as exc:
-                    raise DaemonError(f"cannot forward {rule}: {exc}") from None
+                    raise SettingsError(f"cannot forward {rule}: {exc}") from None
             if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
                 state = Path(self.control.state_dir) / STATE_FILE
                 try:
@@ -140,6 +146,11 @@ class Daemon:
                     raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
             self.cli_rules = [a.bound for a in fw.rules if a.rule in self.cli_rules]
             self.fw = fw
+            # A name typed for a DNS name would otherwise just sit pending, said only at INFO.
+            for name in sorted({r.target_host for r in self.wanted_rules() if r.target_is_name}
+                               - self._names.keys() - self.config.hosts.keys()):
+                log.warning("target %r has no address: it is not in [hosts] and no DHCP lease names it yet "
+                            "(names are not looked up in DNS); its rules refuse connections until then", name)
             return fw
 
     async def run(self, early_hup: Callable[[], bool] | None = None) -> int:
@@ -389,7 +400,7 @@ class Daemon:
         try:
             access = Access.from_names(c.allow_users, c.allow_groups)
         except KeyError as exc:  # from pwd/grp: "getpwnam(): name not found: 'bob'"
-            raise DaemonError(f"[control] allow_users/allow_groups: {exc.args[0]}") from None
+            raise SettingsError(f"[control] allow_users/allow_groups: {exc.args[0]}") from None
         servers: list[JsonLineServer | asyncio.AbstractServer] = []
         units: list[JsonLineServer] = [ControlServer(c.control_socket, self, access=access)]
         if self.config.sources.dhcp:
@@ -410,7 +421,9 @@ class Daemon:
                 servers.append(await serve_http(self.fw, host, int(port)))
             except OSError as exc:
                 await _close_all(servers)
-                raise DaemonError(f"metrics_listen {c.metrics_listen}: {_reason(exc)}") from None
+                # asyncio's message repeats the address as a tuple: the errno alone says it.
+                why = os.strerror(exc.errno) if exc.errno else _reason(exc)
+                raise DaemonError(f"metrics_listen {c.metrics_listen}: {why}") from None
         return servers
 
 
@@ -452,7 +465,8 @@ def _logs_held_until_started() -> Iterator[None]:
 
 
 async def _close_all(servers: Iterable[JsonLineServer | asyncio.AbstractServer]) -> None:
-    for server in servers:
+    # Last started, first closed: a directory the first socket made is empty by its turn.
+    for server in reversed(list(servers)):
         if isinstance(server, JsonLineServer):
             await server.close()
         else:

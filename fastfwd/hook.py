@@ -12,7 +12,7 @@ snapshot (for example after a restart of both), which the daemon reconciles agai
 table; the IPv6 leases it holds are left alone.
 
 Exit status: 0 done or ignored; 1 the daemon could not be reached in time or refused the
-event (one line on stderr says why); 2 bad arguments.
+event (one line on stderr says why); 2 bad arguments; 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from .leases import EVENTS, LeaseError, normalize_hostname, normalize_ip, normalize_mac
-from .unixclient import DaemonError, call, timeout_arg
+from .unixclient import DaemonError, Parser, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
 
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonError as exc:
         print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # run by hand and interrupted while the daemon was busy
+        print("fastfwd-dhcp-hook: interrupted before the daemon replied", file=sys.stderr)
+        return 130
     if not reply["ok"]:
         print(f"fastfwd-dhcp-hook: {args.action} refused: {reply.get('error')}", file=sys.stderr)
         return 1
@@ -48,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fastfwd-dhcp-hook", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="dnsmasq --dhcp-script: send lease events to fastfwd's lease socket and wait\n"
                     "until the rules follow them.\n\n"
                     "  dnsmasq ... --dhcp-script=/usr/local/bin/fastfwd-dhcp-hook",
         epilog="exit status: 0 done or ignored; 1 the daemon could not be reached in time or\n"
-               "refused; 2 bad arguments.")
+               "refused; 2 bad arguments; 130 interrupted.")
     parser.add_argument("--socket", "--lease-socket", dest="socket", metavar="PATH",
                         default=os.environ.get(SOCKET_ENV),
                         help=f"the lease socket (default: ${SOCKET_ENV}, else the daemon's default)")

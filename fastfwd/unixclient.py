@@ -9,8 +9,9 @@ import json
 import math
 import os
 import socket
+import stat
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 #: Replies larger than this are not from fastfwd (a status of thousands of rules fits easily).
 MAX_REPLY = 64 << 20
@@ -18,6 +19,14 @@ MAX_REPLY = 64 << 20
 
 class DaemonError(Exception):
     """The daemon could not be reached in time, or its reply was unusable. One line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """The commands' argument parser: a usage error is one line naming the problem and where
+    help is (not the usage text followed by the error), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def timeout_arg(text: str) -> float:
@@ -45,7 +54,7 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
         try:
             sock.connect(os.fspath(path))
         except OSError as exc:
-            raise DaemonError(f"cannot reach fastfwd at {path}: {_why_unreachable(exc)}") from None
+            raise DaemonError(f"cannot reach fastfwd at {path}: {_why_unreachable(path, exc)}") from None
         try:
             try:
                 sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
@@ -67,14 +76,23 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
     return doc
 
 
-def _why_unreachable(exc: OSError) -> str:
+def _why_unreachable(path: str | os.PathLike[str], exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return "no such socket (is the daemon running?)"
+    if isinstance(exc, ConnectionRefusedError) and not _is_socket(path):
+        return "not a socket (a wrong path?)"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the daemon running?)"
     if isinstance(exc, PermissionError):
         return "permission denied"
     return exc.strerror or str(exc)
+
+
+def _is_socket(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True  # gone meanwhile: as a stale socket, "refused" says it best
 
 
 def _read_line(sock: socket.socket, deadline: float, path: str | os.PathLike[str]) -> bytes:

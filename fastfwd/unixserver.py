@@ -30,6 +30,9 @@ from typing import Any
 
 log = logging.getLogger("fastfwd.unixserver")
 
+#: The longest path a client can connect to: sun_path's 108 bytes, less the closing NUL.
+MAX_SOCKET_PATH = 107
+
 #: Linux >= 4.13: the peer's supplementary groups, fixed at connect time (not in Python's socket module).
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
@@ -88,8 +91,13 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
     return PeerCred(pid=pid, uid=uid, gid=gid, groups=groups)
 
 
-def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024) -> socket.socket:
+def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
+              made: list[Path] | None = None) -> socket.socket:
     """A listening Unix socket at ``path`` with ``access``'s mode and group from the start.
+
+    Missing directories on the way are made; those made are added to ``made`` (deepest
+    first) for :func:`remove_dirs` once the socket is closed. If this fails, it removes them
+    itself: a failed start leaves nothing behind.
 
     It is bound under a temporary name in a private directory, given its mode, then renamed
     into place, so no one ever sees it with a wider mode. An existing socket file is replaced
@@ -97,11 +105,16 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024)
     not a socket, raises instead of being taken over.
     """
     path = Path(path)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        # Bound under a short temporary name and renamed, it would listen where no one can connect.
+        raise OSError(errno.ENAMETOOLONG, f"too long for a Unix socket ({len(os.fsencode(path))} bytes, "
+                      f"at most {MAX_SOCKET_PATH})", str(path))
     _check_owners(path.parent)
+    new_dirs = [d for d in (path.parent, *path.parent.parents) if not os.path.lexists(d)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _check_replaceable(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        _check_replaceable(path)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ffbind-") as private:
             tmp = os.path.join(private, "s")
             sock.bind(tmp)
@@ -113,8 +126,21 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024)
         sock.setblocking(False)
     except BaseException:
         sock.close()
+        remove_dirs(new_dirs)
         raise
+    if made is not None:
+        made.extend(new_dirs)
     return sock
+
+
+def remove_dirs(dirs: Iterable[Path]) -> None:
+    """Remove the directories ``bind_unix`` made (deepest first), as far as they are empty:
+    one still holding another socket or the lease state stays."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _check_owners(directory: Path) -> None:
@@ -195,10 +221,12 @@ class JsonLineServer:
         self._idle_timeout = idle_timeout
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
+        #: The directories made for the socket file, removed with it.
+        self._made: list[Path] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        sock = bind_unix(self.path, self._access, self._max_clients)
+        sock = bind_unix(self.path, self._access, self._max_clients, made=self._made)
         self._inode = os.stat(self.path).st_ino
         # A deep backlog: a burst of hooks waits in the kernel instead of being refused (the
         # kernel caps it at net.core.somaxconn).
@@ -219,6 +247,8 @@ class JsonLineServer:
                 self.path.unlink()
         except FileNotFoundError:
             pass
+        remove_dirs(self._made)
+        self._made.clear()
 
     async def __aenter__(self) -> JsonLineServer:
         await self.start()

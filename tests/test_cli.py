@@ -131,7 +131,7 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         result = fastfwd("run", "--control-socket", str(tmp_path / "c.sock"), "--lease-socket",
                          str(tmp_path / "l.sock"), "--state-dir", str(tmp_path),
                          "-t", f"{free_port()}:127.0.0.1:9", "-t", f"{port}:127.0.0.1:9")
-    assert result.returncode == 2
+    assert result.returncode == 1
     line, = result.stderr.splitlines()  # the rule that did start logs nothing: the start failed
     assert line.startswith(f"fastfwd: cannot forward tcp 127.0.0.1:{port} -> 127.0.0.1:9: ")
     assert line.endswith("in use")
@@ -143,7 +143,7 @@ def test_unreadable_lease_state_is_one_clear_line(tmp_path: Path, make) -> None:
     make(state)  # a file where the directory should be, or a directory where the file should be
     result = fastfwd("run", "--control-socket", str(tmp_path / "c.sock"), "--lease-socket", str(tmp_path / "l.sock"),
                      "--state-dir", str(state), "-t", f"{free_port()}:127.0.0.1:9")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr in (f"fastfwd: lease state {state / 'leases.json'}: Not a directory\n",
                              f"fastfwd: lease state {state / 'leases.json'}: Is a directory\n")
 
@@ -165,7 +165,7 @@ def test_an_engine_that_cannot_start_is_one_clear_line(tmp_path: Path) -> None:
                              "--control-socket", str(tmp_path / "c.sock"), "--lease-socket", str(tmp_path / "l.sock"),
                              "--state-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, preexec_fn=few_fds)
-    assert result.returncode == 2
+    assert result.returncode == 1
     line, = result.stderr.splitlines()
     assert line.startswith("fastfwd: cannot start the engine: ") and line.endswith("Too many open files"), line
 
@@ -204,7 +204,7 @@ def test_run_help_explains_splice_and_busy_polling_with_their_defaults() -> None
 
 def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
     result = fastfwd("status", "--socket", str(tmp_path / "none.sock"))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr == (f"fastfwd: cannot reach fastfwd at {tmp_path / 'none.sock'}: "
                              "no such socket (is the daemon running?)\n")
 
@@ -221,7 +221,7 @@ def test_a_socket_that_hangs_up_without_a_reply_is_one_line_naming_it() -> None:
         hang_up.start()
         result = fastfwd("status", "--socket", str(d / "c.sock"))
         hang_up.join(10)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr == f"fastfwd: fastfwd at {d / 'c.sock'} closed the connection without a reply\n"
 
 
@@ -229,9 +229,9 @@ def test_status_takes_the_socket_from_a_config_file(tmp_path: Path) -> None:
     path = tmp_path / "f.toml"
     path.write_text('[control]\ncontrol_socket = "ctl.sock"\nlease_socket = "lease.sock"\n')
     result = fastfwd("status", "-c", str(path))
-    assert result.returncode == 2 and str(tmp_path / "ctl.sock") in result.stderr
+    assert result.returncode == 1 and str(tmp_path / "ctl.sock") in result.stderr
     result = fastfwd("lease", "add", "52:54:00:00:00:01", "10.0.0.1", "-c", str(path), "--timeout", "2")
-    assert result.returncode == 2 and str(tmp_path / "lease.sock") in result.stderr
+    assert result.returncode == 1 and str(tmp_path / "lease.sock") in result.stderr
 
 
 def test_lease_snapshot_entry_must_be_mac_equals_ip(capsys: pytest.CaptureFixture[str]) -> None:
@@ -246,8 +246,7 @@ def test_a_timeout_that_is_not_a_positive_number_is_a_usage_error(tmp_path: Path
                  ("hook", "--socket", sock, "--timeout", value, *lease)):
         result = fastfwd(*args)
         assert result.returncode == 2, (args, result.stderr)
-        assert result.stderr.splitlines()[-1].endswith(
-            f"argument --timeout: expected a number of seconds > 0, got {value!r}"), result.stderr
+        assert f"argument --timeout: expected a number of seconds > 0, got {value!r}" in result.stderr
 
 
 def test_hook_dispatches_to_the_dhcp_hook(tmp_path: Path) -> None:
