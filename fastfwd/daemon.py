@@ -141,7 +141,10 @@ class Daemon:
             for rule in self.wanted_rules():
                 try:
                     await fw.add(rule)  # one by one, so a failure names its rule
-                except (OSError, ValueError) as exc:
+                except ValueError as exc:  # rules that clash with each other; the message names them
+                    await fw.close()
+                    raise SettingsError(f"cannot forward {exc}") from None
+                except OSError as exc:
                     await fw.close()
                     raise DaemonError(f"cannot forward {rule}: {_reason(exc)}") from None
             self.cli_rules = [a.bound for a in fw.rules if a.rule in self.cli_rules]

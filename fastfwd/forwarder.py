@@ -179,7 +179,15 @@ class Forwarder:
         engine = self._require()
         if rule.listen_port and rule.key in self._table:
             raise ValueError(f"{rule}: a rule already listens on these ports")
-        rule_id, port = engine.add_rule(rule.proto, rule.listen_host, rule.listen_port, rule.count)
+        try:
+            rule_id, port = engine.add_rule(rule.proto, rule.listen_host, rule.listen_port, rule.count)
+        except OSError as exc:
+            # Looked for only now: a scan per add would make loading n rules cost n².
+            mine = exc.errno == errno.EADDRINUSE and next(
+                (a for a in self._table.values() if _overlaps(rule, a.bound) and _shared(rule, a.rule)), None)
+            if mine:
+                raise ValueError(f"{rule}: overlaps {mine.bound}") from None
+            raise
         active = ActiveRule(rule=rule, id=rule_id, port=port)
         try:
             self._configure(active)
@@ -383,6 +391,13 @@ def _check_local(addr: str) -> None:
 def _overlaps(a: Rule, b: Rule) -> bool:
     return (a.proto == b.proto and a.listen_port != 0 and b.listen_port != 0
             and a.listen_port < b.listen_port + b.count and b.listen_port < a.listen_port + a.count)
+
+
+def _shared(a: Rule, b: Rule) -> bool:
+    """Whether two listening addresses take the same port: equal, or one of them the wildcard
+    of the other's family."""
+    ha, hb = ipaddress.ip_address(a.listen_host), ipaddress.ip_address(b.listen_host)
+    return ha.version == hb.version and (ha == hb or ha.is_unspecified or hb.is_unspecified)
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(Counters))

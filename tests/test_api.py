@@ -170,6 +170,23 @@ def test_misuse_is_reported() -> None:
     run_async(main())
 
 
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("first, second", [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"),
+                                           ("127.0.0.1", "0.0.0.0"), ("::", "::1")])
+def test_a_rule_whose_ports_overlap_one_of_ours_names_it(proto: str, first: str, second: str) -> None:
+    """A port taken by one of the forwarder's own rules is not blamed on another program."""
+    async def main() -> None:
+        base = free_port_range(5)
+        async with fastfwd.Forwarder(workers=1) as fw:
+            held = await fw.add(make_rule(9000, proto, listen_host=first, listen_port=base, count=4))
+            with pytest.raises(ValueError) as info:
+                await fw.add(make_rule(80, proto, listen_host=second, listen_port=base + 2))
+            assert str(info.value).endswith(f": overlaps {held.bound}")
+            # Ports next to the range, and the other family's wildcard, are free to take.
+            await fw.add(make_rule(80, proto, listen_host=second, listen_port=base + 4))
+    run_async(main())
+
+
 def test_pending_rule_refuses_until_its_name_resolves() -> None:
     async def main(server_port: int) -> None:
         async with fastfwd.Forwarder(workers=2) as fw:

@@ -314,8 +314,6 @@ def run_fails(*specs: str) -> str:
     return result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="a port inside another rule's range is reported as in use by "
-                                       "another program instead of naming the overlapping rule")
 @needs_engine
 def test_a_rule_inside_another_rules_range_is_named_as_the_overlap() -> None:
     first = free_port_range(10)
@@ -323,7 +321,6 @@ def test_a_rule_inside_another_rules_range_is_named_as_the_overlap() -> None:
     assert "overlaps" in error and f"{first}-{first + 9}" in error, error
 
 
-@pytest.mark.xfail(strict=True, reason="the daemon prefixes the rule to a message that already starts with it")
 @needs_engine
 def test_a_second_rule_on_the_same_port_is_named_once() -> None:
     port = free_port()
