@@ -50,6 +50,7 @@ cdef extern from "<sys/epoll.h>" nogil:
     enum:
         EPOLLIN
         EPOLLOUT
+        EPOLLPRI
         EPOLLERR
         EPOLLHUP
         EPOLLRDHUP
@@ -100,6 +101,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_LINGER
         SO_RCVBUF
         SO_RCVBUFFORCE
+        SO_OOBINLINE
         SHUT_WR
         MSG_DONTWAIT
         MSG_NOSIGNAL

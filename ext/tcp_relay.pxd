@@ -12,6 +12,7 @@ cdef enum:
     MOVE_SWITCH = 2         # changed copy strategy: call the other one
     MOVE_RESET = 3          # a leg failed: reset both
     MOVE_ON = 4             # (within a strategy) carry on moving
+    MOVE_LOST = 5           # the destination leg's peer is gone: drain its last bytes, then reset
 
     PIPE_RETRY_BYTES = 1024 * 1024  # copied after a pipe shortage before splice is tried again
 
@@ -28,6 +29,8 @@ ctypedef struct half_t:
     uint8_t splicing
     uint8_t eof             # the source sent FIN and everything was read
     uint8_t done            # the FIN was passed on with shutdown(SHUT_WR)
+    uint8_t urgent          # an urgent mark is queued: copy, reading to EAGAIN (splice and a
+                            # short read stop at the mark, with the bytes after it unread)
 
 cdef struct conn_s:
     dnode_t node            # first: the rule's per-state activity list
@@ -40,6 +43,7 @@ cdef struct conn_s:
     uint8_t hup[2]          # the peer's FIN (or an error) is queued behind the data
     uint8_t state
     uint8_t in_ready
+    uint8_t lost            # a leg's peer reset: end with a reset once its last bytes are passed on
     half_t half[2]          # 0: client -> target ("up"), 1: target -> client ("down")
 
 ctypedef conn_s conn_t

@@ -7,7 +7,8 @@ cdef enum:
     PUMP_BUDGET = 4 * 1024 * 1024   # bytes per direction per turn, for fairness
     PAUSE_MS = 250                  # how long a listener rests after running out of fds
 
-cdef int CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+# EPOLLPRI: urgent data arrived (see half_t.urgent).
+cdef int CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET
 
 
 cdef inline void count_bytes(rule_worker_t* rw, int d, uint64_t n) noexcept nogil:
@@ -25,6 +26,8 @@ cdef inline int wrote(conn_t* c, int d, ssize_t n, size_t* budget, rule_worker_t
         if errno == EAGAIN:
             c.wr[1 - d] = 0
             return MOVE_BLOCKED
+        if errno == EPIPE or errno == ECONNRESET:
+            return MOVE_LOST
         return MOVE_ON if errno == EINTR else MOVE_RESET
     c.half[d].moved += <uint64_t>n
     count_bytes(rw, d, <uint64_t>n)
@@ -112,7 +115,8 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
             pause_listener(w, l, w.now + PAUSE_MS)
         return False
     w.conns_held += 1
-    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has it from the listener
+    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has both from the listener
+    set_int_opt(tfd, SOL_SOCKET, SO_OOBINLINE, 1)
     bind_source(rw, tfd, target.sa.sa_family)
     c.rule = r
     c.fd[0] = cfd
@@ -147,8 +151,10 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
     cdef socklen_t elen = sizeof(int)
     if c.state == CONN_CLOSED:
         return
-    if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+    if events & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
         c.rd[side] = 1
+    if events & EPOLLPRI:
+        c.half[side].urgent = 1
     if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
         c.hup[side] = 1
     if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
@@ -200,7 +206,15 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
         if rc == MOVE_RESET:
             conn_close(w, c, True)
             return
-        if rc == MOVE_MORE:
+        if rc == MOVE_LOST:
+            # The peer this direction writes to reset, but what it sent before may still be
+            # unread: the other direction passes that on (to its EOF: the failed write took
+            # the error), then both legs are reset. Its readiness edge may be long gone.
+            h.done = 1
+            c.lost = 1
+            c.rd[1 - d] = c.hup[1 - d] = 1
+            more = True
+        elif rc == MOVE_MORE:
             more = True
         elif h.eof and h.pipe_bytes == 0 and h.off == h.len:
             # Everything read from this side has been written: pass the FIN on. When the other
@@ -210,7 +224,7 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
                 shutdown(c.fd[1 - d], SHUT_WR)
             h.done = 1
     if c.half[0].done and c.half[1].done:
-        conn_close(w, c, False)
+        conn_close(w, c, c.lost)
         return
     if (c.half[0].done or c.half[1].done) and c.state == CONN_OPEN:
         c.state = CONN_HALF
