@@ -71,6 +71,15 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
 
 
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ            # bytes in a TCP socket's send queue not yet acknowledged
+
+
 cdef extern from "<sys/eventfd.h>" nogil:
     enum:
         EFD_NONBLOCK

@@ -6,6 +6,7 @@ cdef enum:
     CONN_OPEN = 1           # both directions flowing
     CONN_HALF = 2           # one direction finished (FIN passed on), the other still flowing
     CONN_CLOSED = 3         # closed; freed at the end of the loop iteration
+    CONN_FLUSHING = 4       # a peer reset: the other leg passes it on once its send queue is empty
 
     MOVE_BLOCKED = 0        # waiting for readiness (or the source is at EOF)
     MOVE_MORE = 1           # budget spent with work left: run again before sleeping
@@ -43,7 +44,7 @@ cdef struct conn_s:
     uint8_t hup[2]          # the peer's FIN (or an error) is queued behind the data
     uint8_t state
     uint8_t in_ready
-    uint8_t lost            # a leg's peer reset: end with a reset once its last bytes are passed on
+    uint8_t lost            # 1 + the leg whose peer reset: reset once its last bytes are passed on
     half_t half[2]          # 0: client -> target ("up"), 1: target -> client ("down")
 
 ctypedef conn_s conn_t

@@ -160,10 +160,16 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
     if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
         c.wr[side] = 1
     rw = &c.rule.per_worker[w.id]
+    if c.state == CONN_FLUSHING:
+        # The peer still being sent to reset too: nothing left to wait for. (An event of the
+        # leg already reset may still be in this batch.)
+        if events & EPOLLERR and c.fd[side] >= 0:
+            conn_close(w, c, True)
+        return
     if events & EPOLLERR and c.half[side].done:
         # A reset on a leg already read to its FIN: no read will report it, and a write there
         # may never come (the other peer is idle), so pass it on now.
-        conn_close(w, c, True)
+        conn_reset(w, c, side)
         return
     if c.state == CONN_CONNECTING:
         if side == 0 or not c.wr[1]:
@@ -204,14 +210,14 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
             if rc != MOVE_SWITCH:
                 break
         if rc == MOVE_RESET:
-            conn_close(w, c, True)
+            conn_reset(w, c, d)
             return
         if rc == MOVE_LOST:
             # The peer this direction writes to reset, but what it sent before may still be
             # unread: the other direction passes that on (to its EOF: the failed write took
             # the error), then both legs are reset. Its readiness edge may be long gone.
             h.done = 1
-            c.lost = 1
+            c.lost = 1 + (1 - d)
             c.rd[1 - d] = c.hup[1 - d] = 1
             more = True
         elif rc == MOVE_MORE:
@@ -224,7 +230,10 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
                 shutdown(c.fd[1 - d], SHUT_WR)
             h.done = 1
     if c.half[0].done and c.half[1].done:
-        conn_close(w, c, c.lost)
+        if c.lost:
+            conn_reset(w, c, c.lost - 1)
+        else:
+            conn_close(w, c, False)
         return
     if (c.half[0].done or c.half[1].done) and c.state == CONN_OPEN:
         c.state = CONN_HALF
@@ -236,6 +245,27 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
         w.ready = c
 
 
+cdef int unacked(int fd) noexcept nogil:
+    cdef int n = 0
+    return n if ioctl(fd, SIOCOUTQ, &n) == 0 else 0
+
+
+cdef void conn_reset(worker_t* w, conn_t* c, int dead) noexcept nogil:
+    """Pass on the reset of leg ``dead``'s peer (or the failure of that direction). A RST
+    discards the other leg's send queue: bytes the forwarder took, so the resetting peer counts
+    them as delivered, would never reach the other peer. The reset waits for them instead
+    (checked by the sweep; the half-closed timeout gives up on a peer that does not read)."""
+    cdef rule_worker_t* rw = &c.rule.per_worker[w.id]
+    if unacked(c.fd[1 - dead]) == 0:
+        conn_close(w, c, True)
+        return
+    reset_close(c.fd[dead])
+    c.fd[dead] = -1
+    c.state = CONN_FLUSHING
+    c.last_active = w.now
+    dlist_move_to_end(&rw.flushing, &c.node)
+
+
 cdef void conn_close(worker_t* w, conn_t* c, bint reset) noexcept nogil:
     cdef rule_t* r = c.rule
     cdef rule_worker_t* rw = &r.per_worker[w.id]
@@ -244,7 +274,9 @@ cdef void conn_close(worker_t* w, conn_t* c, bint reset) noexcept nogil:
     if c.state == CONN_CLOSED:
         return
     for d in range(2):
-        if reset:
+        if c.fd[d] < 0:
+            pass            # the reset leg of a flushing connection
+        elif reset:
             reset_close(c.fd[d])
         else:
             close(c.fd[d])
@@ -281,7 +313,7 @@ cdef void tcp_run_ready(worker_t* w) noexcept nogil:
         if c.state == CONN_CLOSED:
             c.next = w.dead
             w.dead = c
-        else:
+        elif c.state != CONN_FLUSHING:
             conn_pump(w, c)
         c = nxt
 
@@ -308,6 +340,7 @@ cdef void tcp_close_all(worker_t* w, rule_worker_t* rw, bint reset) noexcept nog
     close_list(w, &rw.connecting, reset)
     close_list(w, &rw.open, reset)
     close_list(w, &rw.half, reset)
+    close_list(w, &rw.flushing, True)      # passing a reset on: never a FIN
 
 
 cdef void expire_list(worker_t* w, dlist_t* l, uint64_t timeout, uint64_t* failed) noexcept nogil:
@@ -323,3 +356,19 @@ cdef void tcp_sweep(worker_t* w, rule_worker_t* rw) noexcept nogil:
     expire_list(w, &rw.connecting, rw.conf.connect_ms, &rw.c.connect_failed)
     expire_list(w, &rw.open, rw.conf.idle_ms, NULL)
     expire_list(w, &rw.half, rw.conf.half_ms, NULL)
+    flush_resets(w, rw)
+
+
+cdef void flush_resets(worker_t* w, rule_worker_t* rw) noexcept nogil:
+    # Few and short-lived: each is looked at, not just the oldest.
+    cdef dnode_t* n = dlist_first(&rw.flushing)
+    cdef dnode_t* nxt
+    cdef conn_t* c
+    cdef int live
+    while n != NULL:
+        nxt = n.next if n.next != &rw.flushing.head else NULL
+        c = <conn_t*>n
+        live = c.fd[0] if c.fd[0] >= 0 else c.fd[1]
+        if unacked(live) == 0 or expired(c.last_active, rw.conf.half_ms, w.now):
+            conn_close(w, c, True)
+        n = nxt

@@ -4,15 +4,19 @@ target that answers with ICMP port unreachable. Each compares the bytes at the f
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
+import struct
+import termios
 import time
 from collections.abc import Iterator
 
 import pytest
 
+import fastfwd
 from netutil import (LOOP4, SPLICE_MODES, ChildForwarder, Received, SyncForwarder, UdpEcho, closed_how,
-                     connect, cpu_seconds, datagram, drain, payload, recv_exact, spawn, spec, udp_roundtrip,
+                     connect, cpu_seconds, datagram, drain, payload, recv_exact, reset, spawn, spec, udp_roundtrip,
                      udp_socket, wait_for)
 from test_churn import held
 from test_udp_edge_paths import stopped
@@ -152,6 +156,71 @@ def test_last_reply_of_a_target_that_resets_reaches_the_client_still_sending() -
         assert (c["bytes_up"], c["bytes_down"], c["active"]) == (1000, len(RESPONSE), 0), f"splice {mode}: {c}"
 
 
+def sending_stopped(fwd: SyncForwarder, rule: fastfwd.ActiveRule) -> fastfwd.Counters:
+    """Wait until the forwarder has sent the client all it can (bytes_down stays put); its
+    counters then."""
+    samples = [-1]
+
+    def settled() -> bool:
+        samples.append(fwd.counters(rule).bytes_down)
+        return samples[-1] == samples[-2] > 0
+    wait_for(settled, interval=0.1, what="the forwarder to stop sending to the idle client")
+    return fwd.counters(rule)
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue not yet acknowledged by its peer."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+@pytest.mark.parametrize("splice", SPLICE_MODES)
+def test_a_reset_reaches_a_slow_client_after_every_byte_acknowledged_before_it(
+        fwd: SyncForwarder, splice: str) -> None:
+    """The target sends 2 MiB, sees every byte acknowledged (by the forwarder), then resets.
+    The client had not read yet. Passing the reset on at once discarded what the forwarder's
+    socket towards the client still held: the client got ~110 KiB of the 2 MiB and a reset,
+    with all 2 MiB counted as sent. The reset must follow the last byte."""
+    sent = payload(2 * MB, seed=7)
+    with listening() as lsock:
+        rule = fwd.forward(lsock.getsockname()[1], splice=splice)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.settimeout(5)
+        client.connect((LOOP4, rule.port))
+        server, _ = lsock.accept()
+        with client, server:
+            server.sendall(sent)
+            wait_for(lambda: unsent(server) == 0, what="the forwarder to acknowledge everything")
+            reset(server)
+            sending_stopped(fwd, rule)      # as far as it goes before the client reads
+            got, how = read_to_end(client)
+            assert (len(got), how) == (len(sent), "reset"), f"the client got {len(got)} bytes, then {how}"
+            assert got == sent
+    wait_for(lambda: fwd.counters(rule).active == 0, what="the connection to end")
+    assert fwd.counters(rule).bytes_down == len(sent)
+
+
+def test_a_held_back_reset_gives_up_on_a_client_that_never_reads(fwd: SyncForwarder) -> None:
+    """The reset waits for the client to take the bytes before it, but not for ever: the
+    half-closed timeout bounds the wait, and the client still learns of the reset."""
+    sent = payload(2 * MB, seed=8)
+    with listening() as lsock:
+        rule = fwd.forward(lsock.getsockname()[1], half_closed_timeout=0.5)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.settimeout(5)
+        client.connect((LOOP4, rule.port))
+        server, _ = lsock.accept()
+        with client, server:
+            server.sendall(sent)
+            wait_for(lambda: unsent(server) == 0, what="the forwarder to acknowledge everything")
+            reset(server)
+            wait_for(lambda: fwd.counters(rule).active == 0, what="the timeout to end the wait")
+            got, how = read_to_end(client)
+            assert how == "reset" and got == sent[:len(got)], f"{len(got)} bytes, then {how}"
+    wait_for(lambda: held(fwd)["connections"] == 0, what=f"the connection freed: {held(fwd)}")
+
+
 # -- a slow reader against a flood -----------------------------------------------------------
 
 def sysctl_max(name: str) -> int:
@@ -176,13 +245,7 @@ def test_a_reader_that_stops_stops_the_forwarder_reading(fwd: SyncForwarder, spl
         with client, server:
             server.settimeout(None)             # blocks until the reset ends it
             sender = spawn(lambda: server.sendall(flood) or "all sent")
-            samples = [-1]
-
-            def settled() -> bool:
-                samples.append(fwd.counters(rule).bytes_down)
-                return samples[-1] == samples[-2] > 0
-            wait_for(settled, interval=0.1, what="the forwarder to stop sending to the idle client")
-            stalled = fwd.counters(rule)
+            stalled = sending_stopped(fwd, rule)
             lent = held(fwd)
             bound = sysctl_max("tcp_wmem") + client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             assert stalled.bytes_down <= bound, f"{stalled.bytes_down} bytes sent to a client holding {bound}"
