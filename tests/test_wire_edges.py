@@ -133,27 +133,31 @@ def test_last_reply_of_a_target_that_resets_reaches_the_client_still_sending() -
     """A server that refuses an upload answers and closes without reading the rest: its kernel
     sends the answer, then a RST. Directly, the client reads the answer, then the reset. The
     forwarder wrote the client's next bytes towards the dead target first, failed, and reset
-    both legs with the answer still unread in its socket: the client saw only the reset."""
+    both legs with the answer still unread in its socket: the client saw only the reset. The
+    same with the client's upload ending in a FIN."""
     with listening() as lsock, ChildForwarder.start(
             [(spec(lsock.getsockname()[1]), "tcp", {"splice": mode}) for mode in SPLICE_MODES],
             workers=1) as child:
         for mode, port in zip(SPLICE_MODES, child.ports):
-            client, server = legs(lsock, port)
-            with client, server:
-                client.sendall(b"x" * 1000)
-                recv_exact(server, 10)          # the server reads the head, not the body
-                with frozen(child.pid):
-                    client.sendall(b"y" * 1000)     # more upload, queued first
-                    server.sendall(RESPONSE)
-                    server.close()              # unread bytes: the kernel sends a RST
-                got, how = read_to_end(client)
-                assert got == RESPONSE, f"splice {mode}: the client got {got!r}, then {how}"
-                # a reset stays a reset: a FIN would tell the client its upload was taken
-                assert how == "reset", f"splice {mode}"
+            for fin in (False, True):
+                client, server = legs(lsock, port)
+                with client, server:
+                    client.sendall(b"x" * 1000)
+                    recv_exact(server, 10)          # the server reads the head, not the body
+                    with frozen(child.pid):
+                        client.sendall(b"y" * 1000)     # more upload, queued first
+                        if fin:
+                            client.shutdown(socket.SHUT_WR)
+                        server.sendall(RESPONSE)
+                        server.close()              # unread bytes: the kernel sends a RST
+                    got, how = read_to_end(client)
+                    assert got == RESPONSE, f"splice {mode}, fin {fin}: the client got {got!r}, then {how}"
+                    # a reset stays a reset: a FIN would tell the client its upload was taken
+                    assert how == "reset", f"splice {mode}, fin {fin}"
         counters = child.counters()
     for mode, c in zip(SPLICE_MODES, counters):
         # what was written counts; the upload the dead target never took does not
-        assert (c["bytes_up"], c["bytes_down"], c["active"]) == (1000, len(RESPONSE), 0), f"splice {mode}: {c}"
+        assert (c["bytes_up"], c["bytes_down"], c["active"]) == (2000, 2 * len(RESPONSE), 0), f"splice {mode}: {c}"
 
 
 def sending_stopped(fwd: SyncForwarder, rule: fastfwd.ActiveRule) -> fastfwd.Counters:
