@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 import fastfwd
-from netutil import (LOOP4, SPLICE_MODES, ChildForwarder, Received, SyncForwarder, UdpEcho, closed_how,
-                     connect, cpu_seconds, datagram, drain, payload, recv_exact, reset, spawn, spec, udp_roundtrip,
-                     udp_socket, wait_for)
+from netutil import (LOOP4, SPLICE_MODES, ChildForwarder, Received, SyncForwarder, UdpEcho, connect,
+                     cpu_seconds, datagram, payload, recv_exact, reset, spawn, spec, udp_roundtrip, udp_socket,
+                     wait_for)
 from test_churn import held
 from test_udp_edge_paths import stopped
 
@@ -29,9 +29,8 @@ SPIN_LIMIT = 0.3
 def all_stopped(pid: int) -> bool:
     states = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
-            with open(f"/proc/{pid}/task/{task}/stat") as f:
-                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
     return bool(states) and all(state == "T" for state in states)
 
 
@@ -68,6 +67,49 @@ def legs(lsock: socket.socket, port: int, oobinline: bool = False) -> tuple[sock
     server, _ = lsock.accept()
     server.settimeout(5)
     return client, server
+
+
+# -- a client that is done before the target answers -----------------------------------------
+
+@contextlib.contextmanager
+def slow_to_accept() -> Iterator[socket.socket]:
+    """A listener whose backlog is full, so a SYN to it is dropped and retried after about a
+    second; accepting the connection that fills it lets the retried one in."""
+    with listening() as lsock:
+        lsock.listen(0)
+        with socket.create_connection(lsock.getsockname(), timeout=5):
+            yield lsock
+
+
+@pytest.mark.parametrize("ending", ["eof", "reset"])
+def test_a_client_done_before_the_target_connects_is_passed_on_in_order(fwd: SyncForwarder,
+                                                                         ending: str) -> None:
+    """The client sends its request and a FIN (or a reset) while the target's handshake is
+    still pending: once connected, the target must get the request, then the same ending."""
+    with contextlib.ExitStack() as stack:
+        targets = [stack.enter_context(slow_to_accept()) for _ in SPLICE_MODES]
+        clients = []
+        for mode, lsock in zip(SPLICE_MODES, targets):
+            rule = fwd.forward(lsock.getsockname()[1], splice=mode)
+            client = stack.enter_context(connect(rule.port, timeout=5))
+            client.sendall(b"request from %s" % mode.encode())
+            clients.append(client)
+        for client in clients:
+            if ending == "eof":
+                client.shutdown(socket.SHUT_WR)
+            else:
+                reset(client)
+        for lsock in targets:
+            lsock.accept()[0].close()       # the filler: room for the retried SYN
+        for mode, lsock, client in zip(SPLICE_MODES, targets, clients):
+            server = stack.enter_context(lsock.accept()[0])
+            server.settimeout(5)
+            assert read_to_end(server) == (b"request from %s" % mode.encode(), ending), f"splice {mode}"
+            if ending == "eof":     # the other direction still works
+                server.sendall(b"reply")
+                server.shutdown(socket.SHUT_WR)
+                client.settimeout(5)
+                assert read_to_end(client) == (b"reply", "eof"), f"splice {mode}"
 
 
 # -- TCP urgent data -------------------------------------------------------------------------
@@ -248,7 +290,7 @@ def test_a_reader_that_stops_stops_the_forwarder_reading(fwd: SyncForwarder, spl
         server, _ = lsock.accept()
         with client, server:
             server.settimeout(None)             # blocks until the reset ends it
-            sender = spawn(lambda: server.sendall(flood) or "all sent")
+            sender = spawn(server.sendall, flood)
             stalled = sending_stopped(fwd, rule)
             lent = held(fwd)
             bound = sysctl_max("tcp_wmem") + client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
@@ -297,8 +339,9 @@ def test_a_refusing_udp_target_is_counted_and_every_datagram_still_tried() -> No
         with frozen(child.pid):    # one batch after another, with refusals arriving between
             for seq in range(burst):
                 client.sendto(datagram(seq, 100), (LOOP4, listen))
-        counters = wait_for(lambda: (c := child.counters()[0])["datagrams_up"] + c["drops"] >= burst and c,
-                            what="the burst to be handled")
+        wait_for(lambda: sum(child.counters()[0][k] for k in ("datagrams_up", "drops")) >= burst,
+                 what="the burst to be handled")
+        counters = child.counters()[0]
         assert (counters["datagrams_up"], counters["drops"]) == (burst, 0), counters
         assert counters["connect_failed"] >= 1, counters
 
