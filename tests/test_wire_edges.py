@@ -214,9 +214,25 @@ def sending_stopped(fwd: SyncForwarder, rule: fastfwd.ActiveRule) -> fastfwd.Cou
     return fwd.counters(rule)
 
 
-def unsent(sock: socket.socket) -> int:
-    """Bytes in the socket's send queue not yet acknowledged by its peer."""
-    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+def slow_client_legs(lsock: socket.socket, port: int) -> tuple[socket.socket, socket.socket]:
+    """Like legs(), with a client that takes little before it reads (its window is set at
+    connect time)."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client.settimeout(5)
+    client.connect((LOOP4, port))
+    server, _ = lsock.accept()
+    server.settimeout(5)
+    return client, server
+
+
+def reset_once_acknowledged(server: socket.socket, data: bytes) -> None:
+    """Send ``data``, wait until the forwarder has acknowledged every byte, then reset."""
+    server.sendall(data)
+    # TIOCOUTQ on a TCP socket: bytes sent and not yet acknowledged, or not sent at all
+    wait_for(lambda: struct.unpack("i", fcntl.ioctl(server, termios.TIOCOUTQ, b"\0" * 4))[0] == 0,
+             what="the forwarder to acknowledge everything")
+    reset(server)
 
 
 @pytest.mark.parametrize("splice", SPLICE_MODES)
@@ -229,15 +245,9 @@ def test_a_reset_reaches_a_slow_client_after_every_byte_acknowledged_before_it(
     sent = payload(2 * MB, seed=7)
     with listening() as lsock:
         rule = fwd.forward(lsock.getsockname()[1], splice=splice)
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        client.settimeout(5)
-        client.connect((LOOP4, rule.port))
-        server, _ = lsock.accept()
+        client, server = slow_client_legs(lsock, rule.port)
         with client, server:
-            server.sendall(sent)
-            wait_for(lambda: unsent(server) == 0, what="the forwarder to acknowledge everything")
-            reset(server)
+            reset_once_acknowledged(server, sent)
             sending_stopped(fwd, rule)      # as far as it goes before the client reads
             got, how = read_to_end(client)
             assert (len(got), how) == (len(sent), "reset"), f"the client got {len(got)} bytes, then {how}"
@@ -252,15 +262,9 @@ def test_a_held_back_reset_gives_up_on_a_client_that_never_reads(fwd: SyncForwar
     sent = payload(2 * MB, seed=8)
     with listening() as lsock:
         rule = fwd.forward(lsock.getsockname()[1], half_closed_timeout=0.5)
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        client.settimeout(5)
-        client.connect((LOOP4, rule.port))
-        server, _ = lsock.accept()
+        client, server = slow_client_legs(lsock, rule.port)
         with client, server:
-            server.sendall(sent)
-            wait_for(lambda: unsent(server) == 0, what="the forwarder to acknowledge everything")
-            reset(server)
+            reset_once_acknowledged(server, sent)
             wait_for(lambda: fwd.counters(rule).active == 0, what="the timeout to end the wait")
             got, how = read_to_end(client)
             assert how == "reset" and got == sent[:len(got)], f"{len(got)} bytes, then {how}"
@@ -283,11 +287,7 @@ def test_a_reader_that_stops_stops_the_forwarder_reading(fwd: SyncForwarder, spl
     flood = payload(32 * MB, seed=3)
     with listening() as lsock:
         rule = fwd.forward(lsock.getsockname()[1], splice=splice, idle_timeout=1.0)
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        client.settimeout(5)
-        client.connect((LOOP4, rule.port))
-        server, _ = lsock.accept()
+        client, server = slow_client_legs(lsock, rule.port)
         with client, server:
             server.settimeout(None)             # blocks until the reset ends it
             sender = spawn(server.sendall, flood)
