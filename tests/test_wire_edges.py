@@ -1,6 +1,8 @@
-"""Edge cases of the data plane seen from the wire: TCP urgent data, the last bytes of a peer
-that resets while the other side is still sending, a slow reader against a flood, and a UDP
-target that answers with ICMP port unreachable. Each compares the bytes at the far end."""
+"""Edge cases of the data plane seen from the wire: a client done before the target connects,
+TCP urgent data, the last bytes of a peer that resets (while the other side still sends, or
+before a slow reader took them), a slow reader against a flood, a UDP target that answers with
+ICMP port unreachable, and UDP clients interleaved in one batch. Each compares the bytes at the
+far end."""
 from __future__ import annotations
 
 import contextlib
@@ -359,3 +361,30 @@ def test_a_refusing_udp_target_is_counted_and_every_datagram_still_tried() -> No
         counters = child.counters()[0]
     assert counters["sessions_created"] == 1, counters
     assert counters["datagrams_up"] - counters["drops"] >= burst + 50 + 1, counters
+
+
+def test_clients_interleaved_in_one_batch_keep_their_order() -> None:
+    """A B C D A B C D ... read in one recvmmsg batch (the forwarder held stopped meanwhile),
+    empty datagrams among them: each client's datagrams reach the target in its order, through
+    its own session, and its replies come back in order."""
+    rounds = 12
+    with UdpEcho() as server, ChildForwarder.start([(spec(server.port), "udp", {})], workers=1) as child:
+        (listen,) = child.ports
+        clients = [udp_socket(timeout=5) for _ in range(4)]
+        sent = {i: [b"" if r % 5 == 2 else datagram(i * 100 + r, 20 + i) for r in range(rounds)]
+                for i in range(len(clients))}
+        try:
+            with frozen(child.pid):
+                for r in range(rounds):
+                    for i, client in enumerate(clients):
+                        client.sendto(sent[i][r], (LOOP4, listen))
+            for i, client in enumerate(clients):
+                assert [client.recv(100) for _ in range(rounds)] == sent[i], f"client {i}"
+        finally:
+            for client in clients:
+                client.close()
+        assert sorted(server.received.values()) == sorted(
+            [Received.of(d).digest for d in stream] for stream in sent.values())
+        counters = child.counters()[0]
+    assert counters["sessions_created"] == len(clients)
+    assert counters["datagrams_up"] == counters["datagrams_down"] == rounds * len(clients)
