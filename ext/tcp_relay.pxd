@@ -11,9 +11,12 @@ cdef enum:
     MOVE_BLOCKED = 0        # waiting for readiness (or the source is at EOF)
     MOVE_MORE = 1           # budget spent with work left: run again before sleeping
     MOVE_SWITCH = 2         # changed copy strategy: call the other one
-    MOVE_RESET = 3          # a leg failed: reset both
+    MOVE_RESET = 3          # reading failed (the source's peer reset) or cannot go on: reset both
     MOVE_ON = 4             # (within a strategy) carry on moving
     MOVE_LOST = 5           # the destination leg's peer is gone: drain its last bytes, then reset
+
+    DONE_FIN = 1            # half_t.done: the FIN was passed on with shutdown(SHUT_WR)
+    DONE_LOST = 2           # given up: the leg it writes to is gone (that peer reset)
 
     PIPE_RETRY_BYTES = 1024 * 1024  # copied after a pipe shortage before splice is tried again
 
@@ -29,7 +32,7 @@ ctypedef struct half_t:
     uint32_t len
     uint8_t splicing
     uint8_t eof             # the source sent FIN and everything was read
-    uint8_t done            # the FIN was passed on with shutdown(SHUT_WR)
+    uint8_t done            # finished: DONE_FIN or DONE_LOST
     uint8_t urgent          # an urgent mark is queued: copy, reading to EAGAIN (splice and a
                             # short read stop at the mark, with the bytes after it unread)
 
@@ -44,7 +47,6 @@ cdef struct conn_s:
     uint8_t hup[2]          # the peer's FIN (or an error) is queued behind the data
     uint8_t state
     uint8_t in_ready
-    uint8_t lost            # 1 + the leg whose peer reset: reset once its last bytes are passed on
     half_t half[2]          # 0: client -> target ("up"), 1: target -> client ("down")
 
 ctypedef conn_s conn_t

@@ -216,8 +216,7 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
             # The peer this direction writes to reset, but what it sent before may still be
             # unread: the other direction passes that on (to its EOF: the failed write took
             # the error), then both legs are reset. Its readiness edge may be long gone.
-            h.done = 1
-            c.lost = 1 + (1 - d)
+            h.done = DONE_LOST
             c.rd[1 - d] = c.hup[1 - d] = 1
             more = True
         elif rc == MOVE_MORE:
@@ -228,10 +227,10 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
             # per connection.
             if not c.half[1 - d].done:
                 shutdown(c.fd[1 - d], SHUT_WR)
-            h.done = 1
+            h.done = DONE_FIN
     if c.half[0].done and c.half[1].done:
-        if c.lost:
-            conn_reset(w, c, c.lost - 1)
+        if c.half[0].done == DONE_LOST or c.half[1].done == DONE_LOST:
+            conn_reset(w, c, 1 if c.half[0].done == DONE_LOST else 0)
         else:
             conn_close(w, c, False)
         return
