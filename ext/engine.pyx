@@ -212,7 +212,10 @@ cdef class Engine:
         # would let a stale process share the port unnoticed.
         if r.proto == PROTO_TCP:
             set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1)
-            set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1)    # accepted sockets inherit it
+            set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1)    # accepted sockets inherit both
+            # Urgent data (MSG_OOB) stays in the stream and is passed on in order; read out of
+            # band it would be dropped (a telnet IAC DM would arrive as a lone IAC).
+            set_int_opt(fd, SOL_SOCKET, SO_OOBINLINE, 1)
         if family == AF_INET6:
             set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1)
         if r.proto == PROTO_UDP:

@@ -37,27 +37,31 @@ cdef int copy_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nogil
         if h.eof or not c.rd[d]:
             return MOVE_BLOCKED
         switch_at = splice_from(rw.conf, h)
-        if h.moved >= switch_at:
+        if h.moved >= switch_at and not h.urgent:
             h.splicing = 1
             return MOVE_SWITCH
         h.buf = buf_take(&w.pool)
         if h.buf == NULL:
             return MOVE_RESET
         # Copy exactly up to the switch, so the promotion point is the same for all.
-        want = <size_t>min(<uint64_t>w.pool.buf_size, switch_at - h.moved)
+        want = w.pool.buf_size
+        if h.moved < switch_at:
+            want = <size_t>min(<uint64_t>want, switch_at - h.moved)
         n = recv(src, h.buf, want, MSG_DONTWAIT)
         if n > 0:
             h.off = 0
             h.len = <uint32_t>n
             # A short read emptied the socket: skip the read that would only say EAGAIN.
             # Anything arriving later raises a new edge; a FIN already queued does not, so
-            # keep reading to EOF once the peer's hang-up was reported.
-            if <size_t>n < want and not c.hup[d]:
+            # keep reading to EOF once the peer's hang-up was reported. Nor does what waits
+            # behind an urgent mark, where a read stops short: read on past it too.
+            if <size_t>n < want and not c.hup[d] and not h.urgent:
                 c.rd[d] = 0
             continue
         if n == 0:
             h.eof = 1
         elif errno == EAGAIN:
             c.rd[d] = 0
+            h.urgent = 0        # everything read: the mark is behind
         elif errno != EINTR:
             return MOVE_RESET

@@ -26,9 +26,10 @@ cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nog
             h.pipe = NULL
         if h.eof or not c.rd[d]:
             return MOVE_BLOCKED
-        if rw.conf.splice_mode == SPLICE_NEVER:
-            # Turned off by a reload: copy from here. The pipe is empty, so no byte is overtaken;
-            # copy_until stays, so a later "auto" or "always" splices again.
+        if rw.conf.splice_mode == SPLICE_NEVER or h.urgent:
+            # Turned off by a reload, or an urgent mark splice would stop at for good: copy from
+            # here. The pipe is empty, so no byte is overtaken; copy_until stays, so a later
+            # "auto" or "always" (or the copy, once past the mark) splices again.
             h.splicing = 0
             return MOVE_SWITCH
         h.pipe = pipe_take(&w.pool)

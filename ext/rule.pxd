@@ -57,6 +57,7 @@ ctypedef struct rule_worker_t:
     dlist_t connecting          # TCP connections waiting for the target, oldest first
     dlist_t open                # established, least recently active first
     dlist_t half                # one direction finished, least recently active first
+    dlist_t flushing            # passing a reset on once a send queue is empty (CONN_FLUSHING)
     dlist_t sessions            # UDP sessions, least recently active first
     int nconns
     int nsessions

@@ -50,6 +50,7 @@ cdef extern from "<sys/epoll.h>" nogil:
     enum:
         EPOLLIN
         EPOLLOUT
+        EPOLLPRI
         EPOLLERR
         EPOLLHUP
         EPOLLRDHUP
@@ -68,6 +69,15 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
     int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ            # bytes in a TCP socket's send queue not yet acknowledged
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -100,6 +110,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_LINGER
         SO_RCVBUF
         SO_RCVBUFFORCE
+        SO_OOBINLINE
         SHUT_WR
         MSG_DONTWAIT
         MSG_NOSIGNAL

@@ -6,12 +6,17 @@ cdef enum:
     CONN_OPEN = 1           # both directions flowing
     CONN_HALF = 2           # one direction finished (FIN passed on), the other still flowing
     CONN_CLOSED = 3         # closed; freed at the end of the loop iteration
+    CONN_FLUSHING = 4       # a peer reset: the other leg passes it on once its send queue is empty
 
     MOVE_BLOCKED = 0        # waiting for readiness (or the source is at EOF)
     MOVE_MORE = 1           # budget spent with work left: run again before sleeping
     MOVE_SWITCH = 2         # changed copy strategy: call the other one
-    MOVE_RESET = 3          # a leg failed: reset both
+    MOVE_RESET = 3          # reading failed (the source's peer reset) or cannot go on: reset both
     MOVE_ON = 4             # (within a strategy) carry on moving
+    MOVE_LOST = 5           # the destination leg's peer is gone: drain its last bytes, then reset
+
+    DONE_FIN = 1            # half_t.done: the FIN was passed on with shutdown(SHUT_WR)
+    DONE_LOST = 2           # given up: the leg it writes to is gone (that peer reset)
 
     PIPE_RETRY_BYTES = 1024 * 1024  # copied after a pipe shortage before splice is tried again
 
@@ -27,7 +32,9 @@ ctypedef struct half_t:
     uint32_t len
     uint8_t splicing
     uint8_t eof             # the source sent FIN and everything was read
-    uint8_t done            # the FIN was passed on with shutdown(SHUT_WR)
+    uint8_t done            # finished: DONE_FIN or DONE_LOST
+    uint8_t urgent          # an urgent mark is queued: copy, reading to EAGAIN (splice and a
+                            # short read stop at the mark, with the bytes after it unread)
 
 cdef struct conn_s:
     dnode_t node            # first: the rule's per-state activity list

@@ -7,7 +7,8 @@ cdef enum:
     PUMP_BUDGET = 4 * 1024 * 1024   # bytes per direction per turn, for fairness
     PAUSE_MS = 250                  # how long a listener rests after running out of fds
 
-cdef int CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+# EPOLLPRI: urgent data arrived (see half_t.urgent).
+cdef int CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET
 
 
 cdef inline void count_bytes(rule_worker_t* rw, int d, uint64_t n) noexcept nogil:
@@ -25,6 +26,8 @@ cdef inline int wrote(conn_t* c, int d, ssize_t n, size_t* budget, rule_worker_t
         if errno == EAGAIN:
             c.wr[1 - d] = 0
             return MOVE_BLOCKED
+        if errno == EPIPE or errno == ECONNRESET:
+            return MOVE_LOST
         return MOVE_ON if errno == EINTR else MOVE_RESET
     c.half[d].moved += <uint64_t>n
     count_bytes(rw, d, <uint64_t>n)
@@ -112,7 +115,8 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
             pause_listener(w, l, w.now + PAUSE_MS)
         return False
     w.conns_held += 1
-    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has it from the listener
+    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has both from the listener
+    set_int_opt(tfd, SOL_SOCKET, SO_OOBINLINE, 1)
     bind_source(rw, tfd, target.sa.sa_family)
     c.rule = r
     c.fd[0] = cfd
@@ -147,17 +151,25 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
     cdef socklen_t elen = sizeof(int)
     if c.state == CONN_CLOSED:
         return
-    if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+    if events & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
         c.rd[side] = 1
+    if events & EPOLLPRI:
+        c.half[side].urgent = 1
     if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
         c.hup[side] = 1
     if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
         c.wr[side] = 1
     rw = &c.rule.per_worker[w.id]
+    if c.state == CONN_FLUSHING:
+        # The peer still being sent to reset too: nothing left to wait for. (An event of the
+        # leg already reset may still be in this batch.)
+        if events & EPOLLERR and c.fd[side] >= 0:
+            conn_close(w, c, True)
+        return
     if events & EPOLLERR and c.half[side].done:
         # A reset on a leg already read to its FIN: no read will report it, and a write there
         # may never come (the other peer is idle), so pass it on now.
-        conn_close(w, c, True)
+        conn_reset(w, c, side)
         return
     if c.state == CONN_CONNECTING:
         if side == 0 or not c.wr[1]:
@@ -198,9 +210,16 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
             if rc != MOVE_SWITCH:
                 break
         if rc == MOVE_RESET:
-            conn_close(w, c, True)
+            conn_reset(w, c, d)
             return
-        if rc == MOVE_MORE:
+        if rc == MOVE_LOST:
+            # The peer this direction writes to reset, but what it sent before may still be
+            # unread: the other direction passes that on (to its EOF: the failed write took
+            # the error), then both legs are reset. Its readiness edge may be long gone.
+            h.done = DONE_LOST
+            c.rd[1 - d] = c.hup[1 - d] = 1
+            more = True
+        elif rc == MOVE_MORE:
             more = True
         elif h.eof and h.pipe_bytes == 0 and h.off == h.len:
             # Everything read from this side has been written: pass the FIN on. When the other
@@ -208,9 +227,12 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
             # per connection.
             if not c.half[1 - d].done:
                 shutdown(c.fd[1 - d], SHUT_WR)
-            h.done = 1
+            h.done = DONE_FIN
     if c.half[0].done and c.half[1].done:
-        conn_close(w, c, False)
+        if c.half[0].done == DONE_LOST or c.half[1].done == DONE_LOST:
+            conn_reset(w, c, 1 if c.half[0].done == DONE_LOST else 0)
+        else:
+            conn_close(w, c, False)
         return
     if (c.half[0].done or c.half[1].done) and c.state == CONN_OPEN:
         c.state = CONN_HALF
@@ -222,6 +244,27 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
         w.ready = c
 
 
+cdef int unacked(int fd) noexcept nogil:
+    cdef int n = 0
+    return n if ioctl(fd, SIOCOUTQ, &n) == 0 else 0
+
+
+cdef void conn_reset(worker_t* w, conn_t* c, int dead) noexcept nogil:
+    """Pass on the reset of leg ``dead``'s peer (or the failure of that direction). A RST
+    discards the other leg's send queue: bytes the forwarder took, so the resetting peer counts
+    them as delivered, would never reach the other peer. The reset waits for them instead
+    (checked by the sweep; the half-closed timeout gives up on a peer that does not read)."""
+    cdef rule_worker_t* rw = &c.rule.per_worker[w.id]
+    if unacked(c.fd[1 - dead]) == 0:
+        conn_close(w, c, True)
+        return
+    reset_close(c.fd[dead])
+    c.fd[dead] = -1
+    c.state = CONN_FLUSHING
+    c.last_active = w.now
+    dlist_move_to_end(&rw.flushing, &c.node)
+
+
 cdef void conn_close(worker_t* w, conn_t* c, bint reset) noexcept nogil:
     cdef rule_t* r = c.rule
     cdef rule_worker_t* rw = &r.per_worker[w.id]
@@ -230,7 +273,9 @@ cdef void conn_close(worker_t* w, conn_t* c, bint reset) noexcept nogil:
     if c.state == CONN_CLOSED:
         return
     for d in range(2):
-        if reset:
+        if c.fd[d] < 0:
+            pass            # the reset leg of a flushing connection
+        elif reset:
             reset_close(c.fd[d])
         else:
             close(c.fd[d])
@@ -267,7 +312,7 @@ cdef void tcp_run_ready(worker_t* w) noexcept nogil:
         if c.state == CONN_CLOSED:
             c.next = w.dead
             w.dead = c
-        else:
+        elif c.state != CONN_FLUSHING:
             conn_pump(w, c)
         c = nxt
 
@@ -294,6 +339,7 @@ cdef void tcp_close_all(worker_t* w, rule_worker_t* rw, bint reset) noexcept nog
     close_list(w, &rw.connecting, reset)
     close_list(w, &rw.open, reset)
     close_list(w, &rw.half, reset)
+    close_list(w, &rw.flushing, True)      # passing a reset on: never a FIN
 
 
 cdef void expire_list(worker_t* w, dlist_t* l, uint64_t timeout, uint64_t* failed) noexcept nogil:
@@ -309,3 +355,19 @@ cdef void tcp_sweep(worker_t* w, rule_worker_t* rw) noexcept nogil:
     expire_list(w, &rw.connecting, rw.conf.connect_ms, &rw.c.connect_failed)
     expire_list(w, &rw.open, rw.conf.idle_ms, NULL)
     expire_list(w, &rw.half, rw.conf.half_ms, NULL)
+    flush_resets(w, rw)
+
+
+cdef void flush_resets(worker_t* w, rule_worker_t* rw) noexcept nogil:
+    # Few and short-lived: each is looked at, not just the oldest.
+    cdef dnode_t* n = dlist_first(&rw.flushing)
+    cdef dnode_t* nxt
+    cdef conn_t* c
+    cdef int live
+    while n != NULL:
+        nxt = n.next if n.next != &rw.flushing.head else NULL
+        c = <conn_t*>n
+        live = c.fd[0] if c.fd[0] >= 0 else c.fd[1]
+        if unacked(live) == 0 or expired(c.last_active, rw.conf.half_ms, w.now):
+            conn_close(w, c, True)
+        n = nxt

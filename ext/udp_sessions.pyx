@@ -182,21 +182,31 @@ cdef inline void session_touch(worker_t* w, session_t* s, rule_worker_t* rw) noe
         dlist_move_to_end(&rw.sessions, &s.node)
 
 
-cdef int send_all(int fd, mmsghdr* out, int k) noexcept nogil:
+cdef inline bint send_again(uint64_t* refused) noexcept nogil:
+    """After a send that failed: whether to try again. ECONNREFUSED is the target's ICMP port
+    unreachable for an earlier datagram, handed to this send, which sent nothing and cleared
+    it: count the refusal and send on (the target may be back)."""
+    if errno == ECONNREFUSED:
+        refused[0] += 1
+        return True
+    return errno == EINTR
+
+
+cdef int send_all(int fd, mmsghdr* out, int k, uint64_t* refused) noexcept nogil:
     """sendmmsg until everything went or the socket is full; returns how many went."""
     cdef int done = 0
     cdef int rc
     while done < k:
         rc = sendmmsg(fd, out + done, k - done, MSG_DONTWAIT)
         if rc <= 0:
-            if rc < 0 and errno == EINTR:
+            if rc < 0 and send_again(refused):
                 continue
             break
         done += rc
     return done
 
 
-cdef int send_segmented(session_t* s, udp_batch_t* b, int k) noexcept nogil:
+cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused) noexcept nogil:
     """Send the k prepared datagrams as one segmented write (UDP_SEGMENT): one trip through
     the stack instead of k. Needs equal sizes (the last may be shorter). Returns how many went,
     or -1 if this run cannot go that way."""
@@ -226,6 +236,8 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k) noexcept nogil:
     m.msg_control = b.send_ctrl
     m.msg_controllen = one_cmsg(b.send_ctrl, SOL_UDP, UDP_SEGMENT, &segment, sizeof(uint16_t))
     n = sendmsg(s.fd, &m, MSG_DONTWAIT)
+    while n < 0 and send_again(refused):
+        n = sendmsg(s.fd, &m, MSG_DONTWAIT)
     if n == <ssize_t>total:
         return k
     if n < 0 and errno == EAGAIN:
@@ -316,9 +328,9 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
                 prepare_send(b, k, i, NULL, 0, NULL, 0)
                 k += 1
                 i += 1
-            sent = send_segmented(s, b, k)
+            sent = send_segmented(s, b, k, &rw.c.connect_failed)
             if sent < 0:
-                sent = send_all(s.fd, b.out, k)
+                sent = send_all(s.fd, b.out, k, &rw.c.connect_failed)
             rw.c.datagrams_up += sent
             rw.c.bytes_up += sent_bytes(b, sent)
             rw.c.drops += k - sent
@@ -368,8 +380,9 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
         prepare_recv(b, False, False)
         n = recvmmsg(s.fd, b.msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
         if n <= 0:
-            # ECONNREFUSED reports an ICMP error from the target; reading consumed it.
+            # ECONNREFUSED reports the target's ICMP port unreachable; reading cleared it.
             if n < 0 and errno == ECONNREFUSED:
+                rw.c.connect_failed += 1
                 continue
             return
         ctrllen = reply_control(b, s)
@@ -381,7 +394,7 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
             prepare_send(b, k, i, &s.flow.client, addr_len(&s.flow.client),
                          b.send_ctrl if ctrllen else NULL, ctrllen)
             k += 1
-        sent = send_all(l.fd, b.out, k)
+        sent = send_all(l.fd, b.out, k, &rw.c.connect_failed)   # unconnected: never refused
         rw.c.datagrams_down += sent
         rw.c.bytes_down += sent_bytes(b, sent)
         rw.c.drops += k - sent

@@ -85,6 +85,7 @@ cdef void track_rule(worker_t* w, rule_t* r, rconf_t* conf) noexcept nogil:
     dlist_init(&rw.connecting)
     dlist_init(&rw.open)
     dlist_init(&rw.half)
+    dlist_init(&rw.flushing)
     dlist_init(&rw.sessions)
     if not grow(<void**>&w.rules, &w.cap_rules, w.nrules + 1, sizeof(rule_t*)):
         rule_release(r)     # not tracked: it serves no connection here
