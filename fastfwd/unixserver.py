@@ -52,6 +52,11 @@ BACKLOG = 4096
 #: room: a hook sends its line at once, so in a burst of hooks none is taken for idle.
 EVICT_AFTER = 1.0
 
+#: A line holding a large-line slot must keep coming: a client that sends no further
+#: ``line_limit`` bytes of it for this long loses the slot and its connection, so a few stalled clients cannot keep every
+#: snapshot waiting for the whole idle timeout.
+LARGE_LINE_STALL = 5.0
+
 #: Linux >= 4.13: the peer's supplementary groups, fixed at connect time (not in Python's socket module).
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
@@ -471,7 +476,8 @@ class JsonLineServer:
                 raise LineTooLong
             buf += await reader.readexactly(consumed)
             try:
-                chunk = await reader.readuntil(b"\n")
+                async with asyncio.timeout(LARGE_LINE_STALL):
+                    chunk = await reader.readuntil(b"\n")
             except asyncio.IncompleteReadError as exc:
                 chunk = exc.partial
             except asyncio.LimitOverrunError as exc:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fastfwd import metrics
+from fastfwd import metrics, unixserver
 from fastfwd.config import ConfigError, parse_rule_options
 from fastfwd.unixclient import call
 from fastfwd.unixserver import JsonLineServer, Request
@@ -285,6 +285,35 @@ def test_a_large_request_holds_its_slot_until_it_is_answered() -> None:
     gate = asyncio.Event()
     with short_dir() as d:
         assert run(main(d / "s.sock")) == [{"ok": True}] * 6
+
+
+def test_clients_that_stall_in_the_middle_of_large_lines_lose_their_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a large line, then nothing: without a bound of its own, each staller would hold a
+    large-line slot for the whole idle timeout, and a snapshot (the hook waits 10 s) none."""
+    monkeypatch.setattr(unixserver, "LARGE_LINE_STALL", 0.3)
+
+    async def handler(request: Request) -> dict[str, Any]:
+        return {"size": request.size}
+
+    async def main(path: Path) -> tuple[list[bytes], dict[str, Any]]:
+        async with JsonLineServer(path, handler, name="test", line_limit=1024, max_line=1 << 20, large_slots=2):
+            stallers = [await asyncio.open_unix_connection(str(path)) for _ in range(2)]
+            for _, writer in stallers:
+                writer.write(b'{"pad": "' + b"x" * 5000)
+            await asyncio.sleep(0.1)  # they hold both slots now
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b'{"pad": "' + b"x" * 5000 + b'"}\n')
+            answer = json.loads(await asyncio.wait_for(reader.readline(), 10))
+            writer.close()
+            dropped = [await r.read() for r, _ in stallers]
+            for _, w in stallers:
+                w.close()
+            return dropped, answer
+
+    with short_dir() as d:
+        dropped, answer = run(main(d / "s.sock"))
+    assert answer == {"ok": True, "size": 5012}
+    assert dropped == [b"", b""]
 
 
 def test_a_client_that_never_reads_its_replies_stalls_only_itself() -> None:
