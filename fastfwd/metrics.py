@@ -33,6 +33,8 @@ MAX_CONNECTIONS = 16
 REQUEST_TIMEOUT = 5.0
 #: How long a whole exchange may take: a scraper that stops reading goes too.
 EXCHANGE_TIMEOUT = 10.0
+#: How long what a refused request still sends is read and dropped before closing.
+LINGER = 1.0
 
 
 class RuleCollector:
@@ -109,10 +111,12 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
                                  b"HTTP/1.0 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\n\r\n")
                     writer.write_eof()
                     # The rest of what it sends (a header, a body), read and dropped until it
-                    # closes: closing with bytes unread would reset the connection, and the
-                    # client could lose the answer before reading it.
-                    while await reader.read(1 << 16):
-                        pass
+                    # closes, for a moment: closing with bytes unread would reset the
+                    # connection, and the client could lose the answer before reading it.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(LINGER):
+                            while await reader.read(1 << 16):
+                                pass
                 writer.close()
                 await writer.wait_closed()  # all sent: that too within the exchange's time
                 closed = True

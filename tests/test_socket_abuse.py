@@ -389,6 +389,35 @@ def test_metrics_answers_bad_requests_with_http_errors_and_keep_alive_with_a_clo
     assert keep_alive.startswith(b"HTTP/1.0 200 OK\r\n") and keep_alive.endswith(b"\r\n\r\n# the metrics\n")
 
 
+def test_a_refused_request_that_keeps_sending_is_dropped_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What follows a refused request is read and dropped only for a moment (LINGER), not for
+    the whole exchange: 16 such clients must not hold every slot."""
+    monkeypatch.setattr(metrics, "EXCHANGE_TIMEOUT", 3600.0)  # only the linger may end it
+    monkeypatch.setattr(metrics, "LINGER", 0.2)
+
+    def endless_post(port: int) -> bool:
+        """True once the server has closed the connection under it (within 30 s)."""
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+            deadline = time.monotonic() + 30
+            try:
+                while time.monotonic() < deadline:
+                    sock.sendall(b"x" * 4096)
+                    time.sleep(0.001)
+            except (BrokenPipeError, ConnectionResetError):
+                return True
+            return False
+
+    async def main() -> bool:
+        server = await metrics.serve_http(None, "127.0.0.1", 0)  # type: ignore[arg-type]
+        try:
+            return await asyncio.to_thread(endless_post, server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            await server.wait_closed()
+    assert run(main()) is True
+
+
 # -- defects elsewhere ------------------------------------------------------------------------------
 @pytest.mark.xfail(strict=True, reason="config.py: rule options take NaN, infinite seconds and integers "
                    "beyond C long (TOML allows nan and inf; the engine fails on a huge integer)")
