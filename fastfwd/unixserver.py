@@ -417,6 +417,9 @@ class JsonLineServer:
         try:
             peer = peer_credentials(conn)
             reader, writer = await asyncio.open_unix_connection(sock=conn, limit=self._line_limit)
+        except OSError:
+            conn.close()
+            return  # gone before it could be served
         except BaseException:
             conn.close()
             raise
