@@ -72,8 +72,13 @@ class ControlServer(JsonLineServer):
             raise RequestError('expected an object with a "cmd" string')
         cmd = doc["cmd"]
         if cmd == "status":
-            return self._status(sessions=doc.get("sessions") is True)
+            _only(doc, ("cmd", "sessions"))
+            sessions = doc.get("sessions", False)
+            if not isinstance(sessions, bool):
+                raise RequestError('"sessions" must be true or false')
+            return self._status(sessions=sessions)
         if cmd == "metrics":
+            _only(doc, ("cmd",))
             return {"text": self._target.metrics()}
         if cmd == "add":
             rule = _rule(doc, ("cmd", "spec", "proto", "name", "options"))
@@ -116,11 +121,16 @@ def endpoints(active: ActiveRule) -> tuple[str, str]:
     return active.bound.listen_text, active.bound.target_text
 
 
-def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
-    """The rule a request names, every field checked."""
+def _only(doc: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A key the command does not take is an error: a typo must not be a silent no-op."""
     unknown = set(doc) - set(keys)
     if unknown:
         raise RequestError(f"unknown key {sorted(unknown)[0]!r:.60} for {doc['cmd']}")
+
+
+def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
+    """The rule a request names, every field checked."""
+    _only(doc, keys)
     spec, proto, name, options = doc.get("spec"), doc.get("proto", "tcp"), doc.get("name"), doc.get("options", {})
     if not isinstance(spec, str):
         raise RequestError('"spec" must be a port spec string like "0.0.0.0:2222:vm1:22"')

@@ -13,7 +13,7 @@ reply also means every earlier message is live. Saving the table is the table's 
 sources (the neighbour table) found stays; with ``family`` (optional, 4 or 6) it replaces the
 DHCP leases of that IP version only.
 
-Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 80,000 leases).
+Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 100,000 leases with host names).
 """
 from __future__ import annotations
 

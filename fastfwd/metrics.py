@@ -33,6 +33,8 @@ MAX_CONNECTIONS = 16
 REQUEST_TIMEOUT = 5.0
 #: How long a whole exchange may take: a scraper that stops reading goes too.
 EXCHANGE_TIMEOUT = 10.0
+#: How long what a refused request still sends is read and dropped before closing.
+LINGER = 1.0
 
 
 class RuleCollector:
@@ -71,7 +73,8 @@ def render(fw: Forwarder) -> bytes:
 
 async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
     """A minimal HTTP/1.0 endpoint answering every GET with the metrics (on the event loop,
-    so a scrape never races a rule change). At most ``MAX_CONNECTIONS`` are open at once; a
+    so a scrape never races a rule change), any other method with 405 and a header over 64 KiB
+    with 431. At most ``MAX_CONNECTIONS`` are open at once; a
     connection past that closes the oldest one still waiting for its request, so idle clients
     cannot keep a scraper out (and only if every one is being answered, it is closed itself)."""
     waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first
@@ -89,23 +92,35 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
         closed = False
         try:
             async with asyncio.timeout(EXCHANGE_TIMEOUT):
-                async with asyncio.timeout(REQUEST_TIMEOUT):
-                    request = await reader.readuntil(b"\r\n\r\n")
+                try:
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        request: bytes | None = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.LimitOverrunError:  # no end of the header in the reader's 64 KiB
+                    request = None
                 if writer not in waiting:
                     return  # its request came, but a newer connection had closed it already
                 del waiting[writer]
                 answering.add(writer)
-                if request.startswith(b"GET "):
+                if request is not None and request.startswith(b"GET "):
                     body = render(fw)
-                    head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
-                            f"Content-Length: {len(body)}\r\n\r\n")
+                    writer.write(f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+                                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 else:
-                    body, head = b"", "HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n"
-                writer.write(head.encode() + body)
+                    writer.write(b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n"
+                                 if request is None else
+                                 b"HTTP/1.0 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\n\r\n")
+                    writer.write_eof()
+                    # The rest of what it sends (a header, a body), read and dropped until it
+                    # closes, for a moment: closing with bytes unread would reset the
+                    # connection, and the client could lose the answer before reading it.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(LINGER):
+                            while await reader.read(1 << 16):
+                                pass
                 writer.close()
                 await writer.wait_closed()  # all sent: that too within the exchange's time
                 closed = True
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass  # a client that hangs up or talks nonsense just goes away
         finally:
             waiting.pop(writer, None)

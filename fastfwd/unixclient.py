@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import stat
+import struct
 import time
 from typing import Any, NoReturn
 
@@ -50,11 +51,19 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
+        # Blocking, with a send timeout: a Unix socket whose listen backlog is full (a busy
+        # daemon lets connections wait there) fails a non-blocking connect at once, while a
+        # blocking one waits for room, up to SO_SNDTIMEO.
+        seconds = int(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
         try:
             sock.connect(os.fspath(path))
+        except BlockingIOError:
+            raise DaemonError(f"fastfwd at {path} did not accept the connection within {timeout:g}s") from None
         except OSError as exc:
             raise DaemonError(f"cannot reach fastfwd at {path}: {_why_unreachable(path, exc)}") from None
+        sock.settimeout(max(deadline - time.monotonic(), 1e-3))
         try:
             try:
                 sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")

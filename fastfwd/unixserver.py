@@ -6,23 +6,34 @@ byte is read), and the framing: one JSON object per line in, exactly one JSON re
 out, with bounded buffers so hostile or broken clients cannot grow the daemon's memory.
 
 Memory bound: a connection's stream buffer pauses reading at ``2 * line_limit`` (plus one
-socket read); lines longer than ``line_limit`` (up to ``max_line``) are collected only while
-holding one of a few *large-line slots*, so the total stays near
-``max_clients * (2 * line_limit + one read) + large_slots * max_line``.
+socket read); lines longer than ``line_limit`` (up to ``max_line``) are collected, parsed and
+answered only while holding one of a few *large-line slots*, so the total stays near
+``max_clients * (2 * line_limit + one read) + large_slots * (max_line + its parsed form)``.
+
+Fds: at most ``max_clients`` connections are open (fewer if the process may open few files);
+more wait in the listen backlog, which holds none of ours. When all are taken, the connection
+that has waited longest on its client (for a line, or to take a reply), if that is at least
+``EVICT_AFTER``, is closed to make room, so idle clients cannot keep a DHCP hook out; one
+that just connected is never taken for idle.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import grp
 import json
 import logging
+import math
 import os
 import pwd
+import resource
+import select
 import socket
 import stat
 import struct
 import tempfile
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +43,19 @@ log = logging.getLogger("fastfwd.unixserver")
 
 #: The longest path a client can connect to: sun_path's 108 bytes, less the closing NUL.
 MAX_SOCKET_PATH = 107
+
+#: Connections not yet accepted wait in the kernel (which caps this at net.core.somaxconn), so
+#: a burst of hooks is served in turn instead of refused.
+BACKLOG = 4096
+
+#: How long a connection must have waited on its client before a full house closes it to make
+#: room: a hook sends its line at once, so in a burst of hooks none is taken for idle.
+EVICT_AFTER = 1.0
+
+#: A line holding a large-line slot must keep coming: a client that sends no further
+#: ``line_limit`` bytes of it for this long loses the slot and its connection, so a few stalled clients cannot keep every
+#: snapshot waiting for the whole idle timeout.
+LARGE_LINE_STALL = 5.0
 
 #: Linux >= 4.13: the peer's supplementary groups, fixed at connect time (not in Python's socket module).
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -197,6 +221,48 @@ class LineTooLong(Exception):
     """A request line over the server's ``max_line``."""
 
 
+class RefusedJson(ValueError):
+    """Text that Python's json reads but that is not standard JSON, or means two things."""
+
+
+def _no_constant(name: str) -> Any:
+    raise RefusedJson(f"not valid JSON: {name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: Python reads it as inf, which no setting can take
+        raise RefusedJson(f"number {text[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):  # other parsers keep the first of duplicates, Python the last
+        key = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise RefusedJson(f"duplicate key {key!r:.60} in an object")
+    return doc
+
+
+def parse_json(line: bytes) -> Any:
+    """Strict JSON: NaN, Infinity, numbers beyond a double and duplicate keys raise RefusedJson;
+    anything else that is not JSON, ValueError (or RecursionError, nested too deep)."""
+    return json.loads(line, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique_keys)
+
+
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()  # not select(): the daemon's fds may pass FD_SETSIZE
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _fd_share() -> int:
+    """Connections one socket may hold: an eighth of the open-file limit, so that the lease
+    and control sockets together leave most fds to forwarding."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(1, soft // 8) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class JsonLineServer:
     """Serves ``handler`` on a Unix socket: one JSON reply per JSON request line.
 
@@ -204,12 +270,12 @@ class JsonLineServer:
     for an error reply. A refused peer gets one error reply and is disconnected. A line over
     ``max_line`` gets an error reply and the connection is closed (the stream cannot be
     trusted to resynchronise). Each line must arrive, and each reply be read, within
-    ``idle_timeout`` seconds.
+    ``idle_timeout`` seconds. Past ``max_clients`` open connections, see the module's notes.
     """
 
     def __init__(self, path: str | os.PathLike[str], handler: Handler, *, name: str,
                  access: Access = Access(), line_limit: int = 64 << 10, max_line: int = 64 << 10,
-                 large_slots: int = 4, max_clients: int = 2048, idle_timeout: float = 60.0) -> None:
+                 large_slots: int = 4, max_clients: int = 128, idle_timeout: float = 60.0) -> None:
         self.path = Path(path)
         self.name = name
         self._handler = handler
@@ -219,29 +285,41 @@ class JsonLineServer:
         self._large = asyncio.Semaphore(large_slots)
         self._max_clients = max_clients
         self._idle_timeout = idle_timeout
-        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._listening = False
+        self._retry: asyncio.TimerHandle | None = None  # after a failed accept
+        self._recheck: asyncio.TimerHandle | None = None  # when a waiting connection may be closed
         self._inode: int | None = None
         #: The directories made for the socket file, removed with it.
         self._made: list[Path] = []
+        #: The connections holding a slot, and of those, the ones waiting on their client
+        #: (oldest first) and the ones whose task has not yet taken over their socket.
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: dict[asyncio.Task[None], float] = {}
+        self._unstarted: dict[asyncio.Task[None], socket.socket] = {}
 
     async def start(self) -> None:
-        sock = bind_unix(self.path, self._access, self._max_clients, made=self._made)
+        self._sock = bind_unix(self.path, self._access, BACKLOG, made=self._made)
         self._inode = os.stat(self.path).st_ino
-        # A deep backlog: a burst of hooks waits in the kernel instead of being refused (the
-        # kernel caps it at net.core.somaxconn).
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=self._line_limit,
-                                                       backlog=self._max_clients)
+        self._max_clients = min(self._max_clients, _fd_share())
+        self._resume()
         log.info("%s socket listening on %s (mode %o)", self.name, self.path, self._access.mode)
 
     async def close(self) -> None:
-        if self._server is None:
+        if self._sock is None:
             return
-        self._server.close()
+        self._pause()
+        for timer in (self._retry, self._recheck):
+            if timer is not None:
+                timer.cancel()
+        self._sock.close()
+        self._sock = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._server = None
+        for sock in self._unstarted.values():  # cancelled before they ran
+            sock.close()
+        self._unstarted.clear()
         try:  # remove the socket file only if it is still ours, not a successor's
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
@@ -257,15 +335,96 @@ class JsonLineServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Our own task, not the stream protocol's: cancelling it at close() is then quiet.
-        task = asyncio.ensure_future(self._connection(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # -- accepting --------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        if self._sock is not None and not self._listening and self._retry is None:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+            self._listening = True
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _pause(self) -> None:
+        if self._sock is not None and self._listening:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._listening = False
+
+    def _accept(self) -> None:
+        """Take the connections waiting in the backlog while there is a slot for them, or one
+        can be freed; otherwise stop looking until one is (``_resume``)."""
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if len(self._tasks) >= self._max_clients:
+                if not _readable(self._sock):
+                    return  # no one else is waiting: no one is closed for nothing
+                if not self._evict():
+                    break
+            try:
+                conn, _ = self._sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of fds or memory: try again in a second, not in a busy loop
+                log.warning("%s socket: cannot accept a connection: %s", self.name, exc.strerror)
+                self._pause()
+                self._retry = loop.call_later(1.0, self._retry_accept)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(self._connection(conn))
+            self._tasks.add(task)
+            self._unstarted[task] = conn
+            task.add_done_callback(self._ended)
+        self._pause()
+
+    def _retry_accept(self) -> None:
+        self._retry = None
+        self._resume()
+
+    def _look_again(self) -> None:
+        self._recheck = None
+        self._resume()
+
+    def _evict(self) -> bool:
+        """Free the slot of the connection that has waited longest on its client, if that was
+        ``EVICT_AFTER`` at least; False if none has (then look again once one has)."""
+        task, since = next(iter(self._waiting.items()), (None, 0.0))
+        if task is None:
+            return False
+        loop = asyncio.get_running_loop()
+        wait = since + EVICT_AFTER - loop.time()
+        if wait > 0:
+            if self._recheck is None:
+                self._recheck = loop.call_later(wait, self._look_again)
+            return False
+        del self._waiting[task]
+        self._tasks.discard(task)  # its slot is free now; the task closes its socket as it ends
+        task.cancel()
+        return True
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._waiting.pop(task, None)
+        self._resume()
+
+    def _set_waiting(self, task: asyncio.Task[None], waiting: bool) -> None:
+        self._waiting.pop(task, None)
+        if waiting:
+            self._waiting[task] = asyncio.get_running_loop().time()  # at the end: the newest to wait
+            self._resume()  # a full house may have one to make room with
+
+    # -- conversing --------------------------------------------------------------------------------
+    async def _connection(self, conn: socket.socket) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        del self._unstarted[task]
         try:
-            await self._converse(reader, writer)
+            peer = peer_credentials(conn)
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=self._line_limit)
+        except OSError:
+            conn.close()
+            return  # gone before it could be served
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            await self._converse(reader, writer, peer, task)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away or stalled: nothing to answer
         except Exception:  # a bug: this connection ends, the socket serves on
@@ -273,31 +432,38 @@ class JsonLineServer:
         finally:
             writer.close()
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tasks) > self._max_clients:
-            await self._reply(writer, {"ok": False, "error": "too many clients; try again"})
-            return
-        peer = peer_credentials(writer.get_extra_info("socket"))
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerCred,
+                        task: asyncio.Task[None]) -> None:
         if not self._access.allows(peer):
             log.warning("%s socket: refused pid %d (uid %d, gid %d): not an allowed user or group",
                         self.name, peer.pid, peer.uid, peer.gid)
             await self._reply(writer, {"ok": False, "error": "permission denied: not an allowed user or group"})
             return
         while True:
-            try:
-                async with asyncio.timeout(self._idle_timeout):
-                    line = await self._read_line(reader)
-            except LineTooLong:
-                await self._reply(writer, {"ok": False, "error": f"line too long (limit {self._max_line} bytes)"})
-                return
-            if not line:
-                return
-            if not line.strip():
-                continue
-            await self._reply(writer, await self._answer(line, peer))
+            async with contextlib.AsyncExitStack() as large:
+                self._set_waiting(task, True)
+                try:
+                    async with asyncio.timeout(self._idle_timeout):
+                        line = await self._read_line(reader, large)
+                except LineTooLong:
+                    await self._reply(writer, {"ok": False, "error": f"line too long (limit {self._max_line} bytes)"})
+                    return
+                finally:
+                    self._set_waiting(task, False)
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                reply = await self._answer(line, peer)
+                del line  # a large one's memory goes with its slot
+            self._set_waiting(task, True)
+            await self._reply(writer, reply)
+            self._set_waiting(task, False)
 
-    async def _read_line(self, reader: asyncio.StreamReader) -> bytes:
-        """The next line ('' at EOF); one cut short by EOF still counts as a line."""
+    async def _read_line(self, reader: asyncio.StreamReader, large: contextlib.AsyncExitStack) -> bytes:
+        """The next line ('' at EOF); one cut short by EOF still counts as a line. A line over
+        ``line_limit`` enters a large-line slot into ``large``, for the caller to hold until
+        the line is answered."""
         try:
             return await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
@@ -306,22 +472,23 @@ class JsonLineServer:
             if self._max_line <= self._line_limit:
                 raise LineTooLong from None
             consumed = exc.consumed
-        async with self._large:
-            buf = bytearray()
-            while True:
-                if len(buf) + consumed > self._max_line:
-                    raise LineTooLong
-                buf += await reader.readexactly(consumed)
-                try:
+        await large.enter_async_context(self._large)
+        buf = bytearray()
+        while True:
+            if len(buf) + consumed > self._max_line:
+                raise LineTooLong
+            buf += await reader.readexactly(consumed)
+            try:
+                async with asyncio.timeout(LARGE_LINE_STALL):
                     chunk = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as exc:
-                    chunk = exc.partial
-                except asyncio.LimitOverrunError as exc:
-                    consumed = exc.consumed
-                    continue
-                if len(buf) + len(chunk) > self._max_line:
-                    raise LineTooLong
-                return bytes(buf + chunk)
+            except asyncio.IncompleteReadError as exc:
+                chunk = exc.partial
+            except asyncio.LimitOverrunError as exc:
+                consumed = exc.consumed
+                continue
+            if len(buf) + len(chunk) > self._max_line:
+                raise LineTooLong
+            return bytes(buf + chunk)
 
     async def _reply(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
         """One reply line. A peer that does not read its replies has ``idle_timeout`` to take
@@ -333,7 +500,9 @@ class JsonLineServer:
 
     async def _answer(self, line: bytes, peer: PeerCred) -> dict[str, Any]:
         try:
-            message = json.loads(line)
+            message = parse_json(line)
+        except RefusedJson as exc:
+            return {"ok": False, "error": str(exc)}
         except (ValueError, RecursionError):
             return {"ok": False, "error": "not valid JSON"}
         try:

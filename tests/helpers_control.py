@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,26 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def fd_flood(pid: int, connect: Callable[[], socket.socket], room: int = 256) -> Iterator[list[socket.socket]]:
+    """Lets process ``pid`` open only ``room`` more fds than it has open now, then opens twice
+    that many idle connections to it with ``connect`` (fewer if one fails: the daemon stopped
+    accepting, or its backlog is full); they are closed afterwards."""
+    limit = len(os.listdir(f"/proc/{pid}/fd")) + room
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+    junk: list[socket.socket] = []
+    try:
+        for _ in range(2 * room):
+            try:
+                junk.append(connect())
+            except OSError:
+                break
+        yield junk
+    finally:
+        for sock in junk:
+            sock.close()
 
 
 def engine_built() -> bool:

@@ -501,28 +501,24 @@ def test_each_lease_change_is_logged_and_a_large_snapshot_as_a_count(
         "leases: 30 changed"]
 
 
-def test_clients_beyond_the_cap_are_turned_away_and_the_rest_served(run: Run, sockdir: Path) -> None:
-    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+def test_past_the_cap_the_longest_idle_client_makes_room_and_the_rest_are_served(run: Run, sockdir: Path) -> None:
+    async def main() -> tuple[dict[str, Any], bytes, dict[str, Any]]:
         async with LeaseServer(sockdir / "l.sock", LeaseTable(), Recorder(), max_clients=2):
             held = [await Client.connect(sockdir / "l.sock") for _ in range(2)]
-            for c in held:  # each is being served (an answered request proves it)
+            for c in held:  # each is being served (an answered request proves it), then idles
                 assert (await c.ask({}))["ok"] is False
-            extra = await Client.connect(sockdir / "l.sock")
-            turned_away = await extra.reply()
+            extra = await Client.connect(sockdir / "l.sock")  # waits in the backlog, then is served
+            answer = await extra.ask(event("add"))
             await extra.close()
-            await held[0].close()
-            for _ in range(100):  # the server notices the hang-up on its own time
-                retry = await Client.connect(sockdir / "l.sock")
-                answer = await retry.ask(event("add"))
-                await retry.close()
-                if answer["ok"]:
-                    break
-                await asyncio.sleep(0.05)
-            await held[1].close()
-            return turned_away, answer
-    turned_away, answer = run(main())
-    assert turned_away == {"ok": False, "error": "too many clients; try again"}
+            oldest = await held[0].reader.read()  # closed to make room
+            still = await held[1].ask(event("del"))
+            for c in held:
+                await c.close()
+            return answer, oldest, still
+    answer, oldest, still = run(main())
     assert answer == {"ok": True, "changed": 1}
+    assert oldest == b""
+    assert still == {"ok": True, "changed": 1}
 
 
 async def forwards(port: int) -> bool:

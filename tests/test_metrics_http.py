@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import resource
 import socket
 import urllib.request
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from fastfwd import metrics
 
-from helpers_control import EchoServer, daemon, echo_roundtrip, free_port, wait_until
+from helpers_control import EchoServer, daemon, echo_roundtrip, fd_flood, free_port, wait_until
 
 pytest.importorskip("fastfwd._engine", reason="the data-plane engine is not built")
 import fastfwd  # noqa: E402
@@ -81,23 +79,11 @@ def test_a_flood_of_idle_connections_cannot_use_up_the_daemons_fds(tmp_path: Pat
         (tmp_path / "f.toml").write_text(f'[[forward]]\nname = "web"\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'
                                          f'[control]\nmetrics_listen = "127.0.0.1:{mport}"\n')
         with daemon(tmp_path, "-c", "f.toml") as proc:
-            # Beyond what it has open now: room for the cap, a burst of connections queued for
-            # accept (backlog 100) and forwarding, and only half the flood.
-            room = 256
-            limit = len(os.listdir(f"/proc/{proc.proc.pid}/fd")) + room
-            resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
-            junk: list[socket.socket] = []
-            try:
-                for _ in range(2 * room):
-                    try:
-                        junk.append(socket.create_connection(("127.0.0.1", mport), timeout=2))
-                    except OSError:
-                        break  # the daemon stopped accepting: its fds ran out
+            # 256 fds beyond what it has open now: room for the cap, a burst of connections
+            # queued for accept (backlog 100) and forwarding, and only half the flood.
+            with fd_flood(proc.proc.pid, lambda: socket.create_connection(("127.0.0.1", mport), timeout=2)):
                 assert echo_roundtrip(port), "the flood stopped forwarding"
                 assert 'rule="web"' in scrape(mport)
-            finally:
-                for s in junk:
-                    s.close()
             assert "fastfwd_accepted_total{listen" in scrape(mport)
 
 
