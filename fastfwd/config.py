@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .leases import HostEntry, LeaseError
-from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_target_host,
-                    is_ip, listen_address, parse_ports, split_hostports)
+from .rules import (DEFAULT_LISTEN, MAX_SECONDS, Proto, Rule, RuleOptions, SpecError, check_name,
+                    check_target_host, is_ip, listen_address, parse_ports, split_hostports)
 
 _OPTION_KEYS = tuple(f.name for f in fields(RuleOptions))
 _S = TypeVar("_S", "EngineSettings", "ControlSettings", "SourceSettings")
@@ -266,6 +266,12 @@ class _Validator:
         name = entry.get("name")
         if name is not None and not isinstance(name, str):
             self.error(f"{path}.name", f"expected a string, got {_kind(name)}")
+        elif name is not None:
+            try:
+                check_name(name)
+            except SpecError as exc:
+                self.error(f"{path}.name", str(exc).removeprefix("name: "))
+                name = None
         options = self.options(entry, path, defaults)
         listen = target = None
         for key in ("listen", "to"):
@@ -396,8 +402,9 @@ def _microseconds(value: Any) -> int:
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise SpecError(f"expected a number of seconds >= 0, got {value!r}")
+    # nan fails every comparison, so it is refused too.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
+        raise SpecError(f"expected a number of seconds from 0 to {MAX_SECONDS}, got {value!r}")
     return float(value)
 
 

@@ -15,6 +15,13 @@ Proto = Literal["tcp", "udp"]
 SpliceMode = Literal["auto", "always", "never"]
 LivePolicy = Literal["keep", "close"]
 
+#: The engine's limits for rule options: seconds kept as milliseconds, counts as C ints.
+MAX_SECONDS = 10 ** 9
+MAX_COUNT = 2 ** 31 - 1
+MAX_BYTES = 2 ** 63 - 1
+#: A rule name is a label in logs, status and metrics: one printable line, this long at most.
+MAX_NAME = 128
+
 #: Where a spec without an address listens: loopback, so a quick forward never
 #: publishes a port to the network by surprise. Say ``0.0.0.0:PORT`` to publish.
 DEFAULT_LISTEN = "127.0.0.1"
@@ -63,12 +70,14 @@ class RuleOptions:
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "idle_timeout", "half_closed_timeout", "udp_idle_timeout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise SpecError(f"{name}: expected a number of seconds >= 0, got {value!r}")
-        for name in ("splice_threshold", "udp_max_sessions", "max_connections"):
+            # nan fails every comparison, so it is caught here too (TOML and JSON can say nan, inf).
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_SECONDS:
+                raise SpecError(f"{name}: expected a number of seconds from 0 to {MAX_SECONDS}, got {value!r}")
+        for name, most in (("splice_threshold", MAX_BYTES), ("udp_max_sessions", MAX_COUNT),
+                           ("max_connections", MAX_COUNT)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SpecError(f"{name}: expected an integer >= 0, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+                raise SpecError(f"{name}: expected an integer from 0 to {most}, got {value!r}")
         if self.splice not in ("auto", "always", "never"):
             raise SpecError(f"splice: expected 'auto', 'always' or 'never', got {self.splice!r}")
         for name in ("on_retarget", "on_remove"):
@@ -104,6 +113,8 @@ class Rule:
     def __post_init__(self) -> None:
         if self.proto not in ("tcp", "udp"):
             raise SpecError(f"proto: expected 'tcp' or 'udp', got {self.proto!r}")
+        if self.name is not None:
+            check_name(self.name)
         object.__setattr__(self, "listen_host", listen_address(self.listen_host))
         check_target_host(self.target_host)
         if not is_ip(self.target_host):
@@ -257,6 +268,13 @@ def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         raise ValueError(f"{text!r} has a zone")
     return ip
+
+
+def check_name(name: str) -> None:
+    # A newline would let a name forge lines in the daemon's log.
+    if not name or len(name) > MAX_NAME or not name.isprintable():
+        raise SpecError(f"name: expected 1 to {MAX_NAME} printable characters on one line, got {name[:40]!r}"
+                        + ("..." if len(name) > 40 else ""))
 
 
 def check_target_host(host: str) -> None:

@@ -1,14 +1,17 @@
 """Config input that looks plausible but is an error (host names that clash by case or are
-addresses, ports that are not ASCII digits), and the IPv4/IPv6 wildcard pair that is not."""
+addresses, ports that are not ASCII digits, numbers the engine cannot hold, rule names that
+would forge log lines), and the IPv4/IPv6 wildcard pair that is not."""
 from __future__ import annotations
 
+import json
+import math
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fastfwd.config import ConfigError, parse_config
+from fastfwd.config import ConfigError, parse_config, parse_rule_options
 from fastfwd.rules import Rule, SpecError
 
 from helpers_control import EchoServer, daemon, free_port, needs_engine
@@ -72,3 +75,31 @@ def test_a_port_published_on_both_wildcards_forwards_over_both_families(tmp_path
                 assert sock.family == family
                 sock.sendall(b"both")
                 assert sock.recv(4) == b"both"
+
+
+@pytest.mark.parametrize("key, toml, value", [("idle_timeout", "nan", math.nan), ("connect_timeout", "inf", math.inf),
+                                              ("udp_max_sessions", "100000000000000000000000", 10 ** 23)])
+def test_rule_options_refuse_numbers_no_engine_can_take(key: str, toml: str, value: float) -> None:
+    # TOML and JSON can say nan and inf, and neither bounds an integer: the engine keeps
+    # seconds as milliseconds and counts as C ints.
+    with pytest.raises(ConfigError) as info:
+        parse_rule_options({key: value})
+    assert info.value.errors[0].startswith(f"options.{key}: expected ")
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[[forward]]\nlisten = "8000"\nto = "127.0.0.1:80"\n{key} = {toml}\n')
+    assert info.value.errors[0].startswith(f"forward[0].{key}: expected ")
+
+
+@pytest.mark.parametrize("name", ["web\n2026-01-01 00:00:00,000 INFO forged line", "x" * 100_000, ""])
+def test_a_rule_name_that_would_forge_log_lines_is_refused(name: str) -> None:
+    with pytest.raises(SpecError, match="name: expected 1 to 128 printable characters"):
+        Rule.parse("0:127.0.0.1:9", name=name)
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[[forward]]\nlisten = "8000"\nto = "127.0.0.1:80"\nname = {json.dumps(name)}\n')
+    assert info.value.errors[0].startswith("forward[0].name: expected 1 to 128 printable characters")
+
+
+def test_daemon_settings_refuse_nan_and_infinite_seconds() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("[control]\ndrain_deadline = nan\n")
+    assert info.value.errors == ["control.drain_deadline: expected a number of seconds from 0 to 1000000000, got nan"]
