@@ -359,15 +359,18 @@ cdef void tcp_sweep(worker_t* w, rule_worker_t* rw) noexcept nogil:
 
 
 cdef void flush_resets(worker_t* w, rule_worker_t* rw) noexcept nogil:
-    # Few and short-lived: each is looked at, not just the oldest.
+    # Few and short-lived: each is looked at, not just the oldest. Half-closed connections
+    # kept for ever (0) do not keep a reset from a peer that never reads for ever: the idle
+    # timeout bounds the wait then.
     cdef dnode_t* n = dlist_first(&rw.flushing)
     cdef dnode_t* nxt
     cdef conn_t* c
     cdef int live
+    cdef uint64_t limit = rw.conf.half_ms if rw.conf.half_ms else rw.conf.idle_ms
     while n != NULL:
         nxt = n.next if n.next != &rw.flushing.head else NULL
         c = <conn_t*>n
         live = c.fd[0] if c.fd[0] >= 0 else c.fd[1]
-        if unacked(live) == 0 or expired(c.last_active, rw.conf.half_ms, w.now):
+        if unacked(live) == 0 or expired(c.last_active, limit, w.now):
             conn_close(w, c, True)
         n = nxt

@@ -258,12 +258,16 @@ def test_a_reset_reaches_a_slow_client_after_every_byte_acknowledged_before_it(
     assert fwd.counters(rule).bytes_down == len(sent)
 
 
-def test_a_held_back_reset_gives_up_on_a_client_that_never_reads(fwd: SyncForwarder) -> None:
+@pytest.mark.parametrize("timeouts", [{"half_closed_timeout": 0.5},
+                                      {"half_closed_timeout": 0, "idle_timeout": 0.5}])
+def test_a_held_back_reset_gives_up_on_a_client_that_never_reads(fwd: SyncForwarder,
+                                                                  timeouts: dict[str, float]) -> None:
     """The reset waits for the client to take the bytes before it, but not for ever: the
-    half-closed timeout bounds the wait, and the client still learns of the reset."""
+    half-closed timeout bounds the wait, or the idle timeout when half-closed connections are
+    kept for ever (0), and the client still learns of the reset."""
     sent = payload(2 * MB, seed=8)
     with listening() as lsock:
-        rule = fwd.forward(lsock.getsockname()[1], half_closed_timeout=0.5)
+        rule = fwd.forward(lsock.getsockname()[1], **timeouts)
         client, server = slow_client_legs(lsock, rule.port)
         with client, server:
             reset_once_acknowledged(server, sent)
