@@ -13,7 +13,7 @@ cdef enum:
     MOVE_SWITCH = 2         # changed copy strategy: call the other one
     MOVE_RESET = 3          # reading failed (the source's peer reset) or cannot go on: reset both
     MOVE_ON = 4             # (within a strategy) carry on moving
-    MOVE_LOST = 5           # the destination leg's peer is gone: drain its last bytes, then reset
+    MOVE_LOST = 5           # the destination leg is gone: drain its last bytes, then reset
 
     DONE_FIN = 1            # half_t.done: the FIN was passed on with shutdown(SHUT_WR)
     DONE_LOST = 2           # given up: the leg it writes to is gone (that peer reset)

@@ -26,9 +26,14 @@ cdef inline int wrote(conn_t* c, int d, ssize_t n, size_t* budget, rule_worker_t
         if errno == EAGAIN:
             c.wr[1 - d] = 0
             return MOVE_BLOCKED
-        if errno == EPIPE or errno == ECONNRESET:
-            return MOVE_LOST
-        return MOVE_ON if errno == EINTR else MOVE_RESET
+        if errno == EINTR:
+            return MOVE_ON
+        if errno == ENOMEM or errno == ENOBUFS:
+            return MOVE_RESET
+        # The destination leg is gone: its peer reset (EPIPE, ECONNRESET), or it timed out or
+        # was aborted. Blamed on the source leg, the dead one would be flushed, and its send
+        # queue never empties.
+        return MOVE_LOST
     c.half[d].moved += <uint64_t>n
     count_bytes(rw, d, <uint64_t>n)
     by_strategy[0] += <uint64_t>n

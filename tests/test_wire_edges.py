@@ -10,6 +10,7 @@ import fcntl
 import os
 import socket
 import struct
+import subprocess
 import termios
 import time
 from collections.abc import Iterator
@@ -274,6 +275,38 @@ def test_a_held_back_reset_gives_up_on_a_client_that_never_reads(fwd: SyncForwar
             wait_for(lambda: fwd.counters(rule).active == 0, what="the timeout to end the wait")
             got, how = read_to_end(client)
             assert how == "reset" and got == sent[:len(got)], f"{len(got)} bytes, then {how}"
+    wait_for(lambda: held(fwd)["connections"] == 0, what=f"the connection freed: {held(fwd)}")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("splice", ["never", "always"])
+def test_a_target_leg_that_fails_mid_write_ends_the_connection_at_once(fwd: SyncForwarder, splice: str) -> None:
+    """The forwarder's socket towards a target that stopped reading fails (killed here with
+    ss -K, as a retransmission timeout would) while the forwarder holds client bytes for it:
+    the write fails with neither EPIPE nor ECONNRESET. The failure was blamed on the client
+    leg, and the dead target leg, whose send queue no ACK will ever empty, was left to flush
+    for the whole half-closed timeout. The client must get the reset, and the connection end."""
+    with listening() as lsock:
+        rule = fwd.forward(lsock.getsockname()[1], splice=splice)
+        client = connect(rule.port, timeout=5)
+        server, _ = lsock.accept()
+        with client, server:
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):     # until the forwarder holds some too
+                while True:
+                    client.send(bytes(65536))
+            sending_stopped_up = [-1]
+            wait_for(lambda: sending_stopped_up.append(fwd.counters(rule).bytes_up)
+                     or sending_stopped_up[-1] == sending_stopped_up[-2] > 0,
+                     interval=0.1, what="the forwarder to stop sending to the target")
+            host, port = server.getpeername()
+            subprocess.run(["ss", "-K", "src", f"{host}:{port}", "dst", f"{host}:{lsock.getsockname()[1]}"],
+                           check=True, capture_output=True)
+            wait_for(lambda: fwd.counters(rule).active == 0, timeout=5, what="the connection to end")
+            client.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                while client.recv(65536):
+                    pass
     wait_for(lambda: held(fwd)["connections"] == 0, what=f"the connection freed: {held(fwd)}")
 
 
