@@ -345,7 +345,13 @@ class Forwarder:
         repool = ip is not None and _pool(pool, ip) != _pool(pool, was)
         if repool:
             # The name moved to the other family: its connections take the pool's other half.
-            self._configure(active, ip)
+            # An address of it gone since the rule started must not keep the rule (and the
+            # others on the name) on the old address: the kernel picks the source instead.
+            try:
+                self._configure(active, ip)
+            except OSError as exc:
+                log.warning("%s: %s; its connections to %s leave from the kernel's choice",
+                            _describe(active), exc.strerror, ip)
         self._require().set_target(active.id, ip, active.rule.target_port, close_live)
         active.target_ip = ip
         if repool and ip is not None and not _pool(pool, ip):

@@ -230,6 +230,35 @@ def test_an_ipv6_source_pool_spreads_upstream_connections(v6_lab: tuple[Lab, str
         server.close()
 
 
+@pytest.mark.root
+def test_a_name_moving_family_is_followed_by_every_rule_though_a_pool_address_went_away(
+        v6_lab: tuple[Lab, str]) -> None:
+    """A name moves from IPv4 to IPv6 after the pool's IPv6 address was removed from the host.
+    Checking the pool again for the new family raised out of resolve: the rule stayed on the
+    old address, the next rule on the name was never re-pointed, and the name counted as
+    resolved, so sending the same address again changed nothing. Both rules must follow (the
+    connections leaving from the kernel's choice), with a warning."""
+    lab, ns = v6_lab
+    server = lab.call(ns, TcpServer, peer_address, "::")
+    fwd = lab.call(ns, SyncForwarder, 1)
+    try:
+        rules = [fwd.add(Rule.parse(f"0:vm1:{server.port}", options=RuleOptions(source=("127.0.0.1", "fd00:ff::1"))))
+                 for _ in range(2)]
+        fwd.resolve("vm1", LOOP4)
+        with IPRoute(netns=ns) as ipr:
+            ipr.addr("del", index=ipr.link_lookup(ifname="lo")[0], address="fd00:ff::1", prefixlen=128)
+        assert fwd.resolve("vm1", LOOP6) == rules
+        for rule in rules:
+            with lab.socket(ns, socket.AF_INET) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.connect((LOOP4, rule.port))
+                assert sock.recv(2) == b"ok"
+            assert server.result() == "::1"
+    finally:
+        fwd.close()
+        server.close()
+
+
 # -- allow lists -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("listen, allow, admitted", [
