@@ -130,18 +130,20 @@ class Rule:
     def _check_families(self) -> None:
         """Refuse what could never work: IPv6 listeners take IPv6 clients only (IPv4 ones are
         not seen as ::ffff:a.b.c.d), and an upstream socket binds only a source address of
-        its target's family. A name target's family is known once it resolves: the
-        forwarder then uses the pool addresses of that family."""
+        its target's family. The forwarder uses the pool addresses of the target's family
+        (a name's once it resolves), so a pool may mix families, as a [defaults] one for a
+        dual-stack host does, but must hold one of an address target's family."""
         family = ipaddress.ip_address(self.listen_host).version
         nets = [ipaddress.ip_network(cidr, strict=False) for cidr in self.options.allow]
         if nets and all(net.version != family for net in nets):
             raise SpecError(f"allow: no IPv{family} network, so every client of {self.listen_text} would be refused")
-        if self.target_is_name:
+        if self.target_is_name or not self.options.source:
             return
         target = ipaddress.ip_address(self.target_host)
-        for addr in self.options.source:
-            if (version := ipaddress.ip_address(addr).version) != target.version:
-                raise SpecError(f"source: {addr!r} is IPv{version} but the target {target} is IPv{target.version}")
+        versions = [ipaddress.ip_address(addr).version for addr in self.options.source]
+        if target.version not in versions:
+            raise SpecError(f"source: {self.options.source[0]!r} is IPv{versions[0]} but the target {target} "
+                            f"is IPv{target.version}")
 
     @classmethod
     def parse(cls, spec: str, proto: Proto = "tcp", *, name: str | None = None,

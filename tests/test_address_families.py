@@ -318,13 +318,29 @@ def test_an_ipv4_mapped_allow_network_names_its_ipv4_form() -> None:
 
 @pytest.mark.parametrize("spec, source, message", [
     ("0:127.0.0.1:80", ("::1",), "source: '::1' is IPv6 but the target 127.0.0.1 is IPv4"),
-    ("[::1]:0:[::1]:80", ("127.0.0.2", "::1"), "source: '127.0.0.2' is IPv4 but the target ::1 is IPv6"),
+    ("[::1]:0:[::1]:80", ("127.0.0.2", "127.0.0.3"), "source: '127.0.0.2' is IPv4 but the target ::1 is IPv6"),
 ])
 def test_a_source_of_the_other_family_than_the_target_is_refused(spec: str, source: tuple[str, ...],
                                                                   message: str) -> None:
     with pytest.raises(SpecError) as info:
         Rule.parse(spec, options=RuleOptions(source=source))
     assert str(info.value) == f"{spec!r}: {message}"
+
+
+def test_a_pool_of_both_families_in_defaults_serves_address_targets_of_either(fwd: SyncForwarder) -> None:
+    """One [defaults] pool for a dual-stack host, as one allow list may be: each rule with an
+    address target takes the pool's addresses of its target's family. Refusing every rule
+    whose target is of one family rejected such a config outright."""
+    with TcpServer(peer_address, "::") as server:
+        config = parse_config('[defaults]\nsource = ["127.0.0.2", "::1", "127.0.0.3"]\n'
+                              f'[[forward]]\nlisten = 0\nto = "127.0.0.1:{server.port}"\n'
+                              f'[[forward]]\nlisten = 0\nto = "[::1]:{server.port}"\n')
+        for rule, expected in zip(config.rules, ({"127.0.0.2", "127.0.0.3"}, {"::1"})):
+            active = fwd.add(rule)
+            for _ in range(4):
+                reach(active.port)
+            seen = {server.result() for _ in range(4)}
+            assert seen == expected, f"to {rule.target_host}: connections came from {seen}"
 
 
 def test_an_ipv4_mapped_source_names_its_ipv4_form() -> None:
