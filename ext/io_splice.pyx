@@ -42,7 +42,10 @@ cdef int splice_move(worker_t* w, conn_t* c, int d, size_t* budget) noexcept nog
             h.pipe_bytes = <uint32_t>n
             continue
         if n == 0:
-            h.eof = 1
+            # The end, or an urgent mark the last event did not report (it came since): splice
+            # stops at a mark and says 0 there once a FIN is queued behind it. The copy tells
+            # them apart, reading on past a mark to what follows or to the real end.
+            h.urgent = 1
         elif errno == EAGAIN:
             c.rd[d] = 0
         elif errno == EINVAL or errno == ENOSYS:

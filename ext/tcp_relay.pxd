@@ -33,8 +33,9 @@ ctypedef struct half_t:
     uint8_t splicing
     uint8_t eof             # the source sent FIN and everything was read
     uint8_t done            # finished: DONE_FIN or DONE_LOST
-    uint8_t urgent          # an urgent mark is queued: copy, reading to EAGAIN (splice and a
-                            # short read stop at the mark, with the bytes after it unread)
+    uint8_t urgent          # an urgent mark may be queued (EPOLLPRI, or splice said 0): copy,
+                            # reading to EAGAIN or EOF (splice and a short read stop at the
+                            # mark, with the bytes after it unread)
 
 cdef struct conn_s:
     dnode_t node            # first: the rule's per-state activity list
