@@ -228,15 +228,15 @@ def test_last_reply_of_a_target_that_resets_reaches_the_client_still_sending() -
         assert (c["bytes_up"], c["bytes_down"], c["active"]) == (2000, 2 * len(RESPONSE), 0), f"splice {mode}: {c}"
 
 
-def sending_stopped(fwd: SyncForwarder, rule: fastfwd.ActiveRule) -> fastfwd.Counters:
-    """Wait until the forwarder has sent the client all it can (bytes_down stays put); its
-    counters then."""
+def sending_stopped(fwd: SyncForwarder, rule: fastfwd.ActiveRule, way: str = "down") -> fastfwd.Counters:
+    """Wait until the forwarder has sent the client (``way`` "up": the target) all it can
+    (its byte count stays put); its counters then."""
     samples = [-1]
 
     def settled() -> bool:
-        samples.append(fwd.counters(rule).bytes_down)
+        samples.append(getattr(fwd.counters(rule), f"bytes_{way}"))
         return samples[-1] == samples[-2] > 0
-    wait_for(settled, interval=0.1, what="the forwarder to stop sending to the idle client")
+    wait_for(settled, interval=0.1, what=f"the forwarder to stop sending {way}")
     return fwd.counters(rule)
 
 
@@ -282,16 +282,15 @@ def test_a_reset_reaches_a_slow_client_after_every_byte_acknowledged_before_it(
     assert fwd.counters(rule).bytes_down == len(sent)
 
 
-@pytest.mark.parametrize("timeouts", [{"half_closed_timeout": 0.5},
-                                      {"half_closed_timeout": 0, "idle_timeout": 0.5}])
-def test_a_held_back_reset_gives_up_on_a_client_that_never_reads(fwd: SyncForwarder,
-                                                                  timeouts: dict[str, float]) -> None:
+@pytest.mark.parametrize("half_closed, idle", [(0.5, 3600.0), (0, 0.5)])
+def test_a_held_back_reset_gives_up_on_a_client_that_never_reads(fwd: SyncForwarder, half_closed: float,
+                                                                  idle: float) -> None:
     """The reset waits for the client to take the bytes before it, but not for ever: the
     half-closed timeout bounds the wait, or the idle timeout when half-closed connections are
     kept for ever (0), and the client still learns of the reset."""
     sent = payload(2 * MB, seed=8)
     with listening() as lsock:
-        rule = fwd.forward(lsock.getsockname()[1], **timeouts)
+        rule = fwd.forward(lsock.getsockname()[1], half_closed_timeout=half_closed, idle_timeout=idle)
         client, server = slow_client_legs(lsock, rule.port)
         with client, server:
             reset_once_acknowledged(server, sent)
@@ -318,10 +317,7 @@ def test_a_target_leg_that_fails_mid_write_ends_the_connection_at_once(fwd: Sync
             with contextlib.suppress(BlockingIOError):     # until the forwarder holds some too
                 while True:
                     client.send(bytes(65536))
-            sending_stopped_up = [-1]
-            wait_for(lambda: sending_stopped_up.append(fwd.counters(rule).bytes_up)
-                     or sending_stopped_up[-1] == sending_stopped_up[-2] > 0,
-                     interval=0.1, what="the forwarder to stop sending to the target")
+            sending_stopped(fwd, rule, "up")
             host, port = server.getpeername()
             subprocess.run(["ss", "-K", "src", f"{host}:{port}", "dst", f"{host}:{lsock.getsockname()[1]}"],
                            check=True, capture_output=True)
