@@ -53,8 +53,8 @@ BACKLOG = 4096
 EVICT_AFTER = 1.0
 
 #: A line holding a large-line slot must keep coming: a client that sends no further
-#: ``line_limit`` bytes of it for this long loses the slot and its connection, so a few stalled clients cannot keep every
-#: snapshot waiting for the whole idle timeout.
+#: ``line_limit`` bytes of it for this long loses the slot and its connection, so a few
+#: stalled clients cannot keep every snapshot waiting for the whole idle timeout.
 LARGE_LINE_STALL = 5.0
 
 #: Linux >= 4.13: the peer's supplementary groups, fixed at connect time (not in Python's socket module).
