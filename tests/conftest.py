@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,7 @@ import pytest
 
 if TYPE_CHECKING:
     from netutil import SyncForwarder
+    from test_host_bridge import Bridge
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,3 +33,16 @@ def fwd() -> Iterator[SyncForwarder]:
         yield fw
     wait_for(lambda: open_fds(os.getpid()) <= before, timeout=5,
              what=f"the closed forwarder to leave no fds open (there were {before} before it)")
+
+
+@pytest.fixture
+def br() -> Iterator[Bridge]:
+    """fastfwd-bridge run as the real command inside a fresh namespace lab (see
+    tests/test_host_bridge.py); the host itself is never touched."""
+    from fastfwd.host.lab import Lab
+    from test_host_bridge import Bridge
+
+    if shutil.which("nft") is None:
+        pytest.skip("needs nftables (nft): the bridge's firewall is an nftables table")
+    with Lab() as lab:
+        yield Bridge(lab)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,12 +60,6 @@ def _comm(pid: int) -> str | None:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return None
-
-
-@pytest.fixture
-def br() -> Iterator[Bridge]:
-    with Lab() as lab:
-        yield Bridge(lab)
 
 
 class FakeDaemon:

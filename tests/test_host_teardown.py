@@ -8,13 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fastfwd.host import bridge, firewall
-from fastfwd.host.lab import Lab
 
 from helpers_control import wait_until
 from test_host_bridge import Bridge
@@ -24,12 +22,6 @@ def test_table_names_of_different_bridges_differ() -> None:
     names = {firewall.table_name(b) for b in ("br-vms", "br_vms", "br.vms")}
     assert len(names) == 3
     assert firewall.table_name("br-vms") == "fastfwd_br_vms"  # the name docs/vm-hosts.md shows
-
-
-@pytest.fixture
-def br() -> Iterator[Bridge]:
-    with Lab() as lab:
-        yield Bridge(lab)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
