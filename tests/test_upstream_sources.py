@@ -1,6 +1,7 @@
 """Upstream connections spread over a pool of local source addresses (``source`` option)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections import Counter
@@ -33,8 +34,11 @@ def test_upstream_connections_rotate_over_the_source_pool(fwd: SyncForwarder) ->
 def test_udp_sessions_rotate_over_the_source_pool(fwd: SyncForwarder) -> None:
     with UdpEcho() as server:
         rule = fwd.forward(server.port, "udp", source=SOURCES)
-        for i in range(6):  # each client socket is a session of its own
-            with udp_socket() as sock:
+        # Six sessions: the sockets stay open, so no client port comes round again and finds
+        # the session of an earlier one.
+        with contextlib.ExitStack() as stack:
+            for i in range(6):
+                sock = stack.enter_context(udp_socket())
                 assert udp_roundtrip(sock, (LOOP4, rule.port), b"%d" % i) == b"%d" % i
         seen = Counter(address for address, _ in list(server.received))
     assert seen == Counter({source: 2 for source in SOURCES})  # a UDP rule has one worker
