@@ -306,8 +306,8 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
                 i += 1
                 continue
             if not rule_allows(rw.conf, &b.flows[i].client):
-                # Checked per datagram, not per session: a reload that narrows the list
-                # stops the sessions it no longer admits.
+                # Checked per datagram, not per session: after a reload that narrows the
+                # list, a client it no longer admits gets nothing more through.
                 rw.c.refused += 1
                 i += 1
                 continue

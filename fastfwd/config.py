@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .leases import HostEntry, LeaseError
-from .rules import (DEFAULT_LISTEN, MAX_SECONDS, Proto, Rule, RuleOptions, SpecError, check_name,
-                    check_target_host, is_ip, listen_address, parse_ports, split_hostports)
+from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_name, check_target_host,
+                    is_ip, listen_address, parse_ports, seconds, split_hostports)
 
 _OPTION_KEYS = tuple(f.name for f in fields(RuleOptions))
 _S = TypeVar("_S", "EngineSettings", "ControlSettings", "SourceSettings")
@@ -401,13 +401,6 @@ def _microseconds(value: Any) -> int:
     return value
 
 
-def _seconds(value: Any) -> float:
-    # nan fails every comparison, so it is refused too.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
-        raise SpecError(f"expected a number of seconds from 0 to {MAX_SECONDS}, got {value!r}")
-    return float(value)
-
-
 def _path(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(f"expected a file path, got {value!r}")
@@ -442,7 +435,7 @@ _SETTINGS: dict[type, dict[str, Callable[[Any], Any]]] = {
     EngineSettings: {"workers": _positive_int, "pipe_size": _pipe_size, "busy_poll_us": _microseconds},
     ControlSettings: {"lease_socket": _path, "control_socket": _path, "state_dir": _path,
                       "allow_users": _principals("user"), "allow_groups": _principals("group"),
-                      "drain_deadline": _seconds, "metrics_listen": _hostport},
+                      "drain_deadline": seconds, "metrics_listen": _hostport},
     SourceSettings: {"dhcp": _flag, "neighbours": _flag},
 }
 _PATHS = ("lease_socket", "control_socket", "state_dir")

@@ -342,7 +342,8 @@ class Forwarder:
         ip = host if is_ip(host) else self._names.get(host)
         was = active.target_ip
         pool = active.rule.options.source
-        repool = ip is not None and _pool(pool, ip) != _pool(pool, was)
+        usable = _pool(pool, ip) if ip is not None else None
+        repool = usable is not None and usable != _pool(pool, was)
         if repool:
             # The name moved to the other family: its connections take the pool's other half.
             # An address of it gone since the rule started must not keep the rule (and the
@@ -354,7 +355,7 @@ class Forwarder:
                             _describe(active), exc.strerror, ip)
         self._require().set_target(active.id, ip, active.rule.target_port, close_live)
         active.target_ip = ip
-        if repool and ip is not None and not _pool(pool, ip):
+        if repool and not usable and ip is not None:  # (ip: for the type checker)
             log.warning("%s: no IPv%d address in its source pool; its connections leave from the kernel's "
                         "choice", _describe(active), ipaddress.ip_address(ip).version)
         if was is not None and ip is None:

@@ -69,10 +69,10 @@ class RuleOptions:
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "idle_timeout", "half_closed_timeout", "udp_idle_timeout"):
-            value = getattr(self, name)
-            # nan fails every comparison, so it is caught here too (TOML and JSON can say nan, inf).
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_SECONDS:
-                raise SpecError(f"{name}: expected a number of seconds from 0 to {MAX_SECONDS}, got {value!r}")
+            try:
+                seconds(getattr(self, name))
+            except SpecError as exc:
+                raise SpecError(f"{name}: {exc}") from None
         for name, most in (("splice_threshold", MAX_BYTES), ("udp_max_sessions", MAX_COUNT),
                            ("max_connections", MAX_COUNT)):
             value = getattr(self, name)
@@ -270,6 +270,14 @@ def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         raise ValueError(f"{text!r} has a zone")
     return ip
+
+
+def seconds(value: object) -> float:
+    """A duration the engine can hold (it keeps milliseconds). TOML and JSON can say nan and
+    inf: nan fails every comparison, so it is refused too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
+        raise SpecError(f"expected a number of seconds from 0 to {MAX_SECONDS}, got {value!r}")
+    return float(value)
 
 
 def check_name(name: str) -> None:
