@@ -30,9 +30,6 @@ _COUNTERS = ("accepted", "closed", "refused", "connect_failed", "bytes_up", "byt
 assert len(_COUNTERS) == sizeof(counters_t) // sizeof(uint64_t)
 
 
-cdef int UDP_RCVBUF = 4 << 20
-
-
 cdef int parse_addr(str host, int port, addr_t* out) except -1:
     cdef bytes raw = host.encode()
     memset(out, 0, sizeof(addr_t))
@@ -219,10 +216,7 @@ cdef class Engine:
         if family == AF_INET6:
             set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1)
         if r.proto == PROTO_UDP:
-            # Room for a burst while the worker is off the CPU: at the default (~200 KiB, a few
-            # hundred small datagrams) a flood overflows the socket before the next batch.
-            if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &UDP_RCVBUF, sizeof(int)) < 0:
-                setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &UDP_RCVBUF, sizeof(int))
+            set_udp_rcvbuf(fd)
         if r.proto == PROTO_UDP and is_wildcard(&a):
             if family == AF_INET:
                 set_int_opt(fd, IPPROTO_IP, IP_PKTINFO, 1)

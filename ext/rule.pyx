@@ -10,6 +10,17 @@ cdef inline void set_int_opt(int fd, int level, int name, int value) noexcept no
     setsockopt(fd, level, name, &value, sizeof(int))
 
 
+# Room for a burst while a worker is off the CPU: at the default (~200 KiB, a hundred or so
+# datagrams of 1 KB) a burst overflows a UDP socket before the next batch reads it.
+cdef int UDP_RCVBUF = 4 << 20
+
+
+cdef void set_udp_rcvbuf(int fd) noexcept nogil:
+    # Past net.core.rmem_max where allowed (CAP_NET_ADMIN), else as far as it lets us.
+    if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &UDP_RCVBUF, sizeof(int)) < 0:
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &UDP_RCVBUF, sizeof(int))
+
+
 cdef void bind_source(rule_worker_t* rw, int fd, int family) noexcept nogil:
     """Bind an upstream socket to the rule's next source address, round robin. The port is
     chosen at connect() time, so each address gets its own full port range."""

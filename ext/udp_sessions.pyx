@@ -142,6 +142,7 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
     fd = socket(target.sa.sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         return NULL
+    set_udp_rcvbuf(fd)     # a burst of replies gets the room a burst of requests gets
     bind_source(rw, fd, target.sa.sa_family)
     if connect(fd, &target.sa, tlen) < 0:
         close(fd)
