@@ -11,6 +11,9 @@ For DHCPv6, dnsmasq passes the client's DUID where the MAC goes and the MAC, if 
 snapshot (for example after a restart of both), which the daemon reconciles against its
 table; the IPv6 leases it holds are left alone.
 
+A daemon that is restarting (its socket missing or refusing) is tried again until the
+timeout: dnsmasq never runs a failed script again.
+
 Exit status: 0 done or ignored; 1 the daemon could not be reached in time or refused the
 event (one line on stderr says why); 2 bad arguments; 130 interrupted (Ctrl-C).
 """
@@ -19,12 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 from .leases import EVENTS, LeaseError, normalize_hostname, normalize_ip, normalize_mac
 from .unixclient import DaemonError, Parser, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
+#: Seconds between tries to reach a daemon whose socket is missing or refuses (restarting).
+RETRY_INTERVAL = 0.2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if message is None:
         return 0
     try:
-        reply = call(args.socket or _default_socket(), message, timeout=args.timeout)
+        reply = _send(args.socket or _default_socket(), message, args.timeout)
     except DaemonError as exc:
         print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
         return 1
@@ -67,6 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     # REMAINDER: dnsmasq's own arguments (a TFTP file name, say) may start with '-'.
     parser.add_argument("args", nargs=argparse.REMAINDER, help="add|old|del: MAC IP [HOSTNAME]; snapshot: LEASEFILE")
     return parser
+
+
+def _send(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The daemon's reply. While nothing listens on the socket (the daemon restarting), tried
+    again until ``timeout``: dnsmasq never runs a failed script again, so the event would be
+    lost until dnsmasq itself restarts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call(path, message, timeout=max(deadline - time.monotonic(), 1e-3))
+        except DaemonError as exc:
+            # Only a failed connect, which sent nothing: a retry cannot apply the event twice.
+            if (not isinstance(exc.__context__, (FileNotFoundError, ConnectionRefusedError))
+                    or time.monotonic() + RETRY_INTERVAL >= deadline):
+                raise
+        time.sleep(RETRY_INTERVAL)
 
 
 def _message(action: str, args: list[str]) -> dict[str, Any] | None:

@@ -129,13 +129,13 @@ def test_other_actions_exit_0_silently_without_a_daemon(args: list[str], sockdir
 
 
 def test_no_daemon_fails_with_one_line(sockdir: Path) -> None:
-    proc = hook("add", A, "10.0.0.1", socket_path=sockdir / "absent.sock")
+    proc = hook("--timeout", "0.5", "add", A, "10.0.0.1", socket_path=sockdir / "absent.sock")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "cannot reach fastfwd" in proc.stderr and "no such socket" in proc.stderr
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(sockdir / "stale.sock"))
     stale.close()
-    proc = hook("add", A, "10.0.0.1", socket_path=sockdir / "stale.sock")
+    proc = hook("--timeout", "0.5", "add", A, "10.0.0.1", socket_path=sockdir / "stale.sock")
     assert proc.returncode == 1 and "connection refused" in proc.stderr
 
 
@@ -269,3 +269,26 @@ def _big_lease_file(directory: Path) -> Path:
     path.write_text("".join(f"1900000000 52:54:00:02:{i // 256:02x}:{i % 256:02x} 10.4.{i // 256}.{i % 256} "
                             f"guest-{i} *\n" for i in range(20000)))
     return path
+
+
+def test_hook_waits_for_a_restarting_daemon(sockdir: Path) -> None:
+    """dnsmasq never runs a failed script again: an event sent while the daemon restarts (its
+    socket gone, or left behind and refusing) must wait for the new daemon, not be lost."""
+    path = sockdir / "lease.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # what a killed daemon leaves behind: connecting is refused
+    stale.close()
+    proc = subprocess.Popen([sys.executable, "-m", "fastfwd.hook", "--timeout", "30", "add", A, "10.0.0.1", "vm1"],
+                            env={**os.environ, "PYTHONPATH": str(REPO), "FASTFWD_LEASE_SOCKET": str(path)}, cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Long enough for the hook to have tried the dead socket; the new daemon replaces it.
+        time.sleep(1.5)
+        with ServerThread(path) as server:
+            out, err = proc.communicate(timeout=60)
+            assert (proc.returncode, out, err) == (0, "", "")
+            assert server.leases() == [(A, "10.0.0.1", "vm1")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
