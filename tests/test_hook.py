@@ -193,6 +193,33 @@ def test_snapshot_of_a_damaged_lease_file_sends_nothing(server: ServerThread, so
     assert server.leases() == []
 
 
+def test_snapshot_skips_a_lease_without_an_ethernet_mac(server: ServerThread, sockdir: Path) -> None:
+    """dnsmasq writes other hardware types with their type first (token ring, or no address at
+    all): such a lease cannot be keyed, like its events, but the rest of the file still counts."""
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text(f"1900000000 {A} 10.0.0.1 vm1 *\n"
+                      "1900000000 06-01:23:45:67:89:ab 10.0.0.5 tr *\n"
+                      "1900000000 01- 10.0.0.6 * 01:02:03\n"
+                      f"1900000000 {B} 10.0.0.2 * *\n")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("no MAC") == 2
+    assert server.leases() == [(A, "10.0.0.1", "vm1"), (B, "10.0.0.2", None)]
+
+
+def test_snapshot_of_a_mac_with_two_leases_keeps_its_newest(server: ServerThread, sockdir: Path) -> None:
+    """One MAC holds two IPv4 leases when its client id changed (a reinstalled guest, PXE then
+    the OS): the one that expires last is the one granted last, and what the guest uses."""
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text(f"1900000500 {A} 10.0.0.7 vm1 ff:00:00:00:01\n"
+                      f"1900000000 {B} 10.0.0.2 * *\n"
+                      f"1900000900 {A} 10.0.0.8 vm1 ff:00:00:00:02\n"
+                      f"1900000100 {A} 10.0.0.9 vm1 *\n")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert proc.returncode == 0, proc.stderr
+    assert server.leases() == [(A, "10.0.0.8", "vm1"), (B, "10.0.0.2", None)]
+
+
 def test_hook_does_not_load_the_engine_or_asyncio() -> None:
     code = ("import sys; from fastfwd import hook; "
             "print(sorted(m for m in ('asyncio', 'fastfwd._engine', 'fastfwd.forwarder', 'uvloop') if m in sys.modules))")
