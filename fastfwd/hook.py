@@ -141,13 +141,14 @@ def _read_lease_file(path: str) -> list[dict[str, Any]]:
                 _skipped(f"{path}:{number}: {fields[2]}")
                 continue
             try:
-                lease = {"mac": normalize_mac(fields[1]), "ip": normalize_ip(fields[2]),
+                mac = normalize_mac(fields[1])
+                lease = {"mac": mac, "ip": normalize_ip(fields[2]),
                          "hostname": _hostname(fields[3]) if fields[3] != "*" else None}
             except LeaseError as exc:
                 raise LeaseError(f"{path}:{number}: {exc}") from None
             expires = int(fields[0]) or math.inf  # 0: a lease that never expires
-            if lease["mac"] not in newest or expires >= newest[lease["mac"]][0]:
-                newest[lease["mac"]] = (expires, lease)
+            if mac not in newest or expires >= newest[mac][0]:
+                newest[mac] = (expires, lease)
     return [lease for _, lease in newest.values()]
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from helpers_control import (REPO, DaemonProcess, EchoServer, connects, daemon, echo_roundtrip, free_port,
-                             short_dir)
+                             needs_engine, short_dir)
 from test_reload import _open_conversation, _still_talks
 
-pytestmark = pytest.mark.skipif(not (REPO / "fastfwd").is_dir(), reason="runs the source tree")
+pytestmark = needs_engine
 
 MAC1, MAC2 = "52:54:00:0e:00:01", "52:54:00:0e:00:02"
 
