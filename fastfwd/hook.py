@@ -11,20 +11,31 @@ For DHCPv6, dnsmasq passes the client's DUID where the MAC goes and the MAC, if 
 snapshot (for example after a restart of both), which the daemon reconciles against its
 table; the IPv6 leases it holds are left alone.
 
+A daemon that is restarting (its socket missing or refusing) is tried again until the
+timeout: dnsmasq never runs a failed script again.
+
 Exit status: 0 done or ignored; 1 the daemon could not be reached in time or refused the
 event (one line on stderr says why); 2 bad arguments; 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
+import time
 from typing import Any
 
 from .leases import EVENTS, LeaseError, normalize_hostname, normalize_ip, normalize_mac
 from .unixclient import DaemonError, Parser, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
+#: Seconds between tries to reach a daemon whose socket is missing or refuses (restarting).
+RETRY_INTERVAL = 0.2
+#: How dnsmasq writes the hardware address of a client that is not Ethernet (token ring:
+#: ``06-01:23:45:67:89:ab``) or sent none (``01-``): its type first.
+_OTHER_HARDWARE = re.compile(r"[0-9a-f]{2}-(?:[0-9a-f]{2}(?::[0-9a-f]{2})*)?", re.IGNORECASE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if message is None:
         return 0
     try:
-        reply = call(args.socket or _default_socket(), message, timeout=args.timeout)
+        reply = _send(args.socket or _default_socket(), message, args.timeout)
     except DaemonError as exc:
         print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
         return 1
@@ -69,6 +80,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _send(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The daemon's reply. While nothing listens on the socket (the daemon restarting), tried
+    again until ``timeout``: dnsmasq never runs a failed script again, so the event would be
+    lost until dnsmasq itself restarts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call(path, message, timeout=max(deadline - time.monotonic(), 1e-3))
+        except DaemonError as exc:
+            # Only a failed connect, which sent nothing: a retry cannot apply the event twice.
+            if (not isinstance(exc.__context__, (FileNotFoundError, ConnectionRefusedError))
+                    or time.monotonic() + RETRY_INTERVAL >= deadline):
+                raise
+        time.sleep(RETRY_INTERVAL)
+
+
 def _message(action: str, args: list[str]) -> dict[str, Any] | None:
     """The lease socket message for dnsmasq's arguments; None for actions that carry no lease."""
     if action == "snapshot":
@@ -85,7 +112,7 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
     if os.environ.get("DNSMASQ_IAID") is not None or not _is_mac(mac):
         mac = os.environ.get("DNSMASQ_MAC", "")  # DHCPv6: the argument is the client's DUID
         if not _is_mac(mac):
-            print(f"fastfwd-dhcp-hook: {action} {args[1]}: no MAC known for this lease; skipped", file=sys.stderr)
+            _skipped(f"{action} {args[1]}")
             return None
     message: dict[str, Any] = {"event": action, "mac": normalize_mac(mac), "ip": normalize_ip(args[1])}
     if len(args) == 3:
@@ -96,7 +123,9 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
 def _read_lease_file(path: str) -> list[dict[str, Any]]:
     """IPv4 leases of a dnsmasq lease file: ``EXPIRY MAC IP HOSTNAME|* CLIENTID`` per line;
     the DHCPv6 part (after the ``duid`` line) is keyed by DUID, not MAC, and is left out."""
-    leases = []
+    #: Per MAC, the lease that expires last, and when: a MAC holds two when its client id
+    #: changed (a reinstalled guest), and the newer grant is the address it uses.
+    newest: dict[str, tuple[float, dict[str, Any]]] = {}
     try:
         f = open(path, encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -106,15 +135,25 @@ def _read_lease_file(path: str) -> list[dict[str, Any]]:
             fields = line.split()
             if fields[:1] == ["duid"]:
                 break
-            if len(fields) < 4:
+            if len(fields) < 4 or not fields[0].isdigit():
                 raise LeaseError(f"{path}:{number}: not a dnsmasq lease line")
+            if _OTHER_HARDWARE.fullmatch(fields[1]):
+                _skipped(f"{path}:{number}: {fields[2]}")
+                continue
             try:
-                lease = {"mac": normalize_mac(fields[1]), "ip": normalize_ip(fields[2]),
+                mac = normalize_mac(fields[1])
+                lease = {"mac": mac, "ip": normalize_ip(fields[2]),
                          "hostname": _hostname(fields[3]) if fields[3] != "*" else None}
             except LeaseError as exc:
                 raise LeaseError(f"{path}:{number}: {exc}") from None
-            leases.append(lease)
-    return leases
+            expires = int(fields[0]) or math.inf  # 0: a lease that never expires
+            if mac not in newest or expires >= newest[mac][0]:
+                newest[mac] = (expires, lease)
+    return [lease for _, lease in newest.values()]
+
+
+def _skipped(what: str) -> None:
+    print(f"fastfwd-dhcp-hook: {what}: no MAC known for this lease; skipped", file=sys.stderr)
 
 
 def _is_mac(text: str) -> bool:

@@ -129,13 +129,13 @@ def test_other_actions_exit_0_silently_without_a_daemon(args: list[str], sockdir
 
 
 def test_no_daemon_fails_with_one_line(sockdir: Path) -> None:
-    proc = hook("add", A, "10.0.0.1", socket_path=sockdir / "absent.sock")
+    proc = hook("--timeout", "0.5", "add", A, "10.0.0.1", socket_path=sockdir / "absent.sock")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "cannot reach fastfwd" in proc.stderr and "no such socket" in proc.stderr
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(sockdir / "stale.sock"))
     stale.close()
-    proc = hook("add", A, "10.0.0.1", socket_path=sockdir / "stale.sock")
+    proc = hook("--timeout", "0.5", "add", A, "10.0.0.1", socket_path=sockdir / "stale.sock")
     assert proc.returncode == 1 and "connection refused" in proc.stderr
 
 
@@ -191,6 +191,33 @@ def test_snapshot_of_a_damaged_lease_file_sends_nothing(server: ServerThread, so
     proc = hook("snapshot", str(leases), socket_path=server.path)
     assert proc.returncode == 2 and "dnsmasq.leases:2: not a dnsmasq lease line" in proc.stderr
     assert server.leases() == []
+
+
+def test_snapshot_skips_a_lease_without_an_ethernet_mac(server: ServerThread, sockdir: Path) -> None:
+    """dnsmasq writes other hardware types with their type first (token ring, or no address at
+    all): such a lease cannot be keyed, like its events, but the rest of the file still counts."""
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text(f"1900000000 {A} 10.0.0.1 vm1 *\n"
+                      "1900000000 06-01:23:45:67:89:ab 10.0.0.5 tr *\n"
+                      "1900000000 01- 10.0.0.6 * 01:02:03\n"
+                      f"1900000000 {B} 10.0.0.2 * *\n")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("no MAC") == 2
+    assert server.leases() == [(A, "10.0.0.1", "vm1"), (B, "10.0.0.2", None)]
+
+
+def test_snapshot_of_a_mac_with_two_leases_keeps_its_newest(server: ServerThread, sockdir: Path) -> None:
+    """One MAC holds two IPv4 leases when its client id changed (a reinstalled guest, PXE then
+    the OS): the one that expires last is the one granted last, and what the guest uses."""
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text(f"1900000500 {A} 10.0.0.7 vm1 ff:00:00:00:01\n"
+                      f"1900000000 {B} 10.0.0.2 * *\n"
+                      f"1900000900 {A} 10.0.0.8 vm1 ff:00:00:00:02\n"
+                      f"1900000100 {A} 10.0.0.9 vm1 *\n")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert proc.returncode == 0, proc.stderr
+    assert server.leases() == [(A, "10.0.0.8", "vm1"), (B, "10.0.0.2", None)]
 
 
 def test_hook_does_not_load_the_engine_or_asyncio() -> None:
@@ -269,3 +296,26 @@ def _big_lease_file(directory: Path) -> Path:
     path.write_text("".join(f"1900000000 52:54:00:02:{i // 256:02x}:{i % 256:02x} 10.4.{i // 256}.{i % 256} "
                             f"guest-{i} *\n" for i in range(20000)))
     return path
+
+
+def test_hook_waits_for_a_restarting_daemon(sockdir: Path) -> None:
+    """dnsmasq never runs a failed script again: an event sent while the daemon restarts (its
+    socket gone, or left behind and refusing) must wait for the new daemon, not be lost."""
+    path = sockdir / "lease.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # what a killed daemon leaves behind: connecting is refused
+    stale.close()
+    proc = subprocess.Popen([sys.executable, "-m", "fastfwd.hook", "--timeout", "30", "add", A, "10.0.0.1", "vm1"],
+                            env={**os.environ, "PYTHONPATH": str(REPO), "FASTFWD_LEASE_SOCKET": str(path)}, cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Long enough for the hook to have tried the dead socket; the new daemon replaces it.
+        time.sleep(1.5)
+        with ServerThread(path) as server:
+            out, err = proc.communicate(timeout=60)
+            assert (proc.returncode, out, err) == (0, "", "")
+            assert server.leases() == [(A, "10.0.0.1", "vm1")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
