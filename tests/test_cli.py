@@ -252,7 +252,7 @@ def test_a_timeout_that_is_not_a_positive_number_is_a_usage_error(tmp_path: Path
 def test_hook_dispatches_to_the_dhcp_hook(tmp_path: Path) -> None:
     assert fastfwd("hook", "init").returncode == 0  # dnsmasq's init: no leases to report
     for option in ("--socket", "--lease-socket"):  # the second: the name `fastfwd run` gives it
-        result = fastfwd("hook", option, str(tmp_path / "none.sock"), "--timeout", "2",
+        result = fastfwd("hook", option, str(tmp_path / "none.sock"), "--timeout", "0.5",
                          "add", "52:54:00:00:00:01", "10.0.0.1", "vm1")
         assert result.returncode == 1, result.stderr
         assert str(tmp_path / "none.sock") in result.stderr
