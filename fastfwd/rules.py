@@ -14,6 +14,8 @@ from typing import Literal
 Proto = Literal["tcp", "udp"]
 SpliceMode = Literal["auto", "always", "never"]
 LivePolicy = Literal["keep", "close"]
+#: What identifies a rule across reloads: protocol, listen address, first port, port count.
+RuleKey = tuple[str, str, int, int]
 
 #: The engine's limits for rule options: seconds kept as milliseconds, counts as C ints.
 MAX_SECONDS = 10 ** 9
@@ -166,7 +168,7 @@ class Rule:
             raise SpecError(f"{spec!r}: {exc}") from None
 
     @property
-    def key(self) -> tuple[str, str, int, int]:
+    def key(self) -> RuleKey:
         """What identifies a rule across reloads: its protocol and listening ports."""
         return (self.proto, self.listen_host, self.listen_port, self.count)
 
