@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
-from .rules import Rule, RuleKey, is_ip
+from .config import _microseconds, _pipe_size, _positive_int
+from .rules import Rule, RuleKey, SpecError, is_ip
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -108,6 +109,19 @@ class Forwarder:
     def __init__(self, rules: Iterable[Rule] = (), *, workers: int | None = None,
                  pipe_size: int = 1 << 20, busy_poll_us: int = 0,
                  hosts: Mapping[str, str] | None = None) -> None:
+        # Checked here, as the config file's [engine] is: the engine would take a negative
+        # busy poll as an endless spin, and refuse other bad values only at start.
+        checks = (("workers", _positive_int, workers), ("pipe_size", _pipe_size, pipe_size),
+                  ("busy_poll_us", _microseconds, busy_poll_us))
+        for setting, check, value in checks:
+            if value is not None:
+                try:
+                    check(value)
+                except SpecError as exc:
+                    raise SpecError(f"{setting}: {exc}") from None
+        for name, ip in (hosts or {}).items():
+            if not is_ip(ip):
+                raise SpecError(f"hosts: {ip!r} for {name!r} is not an IP address")
         self._initial = list(rules)
         self._workers = workers or len(os.sched_getaffinity(0))
         self._pipe_size = pipe_size

@@ -183,3 +183,15 @@ def test_an_ipv6_source_another_host_has_is_refused() -> None:
             assert fwd.fw.rules == []
         finally:
             fwd.close()
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("workers", -1, "expected an integer >= 1"), ("workers", True, "expected an integer >= 1"),
+    ("pipe_size", 100, "expected a byte count from 4096"), ("pipe_size", 1 << 40, "expected a byte count from 4096"),
+    # A negative busy poll made every worker spin for good, burning a core each.
+    ("busy_poll_us", -1, "expected microseconds from 0"),
+    ("hosts", {"vm1": "not-an-ip"}, "'not-an-ip' for 'vm1' is not an IP address"),
+])
+def test_a_bad_setting_is_refused_when_the_forwarder_is_made(setting: str, value: object, says: str) -> None:
+    with pytest.raises(fastfwd.SpecError, match=f"^{setting}: .*{says}"):
+        fastfwd.Forwarder(**{setting: value})
