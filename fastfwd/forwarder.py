@@ -192,6 +192,9 @@ class Forwarder:
         return list(self._table.values())
 
     def find(self, rule: Rule | ActiveRule) -> ActiveRule | None:
+        """The held rule ``rule`` names: a rule with a listen port by its protocol and
+        listening ports (whatever its target and options, as ``remove`` takes it); a port-0
+        rule by equality; an ActiveRule while it is installed."""
         if isinstance(rule, ActiveRule):
             return rule if rule.installed else None
         if rule.listen_port:

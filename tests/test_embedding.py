@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -195,3 +196,29 @@ def test_an_ipv6_source_another_host_has_is_refused() -> None:
 def test_a_bad_setting_is_refused_when_the_forwarder_is_made(setting: str, value: object, says: str) -> None:
     with pytest.raises(fastfwd.SpecError, match=f"^{setting}: .*{says}"):
         fastfwd.Forwarder(**{setting: value})
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("listen_port", 80.0, "listen_port: expected an integer, got 80.0"),
+    ("listen_port", True, "listen_port: expected an integer, got True"),
+    ("listen_port", "80", "listen_port: expected an integer, got '80'"),
+    ("target_port", None, "target_port: expected an integer, got None"),
+    ("count", 2.5, "count: expected an integer, got 2.5"),
+    ("target_host", None, "target_host: expected a string, got None"),
+    ("listen_host", None, "listen_host: expected a string, got None"),
+    ("name", 5, "name: expected a string, got 5"),
+    ("options", {"splice": "never"}, "options: expected a RuleOptions, got {'splice': 'never'}"),
+])
+def test_a_rule_field_of_the_wrong_type_is_named(field: str, value: object, says: str) -> None:
+    """A program building rules itself gets one line naming the field, not a TypeError from
+    inside the checks, and never a rule like 'tcp 127.0.0.1:80.0 -> ...'."""
+    fields = {"proto": "tcp", "listen_port": 8080, "target_host": "127.0.0.1", "target_port": 80, field: value}
+    with pytest.raises(fastfwd.SpecError, match=f"^{re.escape(says)}$"):
+        fastfwd.Rule(**fields)
+
+
+@pytest.mark.parametrize("option", ["allow", "source"])
+def test_one_address_given_as_a_string_for_a_list_option_is_named(option: str) -> None:
+    """``allow="10.0.0.0/8"`` was read character by character ("'1' is not a CIDR network")."""
+    with pytest.raises(fastfwd.SpecError, match=f"^{option}: expected a list of .*, got the string '127.0.0.1'$"):
+        fastfwd.RuleOptions(**{option: "127.0.0.1"})
