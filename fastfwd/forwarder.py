@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
-from .rules import Rule, is_ip
+from .config import _microseconds, _pipe_size, _positive_int
+from .rules import Rule, RuleKey, SpecError, is_ip
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -108,12 +109,25 @@ class Forwarder:
     def __init__(self, rules: Iterable[Rule] = (), *, workers: int | None = None,
                  pipe_size: int = 1 << 20, busy_poll_us: int = 0,
                  hosts: Mapping[str, str] | None = None) -> None:
+        # Checked here, as the config file's [engine] is: the engine would take a negative
+        # busy poll as an endless spin, and refuse other bad values only at start.
+        checks = (("workers", _positive_int, workers), ("pipe_size", _pipe_size, pipe_size),
+                  ("busy_poll_us", _microseconds, busy_poll_us))
+        for setting, check, value in checks:
+            if value is not None:
+                try:
+                    check(value)
+                except SpecError as exc:
+                    raise SpecError(f"{setting}: {exc}") from None
+        for name, ip in (hosts or {}).items():
+            if not is_ip(ip):
+                raise SpecError(f"hosts: {ip!r} for {name!r} is not an IP address")
         self._initial = list(rules)
         self._workers = workers or len(os.sched_getaffinity(0))
         self._pipe_size = pipe_size
         self._busy_poll_us = busy_poll_us
         self._names: dict[str, str] = {name.lower(): ip for name, ip in (hosts or {}).items()}
-        self._table: dict[tuple, ActiveRule] = {}
+        self._table: dict[RuleKey, ActiveRule] = {}
         self._engine: Engine | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -133,18 +147,28 @@ class Forwarder:
 
     async def close(self, drain: float = 0.0) -> None:
         """Stop forwarding. With ``drain`` > 0, stop accepting first and let live connections
-        finish for up to that many seconds before closing what is left."""
-        if self._engine is None:
+        finish for up to that many seconds before closing what is left. Cancelling a drain
+        closes at once; either way the forwarder is closed when this returns or raises."""
+        engine = self._engine
+        if engine is None:
             return
-        if drain > 0:
-            for active in list(self._table.values()):
-                self._uninstall(active, close_live=False)
-            deadline = asyncio.get_running_loop().time() + drain
-            while self._engine.live_connections() and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-        self._engine.close()
+        # Detached first: during a drain, calls see a closed forwarder, not rules that no
+        # longer listen.
         self._engine = None
+        rules = list(self._table.values())
         self._table.clear()
+        try:
+            if drain > 0:
+                for active in rules:
+                    self._uninstall(engine, active, close_live=False)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + drain
+                while engine.live_connections() and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+        finally:
+            engine.close()
+            for active in rules:
+                active.installed = False
 
     async def __aenter__(self) -> "Forwarder":
         await self.start()
@@ -168,6 +192,9 @@ class Forwarder:
         return list(self._table.values())
 
     def find(self, rule: Rule | ActiveRule) -> ActiveRule | None:
+        """The held rule ``rule`` names: a rule with a listen port by its protocol and
+        listening ports (whatever its target and options, as ``remove`` takes it); a port-0
+        rule by equality; an ActiveRule while it is installed."""
         if isinstance(rule, ActiveRule):
             return rule if rule.installed else None
         if rule.listen_port:
@@ -197,14 +224,15 @@ class Forwarder:
             raise
         # A rule on port 0 is filed under the port it got: the same rule may run twice.
         self._table[rule.key if rule.listen_port else (*rule.key[:2], port, 1)] = active
-        log.info("forwarding %s%s", _describe(active), " (pending: no address yet)" if active.pending else "")
+        if log.isEnabledFor(logging.INFO):     # a table of thousands of rules loads without the text
+            log.info("forwarding %s%s", _describe(active), " (pending: no address yet)" if active.pending else "")
         return active
 
     async def remove(self, rule: Rule | ActiveRule) -> None:
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
-        self._uninstall(active, close_live=active.rule.options.on_remove == "close")
+        self._uninstall(self._require(), active, close_live=active.rule.options.on_remove == "close")
         self._table = {k: v for k, v in self._table.items() if v is not active}
         log.info("removed %s", _describe(active))
 
@@ -290,7 +318,7 @@ class Forwarder:
     # -- internals ---------------------------------------------------------------------------
     def _require(self) -> Engine:
         if self._engine is None:
-            raise RuntimeError("the forwarder is not started (use 'async with' or await start())")
+            raise RuntimeError("the forwarder is not running (use 'async with' or await start())")
         return self._engine
 
     def _match(self, rules: Iterable[Rule]) -> tuple[list[tuple[Rule, ActiveRule | None]], list[ActiveRule]]:
@@ -298,7 +326,7 @@ class Forwarder:
         entries no wanted rule continues. A port-0 rule continues an equal port-0 rule."""
         free = dict(self._table)
         pairs: list[tuple[Rule, ActiveRule | None]] = []
-        listed: set[tuple] = set()
+        listed: set[RuleKey] = set()
         for rule in rules:
             if rule.listen_port:
                 if rule.key in listed:
@@ -363,9 +391,10 @@ class Forwarder:
         elif was is not None and ip != was:
             log.info("%s re-pointed from %s to %s", _describe(active), was, ip)
 
-    def _uninstall(self, active: ActiveRule, close_live: bool) -> None:
+    @staticmethod
+    def _uninstall(engine: Engine, active: ActiveRule, close_live: bool) -> None:
         if active.installed:
-            self._require().remove_rule(active.id, close_live)
+            engine.remove_rule(active.id, close_live)
             active.installed = False
 
 
@@ -377,22 +406,54 @@ def _describe(active: ActiveRule) -> str:
 def _pool(source: tuple[str, ...], target_ip: str | None) -> tuple[str, ...]:
     """The source addresses that can reach ``target_ip`` (all while it is unknown): the
     engine binds an upstream socket only to an address of the target's family."""
-    if target_ip is None:
+    if target_ip is None or not source:
         return source
-    version = ipaddress.ip_address(target_ip).version
-    return tuple(addr for addr in source if ipaddress.ip_address(addr).version == version)
+    # Both are valid IP literals here, so a colon tells the family without parsing: this
+    # runs three times per rule at load.
+    v6 = ":" in target_ip
+    return tuple(addr for addr in source if (":" in addr) == v6)
 
 
 def _check_local(addr: str) -> None:
     """Raise unless ``addr`` can be bound here: the engine binds each upstream socket to a
-    pool address, and one it cannot bind would send that connection from the kernel's choice."""
+    pool address, and one it cannot bind would send that connection from the kernel's choice.
+    An IPv6 address still under duplicate-address detection (for a second or two after it
+    was added, as at boot) is accepted: it becomes bindable by itself."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         try:
             probe.bind((addr, 0))
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6:
+                flags = _ipv6_flags(addr)
+                if flags is not None and flags & _IFA_F_DADFAILED:
+                    raise OSError(exc.errno, f"source {addr} failed duplicate-address detection: "
+                                  "another host on its link has it") from None
+                if flags is not None and flags & _IFA_F_TENTATIVE:
+                    log.info("source %s is still tentative (duplicate-address detection): connections "
+                             "leave from the kernel's choice of address until it is done", addr)
+                    return
             reason = "is not an address of this host" if exc.errno == errno.EADDRNOTAVAIL else f"cannot be bound: {exc.strerror}"
             raise OSError(exc.errno, f"source {addr} {reason}") from None
+
+
+_IFA_F_DADFAILED = 0x08
+_IFA_F_TENTATIVE = 0x40
+
+
+def _ipv6_flags(addr: str) -> int | None:
+    """The kernel's flags for a local IPv6 address (None: not configured here). thread-self:
+    the namespace of the calling thread, which may differ from the process's."""
+    packed = ipaddress.IPv6Address(addr).packed.hex()
+    try:
+        with open("/proc/thread-self/net/if_inet6") as table:
+            for line in table:
+                cols = line.split()     # address, ifindex, prefix length, scope, flags, name
+                if cols[0] == packed:
+                    return int(cols[4], 16)
+    except FileNotFoundError:   # IPv6 is disabled: no address is configured
+        pass
+    return None
 
 
 def _overlaps(a: Rule, b: Rule) -> bool:

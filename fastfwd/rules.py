@@ -14,6 +14,8 @@ from typing import Literal
 Proto = Literal["tcp", "udp"]
 SpliceMode = Literal["auto", "always", "never"]
 LivePolicy = Literal["keep", "close"]
+#: What identifies a rule across reloads: protocol, listen address, first port, port count.
+RuleKey = tuple[str, str, int, int]
 
 #: The engine's limits for rule options: seconds kept as milliseconds, counts as C ints.
 MAX_SECONDS = 10 ** 9
@@ -83,6 +85,9 @@ class RuleOptions:
         for name in ("on_retarget", "on_remove"):
             if getattr(self, name) not in ("keep", "close"):
                 raise SpecError(f"{name}: expected 'keep' or 'close', got {getattr(self, name)!r}")
+        for name, items in (("allow", "CIDR networks"), ("source", "addresses")):
+            if isinstance(getattr(self, name), str):  # tuple() would read it character by character
+                raise SpecError(f"{name}: expected a list of {items}, got the string {getattr(self, name)!r}")
         allow = tuple(self.allow)
         for cidr in allow:
             allow_network(cidr)
@@ -111,6 +116,7 @@ class Rule:
     options: RuleOptions = field(default_factory=RuleOptions)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.proto not in ("tcp", "udp"):
             raise SpecError(f"proto: expected 'tcp' or 'udp', got {self.proto!r}")
         if self.name is not None:
@@ -126,6 +132,20 @@ class Rule:
             raise SpecError("listen port 0 (any free port) cannot start a range")
         _check_port_range(self.listen_port, self.count, "listen", allow_zero=True)
         _check_port_range(self.target_port, self.count, "target", allow_zero=False)
+
+    def _check_types(self) -> None:
+        """A program building rules itself learns which field is wrong, rather than getting a
+        TypeError from inside the checks, or a rule listening on port 80.0."""
+        for name in ("listen_port", "target_port", "count"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SpecError(f"{name}: expected an integer, got {value!r}")
+        for name in ("proto", "target_host", "listen_host", "name"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "name" and value is None):
+                raise SpecError(f"{name}: expected a string, got {value!r}")
+        if not isinstance(self.options, RuleOptions):
+            raise SpecError(f"options: expected a RuleOptions, got {self.options!r}")
 
     def _check_families(self) -> None:
         """Refuse what could never work: IPv6 listeners take IPv6 clients only (IPv4 ones are
@@ -166,7 +186,7 @@ class Rule:
             raise SpecError(f"{spec!r}: {exc}") from None
 
     @property
-    def key(self) -> tuple[str, str, int, int]:
+    def key(self) -> RuleKey:
         """What identifies a rule across reloads: its protocol and listening ports."""
         return (self.proto, self.listen_host, self.listen_port, self.count)
 

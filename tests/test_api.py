@@ -156,7 +156,7 @@ def test_drain_lets_live_connections_finish() -> None:
 def test_misuse_is_reported() -> None:
     async def main() -> None:
         fw = fastfwd.Forwarder(workers=1)
-        with pytest.raises(RuntimeError, match="not started"):
+        with pytest.raises(RuntimeError, match="not running"):
             await fw.add(make_rule(9))
         async with fw:
             rule = make_rule(9, listen_port=free_port_range(1))

@@ -218,3 +218,18 @@ def test_a_retargeted_udp_session_sends_from_the_address_that_reaches_its_new_ta
             fwd.close()
             one.close()
             two.close()
+
+
+def test_new_options_mid_transfer_lose_no_byte_and_apply_to_new_connections(fwd: SyncForwarder) -> None:
+    """Reconfiguring a rule while it moves data (spliced, then copied from here on; a cap on
+    connections below the number live) cuts no live connection and loses no byte, and the
+    cap holds for the next connection."""
+    def reconfigure() -> None:
+        (active,) = fwd.fw.rules
+        options = fastfwd.RuleOptions(splice="never", max_connections=1, idle_timeout=600.0)
+        diff = fwd.apply([dataclasses.replace(active.bound, options=options)])
+        assert diff.reconfigured == [active] and not diff.added and not diff.removed
+        assert turned_away(active.port)
+        assert fwd.counters(active).refused == 1
+
+    run_gated_transfers(fwd, 2, 16 * MB, reconfigure)
