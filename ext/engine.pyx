@@ -63,7 +63,7 @@ cdef bint is_wildcard(addr_t* a) noexcept nogil:
     return True
 
 
-def bind_error(int err, str proto, str host, int port):
+cdef str bind_error(int err, str proto, str host, int port):
     # Say what the user can act on: which port, and what is wrong with it.
     if err == errno_mod.EADDRINUSE:
         return f"{proto} port {port} on {host} is already in use"
@@ -108,6 +108,8 @@ cdef class Engine:
             workers = len(os.sched_getaffinity(0))
         if pipe_size < 4096 or copy_buffer < 4096:
             raise ValueError("pipe_size and copy_buffer must be at least 4096 bytes")
+        if busy_poll_us < 0:
+            raise ValueError("busy_poll_us must be 0 (off) or more")  # it would poll for ever
         _raise_nofile_limit()
         self.workers = workers
         self.pipe_size = pipe_size

@@ -1,8 +1,11 @@
 """Engine-wide options: busy polling, small pipes, one worker; traffic stays intact."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from fastfwd import _engine
 from netutil import (Received, TcpServer, UdpEcho, exchange, exchange_handler, forwarder, payload,
                      udp_roundtrip, udp_socket)
 
@@ -23,3 +26,13 @@ def test_engine_options_keep_traffic_intact(options: dict[str, int]) -> None:
                 message = payload(size, seed=size)
                 assert udp_roundtrip(sock, ("127.0.0.1", udp.port), message) == message
         assert fw.counters(tcp).bytes_spliced == 3 * (len(up) + len(down))
+
+
+@pytest.mark.parametrize(("options", "message"), [({"busy_poll_us": -1}, "busy_poll_us"),
+                                                  ({"pipe_size": 100}, "pipe_size")])
+def test_the_engine_refuses_settings_it_cannot_run_with(options: dict[str, int], message: str) -> None:
+    # A negative busy poll would keep every worker spinning for ever; nothing may start.
+    threads = len(os.listdir("/proc/self/task"))
+    with pytest.raises(ValueError, match=message):
+        _engine.Engine(workers=1, **options)
+    assert len(os.listdir("/proc/self/task")) == threads
