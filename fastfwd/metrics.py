@@ -13,7 +13,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -22,8 +22,32 @@ from .forwarder import COUNTER_NAMES, Forwarder
 
 log = logging.getLogger("fastfwd")
 
+#: What each engine counter counts, as the HELP line says it. "Up" is client to target.
+_HELP = {
+    "accepted": "TCP connections accepted and sent on to the target (those whose connect then failed too)",
+    "active": "TCP connections open now",
+    "refused": "TCP connections reset at accept (allow list, max_connections, pending target, no fds) "
+               "and UDP datagrams from sources the allow list does not admit",
+    "connect_failed": "TCP connects to the target refused or timed out, and UDP datagrams the target "
+                      "answered with port unreachable",
+    "bytes_up": "bytes sent from clients to the target",
+    "bytes_down": "bytes sent from the target to clients",
+    "bytes_spliced": "TCP bytes moved with splice (zero copy), both directions",
+    "bytes_copied": "TCP bytes moved through a user-space buffer, both directions",
+    "splice_fallbacks": "TCP directions that went back to copying because splice does not work on the socket",
+    "pipe_shortages": "times a TCP direction found no spare pipe and copied its next MiB instead",
+    "accept_paused": "times a TCP listener rested 250 ms for want of fds or memory",
+    "datagrams_up": "UDP datagrams sent from clients to the target",
+    "datagrams_down": "UDP datagrams sent from the target to clients",
+    "sessions_active": "UDP sessions open now",
+    "sessions_created": "UDP sessions opened (one per client address)",
+    "sessions_evicted": "UDP sessions closed to make room under udp_max_sessions",
+    "sessions_expired": "UDP sessions closed after udp_idle_timeout without a datagram",
+    "drops": "UDP datagrams not sent on: no session (pending target, no fds) or a full socket buffer",
+    "truncated": "UDP datagrams dropped for being longer than a receive buffer",
+}
 #: Counters that go up and down; every other engine counter only grows.
-_GAUGES = {"active": "TCP connections open now", "sessions_active": "UDP sessions open now"}
+_GAUGES = {"active", "sessions_active"}
 _LABELS = ["rule", "proto", "listen", "target"]
 
 #: HTTP connections open at once, at most: each holds an fd and a task of the daemon, and a
@@ -45,8 +69,8 @@ class RuleCollector:
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-            name: (GaugeMetricFamily(f"fastfwd_{name}", _GAUGES[name], labels=_LABELS) if name in _GAUGES
-                   else CounterMetricFamily(f"fastfwd_{name}", f"per-rule {name.replace('_', ' ')}", labels=_LABELS))
+            name: (GaugeMetricFamily if name in _GAUGES else CounterMetricFamily)(
+                f"fastfwd_{name}", f"Per rule: {_HELP[name]}", labels=_LABELS)
             for name in COUNTER_NAMES}
         pending = GaugeMetricFamily("fastfwd_rule_pending", "1 while the rule's target has no address",
                                     labels=_LABELS)
@@ -65,9 +89,11 @@ class RuleCollector:
 
 
 def render(fw: Forwarder) -> bytes:
-    """The exposition text for every rule of ``fw``."""
+    """The exposition text for every rule of ``fw``, and this process's own metrics: open fds
+    against their limit above all, as fds are what a forwarder runs out of first."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuleCollector(fw))
+    ProcessCollector(registry=registry)
     return generate_latest(registry)
 
 
