@@ -12,18 +12,43 @@ import logging
 import socket
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .control import endpoints
-from .forwarder import COUNTER_NAMES, Forwarder
+from .forwarder import COUNTER_NAMES, Counters, Forwarder
 
 log = logging.getLogger("fastfwd")
 
+#: What each engine counter counts, as the HELP line says it. "Up" is client to target.
+_HELP = {
+    "accepted": "TCP connections accepted and sent on to the target (those whose connect then failed too)",
+    "active": "TCP connections open now",
+    "refused": "TCP connections reset at accept (allow list, max_connections, pending target, no fds) "
+               "and UDP datagrams from sources the allow list does not admit",
+    "connect_failed": "TCP connects to the target refused or timed out, and UDP datagrams the target "
+                      "answered with port unreachable",
+    "bytes_up": "bytes sent from clients to the target",
+    "bytes_down": "bytes sent from the target to clients",
+    "bytes_spliced": "TCP bytes moved with splice (zero copy), both directions",
+    "bytes_copied": "TCP bytes moved through a user-space buffer, both directions",
+    "splice_fallbacks": "TCP directions that went back to copying because splice does not work on the socket",
+    "pipe_shortages": "times a TCP direction found no spare pipe and copied its next MiB instead",
+    "accept_paused": "times a TCP listener rested 250 ms for want of fds or memory",
+    "datagrams_up": "UDP datagrams sent from clients to the target",
+    "datagrams_down": "UDP datagrams sent from the target to clients",
+    "sessions_active": "UDP sessions open now",
+    "sessions_created": "UDP sessions opened (one per client address)",
+    "sessions_evicted": "UDP sessions closed to make room under udp_max_sessions",
+    "sessions_expired": "UDP sessions closed after udp_idle_timeout without a datagram",
+    "drops": "UDP datagrams not sent on: no session (pending target, no fds) or a full socket buffer",
+    "truncated": "UDP datagrams dropped for being longer than a receive buffer",
+}
 #: Counters that go up and down; every other engine counter only grows.
-_GAUGES = {"active": "TCP connections open now", "sessions_active": "UDP sessions open now"}
+_GAUGES = {"active", "sessions_active"}
 _LABELS = ["rule", "proto", "listen", "target"]
 
 #: HTTP connections open at once, at most: each holds an fd and a task of the daemon, and a
@@ -37,43 +62,68 @@ EXCHANGE_TIMEOUT = 10.0
 LINGER = 1.0
 
 
-class RuleCollector:
-    """A prometheus-client collector over a running Forwarder's rules."""
+@dataclass(frozen=True)
+class RuleReading:
+    """One rule's labels, counters and state, as read at one moment."""
 
-    def __init__(self, fw: Forwarder) -> None:
-        self.fw = fw
+    labels: list[str]
+    counters: Counters
+    pending: bool
+
+
+def snapshot(fw: Forwarder) -> list[RuleReading]:
+    """Every rule's counters, read at once on the event loop, so a scrape never races a rule
+    change (reading the engine's counters costs microseconds a rule)."""
+    readings = []
+    for active in fw.rules:
+        if not active.installed:
+            continue
+        rule = active.rule
+        listen, target = endpoints(active)
+        labels = [rule.name or f"{rule.proto} {listen} -> {target}", rule.proto, listen, target]
+        readings.append(RuleReading(labels, fw.counters(active), active.pending))
+    return readings
+
+
+class RuleCollector:
+    """A prometheus-client collector over rules' readings."""
+
+    def __init__(self, readings: list[RuleReading]) -> None:
+        self.readings = readings
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-            name: (GaugeMetricFamily(f"fastfwd_{name}", _GAUGES[name], labels=_LABELS) if name in _GAUGES
-                   else CounterMetricFamily(f"fastfwd_{name}", f"per-rule {name.replace('_', ' ')}", labels=_LABELS))
+            name: (GaugeMetricFamily if name in _GAUGES else CounterMetricFamily)(
+                f"fastfwd_{name}", f"Per rule: {_HELP[name]}", labels=_LABELS)
             for name in COUNTER_NAMES}
         pending = GaugeMetricFamily("fastfwd_rule_pending", "1 while the rule's target has no address",
                                     labels=_LABELS)
-        for active in self.fw.rules:
-            if not active.installed:
-                continue
-            rule = active.rule
-            listen, target = endpoints(active)
-            labels = [rule.name or f"{rule.proto} {listen} -> {target}", rule.proto, listen, target]
-            counters = self.fw.counters(active)
+        for reading in self.readings:
             for name, family in families.items():
-                family.add_metric(labels, getattr(counters, name))
-            pending.add_metric(labels, 1 if active.pending else 0)
+                family.add_metric(reading.labels, getattr(reading.counters, name))
+            pending.add_metric(reading.labels, 1 if reading.pending else 0)
         yield from families.values()
         yield pending
 
 
-def render(fw: Forwarder) -> bytes:
-    """The exposition text for every rule of ``fw``."""
+def exposition(readings: list[RuleReading]) -> bytes:
+    """The exposition text for the rules read, and this process's own metrics: open fds
+    against their limit above all, as fds are what a forwarder runs out of first. Slow for
+    many rules (about half a second for 2,000), so the HTTP endpoint runs it in a thread."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RuleCollector(fw))
+    registry.register(RuleCollector(readings))
+    ProcessCollector(registry=registry)
     return generate_latest(registry)
 
 
+def render(fw: Forwarder) -> bytes:
+    """The exposition text for every rule of ``fw``."""
+    return exposition(snapshot(fw))
+
+
 async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
-    """A minimal HTTP/1.0 endpoint answering every GET with the metrics (on the event loop,
-    so a scrape never races a rule change), any other method with 405 and a header over 64 KiB
+    """A minimal HTTP/1.0 endpoint answering every GET with the metrics (read on the event
+    loop, formatted in a thread), any other method with 405 and a header over 64 KiB
     with 431. At most ``MAX_CONNECTIONS`` are open at once; a
     connection past that closes the oldest one still waiting for its request, so idle clients
     cannot keep a scraper out (and only if every one is being answered, it is closed itself)."""
@@ -102,7 +152,7 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
                 del waiting[writer]
                 answering.add(writer)
                 if request is not None and request.startswith(b"GET "):
-                    body = render(fw)
+                    body = await asyncio.to_thread(exposition, snapshot(fw))
                     writer.write(f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
                                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 else:

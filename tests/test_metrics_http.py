@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def test_a_scraper_that_stops_reading_is_dropped_at_the_exchange_timeout(monkeyp
     cap's count) once the exchange's time is up: close() would wait for the client forever."""
     uvloop = pytest.importorskip("uvloop")
     monkeypatch.setattr(metrics, "EXCHANGE_TIMEOUT", 0.5)
-    monkeypatch.setattr(metrics, "render", lambda fw: b"#" * (16 << 20))  # far more than socket buffers hold
+    monkeypatch.setattr(metrics, "snapshot", lambda fw: [])
+    monkeypatch.setattr(metrics, "exposition", lambda readings: b"#" * (16 << 20))  # more than socket buffers hold
 
     def stalled_scrape(port: int) -> None:
         sock = socket.socket()
@@ -118,3 +120,36 @@ def test_a_scraper_that_stops_reading_is_dropped_at_the_exchange_timeout(monkeyp
             await server.wait_closed()
 
     uvloop.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_scrape_is_formatted_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Formatting thousands of rules' series takes a good part of a second: done on the
+    daemon's event loop it would hold lease replies and reloads that long, every scrape.
+    Here the formatting waits for the loop to run a step meanwhile, so a scrape can only
+    finish if the loop is free while it formats."""
+    uvloop = pytest.importorskip("uvloop")
+    formatting, loop_ran = threading.Event(), threading.Event()
+    real = metrics.generate_latest
+
+    def waiting_for_the_loop(registry):  # type: ignore[no-untyped-def]
+        formatting.set()
+        if not loop_ran.wait(5):
+            raise AssertionError("the event loop stood still while the scrape was formatted")
+        return real(registry)
+    monkeypatch.setattr(metrics, "generate_latest", waiting_for_the_loop)
+
+    async def main(echo: EchoServer) -> str:
+        async with fastfwd.Forwarder(workers=1) as fw:
+            await fw.add(fastfwd.Rule.parse(f"0:127.0.0.1:{echo.port}", "tcp", name="web"))
+            server = await metrics.serve_http(fw, "127.0.0.1", 0)
+            try:
+                text = asyncio.ensure_future(asyncio.to_thread(scrape, server.sockets[0].getsockname()[1]))
+                await asyncio.to_thread(formatting.wait, 10)
+                loop_ran.set()
+                return await text
+            finally:
+                server.close()
+                await server.wait_closed()
+
+    with contextlib.closing(EchoServer()) as echo:
+        assert 'rule="web"' in uvloop.run(asyncio.wait_for(main(echo), 60))
