@@ -218,7 +218,7 @@ cdef class Engine:
         if family == AF_INET6:
             set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1)
         if r.proto == PROTO_UDP:
-            set_udp_rcvbuf(fd)
+            set_udp_receive(fd)
         if r.proto == PROTO_UDP and is_wildcard(&a):
             if family == AF_INET:
                 set_int_opt(fd, IPPROTO_IP, IP_PKTINFO, 1)
@@ -380,7 +380,9 @@ cdef class Engine:
         memset(&total, 0, sizeof(counters_t))
         for i in range(self._n):
             block = <uint64_t*>&r.per_worker[i].c
-            for k in range(<int>(sizeof(counters_t) // sizeof(uint64_t))):
+            # Last field first: each close (closed, sessions_closed) is read before the open it
+            # follows, so a connection opened and closed meanwhile never makes `active` < 0.
+            for k in range(<int>(sizeof(counters_t) // sizeof(uint64_t)) - 1, -1, -1):
                 sums[k] += ff_load_u64(&block[k])
         out = {name: sums[k] for k, name in enumerate(_COUNTERS)}
         # What is open now, rather than the closes it is derived from.

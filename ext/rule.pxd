@@ -29,7 +29,8 @@ ctypedef struct rconf_t:
     int nsource
     addr_t* source
 
-# Written only by the owning worker; read by the control plane with relaxed atomic loads.
+# Written only by the owning worker; read by the control plane with atomic loads, last field
+# first: keep each close after the open it follows.
 ctypedef struct counters_t:
     uint64_t accepted
     uint64_t closed
@@ -71,6 +72,7 @@ ctypedef struct listener_t:
     int index                   # port offset within the rule's range
     rule_s* rule
     int wildcard                # bound to 0.0.0.0 / :: (UDP replies need IP_PKTINFO)
+    uint32_t kernel_drops       # UDP: the socket's overflow count already counted (all workers)
 
 cdef enum:
     PROTO_TCP = 0

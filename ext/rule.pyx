@@ -15,10 +15,12 @@ cdef inline void set_int_opt(int fd, int level, int name, int value) noexcept no
 cdef int UDP_RCVBUF = 4 << 20
 
 
-cdef void set_udp_rcvbuf(int fd) noexcept nogil:
+cdef void set_udp_receive(int fd) noexcept nogil:
     # Past net.core.rmem_max where allowed (CAP_NET_ADMIN), else as far as it lets us.
     if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &UDP_RCVBUF, sizeof(int)) < 0:
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &UDP_RCVBUF, sizeof(int))
+    # What overflows even so is lost in the kernel: have it say how much (counted in drops).
+    set_int_opt(fd, SOL_SOCKET, SO_RXQ_OVFL, 1)
 
 
 cdef void bind_source(rule_worker_t* rw, int fd, int family) noexcept nogil:

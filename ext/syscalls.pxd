@@ -111,6 +111,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_RCVBUF
         SO_RCVBUFFORCE
         SO_OOBINLINE
+        SO_RXQ_OVFL
         SHUT_WR
         MSG_DONTWAIT
         MSG_NOSIGNAL
@@ -270,14 +271,25 @@ cdef extern from "<signal.h>" nogil:
     int pthread_sigmask(int how, const sigset_t* set, sigset_t* old)
 
 
-# Counters are written by one worker and read by the control plane; the relaxed atomics keep
-# those reads untorn without costing the writer anything on x86-64.
+# Counters are written by one worker and read by the control plane; atomic loads keep those
+# reads untorn without costing the writer anything on x86-64, and acquire ones let a reader
+# that loads a close before its open never see more closes than opens.
 cdef extern from *:
     """
-    #define ff_load_u64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define ff_load_u64(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
     #define ff_add_int(p, v) __atomic_add_fetch((p), (v), __ATOMIC_ACQ_REL)
     #define ff_load_int(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    /* How far v is past *p, raising *p to v: of callers racing with rising values, each
+       claims only its own part (a socket's running count read by several workers). */
+    static inline uint32_t ff_claim_u32(uint32_t* p, uint32_t v) {
+        uint32_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
+        while ((int32_t)(v - old) > 0)
+            if (__atomic_compare_exchange_n(p, &old, v, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                return v - old;
+        return 0;
+    }
     """
     uint64_t ff_load_u64(uint64_t* p) nogil
     int ff_add_int(int* p, int v) nogil
     int ff_load_int(int* p) nogil
+    uint32_t ff_claim_u32(uint32_t* p, uint32_t v) nogil

@@ -6,6 +6,7 @@ cdef enum:
     UDP_BATCH = 32          # datagrams per recvmmsg/sendmmsg call
     UDP_MAX = 65536         # room for the largest datagram, so nothing is cut
     GSO_MAX = 60000         # bytes in one segmented send (one IP datagram before segmenting)
+    UDP_CTRL = 96           # control bytes per received datagram: pktinfo and the drop count
 
 # What tells sessions apart: the client's address and, on a wildcard listener, the local
 # address it sent to (replies must leave from it, or the client drops them).
@@ -22,6 +23,7 @@ cdef struct session_s:
     listener_t* listener
     int fd                  # connected to the target
     int no_gso              # segmentation offload failed on this socket: plain batches only
+    uint32_t kernel_drops   # the socket's overflow count already counted
     flow_t flow
 
 ctypedef session_s session_t
@@ -36,7 +38,7 @@ ctypedef struct udp_batch_t:
     mmsghdr msgs[UDP_BATCH]
     iovec iov[UDP_BATCH]
     flow_t flows[UDP_BATCH]  # recvmmsg writes each sender's address into flows[i].client
-    char ctrl[UDP_BATCH][64]
+    char ctrl[UDP_BATCH][UDP_CTRL]
     mmsghdr out[UDP_BATCH]
     iovec out_iov[UDP_BATCH]
     char send_ctrl[64]      # control message of the send under way (pktinfo, segment size)

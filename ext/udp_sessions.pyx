@@ -58,6 +58,20 @@ cdef void read_local_address(flow_t* f, msghdr* m) noexcept nogil:
         cm = CMSG_NXTHDR(m, cm)
 
 
+cdef inline void count_kernel_drops(msghdr* last, uint32_t* seen, uint64_t* drops) noexcept nogil:
+    # Once a socket has overflowed, each datagram carries the count of those it lost before
+    # this one was queued (SO_RXQ_OVFL): the last of a batch has the newest.
+    cdef cmsghdr* cm
+    if last.msg_controllen == 0:
+        return
+    cm = CMSG_FIRSTHDR(last)
+    while cm != NULL:
+        if cm.cmsg_level == SOL_SOCKET and cm.cmsg_type == SO_RXQ_OVFL:
+            drops[0] += ff_claim_u32(seen, (<uint32_t*>CMSG_DATA(cm))[0])
+            return
+        cm = CMSG_NXTHDR(last, cm)
+
+
 # -- the session table -----------------------------------------------------------------------
 
 cdef bint table_init(session_table_t* t, size_t buckets) noexcept nogil:
@@ -142,7 +156,7 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
     fd = socket(target.sa.sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         return NULL
-    set_udp_rcvbuf(fd)     # a burst of replies gets the room a burst of requests gets
+    set_udp_receive(fd)    # a burst of replies gets the room a burst of requests gets
     bind_source(rw, fd, target.sa.sa_family)
     if connect(fd, &target.sa, tlen) < 0:
         close(fd)
@@ -247,7 +261,7 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused) 
     return -1
 
 
-cdef inline void prepare_recv(udp_batch_t* b, bint names, bint control) noexcept nogil:
+cdef inline void prepare_recv(udp_batch_t* b, bint names) noexcept nogil:
     cdef int i
     cdef msghdr* m
     for i in range(UDP_BATCH):
@@ -258,8 +272,8 @@ cdef inline void prepare_recv(udp_batch_t* b, bint names, bint control) noexcept
         m.msg_namelen = sizeof(addr_t) if names else 0
         m.msg_iov = &b.iov[i]
         m.msg_iovlen = 1
-        m.msg_control = b.ctrl[i] if control else NULL
-        m.msg_controllen = 64 if control else 0
+        m.msg_control = b.ctrl[i]
+        m.msg_controllen = UDP_CTRL
         m.msg_flags = 0
 
 
@@ -291,10 +305,11 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
     cdef session_t* s
     cdef int n, i, k, sent, rounds
     for rounds in range(UDP_ROUNDS):
-        prepare_recv(b, True, l.wildcard)
+        prepare_recv(b, True)
         n = recvmmsg(l.fd, b.msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
         if n <= 0:
             return
+        count_kernel_drops(&b.msgs[n - 1].msg_hdr, &l.kernel_drops, &rw.c.drops)
         for i in range(n):
             if l.wildcard:
                 read_local_address(&b.flows[i], &b.msgs[i].msg_hdr)
@@ -378,7 +393,7 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
     if s.fd < 0:
         return
     for rounds in range(UDP_ROUNDS):
-        prepare_recv(b, False, False)
+        prepare_recv(b, False)
         n = recvmmsg(s.fd, b.msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
         if n <= 0:
             # ECONNREFUSED reports the target's ICMP port unreachable; reading cleared it.
@@ -386,6 +401,7 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
                 rw.c.connect_failed += 1
                 continue
             return
+        count_kernel_drops(&b.msgs[n - 1].msg_hdr, &s.kernel_drops, &rw.c.drops)
         ctrllen = reply_control(b, s)
         k = 0
         for i in range(n):

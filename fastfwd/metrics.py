@@ -44,7 +44,8 @@ _HELP = {
     "sessions_created": "UDP sessions opened (one per client address)",
     "sessions_evicted": "UDP sessions closed to make room under udp_max_sessions",
     "sessions_expired": "UDP sessions closed after udp_idle_timeout without a datagram",
-    "drops": "UDP datagrams not sent on: no session (pending target, no fds) or a full socket buffer",
+    "drops": "UDP datagrams lost: not sent on (no session: pending target, no fds; a full socket "
+             "buffer), or dropped by the kernel at fastfwd's own sockets with their receive buffer full",
     "truncated": "UDP datagrams dropped for being longer than a receive buffer",
 }
 #: Counters that go up and down; every other engine counter only grows.

@@ -309,9 +309,6 @@ def receive_buffer(local_port: int | None = None, peer_port: int | None = None) 
     return found[0]
 
 
-@pytest.mark.xfail(strict=True, reason="ext: session_open leaves a UDP session's upstream socket at the default "
-                   "receive buffer (rmem_default) while listeners get 4 MiB: a burst of 200 1 KB replies loses some "
-                   "there (RcvbufErrors), and no fastfwd counter shows the loss")
 def test_a_udp_sessions_socket_takes_a_burst_of_replies_as_the_listener_takes_requests(fwd) -> None:
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2)")

@@ -1,5 +1,5 @@
-"""UDP edge paths: an empty datagram at the end of a segmented run, and a rule removed while
-datagrams arrive."""
+"""UDP edge paths: an empty datagram at the end of a segmented run, a rule removed while
+datagrams arrive, and datagrams the kernel drops at fastfwd's own full sockets."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from netutil import LOOP4, ChildForwarder, UdpEcho, child_env, datagram, spec, udp_socket, wait_for
 
@@ -90,3 +91,50 @@ def test_removing_a_udp_rule_while_datagrams_arrive() -> None:
     assert proc.returncode == 0, f"the forwarder died ({proc.returncode}): {proc.stderr[-2000:]}"
     before, after = map(int, proc.stdout.split())
     assert after <= before, f"{after - before} fds (sessions of removed rules) left open"
+
+
+FLOOD = 12_000      # 1 KB datagrams: about three times what a listener's 4 MiB buffer holds
+
+
+def _all_accounted_for(child: ChildForwarder, sent: int, flush: Callable[[], None], key: str) -> dict[str, int]:
+    """Send one more datagram at a time until the forwarder accounts for every one sent, as
+    passed on (``key``) or dropped. The count of what the kernel dropped rides on the next
+    datagram it queues, so whatever overflowed shows up once one more gets in."""
+    counters: dict[str, int] = {}
+    for extra in range(1, 51):
+        flush()
+        time.sleep(0.1)
+        counters = child.counters()[0]
+        if counters[key] + counters["drops"] == sent + extra:
+            return counters
+    raise AssertionError(f"{sent + extra} sent, {counters[key]} passed on and {counters['drops']} dropped")
+
+
+def test_datagrams_a_full_listener_drops_in_the_kernel_are_counted() -> None:
+    """What overflows the listening socket while the workers are off the CPU is lost in the
+    kernel, before fastfwd reads it: it still counts, one for one, in drops."""
+    with udp_socket(LOOP4) as sink, ChildForwarder.start([(spec(sink.getsockname()[1]), "udp", {})]) as child:
+        (port,) = child.ports
+        with udp_socket(LOOP4) as client:
+            with stopped(child.pid):
+                for seq in range(FLOOD):
+                    client.sendto(datagram(seq, 1000), (LOOP4, port))
+            counters = _all_accounted_for(child, FLOOD, lambda: client.sendto(b"flush", (LOOP4, port)),
+                                          "datagrams_up")
+    assert counters["drops"] > 0, counters
+
+
+def test_replies_a_full_session_socket_drops_in_the_kernel_are_counted() -> None:
+    """The same for replies: a target answering faster than the worker reads overflows the
+    session's upstream socket, and what it lost there counts in drops."""
+    with udp_socket(LOOP4) as target, ChildForwarder.start([(spec(target.getsockname()[1]), "udp", {})]) as child:
+        (port,) = child.ports
+        with udp_socket(LOOP4) as client:
+            client.sendto(b"open a session", (LOOP4, port))
+            _, session = target.recvfrom(64)
+            with stopped(child.pid):
+                for seq in range(FLOOD):
+                    target.sendto(datagram(seq, 1000), session)
+            counters = _all_accounted_for(child, FLOOD, lambda: target.sendto(b"flush", session),
+                                          "datagrams_down")
+    assert counters["drops"] > 0, counters
