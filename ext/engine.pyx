@@ -63,7 +63,7 @@ cdef bint is_wildcard(addr_t* a) noexcept nogil:
     return True
 
 
-cdef str bind_error(int err, str proto, str host, int port):
+def bind_error(int err, str proto, str host, int port):
     # Say what the user can act on: which port, and what is wrong with it.
     if err == errno_mod.EADDRINUSE:
         return f"{proto} port {port} on {host} is already in use"

@@ -30,3 +30,6 @@ class Engine:
         """What the workers hold now (connections, sessions, pipes and buffers lent and spare,
         tracked rules), summed over workers. For leak checks."""
     def close(self) -> None: ...
+
+def bind_error(err: int, proto: str, host: str, port: int) -> str:
+    """The one-line message for a listener that could not bind (``err`` an errno value)."""

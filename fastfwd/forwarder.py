@@ -262,6 +262,11 @@ class Forwarder:
                     # options, then could not listen) must be reverted as well.
                     undo.append(functools.partial(self._revert, kept, kept.rule))
                     self._update(kept, rule, diff)
+            for rule in later:
+                # Its ports that no removed rule holds are tried before anything is removed:
+                # undoing a removal starts the rule afresh (counters at 0, a gap in listening).
+                _probe(rule, (p for p in range(rule.listen_port, rule.listen_port + rule.count)
+                              if not any(_holds(a.bound, rule, p) for a in gone)))
             for active in gone:
                 await self.remove(active)
                 diff.removed.append(active)
@@ -399,7 +404,7 @@ class Forwarder:
 
 
 def _describe(active: ActiveRule) -> str:
-    label = f"{active.rule.name}: " if active.rule.name else ""
+    label = f"{active.rule.name!r}: " if active.rule.name else ""   # quoted: a name may hold ": "
     return f"{label}{active.rule}" + (f" ({active.target_ip})" if active.rule.target_is_name and active.target_ip else "")
 
 
@@ -459,6 +464,29 @@ def _ipv6_flags(addr: str) -> int | None:
 def _overlaps(a: Rule, b: Rule) -> bool:
     return (a.proto == b.proto and a.listen_port != 0 and b.listen_port != 0
             and a.listen_port < b.listen_port + b.count and b.listen_port < a.listen_port + a.count)
+
+
+def _holds(a: Rule, b: Rule, port: int) -> bool:
+    """Whether ``a``'s listeners take ``port`` from ``b``."""
+    return a.proto == b.proto and a.listen_port <= port < a.listen_port + a.count and _shared(a, b)
+
+
+def _probe(rule: Rule, ports: Iterable[int]) -> None:
+    """Bind each port as the engine would and let it go; the first that cannot be had raises
+    the engine's error for it."""
+    from ._engine import bind_error
+    family = socket.AF_INET6 if ":" in rule.listen_host else socket.AF_INET
+    kind = socket.SOCK_STREAM if rule.proto == "tcp" else socket.SOCK_DGRAM
+    for port in ports:
+        with socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind((rule.listen_host, port))
+            except OSError as exc:
+                raise OSError(exc.errno, bind_error(exc.errno, rule.proto, rule.listen_host, port)) from None
 
 
 def _shared(a: Rule, b: Rule) -> bool:

@@ -225,8 +225,6 @@ def test_across_reloads_no_counter_goes_back_while_its_series_lasts(fwd) -> None
     assert last["kept"]["fastfwd_bytes_up_total"] == 3 * 5000
 
 
-@pytest.mark.xfail(strict=True, reason="Forwarder.apply undoes the removal of a rule by adding it again: a new "
-                   "rule id, so a failed reload that logs 'rules unchanged' resets that rule's counters to 0")
 def test_a_failed_reload_leaves_the_counters_of_the_rules_it_would_remove(fwd) -> None:
     with TcpServer(exchange_handler(b"")) as server:
         base = free_port_range(2)
@@ -286,8 +284,6 @@ def test_status_control_and_http_agree_and_a_failing_target_does_not_flood_the_l
     assert len(grown) < 10, "\n".join(grown[:20])
 
 
-@pytest.mark.xfail(strict=True, reason="forwarder._describe writes a rule's name bare ('forwarding a: b: tcp ...'), "
-                   "so a name with a colon or spaces cannot be told from the rule after it")
 def test_log_lines_quote_the_rule_name(fwd, caplog: pytest.LogCaptureFixture) -> None:
     name = "db: primary"
     with caplog.at_level(logging.INFO, logger="fastfwd"):
