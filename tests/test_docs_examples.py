@@ -25,7 +25,7 @@ from fastfwd.unixclient import call
 from helpers_control import REPO, daemon, fastfwd as fastfwd_cmd, free_port, needs_engine, short_dir
 from netutil import child_env, free_port_range
 
-DOCS = ["README.md", "docs/config.md", "docs/leases.md", "docs/vm-hosts.md"]
+DOCS = ["README.md", "docs/config.md", "docs/leases.md", "docs/vm-hosts.md", "docs/metrics.md"]
 #: Before a TOML block that shows a config error; the next block is ``$ fastfwd check FILE``
 #: and the lines it prints.
 INVALID_MARK = "<!-- invalid:"
@@ -227,6 +227,16 @@ def documented_run_flags() -> set[str]:
             for rest in re.findall(r"fastfwd run\b([^`#]*)", line):
                 flags.update(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", rest))
     return flags
+
+
+def test_the_metrics_table_lists_every_family_the_scrape_has() -> None:
+    from fastfwd import metrics
+    families = {f.name for f in metrics.RuleCollector([]).collect()}
+    table = re.findall(r"^\| `(fastfwd_\w+)` \| (counter|gauge) \|", (REPO / "docs" / "metrics.md").read_text(), re.M)
+    documented = {name.removesuffix("_total") for name, _ in table}
+    assert documented == families
+    assert all((kind == "gauge") == (name in ("fastfwd_active", "fastfwd_sessions_active", "fastfwd_rule_pending"))
+               for name, kind in table)
 
 
 def test_every_documented_run_flag_is_in_run_help() -> None:
