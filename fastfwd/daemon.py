@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from .config import Config, ConfigError, ControlSettings, EngineSettings, load_config
+from .config import Config, ConfigError, ControlSettings, EngineSettings, content_digest, load_config
 from .control import ControlServer
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer
@@ -40,6 +40,7 @@ _T = TypeVar("_T")
 #: save, not one each. A clean stop saves at once; a crash loses at most this window, which
 #: the DHCP server's next snapshot or events restore.
 LEASE_SAVE_DELAY = 1.0
+_EMPTY = content_digest(b"")
 
 
 class DaemonError(Exception):
@@ -290,6 +291,12 @@ class Daemon:
                 return None
             if expect is not None and config.digest != expect:
                 log.info("%s: %s changed again while being read: waiting for it to be finished", why, self.path)
+                return None
+            if config.digest == _EMPTY:
+                # What `: > FILE` leaves until the next command fills it: applied, it would
+                # close every listener in between. A file meant to forward nothing says so.
+                log.warning("%s: %s is empty: the running rules stay (to forward nothing, write a comment in it)",
+                            why, self.path)
                 return None
             if (config.engine, self._control_settings(config), config.sources) != (
                     self.config.engine, self.control, self.config.sources):

@@ -61,7 +61,10 @@ async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 5
                 now = await _finished(path, settle_ms)
                 if now != last:
                     last = now
-                    if now is not None:
+                    if now is None:  # nothing to load: say why the rules do not change
+                        what = "is not a readable file" if path.exists() else "is gone"
+                        log.warning("%s %s: the running rules stay until it is back", path, what)
+                    else:
                         yield now
                         # The consumer may read the file again (the daemon does) and find a new
                         # write begun, applying nothing: what that write ends with is then handed

@@ -1,0 +1,70 @@
+"""Reloads as an operator's tools make them: a file emptied by one command and filled by the
+next, a file deleted and put back, SIGHUP at either moment. The rules keep forwarding through
+all of it, the log says why nothing changed, and the final content is applied."""
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers_control import EchoServer, connects, daemon, echo_roundtrip, free_port, needs_engine, wait_until
+from test_reload import forward, hold_forwarding, one_rule, reloads, rule_ports, write_atomic
+
+pytestmark = [needs_engine, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def test_a_file_emptied_by_one_command_and_filled_by_the_next_never_drops_the_rules(
+        tmp_path: Path, echo: EchoServer) -> None:
+    """`: > f.toml; ...; cat new > f.toml`: between the two the file is empty and closed, and
+    stays so for longer than the settle time. Applied, it would close every listener."""
+    keep, path = one_rule(tmp_path, echo.port)
+    added = free_port()
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        path.write_bytes(b"")
+        hold_forwarding(proc, keep)  # for over a second: many times the settle time
+        assert "f.toml is empty: the running rules stay" in proc.log()
+        proc.signal(signal.SIGHUP)  # asked to reload meanwhile: the same answer
+        proc.wait_log("f.toml is empty", count=2)
+        hold_forwarding(proc, keep, rounds=3)
+        path.write_text(forward(keep, f"127.0.0.1:{echo.port}") + forward(added, f"127.0.0.1:{echo.port}"))
+        proc.wait_log(" applied: ")
+        assert "config changed: f.toml applied: 1 added, 0 removed, 0 re-pointed, 0 reconfigured, 1 unchanged" \
+            in proc.log()
+        assert reloads(proc) == 1
+        assert echo_roundtrip(keep) and echo_roundtrip(added)
+
+
+def test_a_file_that_says_nothing_but_a_comment_removes_every_rule(tmp_path: Path, echo: EchoServer) -> None:
+    port, path = one_rule(tmp_path, echo.port)
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        write_atomic(path, "# nothing forwarded for now\n")
+        proc.wait_log(" applied: ")
+        assert "config changed: f.toml applied: 0 added, 1 removed" in proc.log()
+        wait_until(lambda: not connects(port), what="the removed rule's listener to close")
+        assert rule_ports(proc) == []
+
+
+def test_a_deleted_file_keeps_the_rules_says_so_and_its_return_is_applied(tmp_path: Path, echo: EchoServer) -> None:
+    port, path = one_rule(tmp_path, echo.port)
+    added = free_port()
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        path.unlink()
+        proc.wait_log("f.toml is gone: the running rules stay until it is back")
+        assert echo_roundtrip(port)
+        proc.signal(signal.SIGHUP)
+        proc.wait_log("rejected, rules unchanged")
+        assert "SIGHUP: f.toml: cannot read: No such file or directory" in proc.log()
+        assert rule_ports(proc) == [port] and echo_roundtrip(port)
+        path.write_text(forward(added, f"127.0.0.1:{echo.port}"))
+        proc.wait_log(" applied: ")
+        assert "config changed: f.toml applied: 1 added, 1 removed" in proc.log()
+        assert rule_ports(proc) == [added] and echo_roundtrip(added)
