@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from . import __version__
 from .config import (
+    MAX_WORKERS,
     Config,
     ConfigError,
     ControlSettings,
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see docs/config.md)")
     run.add_argument("-t", "--tcp", metavar="SPEC", action="append", default=[], help="forward TCP (repeatable)")
     run.add_argument("-u", "--udp", metavar="SPEC", action="append", default=[], help="forward UDP (repeatable)")
-    run.add_argument("--workers", type=int, metavar="N", help="worker threads (default: [engine] workers, else one per CPU)")
+    run.add_argument("--workers", type=int, metavar="N", help=f"worker threads, 1-{MAX_WORKERS} (default: [engine] workers, else one per CPU)")
     run.add_argument("--splice", metavar="MODE",
                      help="how the -t rules move bytes: 'auto' copies short exchanges and moves a direction "
                           f"to splice(2) once it has carried {RuleOptions.splice_threshold // 1024} KiB, "
@@ -220,8 +221,8 @@ def _run(args: argparse.Namespace) -> int:
     rules = cli_rules(args.tcp, args.udp, options)
     if not rules and not args.config:
         raise UsageError("nothing to forward: give -c FILE and/or -t/-u SPEC (see fastfwd run --help)")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers: expected an integer >= 1, got {args.workers}")
+    if args.workers is not None:
+        _checked("--workers", lambda: parse_engine_settings({"workers": args.workers}))
     # Until the daemon handles SIGHUP (a reload), its default action would kill the process,
     # and a service manager may send one as soon as it started us: from here on, through the
     # slow imports and the config load, one is recorded, and the daemon reloads once it is up.

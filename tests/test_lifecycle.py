@@ -1,0 +1,52 @@
+"""The command's life cycle at its edges: Ctrl-C while Python is still loading it, and settings
+that could never start (a worker count no machine runs)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netutil import child_env, cli_sandbox, run_cli
+
+# ``python -m fastfwd ARGS`` whose import of fastfwd.cli receives a real SIGINT, as a terminal's
+# Ctrl-C in the first tenth of a second would: the signal is raised from inside that import.
+_INTERRUPTED_IMPORT = r"""
+import os, runpy, signal, sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastfwd.cli":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["fastfwd", *sys.argv[1:]]
+runpy.run_module("fastfwd", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_while_the_command_is_still_loading_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT, "run", *cli_sandbox(tmp_path),
+                             "-t", "0:127.0.0.1:9"], capture_output=True, text=True, timeout=30,
+                            env=child_env(), stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stderr) == (130, "")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", ["100000", "1025"])
+def test_a_worker_count_beyond_the_bound_is_one_line_and_exit_2(tmp_path: Path, workers: str) -> None:
+    result = run_cli("run", *cli_sandbox(tmp_path), "--workers", workers, "-t", "0:127.0.0.1:9")
+    assert (result.returncode, result.stderr) == (2, f"fastfwd: --workers: expected an integer from 1 to 1024, "
+                                                     f"got {workers}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_config_file_has_the_same_worker_bound(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text("[engine]\nworkers = 100000\n")
+    result = run_cli("check", str(path))
+    assert (result.returncode, result.stderr) == (
+        2, f"{path}: engine.workers: expected an integer from 1 to 1024, got 100000\n")
