@@ -363,6 +363,11 @@ def format_status(reply: dict[str, Any], now: float | None = None) -> str:
         workers, poll = engine["workers"], engine["busy_poll_us"]
         parts.append(f"engine: {workers} worker{'s' * (workers != 1)}, pipes of {_bytes(engine['pipe_size'])}, "
                      + (f"busy polling {poll} us" if poll else "no busy polling"))
+    if config := reply.get("config"):
+        last = config["last_reload"]
+        parts.append(f"config: {config['file']}, " + (
+            "not reloaded since the start" if last is None else f"last reload {_age(now - last['at'])} "
+            + ("applied" if last["applied"] else f"rejected (the rules from before run): {last['error']}")))
     return "\n\n".join(parts)
 
 

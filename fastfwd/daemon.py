@@ -16,6 +16,7 @@ import logging.handlers
 import os
 import signal
 import stat
+import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,8 @@ class Daemon:
         #: READY=1 was sent: from then on reloads are announced too. One asked for during the
         #: start runs before the servers are up, and its READY=1 would come too early.
         self._up = False
+        #: How the last reload ended, for status: None until one ran.
+        self.last_reload: dict[str, Any] | None = None
 
     # -- what should be forwarded -------------------------------------------------------------
     def wanted_rules(self, config: Config | None = None) -> list[Rule]:
@@ -281,6 +284,7 @@ class Daemon:
                 # for a writer that may never come.
                 log.error("%s: %s is not a regular file, rules unchanged (a pipe is read once, at start)",
                           why, self.path)
+                self._rejected("not a regular file (a pipe is read once, at start)")
                 return None
             try:
                 config = load_config(self.path)
@@ -288,6 +292,8 @@ class Daemon:
                 for error in exc.errors:
                     log.error("%s: %s: %s", why, exc.source, error)
                 log.error("%s: %s rejected, rules unchanged", why, exc.source)
+                more = len(exc.errors) - 1
+                self._rejected(exc.errors[0] + (f" (and {more} more, in the log)" if more else ""))
                 return None
             if expect is not None and config.digest != expect:
                 log.info("%s: %s changed again while being read: waiting for it to be finished", why, self.path)
@@ -297,6 +303,7 @@ class Daemon:
                 # close every listener in between. A file meant to forward nothing says so.
                 log.warning("%s: %s is empty: the running rules stay (to forward nothing, write a comment in it)",
                             why, self.path)
+                self._rejected("the file is empty (to forward nothing, write a comment in it)")
                 return None
             if (config.engine, self._control_settings(config), config.sources) != (
                     self.config.engine, self.control, self.config.sources):
@@ -310,15 +317,20 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 await self._resolve()  # the names of the file still running
                 fresh = [str(r) for r in self.wanted_rules(config) if self.fw.find(r) is None]
-                log.error("%s: %s rejected, rules unchanged: %s (new: %s)", why, self.path, _reason(exc),
-                          "; ".join(fresh) or "none")
+                error = f"{_reason(exc)} (new: {'; '.join(fresh) or 'none'})"
+                log.error("%s: %s rejected, rules unchanged: %s", why, self.path, error)
+                self._rejected(error)
                 return None
             self.config = config
+            self.last_reload = {"at": time.time(), "applied": True, "error": None}
             await self._resolve()
             log.info("%s: %s applied: %d added, %d removed, %d re-pointed, %d reconfigured, %d unchanged",
                      why, self.path, len(diff.added), len(diff.removed), len(diff.retargeted),
                      len(diff.reconfigured), len(diff.unchanged))
             return diff
+
+    def _rejected(self, error: str) -> None:
+        self.last_reload = {"at": time.time(), "applied": False, "error": error}
 
     async def _watch(self) -> None:
         assert self.path is not None
@@ -368,6 +380,10 @@ class Daemon:
     @property
     def engine(self) -> dict[str, int]:
         return self.fw.settings if self.fw is not None else {}
+
+    @property
+    def reload_status(self) -> dict[str, Any] | None:
+        return None if self.path is None else {"file": str(self.path), "last_reload": self.last_reload}
 
     def sessions(self, rule: ActiveRule) -> list[tuple[str, int]]:
         assert self.fw is not None

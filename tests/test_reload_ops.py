@@ -4,13 +4,32 @@ all of it, the log says why nothing changed, and the final content is applied.""
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers_control import (
+    DaemonProcess,
+    EchoServer,
+    connects,
+    daemon,
+    echo_roundtrip,
+    fastfwd,
+    free_port,
+    needs_engine,
+    wait_until,
+)
+from test_reload import (
+    forward,
+    hold_forwarding,
+    one_rule,
+    reloads,
+    rule_ports,
+    write_atomic,
+)
 
-from helpers_control import EchoServer, connects, daemon, echo_roundtrip, free_port, needs_engine, wait_until
-from test_reload import forward, hold_forwarding, one_rule, reloads, rule_ports, write_atomic
+from fastfwd.unixclient import call
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
 
@@ -68,3 +87,56 @@ def test_a_deleted_file_keeps_the_rules_says_so_and_its_return_is_applied(tmp_pa
         proc.wait_log(" applied: ")
         assert "config changed: f.toml applied: 1 added, 1 removed" in proc.log()
         assert rule_ports(proc) == [added] and echo_roundtrip(added)
+
+
+def _status(proc: DaemonProcess) -> dict:
+    reply = call(proc.control_socket, {"cmd": "status"})
+    assert reply["ok"], reply
+    return reply
+
+
+def _config_line(proc: DaemonProcess) -> str:
+    """The line of `fastfwd status` about the config file."""
+    result = fastfwd("status", "--socket", str(proc.control_socket))
+    assert result.returncode == 0, result.stderr
+    line, = (line for line in result.stdout.splitlines() if line.startswith("config: "))
+    return line
+
+
+def test_status_tells_whether_the_last_reload_was_applied_and_why_not(tmp_path: Path, echo: EchoServer) -> None:
+    """After `systemctl reload` the operator asks `fastfwd status` whether the file now runs."""
+    port, path = one_rule(tmp_path, echo.port)
+    with daemon(tmp_path, "-c", "f.toml") as proc, socket.create_server(("127.0.0.1", 0)) as taken:
+        assert _status(proc)["config"] == {"file": "f.toml", "last_reload": None}
+        write_atomic(path, forward(port, f"127.0.0.1:{echo.port}", idle_timeout=-1))
+        proc.wait_log("rejected, rules unchanged")
+        last = _status(proc)["config"]["last_reload"]
+        assert (last["applied"], last["error"]) == (
+            False, "forward[0].idle_timeout: expected a number of seconds from 0 to 1000000000, got -1")
+        line = _config_line(proc)
+        assert line.startswith("config: f.toml, last reload ") and line.endswith(
+            " ago rejected (the rules from before run): forward[0].idle_timeout: expected a number of seconds "
+            "from 0 to 1000000000, got -1"), line
+
+        busy = taken.getsockname()[1]
+        write_atomic(path, forward(port, f"127.0.0.1:{echo.port}") + forward(busy, f"127.0.0.1:{echo.port}"))
+        proc.wait_log("rejected, rules unchanged", count=2)
+        last = _status(proc)["config"]["last_reload"]
+        assert (last["applied"], last["error"]) == (
+            False, (f"tcp port {busy} on 127.0.0.1 is already in use "
+                    f"(new: tcp 127.0.0.1:{busy} -> 127.0.0.1:{echo.port})"))
+
+        write_atomic(path, forward(port, f"127.0.0.1:{echo.port}"))
+        proc.wait_log(" applied: ")
+        last = _status(proc)["config"]["last_reload"]
+        assert (last["applied"], last["error"]) == (True, None)
+        line = _config_line(proc)
+        assert line.startswith("config: f.toml, last reload ") and line.endswith(" ago applied"), line
+        assert echo_roundtrip(port)
+
+
+def test_status_without_a_config_file_has_no_config_part(tmp_path: Path, echo: EchoServer) -> None:
+    with daemon(tmp_path, "-t", f"{free_port()}:127.0.0.1:{echo.port}") as proc:
+        assert "config" not in _status(proc)
+        result = fastfwd("status", "--socket", str(proc.control_socket))
+        assert result.returncode == 0 and "config:" not in result.stdout
