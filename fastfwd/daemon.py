@@ -29,7 +29,7 @@ from .control import ControlServer
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_names
-from .notify import notify, reloading
+from .notify import notify, reloading, watchdog_interval
 from .rules import Rule, split_hostports
 from .unixserver import Access, JsonLineServer
 from .watcher import watch_config
@@ -190,6 +190,8 @@ class Daemon:
                      f", watching {self.path}" if self.path else "")
             self._up = True
             self._ready()
+            if (interval := watchdog_interval()) is not None:
+                tasks.append(_background(_feed_watchdog(interval), "the systemd watchdog"))
             how = await self._stop
             notify("STOPPING=1")
             for task in tasks:
@@ -284,7 +286,7 @@ class Daemon:
                 # for a writer that may never come.
                 log.error("%s: %s is not a regular file, rules unchanged (a pipe is read once, at start)",
                           why, self.path)
-                self._rejected("not a regular file (a pipe is read once, at start)")
+                self._reloaded("not a regular file (a pipe is read once, at start)")
                 return None
             try:
                 config = load_config(self.path)
@@ -293,7 +295,7 @@ class Daemon:
                     log.error("%s: %s: %s", why, exc.source, error)
                 log.error("%s: %s rejected, rules unchanged", why, exc.source)
                 more = len(exc.errors) - 1
-                self._rejected(exc.errors[0] + (f" (and {more} more, in the log)" if more else ""))
+                self._reloaded(exc.errors[0] + (f" (and {more} more, in the log)" if more else ""))
                 return None
             if expect is not None and config.digest != expect:
                 log.info("%s: %s changed again while being read: waiting for it to be finished", why, self.path)
@@ -303,7 +305,7 @@ class Daemon:
                 # close every listener in between. A file meant to forward nothing says so.
                 log.warning("%s: %s is empty: the running rules stay (to forward nothing, write a comment in it)",
                             why, self.path)
-                self._rejected("the file is empty (to forward nothing, write a comment in it)")
+                self._reloaded("the file is empty (to forward nothing, write a comment in it)")
                 return None
             if (config.engine, self._control_settings(config), config.sources) != (
                     self.config.engine, self.control, self.config.sources):
@@ -319,18 +321,19 @@ class Daemon:
                 fresh = [str(r) for r in self.wanted_rules(config) if self.fw.find(r) is None]
                 error = f"{_reason(exc)} (new: {'; '.join(fresh) or 'none'})"
                 log.error("%s: %s rejected, rules unchanged: %s", why, self.path, error)
-                self._rejected(error)
+                self._reloaded(error)
                 return None
             self.config = config
-            self.last_reload = {"at": time.time(), "applied": True, "error": None}
+            self._reloaded(None)
             await self._resolve()
             log.info("%s: %s applied: %d added, %d removed, %d re-pointed, %d reconfigured, %d unchanged",
                      why, self.path, len(diff.added), len(diff.removed), len(diff.retargeted),
                      len(diff.reconfigured), len(diff.unchanged))
             return diff
 
-    def _rejected(self, error: str) -> None:
-        self.last_reload = {"at": time.time(), "applied": False, "error": error}
+    def _reloaded(self, error: str | None) -> None:
+        """Record for status how this reload ended: applied (no ``error``) or why not."""
+        self.last_reload = {"at": time.time(), "applied": error is None, "error": error}
 
     async def _watch(self) -> None:
         assert self.path is not None
@@ -451,6 +454,14 @@ class Daemon:
                 why = os.strerror(exc.errno) if exc.errno else _reason(exc)
                 raise DaemonError(f"metrics_listen {c.metrics_listen}: {why}") from None
         return servers
+
+
+async def _feed_watchdog(interval: float) -> None:
+    # Sent from the event loop, so a loop that is blocked stops the pings and the service
+    # manager restarts the daemon.
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 def _regular_or_missing(path: Path) -> bool:

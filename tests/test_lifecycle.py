@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fastfwd.unixclient import call
+
+from helpers_control import EchoServer, connects, daemon, echo_roundtrip, free_port, needs_engine
 from netutil import child_env, cli_sandbox, run_cli
 
 # ``python -m fastfwd ARGS`` whose import of fastfwd.cli receives a real SIGINT, as a terminal's
@@ -49,3 +53,29 @@ def test_the_config_file_has_the_same_worker_bound(tmp_path: Path) -> None:
     result = run_cli("check", str(path))
     assert (result.returncode, result.stderr) == (
         2, f"{path}: engine.workers: expected an integer from 1 to 1024, got 100000\n")
+
+
+@needs_engine
+def test_a_second_daemon_on_the_same_sockets_is_refused_and_a_crashed_ones_are_taken_over(tmp_path: Path) -> None:
+    echo = EchoServer()
+    first_port, second_port = free_port(), free_port()
+    try:
+        with daemon(tmp_path, "-t", f"{first_port}:127.0.0.1:{echo.port}") as first:
+            sockets = ("--control-socket", str(first.control_socket), "--lease-socket", str(first.lease_socket))
+            second = run_cli("run", *sockets, "--state-dir", str(tmp_path / "state"),
+                             "-t", f"{second_port}:127.0.0.1:{echo.port}")
+            assert second.returncode == 1
+            assert second.stderr == f"fastfwd: {first.control_socket}: another process is listening on this socket\n"
+            # The first daemon still answers on its own socket, with its own rules.
+            reply = call(first.control_socket, {"cmd": "status"})
+            assert [r["port"] for r in reply["rules"]] == [first_port]
+            assert echo_roundtrip(first_port) and not connects(second_port)
+            first.proc.kill()
+            first.wait()
+            assert first.control_socket.exists() and first.lease_socket.exists()  # left behind by the crash
+        with daemon(tmp_path, "-t", f"{second_port}:127.0.0.1:{echo.port}") as third:
+            reply = call(third.control_socket, {"cmd": "status"})
+            assert [r["port"] for r in reply["rules"]] == [second_port]
+            assert echo_roundtrip(second_port)
+    finally:
+        echo.close()
