@@ -1,37 +1,26 @@
 """Reloads as an operator's tools make them: a file emptied by one command and filled by the
-next, a file deleted and put back, SIGHUP at either moment. The rules keep forwarding through
-all of it, the log says why nothing changed, and the final content is applied."""
+next, a file deleted and put back, a symlinked directory swapped, SIGHUP at any moment. The
+rules keep forwarding through all of it, the log says why nothing changed, the final content is
+applied, and status tells how the last reload went."""
 from __future__ import annotations
 
+import asyncio
+import shutil
 import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_control import (
-    DaemonProcess,
-    EchoServer,
-    connects,
-    daemon,
-    echo_roundtrip,
-    fastfwd,
-    free_port,
-    needs_engine,
-    wait_until,
-)
-from test_reload import (
-    forward,
-    hold_forwarding,
-    one_rule,
-    reloads,
-    rule_ports,
-    write_atomic,
-)
 
+from fastfwd import watcher
 from fastfwd.unixclient import call
 
-pytestmark = [needs_engine, pytest.mark.timeout(60)]
+from helpers_control import (DaemonProcess, EchoServer, connects, daemon, echo_roundtrip, fastfwd, free_port,
+                             needs_engine, wait_until)
+from test_reload import forward, hold_forwarding, one_rule, reloads, rule_ports, swap_symlink, write_atomic
+
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
@@ -41,6 +30,7 @@ def echo() -> Iterator[EchoServer]:
     server.close()
 
 
+@needs_engine
 def test_a_file_emptied_by_one_command_and_filled_by_the_next_never_drops_the_rules(
         tmp_path: Path, echo: EchoServer) -> None:
     """`: > f.toml; ...; cat new > f.toml`: between the two the file is empty and closed, and
@@ -62,6 +52,7 @@ def test_a_file_emptied_by_one_command_and_filled_by_the_next_never_drops_the_ru
         assert echo_roundtrip(keep) and echo_roundtrip(added)
 
 
+@needs_engine
 def test_a_file_that_says_nothing_but_a_comment_removes_every_rule(tmp_path: Path, echo: EchoServer) -> None:
     port, path = one_rule(tmp_path, echo.port)
     with daemon(tmp_path, "-c", "f.toml") as proc:
@@ -72,6 +63,7 @@ def test_a_file_that_says_nothing_but_a_comment_removes_every_rule(tmp_path: Pat
         assert rule_ports(proc) == []
 
 
+@needs_engine
 def test_a_deleted_file_keeps_the_rules_says_so_and_its_return_is_applied(tmp_path: Path, echo: EchoServer) -> None:
     port, path = one_rule(tmp_path, echo.port)
     added = free_port()
@@ -103,6 +95,7 @@ def _config_line(proc: DaemonProcess) -> str:
     return line
 
 
+@needs_engine
 def test_status_tells_whether_the_last_reload_was_applied_and_why_not(tmp_path: Path, echo: EchoServer) -> None:
     """After `systemctl reload` the operator asks `fastfwd status` whether the file now runs."""
     port, path = one_rule(tmp_path, echo.port)
@@ -135,8 +128,41 @@ def test_status_tells_whether_the_last_reload_was_applied_and_why_not(tmp_path: 
         assert echo_roundtrip(port)
 
 
+@needs_engine
 def test_status_without_a_config_file_has_no_config_part(tmp_path: Path, echo: EchoServer) -> None:
     with daemon(tmp_path, "-t", f"{free_port()}:127.0.0.1:{echo.port}") as proc:
         assert "config" not in _status(proc)
         result = fastfwd("status", "--socket", str(proc.control_socket))
         assert result.returncode == 0 and "config:" not in result.stdout
+
+
+def test_a_directory_that_vanishes_as_the_watch_is_set_up_does_not_end_the_watching(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deploy tool swapping a symlinked directory (f.toml -> data/f.toml, data -> v1, v1
+    deleted once data -> v2) can delete the directory the watch is being set up on: the watch
+    must go on and see what comes next."""
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "f.toml").write_text("a = 1\n")
+    (tmp_path / "data").symlink_to("v1")
+    path = tmp_path / "f.toml"
+    path.symlink_to(Path("data") / "f.toml")
+    real_awatch, calls = watcher.awatch, []
+
+    def awatch(*dirs: str, **kwargs: object):  # the swap lands between choosing the dirs and watching them
+        if not calls:
+            (tmp_path / "v2").mkdir()
+            (tmp_path / "v2" / "f.toml").write_text("a = 2\n")
+            swap_symlink(tmp_path / "data", Path("v2"))
+            shutil.rmtree(tmp_path / "v1")
+        calls.append(dirs)
+        return real_awatch(*dirs, **kwargs)
+    monkeypatch.setattr(watcher, "awatch", awatch)
+
+    async def first_change() -> str:
+        changes = watcher.watch_config(path, since="the content already in use", recheck_ms=200)
+        try:
+            return await anext(changes)
+        finally:
+            await changes.aclose()
+    assert asyncio.run(asyncio.wait_for(first_change(), 20)) == watcher.fingerprint(path)
+    assert path.read_text() == "a = 2\n"
