@@ -33,13 +33,6 @@ pytestmark = [needs_engine, pytest.mark.timeout(60)]
 MAC = "52:54:00:00:00:01"
 
 
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
-
-
 def status(proc: DaemonProcess) -> dict:
     result = fastfwd("status", "--json", "--socket", str(proc.control_socket))
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -176,13 +175,6 @@ def test_a_write_begun_while_the_consumer_handles_a_change_is_handed_over_even_i
 
 
 # -- reloads of a running daemon -------------------------------------------------------------------
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
-
-
 def forward(listen: int | str, target: str, **options: object) -> str:
     """One [[forward]] entry; values are written as JSON, which TOML reads the same."""
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
@@ -198,6 +190,16 @@ def one_rule(tmp_path: Path, target: int, **options: object) -> tuple[int, Path]
 
 def reloads(proc: DaemonProcess) -> int:
     return proc.log().count(" applied: ")
+
+
+def one_rule_added_by_one_reload(proc: DaemonProcess, added: int, kept: int) -> None:
+    """Once the reload under way is applied: it was the only one, it added the rule on
+    ``added`` and kept the one on ``kept``, and both forward."""
+    proc.wait_log(" applied: ")
+    assert "config changed: f.toml applied: 1 added, 0 removed, 0 re-pointed, 0 reconfigured, 1 unchanged" \
+        in proc.log()
+    assert reloads(proc) == 1
+    assert echo_roundtrip(added) and echo_roundtrip(kept)
 
 
 def reload_with(proc: DaemonProcess, path: Path, text: str) -> None:
@@ -248,11 +250,7 @@ def test_a_file_written_in_place_with_a_pause_applies_once_closed_and_never_half
             writer.flush()
             hold_forwarding(proc, keep)
             writer.write(rest.encode())
-        proc.wait_log(" applied: ")
-        assert "config changed: f.toml applied: 1 added, 0 removed, 0 re-pointed, 0 reconfigured, 1 unchanged" \
-            in proc.log()
-        assert reloads(proc) == 1
-        assert echo_roundtrip(added) and echo_roundtrip(keep)
+        one_rule_added_by_one_reload(proc, added, keep)
 
 
 @needs_engine
