@@ -176,7 +176,13 @@ def _daemon_socket_args(which: str) -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C anywhere before the daemon handles SIGINT itself
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["hook"]:
         # dnsmasq's arguments go to the hook untouched (argparse would claim its options).
         from .hook import main as hook_main
@@ -198,8 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)  # one line per problem, each naming the file and key path
         return 2
-    except KeyboardInterrupt:
-        return 130
 
 
 def cli_rules(tcp: Sequence[str], udp: Sequence[str], options: RuleOptions | None = None) -> list[Rule]:

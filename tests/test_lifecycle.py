@@ -13,26 +13,36 @@ from fastfwd.unixclient import call
 from helpers_control import EchoServer, connects, daemon, echo_roundtrip, free_port, needs_engine
 from netutil import child_env, cli_sandbox, run_cli
 
-# ``python -m fastfwd ARGS`` whose import of fastfwd.cli receives a real SIGINT, as a terminal's
-# Ctrl-C in the first tenth of a second would: the signal is raised from inside that import.
-_INTERRUPTED_IMPORT = r"""
+# ``python -m fastfwd ARGS`` that receives a real SIGINT, as a terminal's Ctrl-C in the first
+# tenth of a second would: sent from inside the import of fastfwd.cli, or from inside the
+# building of the command line parser (argv[1] says which).
+_INTERRUPTED = r"""
 import os, runpy, signal, sys
+
+def interrupt():
+    os.kill(os.getpid(), signal.SIGINT)
 
 class Interrupt:
     def find_spec(self, name, path=None, target=None):
         if name == "fastfwd.cli":
             sys.meta_path.remove(self)
-            os.kill(os.getpid(), signal.SIGINT)
+            interrupt()
         return None
 
-sys.meta_path.insert(0, Interrupt())
-sys.argv = ["fastfwd", *sys.argv[1:]]
+if sys.argv[1] == "import":
+    sys.meta_path.insert(0, Interrupt())
+else:
+    import fastfwd.cli
+    build = fastfwd.cli.build_parser
+    fastfwd.cli.build_parser = lambda: (interrupt(), build())[1]
+sys.argv = ["fastfwd", *sys.argv[2:]]
 runpy.run_module("fastfwd", run_name="__main__", alter_sys=True)
 """
 
 
-def test_ctrl_c_while_the_command_is_still_loading_exits_130_without_a_traceback(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT, "run", *cli_sandbox(tmp_path),
+@pytest.mark.parametrize("during", ["import", "parser"])
+def test_ctrl_c_while_the_command_is_still_loading_exits_130_without_a_traceback(tmp_path: Path, during: str) -> None:
+    result = subprocess.run([sys.executable, "-c", _INTERRUPTED, during, "run", *cli_sandbox(tmp_path),
                              "-t", "0:127.0.0.1:9"], capture_output=True, text=True, timeout=30,
                             env=child_env(), stdin=subprocess.DEVNULL, check=False)
     assert (result.returncode, result.stderr) == (130, "")
