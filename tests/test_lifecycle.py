@@ -2,6 +2,7 @@
 that could never start (a worker count no machine runs)."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,26 +67,28 @@ def test_the_config_file_has_the_same_worker_bound(tmp_path: Path) -> None:
 
 
 @needs_engine
-def test_a_second_daemon_on_the_same_sockets_is_refused_and_a_crashed_ones_are_taken_over(tmp_path: Path) -> None:
-    echo = EchoServer()
+def test_a_second_daemon_on_the_same_sockets_is_refused_and_a_crashed_ones_are_taken_over(
+        tmp_path: Path, echo: EchoServer) -> None:
     first_port, second_port = free_port(), free_port()
-    try:
-        with daemon(tmp_path, "-t", f"{first_port}:127.0.0.1:{echo.port}") as first:
-            sockets = ("--control-socket", str(first.control_socket), "--lease-socket", str(first.lease_socket))
-            second = run_cli("run", *sockets, "--state-dir", str(tmp_path / "state"),
-                             "-t", f"{second_port}:127.0.0.1:{echo.port}")
-            assert second.returncode == 1
-            assert second.stderr == f"fastfwd: {first.control_socket}: another process is listening on this socket\n"
-            # The first daemon still answers on its own socket, with its own rules.
-            reply = call(first.control_socket, {"cmd": "status"})
-            assert [r["port"] for r in reply["rules"]] == [first_port]
-            assert echo_roundtrip(first_port) and not connects(second_port)
-            first.proc.kill()
-            first.wait()
-            assert first.control_socket.exists() and first.lease_socket.exists()  # left behind by the crash
-        with daemon(tmp_path, "-t", f"{second_port}:127.0.0.1:{echo.port}") as third:
-            reply = call(third.control_socket, {"cmd": "status"})
-            assert [r["port"] for r in reply["rules"]] == [second_port]
-            assert echo_roundtrip(second_port)
-    finally:
-        echo.close()
+    with daemon(tmp_path, "-t", f"{first_port}:127.0.0.1:{echo.port}") as first:
+        # The same control socket, then only the same lease socket (its control socket is opened first).
+        for control, taken in ((first.control_socket, first.control_socket),
+                               (tmp_path / "other.sock", first.lease_socket)):
+            second = run_cli("run", "--control-socket", str(control), "--lease-socket", str(first.lease_socket),
+                             "--state-dir", str(tmp_path / "state"), "-t", f"{second_port}:127.0.0.1:{echo.port}")
+            assert (second.returncode, second.stderr) == (
+                1, f"fastfwd: {taken}: another process is listening on this socket\n")
+        assert not (tmp_path / "other.sock").exists()
+        # The first daemon still answers on its own sockets, with its own rules.
+        reply = call(first.control_socket, {"cmd": "status"})
+        assert [r["port"] for r in reply["rules"]] == [first_port]
+        with socket.socket(socket.AF_UNIX) as lease_client:
+            lease_client.connect(str(first.lease_socket))
+        assert echo_roundtrip(first_port) and not connects(second_port)
+        first.proc.kill()
+        first.wait()
+        assert first.control_socket.exists() and first.lease_socket.exists()  # left behind by the crash
+    with daemon(tmp_path, "-t", f"{second_port}:127.0.0.1:{echo.port}") as third:
+        reply = call(third.control_socket, {"cmd": "status"})
+        assert [r["port"] for r in reply["rules"]] == [second_port]
+        assert echo_roundtrip(second_port)
