@@ -234,6 +234,15 @@ def _run(args: argparse.Namespace) -> int:
     # runs, and Event.set() would then wait for the lock it holds itself.
     early_hup: list[bool] = []
     before = signal.signal(signal.SIGHUP, lambda *_: early_hup.append(True) if not early_hup else None)
+    # Ctrl-C raises KeyboardInterrupt wherever Python is; where that is a finalizer or one of
+    # the import system's callbacks, Python reports it and drops it, and the start went on as
+    # if nothing came. So it is recorded too, and the daemon looks once it handles SIGINT itself.
+    interrupted: list[bool] = []
+
+    def on_int(signum: int, frame: object) -> None:
+        interrupted.append(True)
+        raise KeyboardInterrupt
+    before_int = signal.signal(signal.SIGINT, on_int)
     try:
         from .daemon import DaemonError, Overrides, SettingsError, run_daemon
 
@@ -242,14 +251,16 @@ def _run(args: argparse.Namespace) -> int:
         overrides = Overrides(workers=args.workers, busy_poll_us=busy_poll_us, control_socket=args.control_socket,
                               lease_socket=args.lease_socket, state_dir=args.state_dir)
         try:
-            return run_daemon(config, args.config, rules, overrides, lambda: bool(early_hup))
+            return run_daemon(config, args.config, rules, overrides, lambda: bool(early_hup),
+                              lambda: bool(interrupted))
         except SettingsError as exc:
             raise UsageError(str(exc)) from None
         except DaemonError as exc:
             raise Failed(str(exc)) from None
     finally:
-        # Called in-process (tests, library users), the caller's handler is theirs again.
+        # Called in-process (tests, library users), the caller's handlers are theirs again.
         signal.signal(signal.SIGHUP, before)
+        signal.signal(signal.SIGINT, before_int)
 
 
 def _run_settings(args: argparse.Namespace) -> tuple[RuleOptions, int | None]:

@@ -160,11 +160,14 @@ class Daemon:
                             "(names are not looked up in DNS); its rules refuse connections until then", name)
             return fw
 
-    async def run(self, early_hup: Callable[[], bool] | None = None) -> int:
+    async def run(self, early_hup: Callable[[], bool] | None = None,
+                  interrupted: Callable[[], bool] | None = None) -> int:
         """Serve until stopped by a signal. Returns the exit status.
 
         ``early_hup`` tells whether a SIGHUP came before this handles the signals itself (see
-        cli); the daemon reloads once it is up, as that SIGHUP asked."""
+        cli); the daemon reloads once it is up, as that SIGHUP asked. ``interrupted`` tells
+        whether a SIGINT came before (its KeyboardInterrupt may have been lost): the start is
+        abandoned with KeyboardInterrupt."""
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         signals = {signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term, signal.SIGINT: self._on_int}
@@ -172,6 +175,8 @@ class Daemon:
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
         try:
+            if interrupted is not None and interrupted():
+                raise KeyboardInterrupt
             with _logs_held_until_started():
                 fw = await self.start()
                 try:
@@ -523,7 +528,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def run_daemon(config: Config, config_path: str | Path | None, cli_rules: Iterable[Rule],
-               overrides: Overrides = Overrides(), early_hup: Callable[[], bool] | None = None) -> int:
+               overrides: Overrides = Overrides(), early_hup: Callable[[], bool] | None = None,
+               interrupted: Callable[[], bool] | None = None) -> int:
     """Run the daemon on uvloop until a signal stops it; returns the exit status. See
-    ``Daemon.run`` for ``early_hup``."""
-    return uvloop.run(Daemon(config, config_path, cli_rules, overrides).run(early_hup))
+    ``Daemon.run`` for ``early_hup`` and ``interrupted``."""
+    return uvloop.run(Daemon(config, config_path, cli_rules, overrides).run(early_hup, interrupted))

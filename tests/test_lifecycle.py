@@ -15,23 +15,37 @@ from helpers_control import EchoServer, connects, daemon, echo_roundtrip, free_p
 from netutil import child_env, cli_sandbox, run_cli
 
 # ``python -m fastfwd ARGS`` that receives a real SIGINT, as a terminal's Ctrl-C in the first
-# tenth of a second would: sent from inside the import of fastfwd.cli, or from inside the
-# building of the command line parser (argv[1] says which).
+# tenth of a second would, sent (argv[1]) from inside the import of fastfwd.cli, from inside the
+# building of the command line parser, or while fastfwd.daemon is imported, from inside an
+# object's finalizer: the KeyboardInterrupt is raised there, and Python reports and drops it (as
+# it does when the signal lands in one of the import system's own weakref callbacks).
 _INTERRUPTED = r"""
 import os, runpy, signal, sys
 
 def interrupt():
     os.kill(os.getpid(), signal.SIGINT)
 
+class Finalized:
+    def __del__(self):
+        interrupt()
+
 class Interrupt:
+    def __init__(self, module):
+        self.module = module
+
     def find_spec(self, name, path=None, target=None):
-        if name == "fastfwd.cli":
+        if name == self.module:
             sys.meta_path.remove(self)
-            interrupt()
+            if self.module == "fastfwd.cli":
+                interrupt()
+            else:
+                Finalized()  # collected at once
         return None
 
 if sys.argv[1] == "import":
-    sys.meta_path.insert(0, Interrupt())
+    sys.meta_path.insert(0, Interrupt("fastfwd.cli"))
+elif sys.argv[1] == "finalizer":
+    sys.meta_path.insert(0, Interrupt("fastfwd.daemon"))
 else:
     import fastfwd.cli
     build = fastfwd.cli.build_parser
@@ -41,12 +55,26 @@ runpy.run_module("fastfwd", run_name="__main__", alter_sys=True)
 """
 
 
+def _interrupted(tmp_path: Path, during: str) -> subprocess.CompletedProcess[str]:
+    """``fastfwd run`` sent a SIGINT ``during`` its start (see _INTERRUPTED); it must not hang."""
+    return subprocess.run([sys.executable, "-c", _INTERRUPTED, during, "run", *cli_sandbox(tmp_path),
+                           "-t", "0:127.0.0.1:9"], capture_output=True, text=True, timeout=30,
+                          env=child_env(), stdin=subprocess.DEVNULL, check=False)
+
+
 @pytest.mark.parametrize("during", ["import", "parser"])
 def test_ctrl_c_while_the_command_is_still_loading_exits_130_without_a_traceback(tmp_path: Path, during: str) -> None:
-    result = subprocess.run([sys.executable, "-c", _INTERRUPTED, during, "run", *cli_sandbox(tmp_path),
-                             "-t", "0:127.0.0.1:9"], capture_output=True, text=True, timeout=30,
-                            env=child_env(), stdin=subprocess.DEVNULL, check=False)
+    result = _interrupted(tmp_path, during)
     assert (result.returncode, result.stderr) == (130, "")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_engine
+def test_a_ctrl_c_that_python_drops_during_the_start_still_stops_it(tmp_path: Path) -> None:
+    """Without this the daemon started and forwarded on, the user's Ctrl-C lost."""
+    result = _interrupted(tmp_path, "finalizer")
+    assert result.returncode == 130, result.stderr
+    assert "fastfwd started" not in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
