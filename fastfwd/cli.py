@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from . import __version__
 from .config import (
+    MAX_WORKERS,
     Config,
     ConfigError,
     ControlSettings,
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see docs/config.md)")
     run.add_argument("-t", "--tcp", metavar="SPEC", action="append", default=[], help="forward TCP (repeatable)")
     run.add_argument("-u", "--udp", metavar="SPEC", action="append", default=[], help="forward UDP (repeatable)")
-    run.add_argument("--workers", type=int, metavar="N", help="worker threads (default: [engine] workers, else one per CPU)")
+    run.add_argument("--workers", type=int, metavar="N", help=f"worker threads, 1-{MAX_WORKERS} (default: [engine] workers, else one per CPU)")
     run.add_argument("--splice", metavar="MODE",
                      help="how the -t rules move bytes: 'auto' copies short exchanges and moves a direction "
                           f"to splice(2) once it has carried {RuleOptions.splice_threshold // 1024} KiB, "
@@ -175,7 +176,13 @@ def _daemon_socket_args(which: str) -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C anywhere before the daemon handles SIGINT itself
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["hook"]:
         # dnsmasq's arguments go to the hook untouched (argparse would claim its options).
         from .hook import main as hook_main
@@ -197,8 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)  # one line per problem, each naming the file and key path
         return 2
-    except KeyboardInterrupt:
-        return 130
 
 
 def cli_rules(tcp: Sequence[str], udp: Sequence[str], options: RuleOptions | None = None) -> list[Rule]:
@@ -220,8 +225,8 @@ def _run(args: argparse.Namespace) -> int:
     rules = cli_rules(args.tcp, args.udp, options)
     if not rules and not args.config:
         raise UsageError("nothing to forward: give -c FILE and/or -t/-u SPEC (see fastfwd run --help)")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers: expected an integer >= 1, got {args.workers}")
+    if args.workers is not None:
+        _checked("--workers", lambda: parse_engine_settings({"workers": args.workers}))
     # Until the daemon handles SIGHUP (a reload), its default action would kill the process,
     # and a service manager may send one as soon as it started us: from here on, through the
     # slow imports and the config load, one is recorded, and the daemon reloads once it is up.
@@ -229,6 +234,15 @@ def _run(args: argparse.Namespace) -> int:
     # runs, and Event.set() would then wait for the lock it holds itself.
     early_hup: list[bool] = []
     before = signal.signal(signal.SIGHUP, lambda *_: early_hup.append(True) if not early_hup else None)
+    # Ctrl-C raises KeyboardInterrupt wherever Python is; where that is a finalizer or one of
+    # the import system's callbacks, Python reports it and drops it, and the start went on as
+    # if nothing came. So it is recorded too, and the daemon looks once it handles SIGINT itself.
+    interrupted: list[bool] = []
+
+    def on_int(signum: int, frame: object) -> None:
+        interrupted.append(True)
+        raise KeyboardInterrupt
+    before_int = signal.signal(signal.SIGINT, on_int)
     try:
         from .daemon import DaemonError, Overrides, SettingsError, run_daemon
 
@@ -237,14 +251,16 @@ def _run(args: argparse.Namespace) -> int:
         overrides = Overrides(workers=args.workers, busy_poll_us=busy_poll_us, control_socket=args.control_socket,
                               lease_socket=args.lease_socket, state_dir=args.state_dir)
         try:
-            return run_daemon(config, args.config, rules, overrides, lambda: bool(early_hup))
+            return run_daemon(config, args.config, rules, overrides, lambda: bool(early_hup),
+                              lambda: bool(interrupted))
         except SettingsError as exc:
             raise UsageError(str(exc)) from None
         except DaemonError as exc:
             raise Failed(str(exc)) from None
     finally:
-        # Called in-process (tests, library users), the caller's handler is theirs again.
+        # Called in-process (tests, library users), the caller's handlers are theirs again.
         signal.signal(signal.SIGHUP, before)
+        signal.signal(signal.SIGINT, before_int)
 
 
 def _run_settings(args: argparse.Namespace) -> tuple[RuleOptions, int | None]:
@@ -362,6 +378,11 @@ def format_status(reply: dict[str, Any], now: float | None = None) -> str:
         workers, poll = engine["workers"], engine["busy_poll_us"]
         parts.append(f"engine: {workers} worker{'s' * (workers != 1)}, pipes of {_bytes(engine['pipe_size'])}, "
                      + (f"busy polling {poll} us" if poll else "no busy polling"))
+    if config := reply.get("config"):
+        last = config["last_reload"]
+        parts.append(f"config: {config['file']}, " + (
+            "not reloaded since the start" if last is None else f"last reload {_age(now - last['at'])} "
+            + ("applied" if last["applied"] else f"rejected (the rules from before run): {last['error']}")))
     return "\n\n".join(parts)
 
 

@@ -49,6 +49,11 @@ def state_dir() -> Path:
     return Path(base) / "fastfwd"
 
 
+#: Worker threads at most: more than any machine has CPUs, yet few enough that their epoll
+#: sets and eventfds fit the daemon's fd limit (far more failed at start with EMFILE).
+MAX_WORKERS = 1024
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """``[engine]``: how the data plane runs. Read at start only."""
@@ -389,6 +394,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _workers(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise SpecError(f"expected an integer from 1 to {MAX_WORKERS}, got {value!r}")
+    return value
+
+
 def _pipe_size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 4096 <= value <= 1 << 30:
         raise SpecError(f"expected a byte count from 4096 to {1 << 30}, got {value!r}")
@@ -432,7 +443,7 @@ def _hostport(value: Any) -> str:
 
 
 _SETTINGS: dict[type, dict[str, Callable[[Any], Any]]] = {
-    EngineSettings: {"workers": _positive_int, "pipe_size": _pipe_size, "busy_poll_us": _microseconds},
+    EngineSettings: {"workers": _workers, "pipe_size": _pipe_size, "busy_poll_us": _microseconds},
     ControlSettings: {"lease_socket": _path, "control_socket": _path, "state_dir": _path,
                       "allow_users": _principals("user"), "allow_groups": _principals("group"),
                       "drain_deadline": seconds, "metrics_listen": _hostport},

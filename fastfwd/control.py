@@ -3,7 +3,7 @@ and any other program.
 
 Requests (one JSON object per line), each answered by one reply line::
 
-    {"cmd": "status"}                       rules (state, target, counters), leases
+    {"cmd": "status"}                       rules (state, target, counters), leases, the last reload
     {"cmd": "status", "sessions": true}     ... and each UDP rule's client addresses
     {"cmd": "add", "spec": "0.0.0.0:2222:vm1:22", "proto": "tcp", "name": "ssh", "options": {...}}
     {"cmd": "remove", "spec": "0.0.0.0:2222:vm1:22", "proto": "tcp"}
@@ -44,6 +44,13 @@ class ControlTarget(Protocol):
     @property
     def engine(self) -> Mapping[str, int]:
         """The engine's settings (:attr:`Forwarder.settings`)."""
+        ...
+
+    @property
+    def reload_status(self) -> Mapping[str, Any] | None:
+        """The config file (``file``) and how its last reload ended (``last_reload``: None
+        before any, else ``at``, ``applied`` and ``error``); None without a config file, and
+        the status reply then has no ``config``."""
         ...
 
     async def add_rule(self, rule: Rule) -> ActiveRule:
@@ -99,9 +106,12 @@ class ControlServer(JsonLineServer):
         raise RequestError(f"unknown cmd {cmd[:40]!r}: expected status, add, remove or metrics")
 
     def _status(self, sessions: bool) -> dict[str, Any]:
-        return {"rules": [self._describe(a, sessions) for a in self._target.rules],
-                "leases": [lease.to_json() for lease in self._target.leases],
-                "engine": dict(self._target.engine)}
+        status = {"rules": [self._describe(a, sessions) for a in self._target.rules],
+                  "leases": [lease.to_json() for lease in self._target.leases],
+                  "engine": dict(self._target.engine)}
+        if (config := self._target.reload_status) is not None:
+            status["config"] = dict(config)
+        return status
 
     def _describe(self, active: ActiveRule, sessions: bool) -> dict[str, Any]:
         rule = active.rule

@@ -16,6 +16,7 @@ import logging.handlers
 import os
 import signal
 import stat
+import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,12 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from .config import Config, ConfigError, ControlSettings, EngineSettings, load_config
+from .config import Config, ConfigError, ControlSettings, EngineSettings, content_digest, load_config
 from .control import ControlServer
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_names
-from .notify import notify, reloading
+from .notify import notify, reloading, watchdog_interval
 from .rules import Rule, split_hostports
 from .unixserver import Access, JsonLineServer
 from .watcher import watch_config
@@ -40,6 +41,7 @@ _T = TypeVar("_T")
 #: save, not one each. A clean stop saves at once; a crash loses at most this window, which
 #: the DHCP server's next snapshot or events restore.
 LEASE_SAVE_DELAY = 1.0
+_EMPTY = content_digest(b"")
 
 
 class DaemonError(Exception):
@@ -92,6 +94,8 @@ class Daemon:
         #: READY=1 was sent: from then on reloads are announced too. One asked for during the
         #: start runs before the servers are up, and its READY=1 would come too early.
         self._up = False
+        #: How the last reload ended, for status: None until one ran.
+        self.last_reload: dict[str, Any] | None = None
 
     # -- what should be forwarded -------------------------------------------------------------
     def wanted_rules(self, config: Config | None = None) -> list[Rule]:
@@ -156,11 +160,14 @@ class Daemon:
                             "(names are not looked up in DNS); its rules refuse connections until then", name)
             return fw
 
-    async def run(self, early_hup: Callable[[], bool] | None = None) -> int:
+    async def run(self, early_hup: Callable[[], bool] | None = None,
+                  interrupted: Callable[[], bool] | None = None) -> int:
         """Serve until stopped by a signal. Returns the exit status.
 
         ``early_hup`` tells whether a SIGHUP came before this handles the signals itself (see
-        cli); the daemon reloads once it is up, as that SIGHUP asked."""
+        cli); the daemon reloads once it is up, as that SIGHUP asked. ``interrupted`` tells
+        whether a SIGINT came before (its KeyboardInterrupt may have been lost): the start is
+        abandoned with KeyboardInterrupt."""
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         signals = {signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term, signal.SIGINT: self._on_int}
@@ -168,6 +175,8 @@ class Daemon:
         for sig, handler in signals.items():
             loop.add_signal_handler(sig, handler)
         try:
+            if interrupted is not None and interrupted():
+                raise KeyboardInterrupt
             with _logs_held_until_started():
                 fw = await self.start()
                 try:
@@ -186,6 +195,8 @@ class Daemon:
                      f", watching {self.path}" if self.path else "")
             self._up = True
             self._ready()
+            if (interval := watchdog_interval()) is not None:
+                tasks.append(_background(_feed_watchdog(interval), "the systemd watchdog"))
             how = await self._stop
             notify("STOPPING=1")
             for task in tasks:
@@ -280,6 +291,7 @@ class Daemon:
                 # for a writer that may never come.
                 log.error("%s: %s is not a regular file, rules unchanged (a pipe is read once, at start)",
                           why, self.path)
+                self._reloaded("not a regular file (a pipe is read once, at start)")
                 return None
             try:
                 config = load_config(self.path)
@@ -287,9 +299,18 @@ class Daemon:
                 for error in exc.errors:
                     log.error("%s: %s: %s", why, exc.source, error)
                 log.error("%s: %s rejected, rules unchanged", why, exc.source)
+                more = len(exc.errors) - 1
+                self._reloaded(exc.errors[0] + (f" (and {more} more, in the log)" if more else ""))
                 return None
             if expect is not None and config.digest != expect:
                 log.info("%s: %s changed again while being read: waiting for it to be finished", why, self.path)
+                return None
+            if config.digest == _EMPTY:
+                # What `: > FILE` leaves until the next command fills it: applied, it would
+                # close every listener in between. A file meant to forward nothing says so.
+                log.warning("%s: %s is empty: the running rules stay (to forward nothing, write a comment in it)",
+                            why, self.path)
+                self._reloaded("the file is empty (to forward nothing, write a comment in it)")
                 return None
             if (config.engine, self._control_settings(config), config.sources) != (
                     self.config.engine, self.control, self.config.sources):
@@ -303,15 +324,21 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 await self._resolve()  # the names of the file still running
                 fresh = [str(r) for r in self.wanted_rules(config) if self.fw.find(r) is None]
-                log.error("%s: %s rejected, rules unchanged: %s (new: %s)", why, self.path, _reason(exc),
-                          "; ".join(fresh) or "none")
+                error = f"{_reason(exc)} (new: {'; '.join(fresh) or 'none'})"
+                log.error("%s: %s rejected, rules unchanged: %s", why, self.path, error)
+                self._reloaded(error)
                 return None
             self.config = config
+            self._reloaded(None)
             await self._resolve()
             log.info("%s: %s applied: %d added, %d removed, %d re-pointed, %d reconfigured, %d unchanged",
                      why, self.path, len(diff.added), len(diff.removed), len(diff.retargeted),
                      len(diff.reconfigured), len(diff.unchanged))
             return diff
+
+    def _reloaded(self, error: str | None) -> None:
+        """Record for status how this reload ended: applied (no ``error``) or why not."""
+        self.last_reload = {"at": time.time(), "applied": error is None, "error": error}
 
     async def _watch(self) -> None:
         assert self.path is not None
@@ -361,6 +388,10 @@ class Daemon:
     @property
     def engine(self) -> dict[str, int]:
         return self.fw.settings if self.fw is not None else {}
+
+    @property
+    def reload_status(self) -> dict[str, Any] | None:
+        return None if self.path is None else {"file": str(self.path), "last_reload": self.last_reload}
 
     def sessions(self, rule: ActiveRule) -> list[tuple[str, int]]:
         assert self.fw is not None
@@ -430,6 +461,14 @@ class Daemon:
         return servers
 
 
+async def _feed_watchdog(interval: float) -> None:
+    # Sent from the event loop, so a loop that is blocked stops the pings and the service
+    # manager restarts the daemon.
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
 def _regular_or_missing(path: Path) -> bool:
     try:
         return stat.S_ISREG(path.stat().st_mode)
@@ -489,7 +528,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def run_daemon(config: Config, config_path: str | Path | None, cli_rules: Iterable[Rule],
-               overrides: Overrides = Overrides(), early_hup: Callable[[], bool] | None = None) -> int:
+               overrides: Overrides = Overrides(), early_hup: Callable[[], bool] | None = None,
+               interrupted: Callable[[], bool] | None = None) -> int:
     """Run the daemon on uvloop until a signal stops it; returns the exit status. See
-    ``Daemon.run`` for ``early_hup``."""
-    return uvloop.run(Daemon(config, config_path, cli_rules, overrides).run(early_hup))
+    ``Daemon.run`` for ``early_hup`` and ``interrupted``."""
+    return uvloop.run(Daemon(config, config_path, cli_rules, overrides).run(early_hup, interrupted))

@@ -3,7 +3,8 @@
 When systemd starts the daemon as ``Type=notify`` it passes ``NOTIFY_SOCKET``; the daemon
 says ``READY=1`` once its rules forward, ``RELOADING=1`` and ``READY=1`` around a reload and
 ``STOPPING=1`` when it begins to stop, so units ordered after it start only once its ports
-work. Without ``NOTIFY_SOCKET`` every call does nothing.
+work. With ``WatchdogSec=`` in the unit (``WATCHDOG_USEC``), it sends ``WATCHDOG=1`` at half
+that interval while it runs. Without ``NOTIFY_SOCKET`` every call does nothing.
 """
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ def notify(*fields: str) -> bool:
         log.warning("cannot notify the service manager at %s: %s", path, exc)
         return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between two ``WATCHDOG=1``: half the ``WATCHDOG_USEC`` the manager passed, so
+    one late ping is not yet a missed one. None when no watchdog is asked of this process
+    (``WATCHDOG_PID``, when set, names the process that must feed it)."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID")
+    if not usec.isdigit() or int(usec) == 0 or (pid is not None and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
 
 
 def reloading() -> bool:

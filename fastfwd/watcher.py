@@ -55,22 +55,30 @@ async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 5
     while True:
         dirs = _watched_dirs(path)
         stop = asyncio.Event()
-        async for _ in awatch(*dirs, watch_filter=None, recursive=False, step=step_ms, stop_event=stop,
-                              rust_timeout=recheck_ms, yield_on_timeout=True):
-            if fingerprint(path) != last:
-                now = await _finished(path, settle_ms)
-                if now != last:
-                    last = now
-                    if now is not None:
-                        yield now
-                        # The consumer may read the file again (the daemon does) and find a new
-                        # write begun, applying nothing: what that write ends with is then handed
-                        # over too, even if it is this content again.
-                        if fingerprint(path) != last:
-                            last = None
-            if _watched_dirs(path) != dirs:
-                stop.set()  # the symlink now points into another directory: watch that one instead
-                break
+        try:
+            async for _ in awatch(*dirs, watch_filter=None, recursive=False, step=step_ms, stop_event=stop,
+                                  rust_timeout=recheck_ms, yield_on_timeout=True):
+                if fingerprint(path) != last:
+                    now = await _finished(path, settle_ms)
+                    if now != last:
+                        last = now
+                        if now is None:  # nothing to load: say why the rules do not change
+                            what = "is not a readable file" if path.exists() else "is gone"
+                            log.warning("%s %s: the running rules stay until it is back", path, what)
+                        else:
+                            yield now
+                            # The consumer may read the file again (the daemon does) and find a
+                            # new write begun, applying nothing: what that write ends with is
+                            # then handed over too, even if it is this content again.
+                            if fingerprint(path) != last:
+                                last = None
+                if _watched_dirs(path) != dirs:
+                    stop.set()  # the symlink now points into another directory: watch that one instead
+                    break
+        except FileNotFoundError:
+            # A directory was deleted between being chosen and being watched (a symlinked
+            # directory swapped, the old one removed at once): choose the directories again.
+            await asyncio.sleep(step_ms / 1000)
 
 
 async def _finished(path: Path, settle_ms: int) -> str | None:

@@ -1,4 +1,5 @@
-"""Shared pytest setup: root-only tests skip cleanly elsewhere; a started forwarder fixture."""
+"""Shared pytest setup: root-only tests skip cleanly elsewhere; a started forwarder fixture; a
+loopback echo server."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from helpers_control import EchoServer
     from netutil import SyncForwarder
     from test_host_bridge import Bridge
 
@@ -33,6 +35,16 @@ def fwd() -> Iterator[SyncForwarder]:
         yield fw
     wait_for(lambda: open_fds(os.getpid()) <= before, timeout=5,
              what=f"the closed forwarder to leave no fds open (there were {before} before it)")
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    """A loopback TCP echo server (tests/helpers_control.py), closed afterwards."""
+    from helpers_control import EchoServer
+
+    server = EchoServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

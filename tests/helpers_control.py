@@ -66,7 +66,7 @@ BAD_CONFIGS: list[tuple[str, str]] = [
      "hosts.vm1.ip: '10.0.0.300' is not an IPv4 or IPv6 address"),
     ('[sources]\ndhcp = false\n[[forward]]\nlisten = 8000\nto = "vm9:22"\n',
      "forward[0].to: 'vm9' is not in [hosts] and DHCP names are off ([sources] dhcp = false)"),
-    ('[engine]\nworkers = 0\n', "engine.workers: expected an integer >= 1, got 0"),
+    ('[engine]\nworkers = 0\n', "engine.workers: expected an integer from 1 to 1024, got 0"),
     ('[engine]\npipesize = 65536\n', "engine.pipesize: unknown key (did you mean 'pipe_size'?)"),
     ('[engine]\nbusy_poll_us = -5\n', "engine.busy_poll_us: expected microseconds from 0 to 1000000, got -5"),
     ('[control]\ndrain_deadline = "soon"\n',

@@ -36,7 +36,7 @@ def test_check_lists_every_error_of_one_file_and_exits_nonzero(tmp_path: Path) -
     assert result.stderr.splitlines() == [
         f"{path}: forward[0].conect_timeout: unknown key (did you mean 'connect_timeout'?)",
         f"{path}: forward[0].listen: range 8000-7999 is reversed",
-        f"{path}: engine.workers: expected an integer >= 1, got 0",
+        f"{path}: engine.workers: expected an integer from 1 to 1024, got 0",
     ]
 
 

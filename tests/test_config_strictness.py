@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,13 +53,6 @@ def test_one_port_on_the_ipv4_and_the_ipv6_wildcard_is_not_an_overlap() -> None:
         parse_config('[[forward]]\nlisten = "[::]:8000"\nto = "127.0.0.1:80"\n'
                      '[[forward]]\nlisten = "[::1]:8000"\nto = "127.0.0.1:80"\n')
     assert info.value.errors == ["forward[1].listen: tcp port 8000 overlaps forward[0] (tcp [::]:8000 -> 127.0.0.1:80)"]
-
-
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
 
 
 @needs_engine

@@ -49,6 +49,10 @@ class Target:
     def engine(self) -> dict[str, int]:
         return self.fw.settings
 
+    @property
+    def reload_status(self) -> None:
+        return None
+
     async def add_rule(self, rule: Rule) -> ActiveRule:
         active = await self.fw.add(rule)
         self.added.add(active.rule.key)

@@ -33,13 +33,6 @@ pytestmark = [needs_engine, pytest.mark.timeout(60)]
 MAC = "52:54:00:00:00:01"
 
 
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
-
-
 def status(proc: DaemonProcess) -> dict:
     result = fastfwd("status", "--json", "--socket", str(proc.control_socket))
     assert result.returncode == 0, result.stderr
@@ -237,7 +230,7 @@ def test_rules_added_at_run_time_survive_reload_and_can_be_removed(tmp_path: Pat
 
 
 def test_port_0_rules_keep_their_port_across_reloads(tmp_path: Path, echo: EchoServer) -> None:
-    (tmp_path / "f.toml").write_text("")
+    (tmp_path / "f.toml").write_text("# rules from the command line and the control socket only\n")
     with daemon(tmp_path, "-c", "f.toml", "-t", f"0:127.0.0.1:{echo.port}") as proc:
         added = call(proc.control_socket, {"cmd": "add", "spec": f"0:127.0.0.1:{echo.port}"})["rule"]["port"]
         ports = sorted(r["port"] for r in status(proc)["rules"])

@@ -167,3 +167,20 @@ def test_the_unit_file_is_valid(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "fastfwd.service")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+@needs_engine
+@pytest.mark.timeout(60)
+def test_a_watchdog_the_manager_asks_for_is_fed_once_ready(manager: Manager, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """WatchdogSec= in the unit passes WATCHDOG_USEC: without a WATCHDOG=1 within it, systemd
+    kills the daemon as hung. It is fed at half the interval, from READY=1 on."""
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    with daemon(tmp_path, "-t", f"{free_port()}:127.0.0.1:9") as d:
+        assert manager.next()["READY"] == "1"
+        assert [manager.next() for _ in range(3)] == [{"WATCHDOG": "1"}] * 3
+        d.signal(signal.SIGTERM)
+        messages = [manager.next()]
+        while "STOPPING" not in messages[-1]:
+            messages.append(manager.next())
+        assert d.wait() == 0

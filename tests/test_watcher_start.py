@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ from fastfwd.watcher import fingerprint
 from helpers_control import EchoServer, echo_roundtrip, free_port, needs_engine, short_dir
 
 pytestmark = [needs_engine, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
 
 
 def _forward(port: int, echo: EchoServer) -> str:
