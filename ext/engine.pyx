@@ -442,7 +442,7 @@ cdef class Engine:
         return out
 
     def close(self):
-        """Stop the workers, close every connection and listener. Idempotent."""
+        """Stop the workers, close every listener and reset every live connection. Idempotent."""
         cdef int i
         cdef rule_t* r
         if self._w == NULL:

@@ -302,7 +302,8 @@ cdef void worker_teardown(worker_t* w) noexcept nogil:
     cdef rule_worker_t* rw
     while w.nrules:
         rw = &w.rules[0].per_worker[w.id]
-        tcp_close_all(w, rw, False)
+        # Reset, not FIN: a transfer cut by the stop must not look complete to either peer.
+        tcp_close_all(w, rw, True)
         udp_close_all(w, rw)
         untrack_rule(w, 0)
     tcp_run_ready(w)

@@ -29,7 +29,8 @@ class Engine:
     def resources(self) -> dict[str, int]:
         """What the workers hold now (connections, sessions, pipes and buffers lent and spare,
         tracked rules), summed over workers. For leak checks."""
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop the workers; close every listener and reset every live connection."""
 
 def bind_error(err: int, proto: str, host: str, port: int) -> str:
     """The one-line message for a listener that could not bind (``err`` an errno value)."""

@@ -388,12 +388,6 @@ def _target(value: Any) -> tuple[str, int, int]:
     return host, first, count
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"expected an integer >= 1, got {value!r}")
-    return value
-
-
 def _workers(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise SpecError(f"expected an integer from 1 to {MAX_WORKERS}, got {value!r}")

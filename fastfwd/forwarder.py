@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
-from .config import _microseconds, _pipe_size, _positive_int
+from .config import _microseconds, _pipe_size, _workers
 from .rules import Rule, RuleKey, SpecError, is_ip
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class Forwarder:
                  hosts: Mapping[str, str] | None = None) -> None:
         # Checked here, as the config file's [engine] is: the engine would take a negative
         # busy poll as an endless spin, and refuse other bad values only at start.
-        checks = (("workers", _positive_int, workers), ("pipe_size", _pipe_size, pipe_size),
+        checks = (("workers", _workers, workers), ("pipe_size", _pipe_size, pipe_size),
                   ("busy_poll_us", _microseconds, busy_poll_us))
         for setting, check, value in checks:
             if value is not None:
@@ -146,9 +146,10 @@ class Forwarder:
             raise
 
     async def close(self, drain: float = 0.0) -> None:
-        """Stop forwarding. With ``drain`` > 0, stop accepting first and let live connections
-        finish for up to that many seconds before closing what is left. Cancelling a drain
-        closes at once; either way the forwarder is closed when this returns or raises."""
+        """Stop forwarding; live connections are reset. With ``drain`` > 0, stop accepting first
+        and let live connections finish for up to that many seconds before resetting what is
+        left. Cancelling a drain resets them at once; either way the forwarder is closed when
+        this returns or raises."""
         engine = self._engine
         if engine is None:
             return

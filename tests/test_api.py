@@ -128,7 +128,29 @@ def test_close_in_the_middle_of_transfers_ends_them() -> None:
         finally:
             fw.close()
             gate.set()
-        assert {c.result() for c in clients} <= {"reset", "eof"}
+        assert {c.result() for c in clients} == {"reset"}
+
+
+def test_close_resets_a_connection_with_nothing_in_flight() -> None:
+    """A connection between two exchanges, every byte read on both sides: closing the
+    forwarder must not end it with a FIN, which would look like an orderly end to both peers."""
+    with socket.create_server((LOOP4, 0)) as lsock:
+        fw = SyncForwarder()
+        try:
+            rule = fw.forward(lsock.getsockname()[1])
+            client = connect(rule.port)
+            server, _ = lsock.accept()
+            client.sendall(b"ping")
+            assert server.recv(4) == b"ping"
+            server.sendall(b"pong")
+            assert client.recv(4) == b"pong"
+        finally:
+            fw.close()
+        with client, server:
+            for peer in (client, server):
+                peer.settimeout(TIMEOUT)
+                with pytest.raises(ConnectionResetError):
+                    peer.recv(1)
 
 
 def test_drain_lets_live_connections_finish() -> None:

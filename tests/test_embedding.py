@@ -187,7 +187,8 @@ def test_an_ipv6_source_another_host_has_is_refused() -> None:
 
 
 @pytest.mark.parametrize("setting, value, says", [
-    ("workers", -1, "expected an integer >= 1"), ("workers", True, "expected an integer >= 1"),
+    ("workers", -1, "expected an integer from 1 to 1024"), ("workers", 1025, "from 1 to 1024"),
+    ("workers", True, "expected an integer from 1 to 1024"),
     ("pipe_size", 100, "expected a byte count from 4096"), ("pipe_size", 1 << 40, "expected a byte count from 4096"),
     # A negative busy poll made every worker spin for good, burning a core each.
     ("busy_poll_us", -1, "expected microseconds from 0"),
