@@ -342,7 +342,10 @@ def test_a_reader_that_stops_stops_the_forwarder_reading(fwd: SyncForwarder, spl
     once its own pipe or buffer is full, not buffer without limit. What it counts as sent can
     only be what the client's socket and the forwarder's send queue hold. The idle timeout
     then ends it, giving back the pipe or buffer still holding bytes."""
-    flood = payload(32 * MB, seed=3)
+    # More than the target's send queue and the forwarder's receive queue can ever hold (the
+    # latter autotunes up to tcp_rmem's maximum, 32 MiB on some hosts), so the sender blocks
+    # until the reset.
+    flood = payload(sysctl_max("tcp_rmem") + sysctl_max("tcp_wmem") + 8 * MB, seed=3)
     with listening() as lsock:
         rule = fwd.forward(lsock.getsockname()[1], splice=splice, idle_timeout=1.0)
         client, server = slow_client_legs(lsock, rule.port)
