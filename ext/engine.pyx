@@ -26,7 +26,7 @@ include "worker.pyx"
 _COUNTERS = ("accepted", "closed", "refused", "connect_failed", "bytes_up", "bytes_down",
              "bytes_spliced", "bytes_copied", "splice_fallbacks", "pipe_shortages", "accept_paused",
              "datagrams_up", "datagrams_down", "sessions_created", "sessions_closed",
-             "sessions_evicted", "sessions_expired", "drops", "truncated")
+             "sessions_evicted", "sessions_expired", "drops", "truncated", "bytes_discarded")
 assert len(_COUNTERS) == sizeof(counters_t) // sizeof(uint64_t)
 
 

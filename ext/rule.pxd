@@ -51,6 +51,7 @@ ctypedef struct counters_t:
     uint64_t sessions_expired
     uint64_t drops
     uint64_t truncated
+    uint64_t bytes_discarded
 
 ctypedef struct rule_worker_t:
     counters_t c

@@ -78,6 +78,7 @@ cdef extern from "<sys/ioctl.h>" nogil:
 cdef extern from "<linux/sockios.h>" nogil:
     enum:
         SIOCOUTQ            # bytes in a TCP socket's send queue not yet acknowledged
+        SIOCINQ             # bytes in a TCP socket's receive queue not yet read
 
 
 cdef extern from "<sys/eventfd.h>" nogil:

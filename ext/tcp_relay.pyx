@@ -254,6 +254,17 @@ cdef int unacked(int fd) noexcept nogil:
     return n if ioctl(fd, SIOCOUTQ, &n) == 0 else 0
 
 
+cdef void discard_leg(conn_t* c, int d, rule_worker_t* rw) noexcept nogil:
+    """Reset leg ``d``, counting the bytes that loses which a peer counts as delivered: read
+    from neither queue by the forwarder, or written towards the peer and not acknowledged."""
+    cdef int unread = 0
+    if ioctl(c.fd[d], SIOCINQ, &unread) == 0:
+        rw.c.bytes_discarded += <uint64_t>unread
+    rw.c.bytes_discarded += <uint64_t>unacked(c.fd[d])
+    reset_close(c.fd[d])
+    c.fd[d] = -1
+
+
 cdef void conn_reset(worker_t* w, conn_t* c, int dead) noexcept nogil:
     """Pass on the reset of leg ``dead``'s peer (or the failure of that direction). A RST
     discards the other leg's send queue: bytes the forwarder took, so the resetting peer counts
@@ -263,8 +274,7 @@ cdef void conn_reset(worker_t* w, conn_t* c, int dead) noexcept nogil:
     if unacked(c.fd[1 - dead]) == 0:
         conn_close(w, c, True)
         return
-    reset_close(c.fd[dead])
-    c.fd[dead] = -1
+    discard_leg(c, dead, rw)
     c.state = CONN_FLUSHING
     c.last_active = w.now
     dlist_move_to_end(&rw.flushing, &c.node)
@@ -281,11 +291,13 @@ cdef void conn_close(worker_t* w, conn_t* c, bint reset) noexcept nogil:
         if c.fd[d] < 0:
             pass            # the reset leg of a flushing connection
         elif reset:
-            reset_close(c.fd[d])
+            discard_leg(c, d, rw)
         else:
             close(c.fd[d])
-        c.fd[d] = -1
+            c.fd[d] = -1
         h = &c.half[d]
+        # Taken from one peer and never written to the other: lost as well.
+        rw.c.bytes_discarded += h.pipe_bytes + (h.len - h.off if h.buf != NULL else 0)
         if h.pipe != NULL:
             if h.pipe_bytes:
                 pipe_drop(&w.pool, h.pipe)

@@ -56,6 +56,7 @@ class Counters:
     sessions_expired: int = 0
     drops: int = 0
     truncated: int = 0
+    bytes_discarded: int = 0
 
 
 @dataclass(eq=False)

@@ -47,6 +47,8 @@ _HELP = {
     "drops": "UDP datagrams lost: not sent on (no session: pending target, no fds; a full socket "
              "buffer), or dropped by the kernel at fastfwd's own sockets with their receive buffer full",
     "truncated": "UDP datagrams dropped for being longer than a receive buffer",
+    "bytes_discarded": "TCP bytes a reset threw away that one peer counts as delivered: unread in "
+                       "fastfwd's receive queue, pipe or buffer, or unacknowledged in its send queue",
 }
 #: Counters that go up and down; every other engine counter only grows.
 _GAUGES = {"active", "sessions_active"}

@@ -1,0 +1,60 @@
+"""Bytes a reset throws away are counted: ``bytes_discarded`` is exactly what one peer's kernel
+acknowledged that the other peer never got."""
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+
+import pytest
+
+from netutil import SyncForwarder, payload, wait_for
+from test_wire_edges import drain_until_reset, listening, slow_client_legs
+
+
+def unacked(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue its peer has not acknowledged (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def fill(sock: socket.socket, data: bytes) -> int:
+    """Send without blocking until the socket takes no more; how many bytes it took."""
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += sock.send(data[sent:sent + (1 << 20)])
+        except BlockingIOError:
+            break
+    return sent
+
+
+@pytest.mark.parametrize("splice", ["never", "always"])
+def test_what_an_idle_timeout_throws_away_is_counted_exactly(fwd: SyncForwarder, splice: str) -> None:
+    """The target sends until everything between it and a client that reads nothing is full;
+    the idle timeout then resets both legs. What the target's kernel saw acknowledged, less
+    what the client can still read, is what the forwarder lost: its own queues, pipe or
+    buffer, and the client leg's unacknowledged bytes."""
+    data = payload(96 << 20, seed=5)
+    with listening() as lsock:
+        rule = fwd.forward(lsock.getsockname()[1], splice=splice, idle_timeout=2.0)
+        client, server = slow_client_legs(lsock, rule.port)
+        with client, server:
+            server.setblocking(False)
+            sent, last = [0], [(-1, -1, -1)]
+
+            def stalled() -> bool:
+                # Still for a moment: nothing more taken, acknowledged or passed on.
+                sent[0] += fill(server, data[sent[0]:])
+                now = (sent[0], unacked(server), fwd.counters(rule).bytes_down)
+                still, last[0] = now == last[0], now
+                return still
+            wait_for(stalled, interval=0.2, what="the path to the client to fill up")
+            assert sent[0] < len(data), "the flood was taken whole: nothing would stall"
+            acknowledged = sent[0] - unacked(server)
+            wait_for(lambda: fwd.counters(rule).active == 0, what="the idle timeout to end the connection")
+            got = drain_until_reset(client)
+            assert got.nbytes > 0
+            discarded = fwd.counters(rule).bytes_discarded
+            assert discarded > 0
+            assert got.nbytes + discarded == acknowledged
