@@ -64,6 +64,9 @@ class Figure:
     compared: int = 1
     #: Programs it runs besides the bench's own (checked before a run starts).
     needs: tuple[str, ...] = ()
+    #: Rounds of a full run when --repeats does not say: more for a figure whose rounds
+    #: spread widely, so its median settles.
+    rounds: int = 3
 
     @property
     def headline(self) -> Column:
@@ -206,7 +209,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("conns", "TCP connections/s (connect, 64 B echo, close)", "tcp",
            (Column("conns_s", "conns/s", True), P50, P99,
             Column("cpu_us_per_conn", "fwd CPU µs/conn", False), CORES),
-           conn_rate, wide_ports, setting="64 in flight from 16 client addresses"),
+           conn_rate, wide_ports, setting="64 in flight from 16 client addresses", rounds=5),
     Figure("rtt_tcp", "TCP 64 B round trip", "tcp", (P50, P99, CORES), round_trip("tcp"), low_latency,
            setting="/dev/cpu_dma_latency held at 0", compared=2),
     Figure("rtt_udp", "UDP 64 B round trip", "udp", (P50, P99, CORES), round_trip("udp"), low_latency,

@@ -109,7 +109,8 @@ def run_control(repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short windows, one round (about two minutes)")
-    p.add_argument("--repeats", type=int, help="rounds per figure (default 3, 1 with --quick)")
+    p.add_argument("--repeats", type=int,
+                   help="rounds per figure (default 3, connections/s 5, as their rounds spread most; 1 with --quick)")
     p.add_argument("--only", metavar="SUBJECT,...", help=f"subjects ({', '.join(SUBJECTS_BY_NAME)})")
     p.add_argument("--figures", metavar="FIGURE,...",
                    help=f"figures ({', '.join([*FIGURES_BY_NAME, CONTROL])})")
@@ -121,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         raise SystemExit("run as root: the bench changes net.ipv4.ip_local_port_range and binds ports below 1024")
     settings = QUICK if args.quick else FULL
-    repeats = args.repeats or (1 if args.quick else 3)
     chosen = _names(args.only, SUBJECTS_BY_NAME, "subjects")
     subjects = [s for s in SUBJECTS if chosen is None or s.name in chosen]
     figure_names = _names(args.figures, {**FIGURES_BY_NAME, CONTROL: None}, "figures") or \
@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                         log("control plane: 8,000-port load and one-rule reload")
                         results["control"] = run_control(5 if args.quick else 10)
                     continue
-                results["figures"][name] = run_figure(FIGURES_BY_NAME[name], available, settings,
-                                                      repeats, scratch)
+                figure = FIGURES_BY_NAME[name]
+                repeats = args.repeats or (1 if args.quick else figure.rounds)
+                results["figures"][name] = run_figure(figure, available, settings, repeats, scratch)
                 path.write_text(json.dumps(results, indent=1) + "\n")
         finally:
             for proc in servers:
