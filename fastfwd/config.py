@@ -91,6 +91,9 @@ class SourceSettings:
     dhcp: bool = True
     #: The kernel neighbour table (addresses seen on the bridge); used by the VM-host tooling.
     neighbours: bool = False
+    #: dnsmasq's lease file, read at start and on SIGHUP as a snapshot of the DHCP (IPv4)
+    #: leases, so that events the daemon missed while it was down are not lost. None: not read.
+    dhcp_lease_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ class _Validator:
         top = self.table(doc, "", ("forward", "hosts", "defaults", "engine", "control", "sources"))
         hosts = self.hosts(top.get("hosts", {}))
         sources = self.settings(SourceSettings, top.get("sources", {}), "sources")
+        if sources.dhcp_lease_file is not None and not sources.dhcp:
+            self.error("sources.dhcp_lease_file", "needs dhcp = true (its leases are DHCP leases)")
         defaults = self.options(self.table(top.get("defaults", {}), "defaults", _OPTION_KEYS), "defaults",
                                 RuleOptions())
         forwards = top.get("forward", [])
@@ -441,9 +446,9 @@ _SETTINGS: dict[type, dict[str, Callable[[Any], Any]]] = {
     ControlSettings: {"lease_socket": _path, "control_socket": _path, "state_dir": _path,
                       "allow_users": _principals("user"), "allow_groups": _principals("group"),
                       "drain_deadline": seconds, "metrics_listen": _hostport},
-    SourceSettings: {"dhcp": _flag, "neighbours": _flag},
+    SourceSettings: {"dhcp": _flag, "neighbours": _flag, "dhcp_lease_file": _path},
 }
-_PATHS = ("lease_socket", "control_socket", "state_dir")
+_PATHS = ("lease_socket", "control_socket", "state_dir", "dhcp_lease_file")
 
 
 def _resolve_path(base: Path, value: str) -> str:

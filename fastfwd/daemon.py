@@ -27,7 +27,7 @@ import uvloop
 from .config import Config, ConfigError, ControlSettings, EngineSettings, content_digest, load_config
 from .control import ControlServer
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
-from .lease_server import LeaseServer
+from .lease_server import LeaseServer, apply_lease_file, reread_lease_file
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_names
 from .notify import notify, reloading, watchdog_interval
 from .rules import Rule, split_hostports
@@ -131,6 +131,8 @@ class Daemon:
                     self.leases = LeaseTable.restore(state, save_delay=LEASE_SAVE_DELAY)
                 except OSError as exc:
                     raise DaemonError(f"lease state {state}: {_reason(exc)}") from None
+                if self.sources.dhcp_lease_file:  # what dnsmasq granted or took back while this was down
+                    apply_lease_file(self.leases, self.sources.dhcp_lease_file)
             self._names = resolve_names(self.config.hosts, self.leases)
             engine = self._engine_settings()
             fw = Forwarder(workers=engine.workers, pipe_size=engine.pipe_size, busy_poll_us=engine.busy_poll_us,
@@ -237,9 +239,17 @@ class Daemon:
         log.info("fastfwd stopped")
 
     def _on_hup(self) -> None:
-        task = _background(self.reload("SIGHUP"), "a SIGHUP reload")
+        task = _background(self._hup(), "a SIGHUP reload")
         self._reloads.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._reloads.discard)
+
+    async def _hup(self) -> Diff | None:
+        # dnsmasq's lease file first: SIGHUP is how a running daemon catches up on lost events.
+        # One during the start is left out: the start reads the file itself.
+        if self.sources.dhcp_lease_file and self.fw is not None and not self._stopping:
+            await reread_lease_file(self.leases, self.sources.dhcp_lease_file, self.leases_changed,
+                                    self._lease_lock)
+        return await self.reload("SIGHUP")
 
     def _on_term(self) -> None:
         if self._stopping:

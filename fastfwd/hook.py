@@ -20,22 +20,17 @@ event (one line on stderr says why); 2 bad arguments; 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
 import sys
 import time
 from typing import Any
 
-from .leases import EVENTS, LeaseError, normalize_hostname, normalize_ip, normalize_mac
+from .leases import EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac, read_lease_file
 from .unixclient import DaemonError, Parser, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
 #: Seconds between tries to reach a daemon whose socket is missing or refuses (restarting).
 RETRY_INTERVAL = 0.2
-#: How dnsmasq writes the hardware address of a client that is not Ethernet (token ring:
-#: ``06-01:23:45:67:89:ab``) or sent none (``01-``): its type first.
-_OTHER_HARDWARE = re.compile(r"[0-9a-f]{2}-(?:[0-9a-f]{2}(?::[0-9a-f]{2})*)?", re.IGNORECASE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +98,7 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
             raise LeaseError("snapshot takes one argument: the dnsmasq lease file")
         # The file's DHCPv6 part has no MACs: the snapshot speaks for IPv4 only, so it leaves
         # the IPv6 leases that events brought alone.
-        return {"snapshot": _read_lease_file(args[0]), "family": 4}
+        return {"snapshot": read_lease_file(args[0], _note)[0], "family": 4}
     if action not in EVENTS:
         return None
     if len(args) not in (2, 3):
@@ -116,44 +111,12 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
             return None
     message: dict[str, Any] = {"event": action, "mac": normalize_mac(mac), "ip": normalize_ip(args[1])}
     if len(args) == 3:
-        message["hostname"] = _hostname(args[2])
+        message["hostname"] = client_hostname(args[2], _note)
     return message
 
 
-def _read_lease_file(path: str) -> list[dict[str, Any]]:
-    """IPv4 leases of a dnsmasq lease file: ``EXPIRY MAC IP HOSTNAME|* CLIENTID`` per line;
-    the DHCPv6 part (after the ``duid`` line) is keyed by DUID, not MAC, and is left out."""
-    #: Per MAC, the lease that expires last, and when: a MAC holds two when its client id
-    #: changed (a reinstalled guest), and the newer grant is the address it uses.
-    newest: dict[str, tuple[float, dict[str, Any]]] = {}
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise LeaseError(f"cannot read {path}: {exc.strerror}") from None
-    with f:
-        for number, line in enumerate(f, 1):
-            fields = line.split()
-            if fields[:1] == ["duid"]:
-                break
-            if len(fields) < 4 or not fields[0].isdigit():
-                raise LeaseError(f"{path}:{number}: not a dnsmasq lease line")
-            if _OTHER_HARDWARE.fullmatch(fields[1]):
-                _skipped(f"{path}:{number}: {fields[2]}")
-                continue
-            try:
-                mac = normalize_mac(fields[1])
-                lease = {"mac": mac, "ip": normalize_ip(fields[2]),
-                         "hostname": _hostname(fields[3]) if fields[3] != "*" else None}
-            except LeaseError as exc:
-                raise LeaseError(f"{path}:{number}: {exc}") from None
-            expires = int(fields[0]) or math.inf  # 0: a lease that never expires
-            if mac not in newest or expires >= newest[mac][0]:
-                newest[mac] = (expires, lease)
-    return [lease for _, lease in newest.values()]
-
-
 def _skipped(what: str) -> None:
-    print(f"fastfwd-dhcp-hook: {what}: no MAC known for this lease; skipped", file=sys.stderr)
+    _note(f"{what}: no MAC known for this lease; skipped")
 
 
 def _is_mac(text: str) -> bool:
@@ -164,14 +127,8 @@ def _is_mac(text: str) -> bool:
     return True
 
 
-def _hostname(text: str) -> str | None:
-    """A client-chosen name that is not a valid host name is dropped, not fatal: the lease
-    (and the rules that follow its MAC) still matter."""
-    try:
-        return normalize_hostname(text)
-    except LeaseError:
-        print(f"fastfwd-dhcp-hook: ignoring invalid host name {text[:80]!r}", file=sys.stderr)
-        return None
+def _note(text: str) -> None:
+    print(f"fastfwd-dhcp-hook: {text}", file=sys.stderr)
 
 
 def _default_socket() -> str:

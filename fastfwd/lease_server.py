@@ -14,16 +14,20 @@ sources (the neighbour table) found stays; with ``family`` (optional, 4 or 6) it
 DHCP leases of that IP version only.
 
 Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 100,000 leases with host names).
+
+``apply_lease_file`` and ``reread_lease_file`` take the same snapshot from dnsmasq's lease
+file (``[sources] dhcp_lease_file``): events lost while the daemon was down are made good.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .leases import Lease, LeaseChange, LeaseError, LeaseTable
+from .leases import Lease, LeaseChange, LeaseError, LeaseTable, read_lease_file
 from .unixserver import Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")
@@ -56,13 +60,53 @@ class LeaseServer(JsonLineServer):
             except LeaseError as exc:
                 raise RequestError(str(exc)) from None
             _log_changes(changes)
-            if changes:
-                try:
-                    await self._on_change(changes)
-                except Exception as exc:
-                    log.exception("leases recorded but re-pointing rules failed")
-                    raise RequestError(f"lease recorded, but re-pointing rules failed: {exc}") from None
+            await _follow(changes, self._on_change)
         return {"changed": len(changes)}
+
+
+async def _follow(changes: list[LeaseChange], on_change: OnChange) -> None:
+    """Wait until the rules follow ``changes``; a failure is logged and a RequestError."""
+    if changes:
+        try:
+            await on_change(changes)
+        except Exception as exc:
+            log.exception("leases recorded but re-pointing rules failed")
+            raise RequestError(f"lease recorded, but re-pointing rules failed: {exc}") from None
+
+
+def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
+    """Apply dnsmasq's lease file to ``table`` as the hook's ``snapshot`` sends it: its IPv4
+    leases replace the DHCP IPv4 leases. Never raises: a file that cannot be read changes
+    nothing (one log line). A malformed line is skipped with a log line, and then the file's
+    leases are only added or updated: the skipped line may have held a lease the table has
+    (a file read while dnsmasq rewrote it), and a lease dropped for it would not come back."""
+    def note(text: str) -> None:
+        log.warning("DHCP lease file %s", text)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the whole event loop
+            raise LeaseError(f"cannot read {path}: not a regular file")
+        entries, malformed = read_lease_file(path, note, strict=False)
+        leases = [Lease.from_message(entry) for entry in entries]
+        changes = ([change for lease in leases for change in table.apply_event("old", lease)] if malformed
+                   else table.apply_snapshot(leases, family=4))
+    except (OSError, LeaseError) as exc:
+        why = f"cannot read {path}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+        log.warning("DHCP lease file not applied: %s; going on with the %d lease(s) known", why, len(table))
+        return []
+    log.info("DHCP lease file %s: %d lease(s), %d changed%s", path, len(leases), len(changes),
+             f" ({malformed} line(s) skipped, so no lease removed)" if malformed else "")
+    _log_changes(changes)
+    return changes
+
+
+async def reread_lease_file(table: LeaseTable, path: str, on_change: OnChange, lock: asyncio.Lock) -> None:
+    """``apply_lease_file`` on a running daemon; returns once the rules follow. ``lock`` is the
+    lease socket's, so that no event lands between the file's reading and its applying."""
+    async with lock:
+        try:
+            await _follow(apply_lease_file(table, path), on_change)
+        except RequestError:
+            pass  # logged; the leases stay, as on the socket
 
 
 #: A snapshot that changes more leases than this is logged as a count, not lease by lease.

@@ -22,6 +22,9 @@ file that fails its checksum or does not parse is rejected whole (moved aside to
 ``leases.json.corrupt``) and the table starts empty: a damaged file cannot say which of its
 entries are still true. Entries of an intact file that fail validation are skipped one by
 one, with a log line each.
+
+``read_lease_file`` reads dnsmasq's lease file, for the hook's snapshot and the daemon's
+``[sources] dhcp_lease_file``.
 """
 from __future__ import annotations
 
@@ -30,11 +33,12 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,6 +69,9 @@ SAVE_RETRY_MAX = 30.0
 
 _MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+#: How dnsmasq writes the hardware address of a client that is not Ethernet (token ring:
+#: ``06-01:23:45:67:89:ab``) or sent none (``01-``): its type first.
+_OTHER_HARDWARE = re.compile(r"[0-9a-f]{2}-(?:[0-9a-f]{2}(?::[0-9a-f]{2})*)?", re.IGNORECASE)
 
 
 class LeaseError(ValueError):
@@ -101,6 +108,55 @@ def normalize_hostname(value: object) -> str | None:
     if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
         raise LeaseError(f"hostname: {value[:80]!r} is not a valid host name")
     return name
+
+
+def client_hostname(value: str, note: Callable[[str], None]) -> str | None:
+    """A host name a DHCP client chose: an invalid one is dropped with a ``note``, not fatal,
+    since the lease (and the rules that follow its MAC) still matter."""
+    try:
+        return normalize_hostname(value)
+    except LeaseError:
+        note(f"ignoring invalid host name {value[:80]!r}")
+        return None
+
+
+def read_lease_file(path: str, note: Callable[[str], None], *, strict: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """The IPv4 leases of a dnsmasq lease file (``EXPIRY MAC IP HOSTNAME|* CLIENTID`` per
+    line) as lease-socket snapshot entries, and how many lines were skipped as malformed.
+    The DHCPv6 part (after the ``duid`` line) is keyed by DUID, not MAC, and is left out;
+    a client that is not Ethernet is skipped with a ``note``. A malformed line is a
+    LeaseError if ``strict``, else skipped with a ``note``. An unreadable file is a LeaseError."""
+    #: Per MAC, the lease that expires last, and when: a MAC holds two when its client id
+    #: changed (a reinstalled guest), and the newer grant is the address it uses.
+    newest: dict[str, tuple[float, dict[str, Any]]] = {}
+    malformed = 0
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if fields[:1] == ["duid"]:
+                    break
+                try:
+                    if len(fields) < 4 or not fields[0].isdigit():
+                        raise LeaseError("not a dnsmasq lease line")
+                    if _OTHER_HARDWARE.fullmatch(fields[1]):
+                        note(f"{path}:{number}: {fields[2]}: no MAC known for this lease; skipped")
+                        continue
+                    mac = normalize_mac(fields[1])
+                    lease = {"mac": mac, "ip": normalize_ip(fields[2]),
+                             "hostname": client_hostname(fields[3], note) if fields[3] != "*" else None}
+                except LeaseError as exc:
+                    if strict:
+                        raise LeaseError(f"{path}:{number}: {exc}") from None
+                    note(f"{path}:{number}: {exc}; skipped")
+                    malformed += 1
+                    continue
+                expires = int(fields[0]) or math.inf  # 0: a lease that never expires
+                if mac not in newest or expires >= newest[mac][0]:
+                    newest[mac] = (expires, lease)
+    except OSError as exc:
+        raise LeaseError(f"cannot read {path}: {exc.strerror}") from None
+    return [lease for _, lease in newest.values()], malformed
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def test_error_message_carries_the_source() -> None:
 
 
 def test_unknown_key_far_from_any_lists_the_valid_ones() -> None:
-    assert errors_of('[sources]\nzzz = 1\n') == ["sources.zzz: unknown key (valid keys: dhcp, neighbours)"]
+    assert errors_of('[sources]\nzzz = 1\n') == ["sources.zzz: unknown key (valid keys: dhcp, neighbours, dhcp_lease_file)"]
 
 
 def test_wrong_shapes_are_errors_not_crashes() -> None:

@@ -1,0 +1,126 @@
+"""``[sources] dhcp_lease_file``: the daemon reads dnsmasq's lease file at start (after its
+saved leases) and on SIGHUP, and reconciles it as the hook's ``snapshot`` would, so leases
+granted while it was down are not lost. Real daemons, real bytes through real sockets."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastfwd.config import ConfigError, parse_config
+from fastfwd.leases import STATE_FILE, Lease, LeaseTable
+
+from helpers_control import EchoServer, daemon, echo_roundtrip, fastfwd, free_port, needs_engine
+
+pytestmark = [needs_engine, pytest.mark.timeout(60)]
+
+A, B, C = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
+
+
+@pytest.fixture
+def echo2() -> Iterator[EchoServer]:
+    """An echo server on 127.0.0.2: a lease's address that is not the test's own."""
+    server = EchoServer(host="127.0.0.2")
+    yield server
+    server.close()
+
+
+def write_config(tmp: Path, rules: dict[str, str], lease_file: str = "dnsmasq.leases") -> dict[str, int]:
+    """A config reading ``lease_file`` (relative: beside the config) with one TCP rule per
+    ``name: target``; returns each rule's listening port."""
+    ports = {name: free_port() for name in rules}
+    text = f'[sources]\ndhcp_lease_file = "{lease_file}"\n'
+    for name, target in rules.items():
+        text += f'[[forward]]\nname = "{name}"\nlisten = {ports[name]}\nto = "{target}"\n'
+    (tmp / "f.toml").write_text(text)
+    return ports
+
+
+def save_state(tmp: Path, *leases: Lease) -> None:
+    """The leases a previous run of the daemon saved."""
+    LeaseTable(leases, state_file=tmp / "state" / STATE_FILE).save()
+
+
+def leases_of(tmp: Path) -> list[tuple[str, str, str | None]]:
+    result = fastfwd("status", "--json", "--socket", str(tmp / "control.sock"))
+    assert result.returncode == 0, result.stderr
+    return sorted((x["mac"], x["ip"], x["hostname"]) for x in json.loads(result.stdout)["leases"])
+
+
+def test_a_lease_granted_while_the_daemon_was_down_forwards_from_the_start(tmp_path: Path, echo2: EchoServer) -> None:
+    (tmp_path / "dnsmasq.leases").write_text(f"1900000000 {A} 127.0.0.2 vm1 01:{A}\n")
+    ports = write_config(tmp_path, {"ssh": f"vm1:{echo2.port}"})
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert echo_roundtrip(ports["ssh"])
+        assert leases_of(tmp_path) == [(A, "127.0.0.2", "vm1")]
+        assert "DHCP lease file dnsmasq.leases: 1 lease(s), 1 changed" in proc.log()
+
+
+def test_a_saved_lease_the_file_no_longer_has_is_dropped(tmp_path: Path, echo2: EchoServer) -> None:
+    """As a snapshot: the file's IPv4 leases replace the saved ones; the saved IPv6 lease (the
+    file's DHCPv6 part names no MACs) stays."""
+    save_state(tmp_path, Lease(A, "127.0.0.3", "old1"), Lease(A, "fd00::3"), Lease(B, "127.0.0.4", "vm2"))
+    (tmp_path / "dnsmasq.leases").write_text(f"1900000000 {B} 127.0.0.2 vm2 *\n"
+                                             "duid 00:01:00:01:2c:5e:7a:10:52:54:00:00:00:0a\n")
+    ports = write_config(tmp_path, {"gone": f"old1:{echo2.port}", "moved": f"vm2:{echo2.port}"})
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert echo_roundtrip(ports["moved"])  # to its new address, where the echo server is
+        assert not echo_roundtrip(ports["gone"])  # pending: refused
+        assert leases_of(tmp_path) == [(A, "fd00::3", None), (B, "127.0.0.2", "vm2")]
+        assert f"lease {A}: 127.0.0.3 gone" in proc.log()
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda p: None, "No such file or directory"),
+    (lambda p: p.mkdir(), "not a regular file"),
+    (lambda p: os.mkfifo(p), "not a regular file"),  # opened, it would wait for a writer forever
+])
+def test_a_lease_file_that_cannot_be_read_leaves_the_saved_leases(tmp_path: Path, echo2: EchoServer, make,
+                                                                   why: str) -> None:
+    save_state(tmp_path, Lease(A, "127.0.0.2", "vm1"))
+    make(tmp_path / "dnsmasq.leases")
+    ports = write_config(tmp_path, {"ssh": f"vm1:{echo2.port}"})
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert echo_roundtrip(ports["ssh"])
+        lines = [line for line in proc.log().splitlines() if "dnsmasq.leases" in line]
+        assert len(lines) == 1 and why in lines[0] and "going on with the 1 lease(s) known" in lines[0], lines
+
+
+def test_a_malformed_line_is_skipped_and_then_no_lease_is_removed(tmp_path: Path, echo2: EchoServer) -> None:
+    """The skipped line may have held a lease the daemon knows (a file read while dnsmasq
+    rewrote it, say): the file's good leases are added, none is taken away."""
+    save_state(tmp_path, Lease(C, "127.0.0.3", "vm3"))
+    (tmp_path / "dnsmasq.leases").write_text(f"1900000000 {A} 127.0.0.2 vm1 *\n"
+                                             f"1900000000 {C} 127.0\n")
+    ports = write_config(tmp_path, {"ssh": f"vm1:{echo2.port}"})
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert echo_roundtrip(ports["ssh"])
+        assert leases_of(tmp_path) == [(A, "127.0.0.2", "vm1"), (C, "127.0.0.3", "vm3")]
+        assert "dnsmasq.leases:2: not a dnsmasq lease line; skipped" in proc.log()
+        assert "no lease removed" in proc.log()
+
+
+def test_sighup_reads_the_lease_file_again(tmp_path: Path, echo2: EchoServer) -> None:
+    leases = tmp_path / "dnsmasq.leases"
+    leases.write_text(f"1900000000 {A} 127.0.0.2 vm1 *\n")
+    ports = write_config(tmp_path, {"one": f"vm1:{echo2.port}", "two": f"vm2:{echo2.port}"})
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert echo_roundtrip(ports["one"]) and not echo_roundtrip(ports["two"])
+        leases.write_text(f"1900000000 {B} 127.0.0.2 vm2 *\n")  # vm1 released, vm2 granted: events lost
+        proc.signal(signal.SIGHUP)
+        proc.wait_log("SIGHUP: ")  # the config reload, which comes after the lease file
+        assert echo_roundtrip(ports["two"]) and not echo_roundtrip(ports["one"])
+        assert proc.log().count("DHCP lease file") == 2
+
+
+def test_the_setting_is_a_path_beside_the_config_and_needs_dhcp(tmp_path: Path) -> None:
+    config = parse_config('[sources]\ndhcp_lease_file = "dnsmasq.leases"\n', base=tmp_path)
+    assert config.sources.dhcp_lease_file == str(tmp_path / "dnsmasq.leases")
+    assert parse_config("").sources.dhcp_lease_file is None
+    with pytest.raises(ConfigError) as info:
+        parse_config('[sources]\ndhcp = false\ndhcp_lease_file = "/var/lib/misc/dnsmasq.leases"\n')
+    assert info.value.errors == ["sources.dhcp_lease_file: needs dhcp = true (its leases are DHCP leases)"]
