@@ -79,12 +79,18 @@ def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
     leases replace the DHCP IPv4 leases. Never raises: a file that cannot be read changes
     nothing (one log line). A malformed line is skipped with a log line, and then the file's
     leases are only added or updated: the skipped line may have held a lease the table has
-    (a file read while dnsmasq rewrote it), and a lease dropped for it would not come back."""
+    (a file read while dnsmasq rewrote it), and a lease dropped for it would not come back.
+    An empty file changes nothing, for the same reason: dnsmasq rewrites the file in place,
+    emptying it first."""
     def note(text: str) -> None:
         log.warning("DHCP lease file %s", text)
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the whole event loop
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the whole event loop
             raise LeaseError(f"cannot read {path}: not a regular file")
+        if st.st_size == 0:
+            log.info("DHCP lease file %s is empty (being rewritten?): no lease removed", path)
+            return []
         entries, malformed = read_lease_file(path, note, strict=False)
         leases = [Lease.from_message(entry) for entry in entries]
         changes = ([change for lease in leases for change in table.apply_event("old", lease)] if malformed

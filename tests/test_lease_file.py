@@ -104,6 +104,18 @@ def test_a_malformed_line_is_skipped_and_then_no_lease_is_removed(tmp_path: Path
         assert "no lease removed" in proc.log()
 
 
+def test_an_empty_lease_file_removes_no_lease(tmp_path: Path, echo2: EchoServer) -> None:
+    """What a read finds while dnsmasq rewrites its file in place (emptied first): applied as
+    a snapshot, it would drop every lease until dnsmasq's next change."""
+    save_state(tmp_path, Lease(A, "127.0.0.2", "vm1"))
+    (tmp_path / "dnsmasq.leases").write_text("")
+    ports = write_config(tmp_path, {"ssh": f"vm1:{echo2.port}"})
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert echo_roundtrip(ports["ssh"])
+        assert leases_of(tmp_path) == [(A, "127.0.0.2", "vm1")]
+        assert "dnsmasq.leases is empty (being rewritten?): no lease removed" in proc.log()
+
+
 def test_sighup_reads_the_lease_file_again(tmp_path: Path, echo2: EchoServer) -> None:
     leases = tmp_path / "dnsmasq.leases"
     leases.write_text(f"1900000000 {A} 127.0.0.2 vm1 *\n")
