@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from .leases import EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac, read_lease_file
-from .unixclient import DaemonError, Parser, call, timeout_arg
+from .unixclient import DaemonError, DaemonUnreachable, Parser, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
 #: Seconds between tries to reach a daemon whose socket is missing or refuses (restarting).
@@ -83,10 +83,9 @@ def _send(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
     while True:
         try:
             return call(path, message, timeout=max(deadline - time.monotonic(), 1e-3))
-        except DaemonError as exc:
-            # Only a failed connect, which sent nothing: a retry cannot apply the event twice.
-            if (not isinstance(exc.__context__, (FileNotFoundError, ConnectionRefusedError))
-                    or time.monotonic() + RETRY_INTERVAL >= deadline):
+        except DaemonUnreachable:
+            # Nothing was sent: a retry cannot apply the event twice.
+            if time.monotonic() + RETRY_INTERVAL >= deadline:
                 raise
         time.sleep(RETRY_INTERVAL)
 

@@ -22,6 +22,10 @@ class DaemonError(Exception):
     """The daemon could not be reached in time, or its reply was unusable. One line."""
 
 
+class DaemonUnreachable(DaemonError):
+    """Nothing listens on the socket (it is missing, or refuses): nothing was sent."""
+
+
 class Parser(argparse.ArgumentParser):
     """The commands' argument parser: a usage error is one line naming the problem and where
     help is (not the usage text followed by the error), exit status 2."""
@@ -62,7 +66,8 @@ def call(path: str | os.PathLike[str], message: dict[str, Any], timeout: float =
         except BlockingIOError:
             raise DaemonError(f"fastfwd at {path} did not accept the connection within {timeout:g}s") from None
         except OSError as exc:
-            raise DaemonError(f"cannot reach fastfwd at {path}: {_why_unreachable(path, exc)}") from None
+            kind = DaemonUnreachable if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)) else DaemonError
+            raise kind(f"cannot reach fastfwd at {path}: {_why_unreachable(path, exc)}") from None
         sock.settimeout(max(deadline - time.monotonic(), 1e-3))
         try:
             try:
