@@ -359,16 +359,16 @@ def _call(path: str, message: dict, timeout: float) -> dict:
 def format_status(reply: dict[str, Any], now: float | None = None) -> str:
     """A ``status`` reply as the tables ``fastfwd status`` prints."""
     now = time.time() if now is None else now
-    rows: list[tuple[str, ...]] = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE",
-                                    "CONNS", "ACCEPTED", "UP", "DOWN", "SESSIONS")]
+    rows: list[tuple[str, ...]] = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE", "CONNS", "ACCEPTED",
+                                    "UP", "DOWN", "DGRAMS-UP", "DGRAMS-DOWN", "SESSIONS")]
     for r in reply.get("rules", []):
         c = r["counters"]
-        # TCP counts connections and bytes; UDP counts sessions and datagrams.
-        traffic = ((str(c["active"]), str(c["accepted"]), _bytes(c["bytes_up"]), _bytes(c["bytes_down"]), "-")
-                   if r["proto"] == "tcp" else
-                   ("-", "-", str(c["datagrams_up"]), str(c["datagrams_down"]), str(c["sessions_active"])))
+        # UP and DOWN are bytes for both protocols; connections are TCP's, datagrams and sessions UDP's.
+        tcp = r["proto"] == "tcp"
+        conns = (str(c["active"]), str(c["accepted"])) if tcp else ("-", "-")
+        udp = ("-", "-", "-") if tcp else (str(c["datagrams_up"]), str(c["datagrams_down"]), str(c["sessions_active"]))
         rows.append((r["name"] or "-", r["proto"], r["listen"], r["target"], r["target_ip"] or "-", r["state"],
-                     *traffic))
+                     *conns, _bytes(c["bytes_up"]), _bytes(c["bytes_down"]), *udp))
     lease_rows: list[tuple[str, ...]] = [("MAC", "IP", "HOSTNAME", "SEEN")]
     for lease in reply.get("leases", []):
         lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))

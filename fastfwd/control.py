@@ -62,8 +62,8 @@ class ControlTarget(Protocol):
         if it may not be removed this way."""
         ...
 
-    def metrics(self) -> str:
-        """Prometheus text exposition."""
+    async def metrics(self) -> str:
+        """Prometheus text exposition (formatted off the event loop: it can take a while)."""
         ...
 
 
@@ -86,7 +86,7 @@ class ControlServer(JsonLineServer):
             return self._status(sessions=sessions)
         if cmd == "metrics":
             _only(doc, ("cmd",))
-            return {"text": self._target.metrics()}
+            return {"text": await self._target.metrics()}
         if cmd == "add":
             rule = _rule(doc, ("cmd", "spec", "proto", "name", "options"))
             try:
@@ -129,6 +129,12 @@ def endpoints(active: ActiveRule) -> tuple[str, str]:
     """A running rule's listen and target as status and the metrics labels show them, with the
     real port where the rule asked for any free one."""
     return active.bound.listen_text, active.bound.target_text
+
+
+def rule_label(active: ActiveRule) -> str:
+    """How logs and the metrics' ``rule`` label name a rule: its name, else what it forwards."""
+    listen, target = endpoints(active)
+    return active.rule.name or f"{active.rule.proto} {listen} -> {target}"
 
 
 def _only(doc: dict[str, Any], keys: tuple[str, ...]) -> None:

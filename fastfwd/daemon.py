@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvloop
 
 from .config import Config, ConfigError, ControlSettings, EngineSettings, content_digest, load_config
-from .control import ControlServer
+from .control import ControlServer, rule_label
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer, apply_lease_file, reread_lease_file
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_names
@@ -33,6 +33,9 @@ from .notify import notify, reloading, watchdog_interval
 from .rules import Rule, split_hostports
 from .unixserver import Access, JsonLineServer
 from .watcher import watch_config
+
+if TYPE_CHECKING:
+    from .metrics import ReloadReading
 
 log = logging.getLogger("fastfwd")
 _T = TypeVar("_T")
@@ -42,6 +45,11 @@ _T = TypeVar("_T")
 #: the DHCP server's next snapshot or events restore.
 LEASE_SAVE_DELAY = 1.0
 _EMPTY = content_digest(b"")
+#: Seconds between the log's failure summaries: at most one line per rule each.
+FAILURE_LOG_INTERVAL = 60.0
+#: The counters the failure summary reports: each counts a client turned away or traffic
+#: lost. Pipe shortages and splice fallbacks are left to the metrics: their bytes still move.
+FAILURE_COUNTERS = ("connect_failed", "refused", "accept_paused", "drops", "truncated")
 
 
 class DaemonError(Exception):
@@ -96,6 +104,10 @@ class Daemon:
         self._up = False
         #: How the last reload ended, for status: None until one ran.
         self.last_reload: dict[str, Any] | None = None
+        #: Reloads since the start by how they ended, and when the config was read at start,
+        #: for the metrics.
+        self.reload_results = {"applied": 0, "rejected": 0}
+        self._loaded_at = time.time()
 
     # -- what should be forwarded -------------------------------------------------------------
     def wanted_rules(self, config: Config | None = None) -> list[Rule]:
@@ -191,6 +203,7 @@ class Daemon:
             tasks = [_background(self._watch(), "the config file watcher")] if self.path else []
             if self.config.sources.neighbours:
                 tasks.append(_background(self._watch_neighbours(), "the neighbour-table source"))
+            tasks.append(_background(self._log_failures(), "the failure summary"))
             busy_poll_us = self._engine_settings().busy_poll_us
             log.info("fastfwd started: %d rule(s), %d worker(s)%s%s", len(fw.rules), fw.workers,
                      f", busy polling {busy_poll_us} us" if busy_poll_us else "",
@@ -349,6 +362,7 @@ class Daemon:
     def _reloaded(self, error: str | None) -> None:
         """Record for status how this reload ended: applied (no ``error``) or why not."""
         self.last_reload = {"at": time.time(), "applied": error is None, "error": error}
+        self.reload_results["applied" if error is None else "rejected"] += 1
 
     async def _watch(self) -> None:
         assert self.path is not None
@@ -429,11 +443,43 @@ class Daemon:
             await self.fw.remove(active)
             del self.runtime_rules[key]
 
-    def metrics(self) -> str:
-        from .metrics import render
+    async def metrics(self) -> str:
+        from .metrics import scrape
 
         assert self.fw is not None
-        return render(self.fw).decode()
+        return (await scrape(self.fw, self._reload_reading())).decode()
+
+    def _reload_reading(self) -> ReloadReading | None:
+        """The reload outcome for the metrics; None without a config file (nothing to reload).
+        Before any reload, the file read at start counts as the last load, applied."""
+        from .metrics import ReloadReading
+
+        if self.path is None:
+            return None
+        last = self.last_reload
+        return ReloadReading(successful=last is None or last["applied"],
+                             at=self._loaded_at if last is None else last["at"], **self.reload_results)
+
+    async def _log_failures(self) -> None:
+        """Every FAILURE_LOG_INTERVAL, one warning for each rule whose failure counters rose,
+        with how much: the counters alone would let 10,000 refused connects pass unseen."""
+        assert self.fw is not None
+        seen: dict[ActiveRule, tuple[int, ...]] = {}
+        zero = (0,) * len(FAILURE_COUNTERS)
+        while True:
+            interval = FAILURE_LOG_INTERVAL
+            await asyncio.sleep(interval)
+            now = {}
+            for active in self.fw.rules:
+                if not active.installed:
+                    continue
+                counters = self.fw.counters(active)
+                now[active] = values = tuple(getattr(counters, name) for name in FAILURE_COUNTERS)
+                rose = [f"{name} +{v - was}" for name, v, was in zip(FAILURE_COUNTERS, values, seen.get(active, zero),
+                                                                    strict=True) if v > was]
+                if rose:
+                    log.warning("failures on rule %r in the last %gs: %s", rule_label(active), interval, ", ".join(rose))
+            seen = now  # a rule removed is forgotten; one added back starts again at 0
 
     # -- servers ------------------------------------------------------------------------------
     async def _serve(self) -> list[JsonLineServer | asyncio.AbstractServer]:
@@ -462,7 +508,7 @@ class Daemon:
 
             host, port = split_hostports(c.metrics_listen)
             try:
-                servers.append(await serve_http(self.fw, host, int(port)))
+                servers.append(await serve_http(self.fw, host, int(port), self._reload_reading))
             except OSError as exc:
                 await _close_all(servers)
                 # asyncio's message repeats the address as a tuple: the errno alone says it.

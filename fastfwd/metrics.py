@@ -11,14 +11,14 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .control import endpoints
+from .control import endpoints, rule_label
 from .forwarder import COUNTER_NAMES, Counters, Forwarder
 
 log = logging.getLogger("fastfwd")
@@ -81,11 +81,21 @@ def snapshot(fw: Forwarder) -> list[RuleReading]:
     for active in fw.rules:
         if not active.installed:
             continue
-        rule = active.rule
         listen, target = endpoints(active)
-        labels = [rule.name or f"{rule.proto} {listen} -> {target}", rule.proto, listen, target]
+        labels = [rule_label(active), active.rule.proto, listen, target]
         readings.append(RuleReading(labels, fw.counters(active), active.pending))
     return readings
+
+
+@dataclass(frozen=True)
+class ReloadReading:
+    """How the config file's last load ended (the one at start, until a reload), and how many
+    reloads since the start were applied and rejected."""
+
+    successful: bool
+    at: float
+    applied: int
+    rejected: int
 
 
 class RuleCollector:
@@ -109,12 +119,36 @@ class RuleCollector:
         yield pending
 
 
-def exposition(readings: list[RuleReading]) -> bytes:
-    """The exposition text for the rules read, and this process's own metrics: open fds
-    against their limit above all, as fds are what a forwarder runs out of first. Slow for
-    many rules (about half a second for 2,000), so the HTTP endpoint runs it in a thread."""
+class ReloadCollector:
+    """A prometheus-client collector over the config file's reload outcome."""
+
+    def __init__(self, reading: ReloadReading) -> None:
+        self.reading = reading
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.reading
+        yield GaugeMetricFamily("fastfwd_config_last_reload_successful",
+                                "1 if the config file's last load (at start, or the last reload) was applied, "
+                                "0 if it was rejected and the rules from before run", value=1 if r.successful else 0)
+        yield GaugeMetricFamily("fastfwd_config_last_reload_timestamp_seconds",
+                                "Unix time of the config file's last load (at start, or the last reload)",
+                                value=r.at)
+        reloads = CounterMetricFamily("fastfwd_config_reloads", "Reloads of the config file since the start, "
+                                      "by result: applied, or rejected with the rules unchanged", labels=["result"])
+        reloads.add_metric(["applied"], r.applied)
+        reloads.add_metric(["rejected"], r.rejected)
+        yield reloads
+
+
+def exposition(readings: list[RuleReading], reload: ReloadReading | None = None) -> bytes:
+    """The exposition text for the rules read, the reload outcome (if the daemon has a config
+    file), and this process's own metrics: open fds against their limit above all, as fds are
+    what a forwarder runs out of first. Slow for many rules (about half a second for 2,000):
+    ``scrape`` runs it in a thread."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuleCollector(readings))
+    if reload is not None:
+        registry.register(ReloadCollector(reload))
     ProcessCollector(registry=registry)
     return generate_latest(registry)
 
@@ -124,9 +158,16 @@ def render(fw: Forwarder) -> bytes:
     return exposition(snapshot(fw))
 
 
-async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
-    """A minimal HTTP/1.0 endpoint answering every GET with the metrics (read on the event
-    loop, formatted in a thread), any other method with 405 and a header over 64 KiB
+async def scrape(fw: Forwarder, reload: ReloadReading | None = None) -> bytes:
+    """The exposition text, read on the event loop and formatted in a thread, so that a large
+    rule table does not hold up the loop (lease replies, reloads, the control socket)."""
+    return await asyncio.to_thread(exposition, snapshot(fw), reload)
+
+
+async def serve_http(fw: Forwarder, host: str, port: int,
+                     reload: Callable[[], ReloadReading | None] = lambda: None) -> asyncio.Server:
+    """A minimal HTTP/1.0 endpoint answering every GET with the metrics (``scrape``, with
+    what ``reload`` reads), any other method with 405 and a header over 64 KiB
     with 431. At most ``MAX_CONNECTIONS`` are open at once; a
     connection past that closes the oldest one still waiting for its request, so idle clients
     cannot keep a scraper out (and only if every one is being answered, it is closed itself)."""
@@ -155,7 +196,7 @@ async def serve_http(fw: Forwarder, host: str, port: int) -> asyncio.Server:
                 del waiting[writer]
                 answering.add(writer)
                 if request is not None and request.startswith(b"GET "):
-                    body = await asyncio.to_thread(exposition, snapshot(fw))
+                    body = await scrape(fw, reload())
                     writer.write(f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
                                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 else:

@@ -65,7 +65,7 @@ class Target:
             raise ValueError(f"{rule} comes from the config file")
         await self.fw.remove(rule)
 
-    def metrics(self) -> str:
+    async def metrics(self) -> str:
         return f"fastfwd_rules {len(self.fw.rules)}\n"
 
 
@@ -150,10 +150,11 @@ def test_status_shows_rules_with_live_counters_pending_rules_and_leases(sockdir:
     text = format_status(status, now=1000.0 + 7200)
     lines = text.splitlines()
     assert lines[0].split() == ["NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE", "CONNS", "ACCEPTED",
-                                "UP", "DOWN", "SESSIONS"]
+                                "UP", "DOWN", "DGRAMS-UP", "DGRAMS-DOWN", "SESSIONS"]
     assert lines[1].split() == ["web", "tcp", web["listen"], web["target"], "127.0.0.1", "active", "0", "1",
-                                "1000", "B", "1000", "B", "-"]
-    assert lines[2].split() == ["-", "udp", dns["listen"], "vm9:53", "-", "pending", "-", "-", "0", "0", "0"]
+                                "1000", "B", "1000", "B", "-", "-", "-"]
+    assert lines[2].split() == ["-", "udp", dns["listen"], "vm9:53", "-", "pending", "-", "-", "0", "B", "0", "B",
+                                "0", "0", "0"]
     assert lines[4].split() == ["MAC", "IP", "HOSTNAME", "SEEN"]
     assert lines[5].split() == [A, "10.0.0.1", "vm1", "2h", "ago"]
     assert status["engine"] == {"workers": 1, "pipe_size": 1 << 20, "busy_poll_us": 0}

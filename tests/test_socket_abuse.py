@@ -380,7 +380,7 @@ def http(port: int, request: bytes) -> bytes:
 def test_metrics_answers_bad_requests_with_http_errors_and_keep_alive_with_a_close(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics, "snapshot", lambda fw: [])
-    monkeypatch.setattr(metrics, "exposition", lambda readings: b"# the metrics\n")
+    monkeypatch.setattr(metrics, "exposition", lambda readings, reload: b"# the metrics\n")
     requests = [
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 300_000 + b"\r\n\r\n",
         b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
