@@ -258,9 +258,14 @@ cdef void discard_leg(conn_t* c, int d, rule_worker_t* rw) noexcept nogil:
     """Reset leg ``d``, counting the bytes that loses which a peer counts as delivered: read
     from neither queue by the forwarder, or written towards the peer and not acknowledged."""
     cdef int unread = 0
+    cdef int queued
     if ioctl(c.fd[d], SIOCINQ, &unread) == 0:
         rw.c.bytes_discarded += <uint64_t>unread
-    rw.c.bytes_discarded += <uint64_t>unacked(c.fd[d])
+    if d == 0 or c.state != CONN_CONNECTING:    # a target that never answered has only a SYN
+        queued = unacked(c.fd[d])
+        if queued > 0 and c.half[1 - d].done == DONE_FIN:
+            queued -= 1                         # a FIN not yet acknowledged counts one too
+        rw.c.bytes_discarded += <uint64_t>queued
     reset_close(c.fd[d])
     c.fd[d] = -1
 

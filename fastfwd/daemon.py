@@ -49,7 +49,7 @@ _EMPTY = content_digest(b"")
 FAILURE_LOG_INTERVAL = 60.0
 #: The counters the failure summary reports: each counts a client turned away or traffic
 #: lost. Pipe shortages and splice fallbacks are left to the metrics: their bytes still move.
-FAILURE_COUNTERS = ("connect_failed", "refused", "accept_paused", "drops", "truncated")
+FAILURE_COUNTERS = ("connect_failed", "refused", "accept_paused", "drops", "truncated", "bytes_discarded")
 
 
 class DaemonError(Exception):

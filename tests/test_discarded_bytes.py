@@ -9,7 +9,7 @@ import termios
 
 import pytest
 
-from netutil import SyncForwarder, payload, wait_for
+from netutil import SyncForwarder, payload, refusing_port, turned_away, wait_for
 from test_wire_edges import drain_until_reset, listening, slow_client_legs
 
 
@@ -58,3 +58,22 @@ def test_what_an_idle_timeout_throws_away_is_counted_exactly(fwd: SyncForwarder,
             discarded = fwd.counters(rule).bytes_discarded
             assert discarded > 0
             assert got.nbytes + discarded == acknowledged
+
+
+def test_nothing_is_counted_where_nothing_was_lost(fwd: SyncForwarder) -> None:
+    """A target that refuses (its leg held only a SYN), and a half-closed connection whose FIN
+    was acknowledged before the half-closed timeout reset it: no byte lost, none counted."""
+    with refusing_port() as dead:
+        refused = fwd.forward(dead.getsockname()[1])
+        assert all(turned_away(refused.port) for _ in range(10))
+        wait_for(lambda: fwd.counters(refused).connect_failed == 10, what="ten failed connects")
+    with listening() as lsock:
+        rule = fwd.forward(lsock.getsockname()[1], half_closed_timeout=1.0)
+        client, server = slow_client_legs(lsock, rule.port)
+        with client, server:
+            client.sendall(b"last words")
+            client.shutdown(socket.SHUT_WR)
+            assert server.recv(64) == b"last words" and server.recv(64) == b""
+            wait_for(lambda: fwd.counters(rule).active == 0, what="the half-closed timeout")
+            drain_until_reset(client)
+    assert fwd.counters(refused).bytes_discarded == fwd.counters(rule).bytes_discarded == 0
