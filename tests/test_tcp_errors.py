@@ -212,6 +212,13 @@ def echo_all(socks: list[socket.socket], size: int, seed: int) -> None:
     assert all(task.result(60) for task in tasks), "an echo came back different"
 
 
+def echoes_counted(child: ChildForwarder) -> dict[str, int]:
+    """The counters once every byte echoed is counted on its way back too: a worker counts a
+    write once it returned, which may be after the client read what it wrote."""
+    return wait_for(lambda: (c := child.counters()[0])["bytes_down"] == c["bytes_up"] and c,
+                    what="the echoes to be counted")
+
+
 def test_pipe_shortage_copies_for_a_while_then_splices_again() -> None:
     # Out of fds, a direction that needs a pipe copies instead and loses nothing; once fds
     # are back it splices again, rather than copying for the rest of the connection.
@@ -249,7 +256,7 @@ def test_pipe_shortage_copies_for_a_while_then_splices_again() -> None:
             wait_for(lambda: child.counters()[0]["pipe_shortages"] >= 1, what="a direction to find no pipe")
             let_read.set()
             echoing.result(60)
-            (exhausted,) = child.counters()
+            exhausted = echoes_counted(child)
             assert exhausted["splice_fallbacks"] == 0, exhausted
 
             for sock in fillers:
@@ -257,7 +264,7 @@ def test_pipe_shortage_copies_for_a_while_then_splices_again() -> None:
             fillers.clear()
             wait_for(lambda: child.counters()[0]["active"] == len(busy), what="the fillers to close")
             echo_all(busy, 32 * MB, seed=20)
-            (after,) = child.counters()
+            after = echoes_counted(child)
             copied = after["bytes_copied"] - exhausted["bytes_copied"]
             # each direction copies at most its retry allowance (1 MiB) before splicing again
             assert copied <= 2 * len(busy) * MB, after
