@@ -241,6 +241,13 @@ def forwarder(workers: int = 2, **kwargs: Any) -> Iterator[SyncForwarder]:
 # TCP: sockets, streams
 # ------------------------------------------------------------------------------------------
 
+def sysctl_max(name: str) -> int:
+    """The maximum of a TCP buffer sysctl (``tcp_rmem``, ``tcp_wmem``): how far the kernel may
+    autotune a socket's queue, which differs from host to host."""
+    with open(f"/proc/sys/net/ipv4/{name}") as f:
+        return int(f.read().split()[2])
+
+
 def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 

@@ -4,13 +4,14 @@ neither stops the forwarder nor makes it spin."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
 
-from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, Handler, SyncForwarder, TcpServer,
+from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, Handler, Received, SyncForwarder, TcpServer,
                      blackhole, closed_how, connect, cpu_seconds, echo_handler, echo_once, end_of_stream,
-                     make_rule, payload, recv_exact, refusing_port, reset, send_stream, spawn, spec,
+                     make_rule, payload, recv_exact, refusing_port, reset, send_stream, spawn, spec, sysctl_max,
                      turned_away_how, wait_for)
 
 
@@ -211,12 +212,29 @@ def echo_all(socks: list[socket.socket], size: int, seed: int) -> None:
     assert all(task.result(60) for task in tasks), "an echo came back different"
 
 
+def echoes_counted(child: ChildForwarder) -> dict[str, int]:
+    """The counters once every byte echoed is counted on its way back too: a worker counts a
+    write once it returned, which may be after the client read what it wrote."""
+    return wait_for(lambda: (c := child.counters()[0])["bytes_down"] == c["bytes_up"] and c,
+                    what="the echoes to be counted")
+
+
 def test_pipe_shortage_copies_for_a_while_then_splices_again() -> None:
     # Out of fds, a direction that needs a pipe copies instead and loses nothing; once fds
     # are back it splices again, rather than copying for the rest of the connection.
-    with TcpServer(echo_handler) as server, \
+    let_read = threading.Event()
+
+    def held_echo(conn: socket.socket) -> Received:
+        if not let_read.wait(TIMEOUT):
+            raise AssertionError("the server was never let read")
+        return echo_handler(conn)
+
+    with TcpServer(echo_once_then(held_echo)) as server, \
             ChildForwarder.start([(spec(server.port), "tcp", {"splice": "always"})], nofile=NOFILE,
                                  workers=1) as child:
+        # A small fixed receive queue (the accepted sockets inherit it), so that what a held
+        # server leaves unread is bounded by this and the forwarder's send queue.
+        server.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         port = child.ports[0]
         busy = [connect(port) for _ in range(4)]
         fillers: list[socket.socket] = []
@@ -230,9 +248,15 @@ def test_pipe_shortage_copies_for_a_while_then_splices_again() -> None:
                 fillers.append(sock)
             assert outcome in ("eof", "reset"), f"filler {len(fillers)} beyond the limit was {outcome}"
 
-            echo_all(busy, 4 * MB, seed=10)  # eight directions want a pipe at once: few get one
-            (exhausted,) = child.counters()
-            assert exhausted["pipe_shortages"] >= 1, exhausted
+            # While the server reads nothing, each upward direction fills a pipe and keeps it:
+            # four want one at once, more than the few pipes made so far, one connection at a
+            # time. (A server that keeps up hands each pipe back at once, and one pipe may serve
+            # all four in turn.) Each sends more than the queues past its pipe can hold.
+            echoing = spawn(echo_all, busy, sysctl_max("tcp_wmem") + 2 * MB, 10)
+            wait_for(lambda: child.counters()[0]["pipe_shortages"] >= 1, what="a direction to find no pipe")
+            let_read.set()
+            echoing.result(60)
+            exhausted = echoes_counted(child)
             assert exhausted["splice_fallbacks"] == 0, exhausted
 
             for sock in fillers:
@@ -240,11 +264,12 @@ def test_pipe_shortage_copies_for_a_while_then_splices_again() -> None:
             fillers.clear()
             wait_for(lambda: child.counters()[0]["active"] == len(busy), what="the fillers to close")
             echo_all(busy, 32 * MB, seed=20)
-            (after,) = child.counters()
+            after = echoes_counted(child)
             copied = after["bytes_copied"] - exhausted["bytes_copied"]
             # each direction copies at most its retry allowance (1 MiB) before splicing again
             assert copied <= 2 * len(busy) * MB, after
             assert after["bytes_spliced"] - exhausted["bytes_spliced"] >= 2 * len(busy) * 31 * MB, after
         finally:
+            let_read.set()
             for sock in busy + fillers:
                 sock.close()

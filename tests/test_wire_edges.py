@@ -19,8 +19,8 @@ import pytest
 
 import fastfwd
 from netutil import (LOOP4, SPLICE_MODES, ChildForwarder, Received, SyncForwarder, UdpEcho, connect,
-                     cpu_seconds, datagram, payload, recv_exact, reset, spawn, spec, udp_roundtrip, udp_socket,
-                     wait_for)
+                     cpu_seconds, datagram, payload, recv_exact, reset, spawn, spec, sysctl_max, udp_roundtrip,
+                     udp_socket, wait_for)
 from test_churn import held
 from test_udp_edge_paths import stopped
 
@@ -330,11 +330,6 @@ def test_a_target_leg_that_fails_mid_write_ends_the_connection_at_once(fwd: Sync
 
 
 # -- a slow reader against a flood -----------------------------------------------------------
-
-def sysctl_max(name: str) -> int:
-    with open(f"/proc/sys/net/ipv4/{name}") as f:
-        return int(f.read().split()[2])
-
 
 @pytest.mark.parametrize("splice", ["never", "always"])
 def test_a_reader_that_stops_stops_the_forwarder_reading(fwd: SyncForwarder, splice: str) -> None:
