@@ -255,8 +255,8 @@ cdef int unacked(int fd) noexcept nogil:
 
 
 cdef void discard_leg(conn_t* c, int d, rule_worker_t* rw) noexcept nogil:
-    """Reset leg ``d``, counting the bytes that loses which a peer counts as delivered: read
-    from neither queue by the forwarder, or written towards the peer and not acknowledged."""
+    """Reset leg ``d``, counting the bytes that loses which a peer counts as delivered: unread
+    in the leg's receive queue, or written towards its peer and not yet acknowledged."""
     cdef int unread = 0
     cdef int queued
     if ioctl(c.fd[d], SIOCINQ, &unread) == 0:
