@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,12 @@ if TYPE_CHECKING:
     from helpers_control import EchoServer
     from netutil import SyncForwarder
     from test_host_bridge import Bridge
+
+# A run started in the background (`cmd &`, nohup) inherits SIGINT ignored, and so would every
+# command a test starts, which the Ctrl-C tests need to be interruptible. With a handler of its
+# own here, each child starts with the default again (exec resets handled signals, not ignored).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
