@@ -51,13 +51,22 @@ def leases_of(tmp: Path) -> list[tuple[str, str, str | None]]:
     return sorted((x["mac"], x["ip"], x["hostname"]) for x in json.loads(result.stdout)["leases"])
 
 
-def test_a_lease_granted_while_the_daemon_was_down_forwards_from_the_start(tmp_path: Path, echo2: EchoServer) -> None:
-    (tmp_path / "dnsmasq.leases").write_text(f"1900000000 {A} 127.0.0.2 vm1 01:{A}\n")
+@pytest.mark.parametrize("saved, text, said", [
+    # A lease granted while the daemon was down forwards from the start.
+    ((), f"1900000000 {A} 127.0.0.2 vm1 01:{A}\n", "DHCP lease file dnsmasq.leases: 1 lease(s), 1 changed"),
+    # What a read finds while dnsmasq rewrites its file in place (emptied first): applied as a
+    # snapshot, it would drop every lease until dnsmasq's next change.
+    ((Lease(A, "127.0.0.2", "vm1"),), "", "dnsmasq.leases is empty (being rewritten?): no lease removed"),
+], ids=["granted-while-down", "empty"])
+def test_the_lease_file_at_start(tmp_path: Path, echo2: EchoServer, saved: tuple[Lease, ...], text: str,
+                                 said: str) -> None:
+    save_state(tmp_path, *saved)
+    (tmp_path / "dnsmasq.leases").write_text(text)
     ports = write_config(tmp_path, {"ssh": f"vm1:{echo2.port}"})
     with daemon(tmp_path, "-c", "f.toml") as proc:
         assert echo_roundtrip(ports["ssh"])
         assert leases_of(tmp_path) == [(A, "127.0.0.2", "vm1")]
-        assert "DHCP lease file dnsmasq.leases: 1 lease(s), 1 changed" in proc.log()
+        assert said in proc.log()
 
 
 def test_a_saved_lease_the_file_no_longer_has_is_dropped(tmp_path: Path, echo2: EchoServer) -> None:
@@ -102,18 +111,6 @@ def test_a_malformed_line_is_skipped_and_then_no_lease_is_removed(tmp_path: Path
         assert leases_of(tmp_path) == [(A, "127.0.0.2", "vm1"), (C, "127.0.0.3", "vm3")]
         assert "dnsmasq.leases:2: not a dnsmasq lease line; skipped" in proc.log()
         assert "no lease removed" in proc.log()
-
-
-def test_an_empty_lease_file_removes_no_lease(tmp_path: Path, echo2: EchoServer) -> None:
-    """What a read finds while dnsmasq rewrites its file in place (emptied first): applied as
-    a snapshot, it would drop every lease until dnsmasq's next change."""
-    save_state(tmp_path, Lease(A, "127.0.0.2", "vm1"))
-    (tmp_path / "dnsmasq.leases").write_text("")
-    ports = write_config(tmp_path, {"ssh": f"vm1:{echo2.port}"})
-    with daemon(tmp_path, "-c", "f.toml") as proc:
-        assert echo_roundtrip(ports["ssh"])
-        assert leases_of(tmp_path) == [(A, "127.0.0.2", "vm1")]
-        assert "dnsmasq.leases is empty (being rewritten?): no lease removed" in proc.log()
 
 
 def test_sighup_reads_the_lease_file_again(tmp_path: Path, echo2: EchoServer) -> None:
