@@ -144,7 +144,7 @@ class Daemon:
                 except OSError as exc:
                     raise DaemonError(f"lease state {state}: {_reason(exc)}") from None
                 if self.sources.dhcp_lease_file:  # what dnsmasq granted or took back while this was down
-                    apply_lease_file(self.leases, self.sources.dhcp_lease_file)
+                    await apply_lease_file(self.leases, self.sources.dhcp_lease_file)
             self._names = resolve_names(self.config.hosts, self.leases)
             engine = self._engine_settings()
             fw = Forwarder(workers=engine.workers, pipe_size=engine.pipe_size, busy_poll_us=engine.busy_poll_us,

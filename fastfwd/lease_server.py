@@ -74,24 +74,25 @@ async def _follow(changes: list[LeaseChange], on_change: OnChange) -> None:
             raise RequestError(f"lease recorded, but re-pointing rules failed: {exc}") from None
 
 
-def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
+async def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
     """Apply dnsmasq's lease file to ``table`` as the hook's ``snapshot`` sends it: its IPv4
-    leases replace the DHCP IPv4 leases. Never raises: a file that cannot be read changes
-    nothing (one log line). A malformed line is skipped with a log line, and then the file's
-    leases are only added or updated: the skipped line may have held a lease the table has
-    (a file read while dnsmasq rewrote it), and a lease dropped for it would not come back.
-    An empty file changes nothing, for the same reason: dnsmasq rewrites the file in place,
-    emptying it first."""
+    leases replace the DHCP IPv4 leases. Never raises: a file that cannot be read, or that
+    was still being rewritten over several reads, changes nothing (one log line). A malformed
+    line is skipped with a log line, and then the file's leases are only added or updated:
+    the skipped line may have held a lease the table has, and a lease dropped for it would
+    not come back. An empty file changes nothing, for the same reason: dnsmasq rewrites the
+    file in place, emptying it first. The file is read in a thread (waiting for it to hold
+    still); the table is changed on the caller's loop."""
     def note(text: str) -> None:
         log.warning("DHCP lease file %s", text)
     try:
         st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the whole event loop
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reading thread
             raise LeaseError(f"cannot read {path}: not a regular file")
         if st.st_size == 0:
             log.info("DHCP lease file %s is empty (being rewritten?): no lease removed", path)
             return []
-        entries, malformed = read_lease_file(path, note, strict=False)
+        entries, malformed = await asyncio.to_thread(read_lease_file, path, note, strict=False)
         leases = [Lease.from_message(entry) for entry in entries]
         changes = ([change for lease in leases for change in table.apply_event("old", lease)] if malformed
                    else table.apply_snapshot(leases, family=4))
@@ -110,7 +111,7 @@ async def reread_lease_file(table: LeaseTable, path: str, on_change: OnChange, l
     lease socket's, so that no event lands between the file's reading and its applying."""
     async with lock:
         try:
-            await _follow(apply_lease_file(table, path), on_change)
+            await _follow(await apply_lease_file(table, path), on_change)
         except RequestError:
             pass  # logged; the leases stay, as on the socket
 

@@ -130,33 +130,57 @@ def read_lease_file(path: str, note: Callable[[str], None], *, strict: bool = Tr
     #: changed (a reinstalled guest), and the newer grant is the address it uses.
     newest: dict[str, tuple[float, dict[str, Any]]] = {}
     malformed = 0
+    for number, line in enumerate(_settled_text(path).splitlines(), 1):
+        fields = line.split()
+        if fields[:1] == ["duid"]:
+            break
+        try:
+            if len(fields) < 4 or not fields[0].isdigit():
+                raise LeaseError("not a dnsmasq lease line")
+            if _OTHER_HARDWARE.fullmatch(fields[1]):
+                note(f"{path}:{number}: {fields[2]}: no MAC known for this lease; skipped")
+                continue
+            mac = normalize_mac(fields[1])
+            lease = {"mac": mac, "ip": normalize_ip(fields[2]),
+                     "hostname": client_hostname(fields[3], note) if fields[3] != "*" else None}
+        except LeaseError as exc:
+            if strict:
+                raise LeaseError(f"{path}:{number}: {exc}") from None
+            note(f"{path}:{number}: {exc}; skipped")
+            malformed += 1
+            continue
+        expires = int(fields[0]) or math.inf  # 0: a lease that never expires
+        if mac not in newest or expires >= newest[mac][0]:
+            newest[mac] = (expires, lease)
+    return [lease for _, lease in newest.values()], malformed
+
+
+#: dnsmasq rewrites its lease file in place (truncated, then written in several writes), so a
+#: read can catch the first part alone, cut at a line's end, and look whole. A read is trusted
+#: once the file held still (same inode, size and modification time, every byte read) for
+#: ``SETTLE`` seconds after it; a file still changing after ``SETTLE_READS`` reads is an error.
+SETTLE = 0.02
+SETTLE_READS = 5
+
+
+def _settled_text(path: str) -> str:
+    """The lease file's text, read once the file held still; sleeps, so off the event loop."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                fields = line.split()
-                if fields[:1] == ["duid"]:
-                    break
-                try:
-                    if len(fields) < 4 or not fields[0].isdigit():
-                        raise LeaseError("not a dnsmasq lease line")
-                    if _OTHER_HARDWARE.fullmatch(fields[1]):
-                        note(f"{path}:{number}: {fields[2]}: no MAC known for this lease; skipped")
-                        continue
-                    mac = normalize_mac(fields[1])
-                    lease = {"mac": mac, "ip": normalize_ip(fields[2]),
-                             "hostname": client_hostname(fields[3], note) if fields[3] != "*" else None}
-                except LeaseError as exc:
-                    if strict:
-                        raise LeaseError(f"{path}:{number}: {exc}") from None
-                    note(f"{path}:{number}: {exc}; skipped")
-                    malformed += 1
-                    continue
-                expires = int(fields[0]) or math.inf  # 0: a lease that never expires
-                if mac not in newest or expires >= newest[mac][0]:
-                    newest[mac] = (expires, lease)
+        for _ in range(SETTLE_READS):
+            with open(path, "rb") as f:
+                before = os.fstat(f.fileno())
+                data = f.read()
+            time.sleep(SETTLE)
+            after = os.stat(path)
+            if len(data) == after.st_size and _version(before) == _version(after):
+                return data.decode("utf-8", errors="replace")
     except OSError as exc:
         raise LeaseError(f"cannot read {path}: {exc.strerror}") from None
-    return [lease for _, lease in newest.values()], malformed
+    raise LeaseError(f"{path} was still being written after {SETTLE_READS} reads")
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @dataclass(frozen=True)

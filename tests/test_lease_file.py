@@ -3,15 +3,20 @@ saved leases) and on SIGHUP, and reconciles it as the hook's ``snapshot`` would,
 granted while it was down are not lost. Real daemons, real bytes through real sockets."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fastfwd import leases as leases_module
 from fastfwd.config import ConfigError, parse_config
+from fastfwd.lease_server import apply_lease_file
 from fastfwd.leases import STATE_FILE, Lease, LeaseTable
 
 from helpers_control import EchoServer, daemon, echo_roundtrip, fastfwd, free_port, needs_engine
@@ -133,3 +138,38 @@ def test_the_setting_is_a_path_beside_the_config_and_needs_dhcp(tmp_path: Path) 
     with pytest.raises(ConfigError) as info:
         parse_config('[sources]\ndhcp = false\ndhcp_lease_file = "/var/lib/misc/dnsmasq.leases"\n')
     assert info.value.errors == ["sources.dhcp_lease_file: needs dhcp = true (its leases are DHCP leases)"]
+
+
+LINES = [f"1900000000 {mac} 127.0.0.{i} vm{i} *\n" for i, mac in enumerate((A, B, C), 2)]
+
+
+@pytest.mark.parametrize("writes, kept", [
+    # The first write of a rewrite, cut at a line's end, looks like a whole file without B and C.
+    ([LINES[0], "".join(LINES[1:])], [A, B, C]),
+    # A file that never holds still is not applied at all.
+    ([line for _ in range(20) for line in LINES], [B]),
+], ids=["cut-at-a-line-end", "never-still"])
+def test_a_lease_file_read_while_dnsmasq_rewrites_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture, writes: list[str],
+                                                     kept: list[str]) -> None:
+    """dnsmasq rewrites its lease file in place: emptied, then written in several writes. A
+    read between two of them must not remove the leases still to be written."""
+    monkeypatch.setattr(leases_module, "SETTLE", 0.1)
+    table = LeaseTable([Lease(B, "127.0.0.3", "vm3")])
+    path = tmp_path / "dnsmasq.leases"
+    with open(path, "w") as f:
+        f.write(writes[0])
+        f.flush()
+
+        def rewrite_the_rest() -> None:
+            for text in writes[1:]:
+                time.sleep(0.02)
+                f.write(text)
+                f.flush()
+        writer = threading.Thread(target=rewrite_the_rest)
+        writer.start()
+        asyncio.run(apply_lease_file(table, str(path)))
+        writer.join()
+    assert sorted(lease.mac for lease in table) == kept
+    if len(writes) > 2:
+        assert "was still being written after 5 reads; going on with the 1 lease(s) known" in caplog.text
