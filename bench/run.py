@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short windows, one round (about two minutes)")
     p.add_argument("--repeats", type=int,
-                   help="rounds per figure (default 3, connections/s 5, as their rounds spread most; 1 with --quick)")
+                   help="rounds per figure (default 3; 5 for one stream, connections/s and round trips, whose rounds spread most; 1 with --quick)")
     p.add_argument("--only", metavar="SUBJECT,...", help=f"subjects ({', '.join(SUBJECTS_BY_NAME)})")
     p.add_argument("--figures", metavar="FIGURE,...",
                    help=f"figures ({', '.join([*FIGURES_BY_NAME, CONTROL])})")
