@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
-from .config import _microseconds, _pipe_size, _workers
+from . import engine_settings
 from .rules import Rule, RuleKey, SpecError, is_ip
 
 if TYPE_CHECKING:
@@ -112,12 +112,11 @@ class Forwarder:
                  hosts: Mapping[str, str] | None = None) -> None:
         # Checked here, as the config file's [engine] is: the engine would take a negative
         # busy poll as an endless spin, and refuse other bad values only at start.
-        checks = (("workers", _workers, workers), ("pipe_size", _pipe_size, pipe_size),
-                  ("busy_poll_us", _microseconds, busy_poll_us))
-        for setting, check, value in checks:
+        given = {"workers": workers, "pipe_size": pipe_size, "busy_poll_us": busy_poll_us}
+        for setting, value in given.items():
             if value is not None:
                 try:
-                    check(value)
+                    engine_settings.CHECKS[setting](value)
                 except SpecError as exc:
                     raise SpecError(f"{setting}: {exc}") from None
         for name, ip in (hosts or {}).items():
