@@ -300,10 +300,13 @@ class _Validator:
                              target_host=thost, target_port=tport, name=name, options=options)
                         for p in protos or ()]
             except SpecError as exc:
-                # An option that does not fit the rule's addresses is reported at its key.
+                # An option that does not fit the rule's addresses is reported at its key, a
+                # target the protocol cannot reach at 'to'.
                 key, _, problem = str(exc).partition(": ")
                 if key in _TUPLE_OPTIONS:
                     self.error(f"{path}.{key}", problem)
+                elif key.startswith("target "):
+                    self.error(f"{path}.to", str(exc))
                 else:
                     self.error(path, str(exc))
         return []
