@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 from . import __version__
 from .config import (
-    MAX_WORKERS,
     Config,
     ConfigError,
     ControlSettings,
@@ -25,6 +24,7 @@ from .config import (
     parse_engine_settings,
     parse_rule_options,
 )
+from .engine_settings import MAX_WORKERS
 from .rules import DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError
 from .unixclient import Parser, timeout_arg
 

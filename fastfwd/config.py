@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import engine_settings
 from .leases import HostEntry, LeaseError
 from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_name, check_target_host,
                     is_ip, listen_address, parse_ports, seconds, split_hostports)
@@ -47,11 +48,6 @@ def state_dir() -> Path:
         return Path("/var/lib/fastfwd")
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "fastfwd"
-
-
-#: Worker threads at most: more than any machine has CPUs, yet few enough that their epoll
-#: sets and eventfds fit the daemon's fd limit (far more failed at start with EMFILE).
-MAX_WORKERS = 1024
 
 
 @dataclass(frozen=True)
@@ -304,10 +300,13 @@ class _Validator:
                              target_host=thost, target_port=tport, name=name, options=options)
                         for p in protos or ()]
             except SpecError as exc:
-                # An option that does not fit the rule's addresses is reported at its key.
+                # An option that does not fit the rule's addresses is reported at its key, a
+                # target the protocol cannot reach at 'to'.
                 key, _, problem = str(exc).partition(": ")
                 if key in _TUPLE_OPTIONS:
                     self.error(f"{path}.{key}", problem)
+                elif key.startswith("target "):
+                    self.error(f"{path}.to", str(exc))
                 else:
                     self.error(path, str(exc))
         return []
@@ -393,24 +392,6 @@ def _target(value: Any) -> tuple[str, int, int]:
     return host, first, count
 
 
-def _workers(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-        raise SpecError(f"expected an integer from 1 to {MAX_WORKERS}, got {value!r}")
-    return value
-
-
-def _pipe_size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 4096 <= value <= 1 << 30:
-        raise SpecError(f"expected a byte count from 4096 to {1 << 30}, got {value!r}")
-    return value
-
-
-def _microseconds(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
-        raise SpecError(f"expected microseconds from 0 to 1000000, got {value!r}")
-    return value
-
-
 def _path(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(f"expected a file path, got {value!r}")
@@ -442,7 +423,7 @@ def _hostport(value: Any) -> str:
 
 
 _SETTINGS: dict[type, dict[str, Callable[[Any], Any]]] = {
-    EngineSettings: {"workers": _workers, "pipe_size": _pipe_size, "busy_poll_us": _microseconds},
+    EngineSettings: engine_settings.CHECKS,
     ControlSettings: {"lease_socket": _path, "control_socket": _path, "state_dir": _path,
                       "allow_users": _principals("user"), "allow_groups": _principals("group"),
                       "drain_deadline": seconds, "metrics_listen": _hostport},

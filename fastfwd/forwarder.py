@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
-from .config import _microseconds, _pipe_size, _workers
+from . import engine_settings
 from .rules import Rule, RuleKey, SpecError, is_ip
 
 if TYPE_CHECKING:
@@ -112,12 +112,11 @@ class Forwarder:
                  hosts: Mapping[str, str] | None = None) -> None:
         # Checked here, as the config file's [engine] is: the engine would take a negative
         # busy poll as an endless spin, and refuse other bad values only at start.
-        checks = (("workers", _workers, workers), ("pipe_size", _pipe_size, pipe_size),
-                  ("busy_poll_us", _microseconds, busy_poll_us))
-        for setting, check, value in checks:
+        given = {"workers": workers, "pipe_size": pipe_size, "busy_poll_us": busy_poll_us}
+        for setting, value in given.items():
             if value is not None:
                 try:
-                    check(value)
+                    engine_settings.CHECKS[setting](value)
                 except SpecError as exc:
                     raise SpecError(f"{setting}: {exc}") from None
         for name, ip in (hosts or {}).items():
@@ -309,6 +308,19 @@ class Forwarder:
         return dict(self._names)
 
     # -- observation -------------------------------------------------------------------------
+    async def settle(self) -> None:
+        """Return once every worker has counted what it has done so far. A worker counts a
+        send once it returned, so a client can read the last bytes of a reply before they
+        are counted; counters read after this include every byte, datagram and connection
+        the far ends had received when it was called."""
+        engine = self._require()
+        some = next(iter(self._table.values()), None)
+        if some is None:
+            return      # no rule, no counters to wait for
+        # Each worker acknowledges a published configuration between its event batches, so
+        # after whatever it was doing; the rule's own target, published again, changes nothing.
+        engine.set_target(some.id, some.target_ip, some.rule.target_port, False)
+
     def counters(self, rule: Rule | ActiveRule) -> Counters:
         active = self.find(rule)
         if active is None:

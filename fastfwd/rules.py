@@ -125,6 +125,8 @@ class Rule:
         check_target_host(self.target_host)
         if not is_ip(self.target_host):
             object.__setattr__(self, "target_host", self.target_host.lower())  # names ignore case
+        elif self.proto == "tcp":
+            _check_tcp_target(ipaddress.ip_address(self.target_host))
         self._check_families()
         if self.count < 1:
             raise SpecError(f"port count must be at least 1, got {self.count}")
@@ -310,6 +312,10 @@ def check_name(name: str) -> None:
 def check_target_host(host: str) -> None:
     if is_ip(host):
         return
+    # Digits and dots are an IPv4 address mistyped, not a name: as a name, the rule would wait
+    # for a lease that never comes.
+    if "." in host and set(host) <= set("0123456789."):
+        raise SpecError(f"target host {host!r} is not an IPv4 address")
     if not _HOSTNAME.fullmatch(host):
         raise SpecError(f"target host {host!r} is neither an IP address nor a valid host name")
     # Names are looked up in [hosts] and leases, never in /etc/hosts: 'localhost' would wait
@@ -318,6 +324,14 @@ def check_target_host(host: str) -> None:
     if name == "localhost" or name.endswith(".localhost"):
         raise SpecError(f"target host {name!r} is a loopback name: write 127.0.0.1 or [::1] "
                         "(names come from [hosts] and DHCP leases)")
+
+
+def _check_tcp_target(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    # Every connection would fail; UDP may send to a group or the broadcast address.
+    if ip.is_multicast:
+        raise SpecError(f"target {ip} is a multicast address: TCP cannot connect to it")
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise SpecError(f"target {ip} is the broadcast address: TCP cannot connect to it")
 
 
 def _check_port_range(first: int, count: int, what: str, allow_zero: bool) -> None:

@@ -41,6 +41,17 @@ def test_a_host_entry_named_by_an_address_is_an_error() -> None:
     assert info.value.errors == ["hosts.10.0.0.9: '10.0.0.9' is not a valid host name"]
 
 
+@pytest.mark.parametrize("to, proto, says", [
+    ("10.0.0.256:80", "tcp", "target host '10.0.0.256' is not an IPv4 address"),
+    ("224.0.0.1:80", "tcp", "target 224.0.0.1 is a multicast address: TCP cannot connect to it"),
+    ("224.0.0.1:80", "both", "target 224.0.0.1 is a multicast address: TCP cannot connect to it"),
+])
+def test_a_target_no_connection_could_reach_is_an_error_at_to(to: str, proto: str, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[[forward]]\nlisten = 8080\nto = "{to}"\nproto = "{proto}"\n')
+    assert info.value.errors == [f"forward[0].to: {says}"]
+
+
 def test_one_port_on_the_ipv4_and_the_ipv6_wildcard_is_not_an_overlap() -> None:
     # The engine's IPv6 listeners are IPv6-only: publishing a port on both families takes
     # two rules, which do not clash. Within one family a wildcard still clashes.
