@@ -189,7 +189,13 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
         c.state = CONN_OPEN
         c.last_active = w.now
         dlist_move_to_end(&rw.open, &c.node)
-    conn_touch(w, c, rw)
+    if events & EPOLLERR and c.state == CONN_OPEN and rw.conf.half_ms:
+        # This leg's peer is gone (reset, timed out), but the reset is read only after what it
+        # sent before, which may wait in a buffer or pipe for a peer that does not take it:
+        # that wait is bounded like a reset's flush, not by the idle timeout.
+        conn_half(w, c, rw)
+    else:
+        conn_touch(w, c, rw)
     conn_pump(w, c)
 
 
@@ -197,6 +203,13 @@ cdef inline void conn_touch(worker_t* w, conn_t* c, rule_worker_t* rw) noexcept 
     if c.last_active != w.now:
         c.last_active = w.now
         dlist_move_to_end(&rw.half if c.state == CONN_HALF else &rw.open, &c.node)
+
+
+cdef inline void conn_half(worker_t* w, conn_t* c, rule_worker_t* rw) noexcept nogil:
+    # Under the half-closed timeout from now on.
+    c.state = CONN_HALF
+    c.last_active = w.now
+    dlist_move_to_end(&rw.half, &c.node)
 
 
 cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
@@ -240,9 +253,7 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
             conn_close(w, c, False)
         return
     if (c.half[0].done or c.half[1].done) and c.state == CONN_OPEN:
-        c.state = CONN_HALF
-        c.last_active = w.now
-        dlist_move_to_end(&rw.half, &c.node)
+        conn_half(w, c, rw)
     if more and not c.in_ready:
         c.in_ready = 1
         c.next = w.ready
