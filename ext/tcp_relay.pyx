@@ -120,8 +120,9 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
             pause_listener(w, l, w.now + PAUSE_MS)
         return False
     w.conns_held += 1
-    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has both from the listener
+    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has all three from the listener
     set_int_opt(tfd, SOL_SOCKET, SO_OOBINLINE, 1)
+    set_int_opt(tfd, SOL_SOCKET, SO_KEEPALIVE, 1)
     bind_source(rw, tfd, target.sa.sa_family)
     c.rule = r
     c.fd[0] = cfd
