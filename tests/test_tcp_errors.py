@@ -13,7 +13,7 @@ from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, Handler, Rece
                      blackhole, closed_how, connect, cpu_seconds, echo_handler, echo_once, end_of_stream,
                      make_rule, payload, recv_exact, refusing_port, reset, send_stream, spawn, spec, sysctl_max,
                      turned_away_how, wait_for)
-from test_discarded_bytes import fill, unacked
+from test_discarded_bytes import flood_until_stalled, unacked
 from test_wire_edges import drain_until_reset, legs, listening
 
 
@@ -294,16 +294,8 @@ def test_a_reset_behind_bytes_the_target_does_not_take_waits_only_the_half_close
         client, server = legs(lsock, rule.port)
         with client, server:
             client.setblocking(False)
-            sent, last = [0], [(-1, -1, -1)]
-
-            def stalled() -> bool:
-                sent[0] += fill(client, data[sent[0]:])
-                now = (sent[0], unacked(client), fwd.counters(rule).bytes_up)
-                still, last[0] = now == last[0], now
-                return still
-            wait_for(stalled, interval=0.2, what="the path to the target to fill up")
-            assert sent[0] < len(data), "the flood was taken whole: nothing would stall"
-            acknowledged = sent[0] - unacked(client)
+            sent = flood_until_stalled(client, data, lambda: fwd.counters(rule).bytes_up)
+            acknowledged = sent - unacked(client)
             reset(client)
             wait_for(lambda: fwd.counters(rule).active == 0, what="the reset to reach the target")
             got = drain_until_reset(server)

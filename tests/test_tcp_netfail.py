@@ -7,6 +7,7 @@ They have no default route, so nothing leaves them and a cut link leaves a peer 
 """
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -15,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from pyroute2 import IPRoute
 
-from netutil import (TIMEOUT, SyncForwarder, TcpServer, closed_how, connect, echo_once, end_of_stream, make_rule,
-                     payload, recv_exact, turned_away_how, wait_for)
+from fastfwd import ActiveRule, Counters
+from fastfwd.host.lab import Lab
+from netutil import (TIMEOUT, Handler, SyncForwarder, TcpServer, closed_how, connect, echo_once, end_of_stream,
+                     make_rule, payload, recv_exact, turned_away_how, wait_for)
 from test_discarded_bytes import fill, unacked
 
 pytestmark = pytest.mark.root
@@ -30,16 +34,16 @@ LINKS = {"target": "ft0", "client": "fc0"}  # the forwarder's end of each link
 
 @dataclass
 class Net:
-    lab: Any
+    lab: Lab
     cli_ns: str
     fwd_ns: str
     tgt_ns: str
     fw: SyncForwarder           # one worker, in fwd_ns
 
-    def server(self, handler: Any) -> TcpServer:
+    def server(self, handler: Handler) -> TcpServer:
         return self.lab.call(self.tgt_ns, TcpServer, handler, FAR)
 
-    def forward(self, port: int, **options: Any) -> Any:
+    def forward(self, port: int, **options: Any) -> ActiveRule:
         return self.fw.add(make_rule(port, host=FAR, listen_host=FRONT, **options))
 
     def client(self, port: int) -> socket.socket:
@@ -63,11 +67,6 @@ class Net:
 
 @pytest.fixture
 def net() -> Iterator[Net]:
-    import shutil
-
-    from fastfwd.host.lab import Lab
-    from pyroute2 import IPRoute
-
     if shutil.which("nft") is None:
         pytest.skip("needs nftables (nft)")
     with Lab() as lab:
@@ -90,9 +89,10 @@ def hold(gate: threading.Event) -> None:
         raise AssertionError("the gate was never opened")
 
 
-def ended(rule: Any, fw: SyncForwarder) -> Any:
+def ended(rule: ActiveRule, fw: SyncForwarder) -> Counters:
     """The rule's counters once its connections are all closed."""
-    return wait_for(lambda: (c := fw.counters(rule)).active == 0 and c, what="the connection to end")
+    wait_for(lambda: fw.counters(rule).active == 0, what="the connection to end")
+    return fw.counters(rule)
 
 
 # -- the handshake -----------------------------------------------------------------------------
