@@ -183,7 +183,12 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
         # Writable without an error means connected; only a failure needs SO_ERROR's reason.
         if events & (EPOLLERR | EPOLLHUP):
             getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &elen)
-        if err != 0 or events & EPOLLHUP:
+        if err == ECONNRESET or err == EPIPE:
+            # It connected, then reset before this was seen (a refusal says ECONNREFUSED): what
+            # it sent goes to the client, then the reset, as after a write found it gone.
+            c.half[0].done = DONE_LOST
+            c.rd[1] = c.hup[1] = 1
+        elif err != 0 or events & EPOLLHUP:
             rw.c.connect_failed += 1
             conn_close(w, c, True)
             return
