@@ -188,14 +188,16 @@ def test_a_target_gone_silent_while_sending_is_reset_at_the_idle_timeout(net: Ne
         assert (counters.accepted, counters.connect_failed) == (1, 0)
 
 
-@pytest.mark.parametrize("ender", ["idle timeout", "retransmissions"])
-@pytest.mark.parametrize("cut", ["drop", "vanish"])
+@pytest.mark.parametrize(("cut", "ender"), [("drop", "idle timeout"), ("vanish", "idle timeout"),
+                                            ("drop", "retransmissions"), ("vanish", "retransmissions"),
+                                            ("unreachable", "retransmissions")])
 def test_a_target_gone_silent_while_the_client_sends_is_reset(net: Net, cut: str, ender: str) -> None:
-    """The target stops answering while the client uploads. Once the path fills up, nothing
-    moves; the idle timeout, or the kernel giving up retransmitting to the target (after
-    tcp_retries2 tries: about 15 minutes by default, 3 s here), resets the client. The target
-    holds an in-order prefix, and what the client saw acknowledged and the target never got is
-    counted as discarded."""
+    """The target stops answering while the client uploads (its packets dropped, its link gone,
+    or each segment answered with an ICMP host unreachable, which TCP takes as a hint only).
+    Once the path fills up, nothing moves; the idle timeout, or the kernel giving up
+    retransmitting to the target (after tcp_retries2 tries: about 15 minutes by default, a
+    second or two here), resets the client. The target holds an in-order prefix, and what the client saw
+    acknowledged and the target never got is counted as discarded."""
     data = payload(64 * MB, seed=5)
     got = bytearray()
     gate = threading.Event()
@@ -206,12 +208,16 @@ def test_a_target_gone_silent_while_the_client_sends_is_reset(net: Net, cut: str
 
     with net.server(take) as server:
         if ender == "retransmissions":
-            net.sysctl("net.ipv4.tcp_retries2", 3)
+            net.sysctl("net.ipv4.tcp_retries2", 2)
         rule = net.forward(server.port, idle_timeout=1.0 if ender == "idle timeout" else 3600.0)
         with net.client(rule.port) as sock:
             sock.sendall(data[:MB])
             wait_for(lambda: len(got) == MB, what="the first megabyte to arrive")
-            net.drop_all() if cut == "drop" else net.vanish("target")
+            if cut == "unreachable":
+                net.nft("add chain inet cut in { type filter hook input priority 0; }; "
+                        f"add rule inet cut in tcp dport {server.port} reject with icmpx type host-unreachable")
+            else:
+                net.drop_all() if cut == "drop" else net.vanish("target")
             sock.setblocking(False)
             sent = MB + fill(sock, data[MB:])
             counters = ended(rule, net.fw)
@@ -242,7 +248,7 @@ def test_a_client_gone_while_the_target_sends_resets_the_target(net: Net, ender:
 
     with net.server(flood) as server:
         if ender == "retransmissions":
-            net.sysctl("net.ipv4.tcp_retries2", 3)
+            net.sysctl("net.ipv4.tcp_retries2", 2)
         rule = net.forward(server.port, idle_timeout=1.0 if ender == "idle timeout" else 3600.0)
         with net.client(rule.port) as sock:
             got = bytearray(recv_exact(sock, MB))
