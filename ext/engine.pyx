@@ -215,6 +215,11 @@ cdef class Engine:
             # Urgent data (MSG_OOB) stays in the stream and is passed on in order; read out of
             # band it would be dropped (a telnet IAC DM would arrive as a lone IAC).
             set_int_opt(fd, SOL_SOCKET, SO_OOBINLINE, 1)
+            # Peers' keepalive probes are answered by this host, never passed on: a peer that
+            # vanished without a word is found only by probing each leg from here (with the
+            # system's keepalive settings), else a connection without idle timeout is held for
+            # ever and the other peer never told.
+            set_int_opt(fd, SOL_SOCKET, SO_KEEPALIVE, 1)
         if family == AF_INET6:
             set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1)
         if r.proto == PROTO_UDP:

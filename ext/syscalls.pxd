@@ -112,6 +112,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_RCVBUF
         SO_RCVBUFFORCE
         SO_OOBINLINE
+        SO_KEEPALIVE
         SO_RXQ_OVFL
         SHUT_WR
         MSG_DONTWAIT

@@ -4,7 +4,8 @@ from syscalls cimport *
 cdef enum:
     CONN_CONNECTING = 0     # waiting for the target's handshake
     CONN_OPEN = 1           # both directions flowing
-    CONN_HALF = 2           # one direction finished (FIN passed on), the other still flowing
+    CONN_HALF = 2           # one direction finished (FIN passed on) or its source reset, the other
+                            # still flowing: under the half-closed timeout
     CONN_CLOSED = 3         # closed; freed at the end of the loop iteration
     CONN_FLUSHING = 4       # a peer reset: the other leg passes it on once its send queue is empty
 

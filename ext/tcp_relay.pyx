@@ -120,8 +120,9 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
             pause_listener(w, l, w.now + PAUSE_MS)
         return False
     w.conns_held += 1
-    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has both from the listener
+    set_int_opt(tfd, IPPROTO_TCP, TCP_NODELAY, 1)      # the client leg has all three from the listener
     set_int_opt(tfd, SOL_SOCKET, SO_OOBINLINE, 1)
+    set_int_opt(tfd, SOL_SOCKET, SO_KEEPALIVE, 1)
     bind_source(rw, tfd, target.sa.sa_family)
     c.rule = r
     c.fd[0] = cfd
@@ -182,14 +183,25 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
         # Writable without an error means connected; only a failure needs SO_ERROR's reason.
         if events & (EPOLLERR | EPOLLHUP):
             getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &elen)
-        if err != 0 or events & EPOLLHUP:
+        if err == ECONNRESET or err == EPIPE:
+            # It connected, then reset before this was seen (a refusal says ECONNREFUSED): what
+            # it sent goes to the client, then the reset, as after a write found it gone.
+            c.half[0].done = DONE_LOST
+            c.rd[1] = c.hup[1] = 1
+        elif err != 0 or events & EPOLLHUP:
             rw.c.connect_failed += 1
             conn_close(w, c, True)
             return
         c.state = CONN_OPEN
         c.last_active = w.now
         dlist_move_to_end(&rw.open, &c.node)
-    conn_touch(w, c, rw)
+    if events & EPOLLERR and c.state == CONN_OPEN and rw.conf.half_ms:
+        # This leg's peer is gone (reset, timed out), but the reset is read only after what it
+        # sent before, which may wait in a buffer or pipe for a peer that does not take it:
+        # that wait is bounded like a reset's flush, not by the idle timeout.
+        conn_half(w, c, rw)
+    else:
+        conn_touch(w, c, rw)
     conn_pump(w, c)
 
 
@@ -197,6 +209,13 @@ cdef inline void conn_touch(worker_t* w, conn_t* c, rule_worker_t* rw) noexcept 
     if c.last_active != w.now:
         c.last_active = w.now
         dlist_move_to_end(&rw.half if c.state == CONN_HALF else &rw.open, &c.node)
+
+
+cdef inline void conn_half(worker_t* w, conn_t* c, rule_worker_t* rw) noexcept nogil:
+    # Under the half-closed timeout from now on.
+    c.state = CONN_HALF
+    c.last_active = w.now
+    dlist_move_to_end(&rw.half, &c.node)
 
 
 cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
@@ -240,9 +259,7 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
             conn_close(w, c, False)
         return
     if (c.half[0].done or c.half[1].done) and c.state == CONN_OPEN:
-        c.state = CONN_HALF
-        c.last_active = w.now
-        dlist_move_to_end(&rw.half, &c.node)
+        conn_half(w, c, rw)
     if more and not c.in_ready:
         c.in_ready = 1
         c.next = w.ready

@@ -6,6 +6,7 @@ import fcntl
 import socket
 import struct
 import termios
+from collections.abc import Callable
 
 import pytest
 
@@ -29,6 +30,22 @@ def fill(sock: socket.socket, data: bytes) -> int:
     return sent
 
 
+def flood_until_stalled(sock: socket.socket, data: bytes, passed_on: Callable[[], int]) -> int:
+    """Send ``data`` on the non-blocking ``sock`` until the path stalls: still for a moment,
+    nothing more taken, acknowledged or passed on (``passed_on``: a forwarder's byte count).
+    Returns how many bytes the socket took."""
+    sent, last = [0], [(-1, -1, -1)]
+
+    def stalled() -> bool:
+        sent[0] += fill(sock, data[sent[0]:])
+        now = (sent[0], unacked(sock), passed_on())
+        still, last[0] = now == last[0], now
+        return still
+    wait_for(stalled, interval=0.2, what="the path to fill up")
+    assert sent[0] < len(data), "the flood was taken whole: nothing would stall"
+    return sent[0]
+
+
 @pytest.mark.parametrize("splice", ["never", "always"])
 def test_what_an_idle_timeout_throws_away_is_counted_exactly(fwd: SyncForwarder, splice: str) -> None:
     """The target sends until everything between it and a client that reads nothing is full;
@@ -41,20 +58,11 @@ def test_what_an_idle_timeout_throws_away_is_counted_exactly(fwd: SyncForwarder,
         client, server = slow_client_legs(lsock, rule.port)
         with client, server:
             server.setblocking(False)
-            sent, last = [0], [(-1, -1, -1)]
-
-            def stalled() -> bool:
-                # Still for a moment: nothing more taken, acknowledged or passed on.
-                sent[0] += fill(server, data[sent[0]:])
-                now = (sent[0], unacked(server), fwd.counters(rule).bytes_down)
-                still, last[0] = now == last[0], now
-                return still
-            wait_for(stalled, interval=0.2, what="the path to the client to fill up")
-            assert sent[0] < len(data), "the flood was taken whole: nothing would stall"
+            sent = flood_until_stalled(server, data, lambda: fwd.counters(rule).bytes_down)
             wait_for(lambda: fwd.counters(rule).active == 0, what="the idle timeout to end the connection")
             # Read after the reset (the kernel keeps the count of a reset socket), so whatever
             # moved after the stall was seen is in it.
-            acknowledged = sent[0] - unacked(server)
+            acknowledged = sent - unacked(server)
             got = drain_until_reset(client)
             assert got.nbytes > 0
             discarded = fwd.counters(rule).bytes_discarded

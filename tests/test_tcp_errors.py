@@ -13,6 +13,8 @@ from netutil import (LOOP4, SPLICE_MODES, TIMEOUT, ChildForwarder, Handler, Rece
                      blackhole, closed_how, connect, cpu_seconds, echo_handler, echo_once, end_of_stream,
                      make_rule, payload, recv_exact, refusing_port, reset, send_stream, spawn, spec, sysctl_max,
                      turned_away_how, wait_for)
+from test_discarded_bytes import flood_until_stalled, unacked
+from test_wire_edges import drain_until_reset, legs, listening
 
 
 MB = 1 << 20
@@ -273,3 +275,29 @@ def test_pipe_shortage_copies_for_a_while_then_splices_again() -> None:
             let_read.set()
             for sock in busy + fillers:
                 sock.close()
+
+
+# -- a reset behind bytes the other peer does not take -------------------------------------------
+
+@pytest.mark.parametrize("splice", ["never", "always"])
+def test_a_reset_behind_bytes_the_target_does_not_take_waits_only_the_half_closed_timeout(
+        fwd: SyncForwarder, splice: str) -> None:
+    """The client sends more than a target that reads nothing can take, then resets. Its last
+    bytes still sit in the forwarder's buffer or pipe, ahead of the reset. Passing the reset on
+    waits for the target to take them, as long as the half-closed timeout allows (as it does for
+    bytes already in the target leg's send queue), not the idle timeout (an hour here): then the
+    target is reset, every byte it got is in order, and what it never got is counted."""
+    data = payload(64 * MB, seed=12)
+    with listening() as lsock:
+        rule = fwd.forward(lsock.getsockname()[1], splice=splice, half_closed_timeout=1.0,
+                           idle_timeout=3600.0)
+        client, server = legs(lsock, rule.port)
+        with client, server:
+            client.setblocking(False)
+            sent = flood_until_stalled(client, data, lambda: fwd.counters(rule).bytes_up)
+            acknowledged = sent - unacked(client)
+            reset(client)
+            wait_for(lambda: fwd.counters(rule).active == 0, what="the reset to reach the target")
+            got = drain_until_reset(server)
+            assert got == Received.of(data[:got.nbytes])
+            assert got.nbytes + fwd.counters(rule).bytes_discarded == acknowledged

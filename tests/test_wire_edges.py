@@ -115,6 +115,40 @@ def test_a_client_done_before_the_target_connects_is_passed_on_in_order(fwd: Syn
                 assert read_to_end(client) == (b"reply", "eof"), f"splice {mode}"
 
 
+def tcp_states_to(port: int) -> list[str]:
+    """The states (hex, as /proc/net/tcp gives them: 01 established, 02 SYN sent) of this
+    host's IPv4 TCP sockets connected or connecting to ``port``."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [row[3] for row in rows if row[2].endswith(f":{port:04X}")]
+
+
+def test_a_target_that_resets_before_its_handshake_was_seen_still_has_its_bytes_passed_on() -> None:
+    """The target accepts, sends a greeting and resets before the worker saw the handshake
+    complete (a worker off the CPU for a moment; here, the forwarder stopped). Its connect did
+    not fail: the client must get the greeting, then the reset, and no failed connect counted."""
+    greeting = b"421 too busy, closing\r\n"
+    with slow_to_accept() as lsock, \
+            ChildForwarder.start([(spec(lsock.getsockname()[1]), "tcp", {})], workers=1) as child:
+        port = lsock.getsockname()[1]
+        with connect(child.ports[0], timeout=5) as client:
+            client.sendall(b"hello")
+            wait_for(lambda: "02" in tcp_states_to(port), what="the forwarder's SYN (dropped: the backlog is full)")
+            with frozen(child.pid):
+                lsock.accept()[0].close()       # the filler: room for the retried SYN
+                server = lsock.accept()[0]      # the kernel completes the handshake meanwhile
+                server.sendall(greeting)
+                reset(server)
+                wait_for(lambda: "01" not in tcp_states_to(port), what="the reset to reach the forwarder")
+            assert recv_exact(client, len(greeting)) == greeting
+            with pytest.raises(ConnectionResetError):
+                client.recv(64)
+        counters = child.counters()[0]
+        # the client's hello, taken and never delivered, is counted as lost
+        assert (counters["connect_failed"], counters["bytes_down"]) == (0, len(greeting))
+        assert counters["bytes_discarded"] == len(b"hello")
+
+
 # -- TCP urgent data -------------------------------------------------------------------------
 
 def send_with_urgent_byte(sock: socket.socket) -> bytes:
