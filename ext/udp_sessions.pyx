@@ -50,8 +50,10 @@ cdef void read_local_address(flow_t* f, msghdr* m) noexcept nogil:
     memset(f.local, 0, 16)
     while cm != NULL:
         if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_PKTINFO:
+            # The address to answer from, which the kernel works out: the destination itself,
+            # or for a broadcast query this host's address on that network.
             f.local_family = AF_INET
-            memcpy(f.local, &(<in_pktinfo*>CMSG_DATA(cm)).ipi_addr, 4)
+            memcpy(f.local, &(<in_pktinfo*>CMSG_DATA(cm)).ipi_spec_dst, 4)
         elif cm.cmsg_level == IPPROTO_IPV6 and cm.cmsg_type == IPV6_PKTINFO:
             f.local_family = AF_INET6
             memcpy(f.local, &(<in6_pktinfo*>CMSG_DATA(cm)).ipi6_addr, 16)
@@ -197,34 +199,46 @@ cdef inline void session_touch(worker_t* w, session_t* s, rule_worker_t* rw) noe
         dlist_move_to_end(&rw.sessions, &s.node)
 
 
-cdef inline bint send_again(uint64_t* refused) noexcept nogil:
-    """After a send that failed: whether to try again. ECONNREFUSED is the target's ICMP port
-    unreachable for an earlier datagram, handed to this send, which sent nothing and cleared
-    it: count the refusal and send on (the target may be back)."""
-    if errno == ECONNREFUSED:
-        refused[0] += 1
-        return True
-    return errno == EINTR
-
-
-cdef int send_all(int fd, mmsghdr* out, int k, uint64_t* refused) noexcept nogil:
-    """sendmmsg until everything went or the socket is full; returns how many went."""
+cdef int send_all(int fd, mmsghdr* out, int k, uint64_t* refused, uint64_t* nbytes) noexcept nogil:
+    """sendmmsg until everything went or the socket is full; returns how many went and adds
+    their bytes to nbytes. A send that fails is tried once more: on a connected socket it may
+    have met the error an ICMP message (port unreachable, prohibited, fragmentation needed)
+    left for an earlier datagram, which it cleared while sending nothing; that is counted in
+    refused. Failing again, the datagram itself cannot go (too big, no route): it alone is
+    dropped and the rest of the run still goes."""
     cdef int done = 0
-    cdef int rc
+    cdef int sent = 0
+    cdef bint retried = False
+    cdef uint64_t total = 0
+    cdef int rc, i
     while done < k:
         rc = sendmmsg(fd, out + done, k - done, MSG_DONTWAIT)
-        if rc <= 0:
-            if rc < 0 and send_again(refused):
-                continue
-            break
-        done += rc
-    return done
+        if rc > 0:
+            for i in range(done, done + rc):
+                total += out[i].msg_len
+            if retried:
+                refused[0] += 1
+                retried = False
+            done += rc
+            sent += rc
+        elif rc < 0 and (errno == EAGAIN or errno == ENOBUFS):
+            break       # the socket is full: the rest is dropped
+        elif rc < 0 and errno == EINTR:
+            continue
+        elif not retried:
+            retried = True
+        else:
+            retried = False
+            done += 1
+    nbytes[0] += total
+    return sent
 
 
-cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused) noexcept nogil:
+cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused,
+                        uint64_t* nbytes) noexcept nogil:
     """Send the k prepared datagrams as one segmented write (UDP_SEGMENT): one trip through
-    the stack instead of k. Needs equal sizes (the last may be shorter). Returns how many went,
-    or -1 if this run cannot go that way."""
+    the stack instead of k. Needs equal sizes (the last may be shorter). Returns how many went
+    (their bytes added to nbytes), or -1 if this run cannot go that way."""
     cdef size_t size = b.out_iov[0].iov_len
     cdef size_t total = 0
     cdef int i
@@ -251,13 +265,17 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused) 
     m.msg_control = b.send_ctrl
     m.msg_controllen = one_cmsg(b.send_ctrl, SOL_UDP, UDP_SEGMENT, &segment, sizeof(uint16_t))
     n = sendmsg(s.fd, &m, MSG_DONTWAIT)
-    while n < 0 and send_again(refused):
-        n = sendmsg(s.fd, &m, MSG_DONTWAIT)
+    if n < 0 and errno != EAGAIN and errno != EINVAL and errno != EIO:
+        n = sendmsg(s.fd, &m, MSG_DONTWAIT)     # once more after an ICMP error (see send_all)
+        if n == <ssize_t>total:
+            refused[0] += 1
     if n == <ssize_t>total:
+        nbytes[0] += total
         return k
     if n < 0 and errno == EAGAIN:
         return 0
-    s.no_gso = 1        # not offered here (old kernel, device): batches from now on
+    if n < 0 and (errno == EINVAL or errno == EIO):
+        s.no_gso = 1    # not offered here (old kernel, device): batches from now on
     return -1
 
 
@@ -289,14 +307,6 @@ cdef inline void prepare_send(udp_batch_t* b, int k, int i, addr_t* to, socklen_
     m.msg_control = ctrl
     m.msg_controllen = ctrllen
     m.msg_flags = 0
-
-
-cdef uint64_t sent_bytes(udp_batch_t* b, int sent) noexcept nogil:
-    cdef uint64_t total = 0
-    cdef int k
-    for k in range(sent):
-        total += b.out_iov[k].iov_len
-    return total
 
 
 cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
@@ -344,11 +354,10 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
                 prepare_send(b, k, i, NULL, 0, NULL, 0)
                 k += 1
                 i += 1
-            sent = send_segmented(s, b, k, &rw.c.connect_failed)
+            sent = send_segmented(s, b, k, &rw.c.connect_failed, &rw.c.bytes_up)
             if sent < 0:
-                sent = send_all(s.fd, b.out, k, &rw.c.connect_failed)
+                sent = send_all(s.fd, b.out, k, &rw.c.connect_failed, &rw.c.bytes_up)
             rw.c.datagrams_up += sent
-            rw.c.bytes_up += sent_bytes(b, sent)
             rw.c.drops += k - sent
         if n < UDP_BATCH:
             return
@@ -396,8 +405,9 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
         prepare_recv(b, False)
         n = recvmmsg(s.fd, b.msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
         if n <= 0:
-            # ECONNREFUSED reports the target's ICMP port unreachable; reading cleared it.
-            if n < 0 and errno == ECONNREFUSED:
+            # An error here is one an ICMP message for an earlier datagram left on the socket
+            # (port unreachable, prohibited, fragmentation needed); reading cleared it.
+            if n < 0 and errno != EAGAIN:
                 rw.c.connect_failed += 1
                 continue
             return
@@ -411,9 +421,8 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
             prepare_send(b, k, i, &s.flow.client, addr_len(&s.flow.client),
                          b.send_ctrl if ctrllen else NULL, ctrllen)
             k += 1
-        sent = send_all(l.fd, b.out, k, &rw.c.connect_failed)   # unconnected: never refused
+        sent = send_all(l.fd, b.out, k, &rw.c.connect_failed, &rw.c.bytes_down)
         rw.c.datagrams_down += sent
-        rw.c.bytes_down += sent_bytes(b, sent)
         rw.c.drops += k - sent
         session_touch(w, s, rw)
         if n < UDP_BATCH:
