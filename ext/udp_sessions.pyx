@@ -152,8 +152,7 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
     cdef session_t* s
     cdef int fd
     if conf.udp_max_sessions and rw.nsessions >= conf.udp_max_sessions:
-        session_close(w, <session_t*>dlist_first(&rw.sessions))
-        rw.c.sessions_evicted += 1
+        evict_oldest(w, rw)
     rule_target(conf, l.index, &target, &tlen)
     fd = socket(target.sa.sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
@@ -178,6 +177,11 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
     rw.nsessions += 1
     rw.c.sessions_created += 1
     return s
+
+
+cdef void evict_oldest(worker_t* w, rule_worker_t* rw) noexcept nogil:
+    session_close(w, <session_t*>dlist_first(&rw.sessions))
+    rw.c.sessions_evicted += 1
 
 
 cdef void session_close(worker_t* w, session_t* s) noexcept nogil:
@@ -467,6 +471,9 @@ cdef void udp_sweep(worker_t* w, rule_worker_t* rw) noexcept nogil:
         session_close(w, <session_t*>n)
         rw.c.sessions_expired += 1
         n = dlist_first(&rw.sessions)
+    # A reload may have lowered the cap below the sessions open: the least recently active go.
+    while rw.conf.udp_max_sessions and rw.nsessions > rw.conf.udp_max_sessions:
+        evict_oldest(w, rw)
 
 
 cdef void udp_free_dead(worker_t* w) noexcept nogil:

@@ -108,3 +108,175 @@ def test_a_firewall_rejecting_one_datagram_does_not_cost_the_next() -> None:
             server.close()
     assert (counters["datagrams_up"], counters["drops"]) == (3 * rounds, 0), counters
     assert 1 <= counters["connect_failed"] <= rounds, counters
+
+
+NOFILE = 64
+
+
+def test_clients_beyond_the_fd_limit_are_counted_drops_and_served_once_fds_free_up() -> None:
+    """Each session holds a socket. Past the fd limit a new client's datagram cannot be sent
+    on: it is counted in drops (never lost uncounted), the sessions already open go on, and
+    once idle sessions end their fds serve the clients that were turned away."""
+    with UdpEcho() as server, ChildForwarder.start([(spec(server.port), "udp", {"udp_idle_timeout": 2})],
+                                                   nofile=NOFILE, workers=1) as child:
+        (port,) = child.ports
+        child.counters()    # the child's control side has all it needs before fds run out
+        room = NOFILE - open_fds(child.pid)
+        clients = [udp_socket() for _ in range(room + 5)]
+        try:
+            for i, sock in enumerate(clients):
+                sock.sendto(b"client %d" % i, (LOOP4, port))
+            counters = wait_for(lambda: (c := child.counters()[0])["datagrams_down"] + c["drops"] >= len(clients)
+                                and c, what="every datagram to be answered or dropped")
+            assert (counters["datagrams_up"], counters["datagrams_down"], counters["drops"]) == (room, room, 5)
+            served = [i for i, sock in enumerate(clients) if answered(sock, b"client %d" % i)]
+            assert len(served) == room and len(server.received) == room
+            turned_away = sorted(set(range(len(clients))) - set(served))
+            # the open sessions still work; the others get in once those have ended
+            assert udp_roundtrip(clients[served[0]], (LOOP4, port), b"still here") == b"still here"
+            assert child.counters()[0]["sessions_created"] == room
+            wait_for(lambda: child.counters()[0]["sessions_expired"] == room, what="the sessions to expire")
+            for i in turned_away:
+                assert udp_roundtrip(clients[i], (LOOP4, port), b"late %d" % i) == b"late %d" % i
+            counters = child.counters()[0]
+        finally:
+            for sock in clients:
+                sock.close()
+    assert counters["sessions_created"] == room + len(turned_away)
+    assert counters["drops"] == 5
+
+
+def answered(sock: socket.socket, expected: bytes) -> bool:
+    """Whether the reply ``expected`` is waiting on ``sock`` (nothing else may be)."""
+    sock.setblocking(False)
+    try:
+        data = sock.recv(64)
+    except BlockingIOError:
+        return False
+    finally:
+        sock.settimeout(5)
+    assert data == expected
+    return True
+
+
+def test_replies_come_only_from_the_target_address_and_port(fwd: SyncForwarder) -> None:
+    """A session's socket is connected to the target: what another port or address sends to
+    it (a service answering from a new port, as TFTP does; anyone guessing the session's port)
+    never reaches the client, and the session goes on."""
+    with udp_socket() as target, udp_socket() as other, udp_socket("127.0.0.2") as elsewhere:
+        rule = fwd.forward(target.getsockname()[1], "udp")
+        with udp_socket(timeout=0.5) as client:
+            client.sendto(b"hello", (LOOP4, rule.port))
+            data, session = target.recvfrom(64)
+            other.sendto(b"from another port", session)
+            elsewhere.sendto(b"from another address", session)
+            target.sendto(b"from the target", session)
+            assert client.recv(64) == b"from the target"
+            with pytest.raises(TimeoutError):
+                client.recv(64)
+        counters = fwd.counters(rule)
+    assert (counters.datagrams_up, counters.datagrams_down, counters.drops) == (1, 1, 0)
+
+
+def test_a_client_whose_nat_mapping_changes_gets_a_new_session(fwd: SyncForwarder) -> None:
+    """A client behind NAT whose mapping changes (a new source port) is a new client: its
+    datagrams go on through a session of their own, and the old session, which the target may
+    still answer through, ends at its idle timeout."""
+    with udp_socket() as target:
+        rule = fwd.forward(target.getsockname()[1], "udp", udp_idle_timeout=1)
+        with udp_socket(timeout=5) as before, udp_socket(timeout=5) as after:
+            before.sendto(b"first", (LOOP4, rule.port))
+            data, old = target.recvfrom(64)
+            after.sendto(b"rebound", (LOOP4, rule.port))
+            data2, new = target.recvfrom(64)
+            assert (data, data2) == (b"first", b"rebound") and old != new
+            target.sendto(b"to the new mapping", new)
+            target.sendto(b"to the old mapping", old)
+            assert after.recv(64) == b"to the new mapping"
+            assert before.recv(64) == b"to the old mapping"
+            counters = fwd.wait_counter(rule, "sessions_expired", 2)
+    assert (counters.sessions_created, counters.datagrams_up, counters.datagrams_down) == (2, 2, 2)
+
+
+def test_a_burst_of_replies_many_batches_long_reaches_the_client_whole_and_in_order() -> None:
+    """A target answering with far more datagrams than one batch (a DNS zone transfer over UDP,
+    a game server's state burst) while the forwarder is busy: all are queued at the session's
+    socket, and leave in batches, in order, each whole."""
+    replies = [datagram(seq, 200 + seq % 800) for seq in range(600)]
+    with udp_socket() as target, ChildForwarder.start([(spec(target.getsockname()[1]), "udp", {})],
+                                                       workers=1) as child:
+        (port,) = child.ports
+        with udp_socket(timeout=5) as client:
+            client.sendto(b"send me everything", (LOOP4, port))
+            _, session = target.recvfrom(64)
+            with frozen(child.pid):
+                for d in replies:
+                    target.sendto(d, session)
+            assert [client.recv(2000) for _ in replies] == replies
+        counters = wait_for(lambda: (c := child.counters()[0])["datagrams_down"] >= len(replies) and c,
+                            what="the replies to be counted")
+    assert (counters["datagrams_down"], counters["bytes_down"], counters["drops"]) == \
+        (len(replies), sum(map(len, replies)), 0)
+
+
+def test_replies_already_on_their_way_survive_a_retarget(fwd: SyncForwarder) -> None:
+    """The target moves while its answers are still queued at the session: they reach the
+    client, and what the client sends next goes to the new target only."""
+    replies = [datagram(seq, 100 + seq) for seq in range(50)]
+    with udp_socket("127.0.0.2") as old, udp_socket("127.0.0.3", port=old.getsockname()[1]) as new:
+        fwd.resolve("svc", "127.0.0.2")
+        rule = fwd.add(make_rule(old.getsockname()[1], "udp", "svc", listen_host=LOOP4))
+        with udp_socket(timeout=5) as client:
+            client.sendto(b"question", (LOOP4, rule.port))
+            _, session = old.recvfrom(64)
+            for d in replies:
+                old.sendto(d, session)
+            fwd.resolve("svc", "127.0.0.3")
+            assert [client.recv(1000) for _ in replies] == replies
+            client.sendto(b"next question", (LOOP4, rule.port))
+            assert new.recvfrom(64)[0] == b"next question"
+            old.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                old.recvfrom(64)
+        counters = fwd.counters(rule)
+    assert (counters.sessions_created, counters.datagrams_up, counters.drops) == (1, 2, 0)
+
+
+def test_a_client_sending_segmented_bursts_has_each_datagram_forwarded_whole(fwd: SyncForwarder) -> None:
+    """A client sending with UDP_SEGMENT (QUIC stacks, bulk senders) hands the kernel one
+    buffer that leaves as many datagrams: the target sees each, whole and in order."""
+    segment, count = 1200, 40
+    burst = [datagram(seq, segment) for seq in range(count - 1)] + [datagram(99, 500)]
+    with UdpEcho() as server:
+        rule = fwd.forward(server.port, "udp")
+        with udp_socket(timeout=5) as client:
+            client.setsockopt(socket.IPPROTO_UDP, 103, segment)     # UDP_SEGMENT
+            client.sendto(b"".join(burst), (LOOP4, rule.port))
+            assert [client.recv(2000) for _ in burst] == burst
+        (stream,) = server.received.values()
+        assert stream == digests(burst)
+    counters = fwd.wait_counter(rule, "datagrams_down", count)
+    assert (counters.datagrams_up, counters.bytes_up, counters.drops) == (count, sum(map(len, burst)), 0)
+
+
+def test_a_lowered_session_cap_applies_to_the_sessions_already_open(fwd: SyncForwarder) -> None:
+    """A reload that lowers udp_max_sessions (to bound fds or memory) must bring the sessions
+    down to the new cap, least recently active first. Only a new client's arrival evicted,
+    one for one, so the count never came down."""
+    with UdpEcho() as server:
+        rule = fwd.forward(server.port, "udp", udp_max_sessions=16)
+        clients = [udp_socket() for _ in range(10)]
+        try:
+            for i, sock in enumerate(clients):
+                assert udp_roundtrip(sock, (LOOP4, rule.port), b"c%d" % i) == b"c%d" % i
+            fwd.apply([make_rule(server.port, "udp", listen_port=rule.port, udp_max_sessions=4)])
+            counters = fwd.wait_counter(rule, "sessions_evicted", 6)
+            assert counters.sessions_active == 4
+            assert list(map(tuple, fwd.sessions(rule))) == [s.getsockname() for s in clients[6:]]
+            # the newest still forward through the sessions they had
+            assert udp_roundtrip(clients[9], (LOOP4, rule.port), b"still") == b"still"
+            counters = fwd.counters(rule)
+        finally:
+            for sock in clients:
+                sock.close()
+    assert (counters.sessions_created, counters.sessions_evicted, counters.sessions_active) == (10, 6, 4)
