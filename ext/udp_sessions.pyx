@@ -47,6 +47,7 @@ cdef bint flow_same(flow_t* a, flow_t* b) noexcept nogil:
 cdef void read_local_address(flow_t* f, msghdr* m) noexcept nogil:
     cdef cmsghdr* cm = CMSG_FIRSTHDR(m)
     f.local_family = AF_UNSPEC
+    f.local_ifindex = 0
     memset(f.local, 0, 16)
     while cm != NULL:
         if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_PKTINFO:
@@ -57,6 +58,10 @@ cdef void read_local_address(flow_t* f, msghdr* m) noexcept nogil:
         elif cm.cmsg_level == IPPROTO_IPV6 and cm.cmsg_type == IPV6_PKTINFO:
             f.local_family = AF_INET6
             memcpy(f.local, &(<in6_pktinfo*>CMSG_DATA(cm)).ipi6_addr, 16)
+            # A link-local source means nothing without its link (fe80::/10): keep the one
+            # asked on. Other addresses leave it to the routes.
+            if f.local[0] == 0xfe and f.local[1] & 0xc0 == 0x80:
+                f.local_ifindex = (<in6_pktinfo*>CMSG_DATA(cm)).ipi6_ifindex
         cm = CMSG_NXTHDR(m, cm)
 
 
@@ -393,6 +398,7 @@ cdef size_t reply_control(udp_batch_t* b, session_t* s) noexcept nogil:
     if s.flow.local_family == AF_INET6:
         memset(&p6, 0, sizeof(p6))
         memcpy(&p6.ipi6_addr, s.flow.local, 16)
+        p6.ipi6_ifindex = s.flow.local_ifindex
         return one_cmsg(b.send_ctrl, IPPROTO_IPV6, IPV6_PKTINFO, &p6, sizeof(p6))
     return 0
 

@@ -1,7 +1,9 @@
 """UDP forwarding as the services behind it meet it: a broadcast discovery query on a wildcard
 listener, a datagram too big for the target's family among good ones, a target behind a
-firewall that rejects some datagrams, a target answering from another port, a client whose
-NAT mapping changes, and more clients than the forwarder has fds for."""
+firewall that rejects some datagrams, more clients than the forwarder has fds for, a target
+answering from another port, a client whose NAT mapping changes, bursts of replies, a retarget
+with replies under way, segmented sends, a lowered session cap, and a LAN client asking each
+of the host's addresses (link-local and broadcast too) on wildcard listeners."""
 from __future__ import annotations
 
 import contextlib
@@ -82,9 +84,9 @@ def test_a_firewall_rejecting_one_datagram_does_not_cost_the_next() -> None:
         server = lab.call(ns, UdpEcho, LOOP4)
         clients = [lab.call(ns, udp_socket, LOOP4) for _ in range(2)]
         try:
-            lab.run(ns, ["nft", f"add table ip fw; add chain ip fw in {{ type filter hook input priority 0; }}; "
-                         f"add rule ip fw in udp dport {server.port} udp length {8 + rejected_size} "
-                         f"reject with icmp type admin-prohibited"])
+            lab.run(ns, ["nft", (f"add table ip fw; add chain ip fw in {{ type filter hook input priority 0; }}; "
+                                 f"add rule ip fw in udp dport {server.port} udp length {8 + rejected_size} "
+                                 f"reject with icmp type admin-prohibited")])
             with ChildForwarder.start([(spec(server.port), "udp", {})], workers=1,
                                       wrapper=tuple(Lab.argv(ns, []))) as child:
                 (port,) = child.ports
@@ -167,7 +169,7 @@ def test_replies_come_only_from_the_target_address_and_port(fwd: SyncForwarder) 
         rule = fwd.forward(target.getsockname()[1], "udp")
         with udp_socket(timeout=0.5) as client:
             client.sendto(b"hello", (LOOP4, rule.port))
-            data, session = target.recvfrom(64)
+            _, session = target.recvfrom(64)
             other.sendto(b"from another port", session)
             elsewhere.sendto(b"from another address", session)
             target.sendto(b"from the target", session)
@@ -280,3 +282,61 @@ def test_a_lowered_session_cap_applies_to_the_sessions_already_open(fwd: SyncFor
             for sock in clients:
                 sock.close()
     assert (counters.sessions_created, counters.sessions_evicted, counters.sessions_active) == (10, 6, 4)
+
+
+def link_local(lab: Lab, ns: str, dev: str) -> str:
+    """The link-local address of ``dev`` in ``ns``, once duplicate address detection is done."""
+    shown = ["ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link", "-tentative"]
+    listed = wait_for(lambda: lab.run(ns, shown).stdout.split("inet6 ")[1:], what=f"{dev}'s link-local address")
+    return listed[0].split("/")[0]
+
+
+@pytest.mark.root
+def test_wildcard_listeners_answer_a_lan_client_from_the_address_it_used() -> None:
+    """A forwarder's host with two addresses of each family on its LAN link (a namespace of
+    our own, the client in another, joined by a veth): whichever address the client asks,
+    the subnet's broadcast or the link-local one included, the answer comes from the address
+    the client expects, over the link. A link-local address asked from a global one (a
+    client whose own link-local address is not ready yet) was answered from the link-local
+    address with no interface named, which the kernel cannot route: the reply was dropped."""
+    with lab_namespace("udplan") as (lab, host):
+        client_ns = lab.netns("udpcli")
+        lab.veth(host, "lan0", client_ns, "eth0")
+        for ns, dev, addrs in ((host, "lan0", ("10.9.0.1/24", "10.9.0.2/24", "fd00:9::1/64", "fd00:9::2/64")),
+                               (client_ns, "eth0", ("10.9.0.9/24", "fd00:9::9/64"))):
+            for addr in addrs:
+                lab.run(ns, ["ip", "addr", "add", addr, "dev", dev, *(("nodad",) if ":" in addr else ())])
+        host_ll, client_ll = link_local(lab, host, "lan0"), link_local(lab, client_ns, "eth0")
+        eth0 = lab.call(client_ns, socket.if_nametoindex, "eth0")
+        server4, server6 = lab.call(host, UdpEcho, LOOP4), lab.call(host, UdpEcho, LOOP6)
+        fwd = lab.call(host, SyncForwarder, 1)
+        clients = [lab.call(client_ns, udp_socket, *where) for where in (("0.0.0.0",), ("fd00:9::9",))]
+        clients.append(lab.call(client_ns, socket.socket, socket.AF_INET6, socket.SOCK_DGRAM))
+        try:
+            c4, c6, c6_link = clients
+            c4.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            c6_link.bind((client_ll, 0, 0, eth0))
+            c6_link.settimeout(5)
+            v4 = fwd.add(make_rule(server4.port, "udp", listen_host="0.0.0.0"))
+            v6 = fwd.add(make_rule(server6.port, "udp", LOOP6, listen_host="::", listen_port=v4.port))
+            port = v4.port
+            asks = [(c4, ("10.9.0.2", port), "10.9.0.2"), (c4, ("10.9.0.1", port), "10.9.0.1"),
+                    (c4, ("10.9.0.255", port), "10.9.0.1"), (c6, ("fd00:9::2", port), "fd00:9::2"),
+                    (c6, ("fd00:9::1", port), "fd00:9::1"), (c6_link, (host_ll, port, 0, eth0), host_ll),
+                    (c6, (host_ll, port, 0, eth0), host_ll)]
+            for n, (sock, to, expected) in enumerate(asks):
+                message = b"ask %d" % n
+                sock.sendto(message, to)
+                data, source = sock.recvfrom(64)
+                assert (data, source[:2]) == (message, (expected, port)), f"asked {to[0]}"
+            c4_counters = fwd.wait_counter(v4, "datagrams_down", 3)
+            c6_counters = fwd.wait_counter(v6, "datagrams_down", 4)
+        finally:
+            for sock in clients:
+                sock.close()
+            fwd.close()
+            server4.close()
+            server6.close()
+    # one session per local address asked; the broadcast is answered as the primary address
+    assert (c4_counters.datagrams_down, c4_counters.sessions_created, c4_counters.drops) == (3, 2, 0)
+    assert (c6_counters.datagrams_down, c6_counters.sessions_created, c6_counters.drops) == (4, 4, 0)
