@@ -212,12 +212,12 @@ cdef int send_all(int fd, mmsghdr* out, int k, uint64_t* refused, uint64_t* nbyt
     """sendmmsg until everything went or the socket is full; returns how many went and adds
     their bytes to nbytes. A send that fails is tried once more: on a connected socket it may
     have met the error an ICMP message (port unreachable, prohibited, fragmentation needed)
-    left for an earlier datagram, which it cleared while sending nothing; that is counted in
-    refused. Failing again, the datagram itself cannot go (too big, no route): it alone is
-    dropped and the rest of the run still goes."""
+    left for an earlier datagram, which it cleared while sending nothing. If the retry goes
+    or fails otherwise, that was such an error: counted in refused. Failing the same way, the
+    datagram itself cannot go (too big, no route): it alone is dropped, the rest still goes."""
     cdef int done = 0
     cdef int sent = 0
-    cdef bint retried = False
+    cdef int failed = 0         # errno of the try before, if it failed
     cdef uint64_t total = 0
     cdef int rc, i
     while done < k:
@@ -225,19 +225,21 @@ cdef int send_all(int fd, mmsghdr* out, int k, uint64_t* refused, uint64_t* nbyt
         if rc > 0:
             for i in range(done, done + rc):
                 total += out[i].msg_len
-            if retried:
+            if failed:
                 refused[0] += 1
-                retried = False
+                failed = 0
             done += rc
             sent += rc
         elif rc < 0 and (errno == EAGAIN or errno == ENOBUFS):
             break       # the socket is full: the rest is dropped
         elif rc < 0 and errno == EINTR:
             continue
-        elif not retried:
-            retried = True
+        elif not failed:
+            failed = errno
         else:
-            retried = False
+            if errno != failed:
+                refused[0] += 1
+            failed = 0
             done += 1
     nbytes[0] += total
     return sent
@@ -255,6 +257,7 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused,
     cdef iovec iov
     cdef uint16_t segment
     cdef ssize_t n
+    cdef int failed
     if s.no_gso or k < 2 or size == 0 or <size_t>k * size > GSO_MAX:
         return -1
     if b.out_iov[k - 1].iov_len == 0:
@@ -275,16 +278,17 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused,
     m.msg_controllen = one_cmsg(b.send_ctrl, SOL_UDP, UDP_SEGMENT, &segment, sizeof(uint16_t))
     n = sendmsg(s.fd, &m, MSG_DONTWAIT)
     if n < 0 and errno != EAGAIN and errno != EINVAL and errno != EIO:
+        failed = errno
         n = sendmsg(s.fd, &m, MSG_DONTWAIT)     # once more after an ICMP error (see send_all)
-        if n == <ssize_t>total:
+        if n >= 0 or errno != failed:
             refused[0] += 1
     if n == <ssize_t>total:
         nbytes[0] += total
         return k
     if n < 0 and errno == EAGAIN:
         return 0
-    if n < 0 and (errno == EINVAL or errno == EIO):
-        s.no_gso = 1    # not offered here (old kernel, device): batches from now on
+    # Not offered here (old kernel, device), or not for segments this size on this path
+    s.no_gso = 1        # (EMSGSIZE once the path's size is known): batches from now on
     return -1
 
 

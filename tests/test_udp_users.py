@@ -340,3 +340,48 @@ def test_wildcard_listeners_answer_a_lan_client_from_the_address_it_used() -> No
     # one session per local address asked; the broadcast is answered as the primary address
     assert (c4_counters.datagrams_down, c4_counters.sessions_created, c4_counters.drops) == (3, 2, 0)
     assert (c6_counters.datagrams_down, c6_counters.sessions_created, c6_counters.drops) == (4, 4, 0)
+
+
+@pytest.mark.root
+def test_datagrams_bigger_than_a_narrower_link_on_the_way_go_on_once_the_path_is_known() -> None:
+    """Between the forwarder and the target a router's next link carries 1280 bytes. The first
+    1400-byte datagram goes out whole (don't fragment) and is lost there; the router's ICMP
+    'fragmentation needed' tells the session's socket the path's size and leaves EMSGSIZE on
+    it for the next send (another client's datagram in between, all read in one batch). That
+    send failed and the whole run of datagrams it led was dropped, uncounted; now it is tried
+    again and leaves in fragments, as every one after it, and the error is counted."""
+    big = [datagram(seq, 1400 + seq) for seq in range(5)]
+    with lab_namespace("udpfwd") as (lab, fwd_ns):
+        router, far = lab.netns("udprtr"), lab.netns("udptgt")
+        lab.veth(fwd_ns, "a0", router, "r0")
+        lab.veth(router, "r1", far, "t0")
+        for ns, commands in ((fwd_ns, ["addr add 10.7.1.1/24 dev a0", "route add 10.7.2.0/24 via 10.7.1.2"]),
+                             (router, ["addr add 10.7.1.2/24 dev r0", "addr add 10.7.2.1/24 dev r1",
+                                       "link set r1 mtu 1280"]),
+                             (far, ["addr add 10.7.2.2/24 dev t0", "link set t0 mtu 1280",
+                                    "route add default via 10.7.2.1"])):
+            for command in commands:
+                lab.run(ns, ["ip", *command.split()])
+        lab.run(router, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        server = lab.call(far, UdpEcho, "10.7.2.2")
+        clients = [lab.call(fwd_ns, udp_socket, LOOP4) for _ in range(2)]
+        try:
+            with ChildForwarder.start([(spec(server.port, "10.7.2.2", listen_host=LOOP4), "udp", {})], workers=1,
+                                      wrapper=tuple(Lab.argv(fwd_ns, []))) as child:
+                (port,) = child.ports
+                a, b = clients
+                with frozen(child.pid):
+                    a.sendto(big[0], (LOOP4, port))
+                    b.sendto(b"small", (LOOP4, port))
+                    for d in big[1:]:
+                        a.sendto(d, (LOOP4, port))
+                assert b.recv(100) == b"small"
+                assert [a.recv(2000) for _ in big[1:]] == big[1:]
+                assert sorted(server.received.values()) == sorted([digests(big[1:]), digests([b"small"])])
+                counters = wait_for(lambda: (c := child.counters()[0])["datagrams_down"] >= len(big) and c,
+                                    what="the replies to be counted")
+        finally:
+            for sock in clients:
+                sock.close()
+            server.close()
+    assert (counters["datagrams_up"], counters["drops"], counters["connect_failed"]) == (len(big) + 1, 0, 1), counters
