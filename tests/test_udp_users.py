@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -277,11 +278,40 @@ def test_a_lowered_session_cap_applies_to_the_sessions_already_open(fwd: SyncFor
             assert list(map(tuple, fwd.sessions(rule))) == [s.getsockname() for s in clients[6:]]
             # the newest still forward through the sessions they had
             assert udp_roundtrip(clients[9], (LOOP4, rule.port), b"still") == b"still"
+            # 0 is no cap: the evicted come back and nothing more is evicted
+            fwd.apply([make_rule(server.port, "udp", listen_port=rule.port, udp_max_sessions=0)])
+            for i, sock in enumerate(clients[:6]):
+                assert udp_roundtrip(sock, (LOOP4, rule.port), b"back %d" % i) == b"back %d" % i
             counters = fwd.counters(rule)
         finally:
             for sock in clients:
                 sock.close()
-    assert (counters.sessions_created, counters.sessions_evicted, counters.sessions_active) == (10, 6, 4)
+    assert (counters.sessions_created, counters.sessions_evicted, counters.sessions_active) == (16, 6, 10)
+
+
+def test_idle_sessions_among_thousands_expire_and_busy_ones_stay(fwd: SyncForwarder) -> None:
+    """2,000 sessions, half of them kept busy by their clients: exactly the quiet half expires,
+    and the busy half keeps the sessions (and upstream ports) it had."""
+    n = 2000
+    with UdpEcho() as server:
+        rule = fwd.forward(server.port, "udp", udp_idle_timeout=1.5)
+        clients = [udp_socket(bufsize=1 << 16) for _ in range(n)]
+        busy = clients[::2]
+        try:
+            for i, sock in enumerate(clients):
+                sock.sendto(b"c%d" % i, (LOOP4, rule.port))
+            fwd.wait_counter(rule, "datagrams_down", n)
+            for _ in range(16):    # 3.2 s: each busy client sends every 0.2 s
+                for sock in busy:
+                    sock.sendto(b"tick", (LOOP4, rule.port))
+                time.sleep(0.2)
+            counters = fwd.wait_counter(rule, "sessions_expired", n // 2)
+            assert {tuple(a) for a in fwd.sessions(rule)} == {s.getsockname() for s in busy}
+            assert (counters.sessions_created, counters.sessions_active) == (n, n // 2)
+        finally:
+            for sock in clients:
+                sock.close()
+    assert len(server.received) == n, "a busy client moved to another session"
 
 
 def link_local(lab: Lab, ns: str, dev: str) -> str:
