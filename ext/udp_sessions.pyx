@@ -149,6 +149,17 @@ cdef void udp_batch_free(worker_t* w) noexcept nogil:
         w.udp = NULL
 
 
+cdef int connect_target(int fd, addr_t* target, socklen_t tlen) noexcept nogil:
+    # A broadcast target (Wake-on-LAN onto a LAN) needs SO_BROADCAST; it is asked for only
+    # when connect says so, so other sessions pay nothing for it.
+    if connect(fd, &target.sa, tlen) == 0:
+        return 0
+    if errno != EACCES:
+        return -1
+    set_int_opt(fd, SOL_SOCKET, SO_BROADCAST, 1)
+    return connect(fd, &target.sa, tlen)
+
+
 cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept nogil:
     cdef rule_worker_t* rw = &(<rule_t*>l.rule).per_worker[w.id]
     cdef rconf_t* conf = rw.conf
@@ -164,7 +175,7 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
         return NULL
     set_udp_receive(fd)    # a burst of replies gets the room a burst of requests gets
     bind_source(rw, fd, target.sa.sa_family)
-    if connect(fd, &target.sa, tlen) < 0:
+    if connect_target(fd, &target, tlen) < 0:
         close(fd)
         return NULL
     s = <session_t*>calloc(1, sizeof(session_t))
@@ -463,7 +474,7 @@ cdef void udp_retarget(worker_t* w, rule_worker_t* rw) noexcept nogil:
             # target, which may not be the one that reaches the new target.
             rule_target(rw.conf, s.listener.index, &target, &tlen)
             connect(s.fd, &unspec, sizeof(sockaddr))
-            if connect(s.fd, &target.sa, tlen) < 0:
+            if connect_target(s.fd, &target, tlen) < 0:
                 session_close(w, s)
         n = nxt
 

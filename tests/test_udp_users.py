@@ -415,3 +415,17 @@ def test_datagrams_bigger_than_a_narrower_link_on_the_way_go_on_once_the_path_is
                 sock.close()
             server.close()
     assert (counters["datagrams_up"], counters["drops"], counters["connect_failed"]) == (len(big) + 1, 0, 1), counters
+
+
+def test_a_rule_to_a_broadcast_address_delivers(fwd: SyncForwarder) -> None:
+    """Wake-on-LAN relayed onto a LAN: the target is the network's broadcast address. The
+    session's socket could not connect to it (broadcast needs SO_BROADCAST), so every datagram
+    was dropped. The loopback network's broadcast stands in for a LAN's."""
+    with udp_socket("127.255.255.255") as receiver:
+        rule = fwd.forward(receiver.getsockname()[1], "udp", "127.255.255.255", listen_host=LOOP4)
+        magic = b"\xff" * 6 + bytes.fromhex("525400123456") * 16
+        with udp_socket() as client:
+            client.sendto(magic, (LOOP4, rule.port))
+            assert receiver.recv(200) == magic
+        counters = fwd.wait_counter(rule, "datagrams_up", 1)
+    assert (counters.datagrams_up, counters.bytes_up, counters.drops) == (1, len(magic), 0)
