@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 from fastfwd.host.lab import Lab
+from fastfwd.rules import Rule, SpecError
 from netutil import (LOOP4, LOOP6, ChildForwarder, Received, SyncForwarder, UdpEcho, datagram, make_rule, open_fds,
-                     spec, udp_roundtrip, udp_socket, wait_for)
+                     run_cli, spec, udp_roundtrip, udp_socket, wait_for)
 from test_wire_edges import frozen
 
 
@@ -429,3 +430,30 @@ def test_a_rule_to_a_broadcast_address_delivers(fwd: SyncForwarder) -> None:
             assert receiver.recv(200) == magic
         counters = fwd.wait_counter(rule, "datagrams_up", 1)
     assert (counters.datagrams_up, counters.bytes_up, counters.drops) == (1, len(magic), 0)
+
+
+@pytest.mark.parametrize("spec_text", [
+    "127.0.0.1:5353:127.0.0.1:5353", "5353:127.0.0.1:5353", "0.0.0.0:5353:127.0.0.1:5353",
+    "[::]:5353:[::1]:5353", "[::1]:5353:[::1]:5353", "127.0.0.1:5000-5009:127.0.0.1:5009-5018",
+    "127.0.0.1:5353:0.0.0.0:5353"])
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_a_rule_onto_its_own_listener_is_refused(spec_text: str, proto: str) -> None:
+    """``-u 5353:127.0.0.1:5353`` forwards to itself: one datagram went round and round
+    (about 230,000 times a second, a worker busy for good, a session per lap until the
+    cap); a TCP connection would connect to itself until the fds ran out. Refused where the
+    rule comes in, with one line."""
+    with pytest.raises(SpecError, match="rule.s own listener"):
+        Rule.parse(spec_text, proto)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spec_text", ["127.0.0.1:5353:127.0.0.2:5353", "5353:127.0.0.1:53",
+                                       "0.0.0.0:5353:10.0.0.1:5353", "127.0.0.1:5000-5009:127.0.0.1:5010-5019",
+                                       "[::]:5353:127.0.0.1:5353"])
+def test_rules_near_their_own_listener_are_taken(spec_text: str) -> None:
+    assert Rule.parse(spec_text, "udp").target_port in (53, 5010, 5353)
+
+
+def test_the_command_line_refuses_a_forward_onto_itself_with_one_line() -> None:
+    result = run_cli("run", "-u", "5353:127.0.0.1:5353")
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "rule's own listener" in result.stderr, result.stderr
