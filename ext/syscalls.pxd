@@ -299,10 +299,6 @@ cdef extern from *:
 cdef extern from "<errno.h>" nogil:
     enum:
         EIO             # a segmented UDP send the device cannot checksum
-
-
-cdef extern from "<errno.h>" nogil:
-    enum:
         EACCES          # connect() of a UDP socket to a broadcast address without SO_BROADCAST
 
 

@@ -299,7 +299,8 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused,
     if n < 0 and errno == EAGAIN:
         return 0
     # Not offered here (old kernel, device), or not for segments this size on this path
-    s.no_gso = 1        # (EMSGSIZE once the path's size is known): batches from now on
+    # (EMSGSIZE once the path's size is known): batches from now on.
+    s.no_gso = 1
     return -1
 
 
