@@ -295,3 +295,14 @@ cdef extern from *:
     int ff_add_int(int* p, int v) nogil
     int ff_load_int(int* p) nogil
     uint32_t ff_claim_u32(uint32_t* p, uint32_t v) nogil
+
+
+cdef extern from "<errno.h>" nogil:
+    enum:
+        EIO             # a segmented UDP send the device cannot checksum
+        EACCES          # connect() of a UDP socket to a broadcast address without SO_BROADCAST
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        SO_BROADCAST

@@ -14,6 +14,7 @@ ctypedef struct flow_t:
     addr_t client
     int local_family        # AF_UNSPEC on a listener bound to one address
     unsigned char local[16]
+    int local_ifindex       # where a link-local address was asked (replies must leave there)
 
 cdef struct session_s:
     dnode_t node            # first: the rule's activity list (oldest first: expiry, eviction)

@@ -47,14 +47,21 @@ cdef bint flow_same(flow_t* a, flow_t* b) noexcept nogil:
 cdef void read_local_address(flow_t* f, msghdr* m) noexcept nogil:
     cdef cmsghdr* cm = CMSG_FIRSTHDR(m)
     f.local_family = AF_UNSPEC
+    f.local_ifindex = 0
     memset(f.local, 0, 16)
     while cm != NULL:
         if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_PKTINFO:
+            # The address to answer from, which the kernel works out: the destination itself,
+            # or for a broadcast query this host's address on that network.
             f.local_family = AF_INET
-            memcpy(f.local, &(<in_pktinfo*>CMSG_DATA(cm)).ipi_addr, 4)
+            memcpy(f.local, &(<in_pktinfo*>CMSG_DATA(cm)).ipi_spec_dst, 4)
         elif cm.cmsg_level == IPPROTO_IPV6 and cm.cmsg_type == IPV6_PKTINFO:
             f.local_family = AF_INET6
             memcpy(f.local, &(<in6_pktinfo*>CMSG_DATA(cm)).ipi6_addr, 16)
+            # A link-local source means nothing without its link (fe80::/10): keep the one
+            # asked on. Other addresses leave it to the routes.
+            if f.local[0] == 0xfe and f.local[1] & 0xc0 == 0x80:
+                f.local_ifindex = (<in6_pktinfo*>CMSG_DATA(cm)).ipi6_ifindex
         cm = CMSG_NXTHDR(m, cm)
 
 
@@ -142,6 +149,17 @@ cdef void udp_batch_free(worker_t* w) noexcept nogil:
         w.udp = NULL
 
 
+cdef int connect_target(int fd, addr_t* target, socklen_t tlen) noexcept nogil:
+    # A broadcast target (Wake-on-LAN onto a LAN) needs SO_BROADCAST; it is asked for only
+    # when connect says so, so other sessions pay nothing for it.
+    if connect(fd, &target.sa, tlen) == 0:
+        return 0
+    if errno != EACCES:
+        return -1
+    set_int_opt(fd, SOL_SOCKET, SO_BROADCAST, 1)
+    return connect(fd, &target.sa, tlen)
+
+
 cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept nogil:
     cdef rule_worker_t* rw = &(<rule_t*>l.rule).per_worker[w.id]
     cdef rconf_t* conf = rw.conf
@@ -150,15 +168,14 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
     cdef session_t* s
     cdef int fd
     if conf.udp_max_sessions and rw.nsessions >= conf.udp_max_sessions:
-        session_close(w, <session_t*>dlist_first(&rw.sessions))
-        rw.c.sessions_evicted += 1
+        evict_oldest(w, rw)
     rule_target(conf, l.index, &target, &tlen)
     fd = socket(target.sa.sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         return NULL
     set_udp_receive(fd)    # a burst of replies gets the room a burst of requests gets
     bind_source(rw, fd, target.sa.sa_family)
-    if connect(fd, &target.sa, tlen) < 0:
+    if connect_target(fd, &target, tlen) < 0:
         close(fd)
         return NULL
     s = <session_t*>calloc(1, sizeof(session_t))
@@ -176,6 +193,11 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
     rw.nsessions += 1
     rw.c.sessions_created += 1
     return s
+
+
+cdef void evict_oldest(worker_t* w, rule_worker_t* rw) noexcept nogil:
+    session_close(w, <session_t*>dlist_first(&rw.sessions))
+    rw.c.sessions_evicted += 1
 
 
 cdef void session_close(worker_t* w, session_t* s) noexcept nogil:
@@ -197,34 +219,48 @@ cdef inline void session_touch(worker_t* w, session_t* s, rule_worker_t* rw) noe
         dlist_move_to_end(&rw.sessions, &s.node)
 
 
-cdef inline bint send_again(uint64_t* refused) noexcept nogil:
-    """After a send that failed: whether to try again. ECONNREFUSED is the target's ICMP port
-    unreachable for an earlier datagram, handed to this send, which sent nothing and cleared
-    it: count the refusal and send on (the target may be back)."""
-    if errno == ECONNREFUSED:
-        refused[0] += 1
-        return True
-    return errno == EINTR
-
-
-cdef int send_all(int fd, mmsghdr* out, int k, uint64_t* refused) noexcept nogil:
-    """sendmmsg until everything went or the socket is full; returns how many went."""
+cdef int send_all(int fd, mmsghdr* out, int k, uint64_t* refused, uint64_t* nbytes) noexcept nogil:
+    """sendmmsg until everything went or the socket is full; returns how many went and adds
+    their bytes to nbytes. A send that fails is tried once more: on a connected socket it may
+    have met the error an ICMP message (port unreachable, prohibited, fragmentation needed)
+    left for an earlier datagram, which it cleared while sending nothing. If the retry goes
+    or fails otherwise, that was such an error: counted in refused. Failing the same way, the
+    datagram itself cannot go (too big, no route): it alone is dropped, the rest still goes."""
     cdef int done = 0
-    cdef int rc
+    cdef int sent = 0
+    cdef int failed = 0         # errno of the try before, if it failed
+    cdef uint64_t total = 0
+    cdef int rc, i
     while done < k:
         rc = sendmmsg(fd, out + done, k - done, MSG_DONTWAIT)
-        if rc <= 0:
-            if rc < 0 and send_again(refused):
-                continue
-            break
-        done += rc
-    return done
+        if rc > 0:
+            for i in range(done, done + rc):
+                total += out[i].msg_len
+            if failed:
+                refused[0] += 1
+                failed = 0
+            done += rc
+            sent += rc
+        elif rc < 0 and (errno == EAGAIN or errno == ENOBUFS):
+            break       # the socket is full: the rest is dropped
+        elif rc < 0 and errno == EINTR:
+            continue
+        elif not failed:
+            failed = errno
+        else:
+            if errno != failed:
+                refused[0] += 1
+            failed = 0
+            done += 1
+    nbytes[0] += total
+    return sent
 
 
-cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused) noexcept nogil:
+cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused,
+                        uint64_t* nbytes) noexcept nogil:
     """Send the k prepared datagrams as one segmented write (UDP_SEGMENT): one trip through
-    the stack instead of k. Needs equal sizes (the last may be shorter). Returns how many went,
-    or -1 if this run cannot go that way."""
+    the stack instead of k. Needs equal sizes (the last may be shorter). Returns how many went
+    (their bytes added to nbytes), or -1 if this run cannot go that way."""
     cdef size_t size = b.out_iov[0].iov_len
     cdef size_t total = 0
     cdef int i
@@ -232,6 +268,7 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused) 
     cdef iovec iov
     cdef uint16_t segment
     cdef ssize_t n
+    cdef int failed
     if s.no_gso or k < 2 or size == 0 or <size_t>k * size > GSO_MAX:
         return -1
     if b.out_iov[k - 1].iov_len == 0:
@@ -251,13 +288,19 @@ cdef int send_segmented(session_t* s, udp_batch_t* b, int k, uint64_t* refused) 
     m.msg_control = b.send_ctrl
     m.msg_controllen = one_cmsg(b.send_ctrl, SOL_UDP, UDP_SEGMENT, &segment, sizeof(uint16_t))
     n = sendmsg(s.fd, &m, MSG_DONTWAIT)
-    while n < 0 and send_again(refused):
-        n = sendmsg(s.fd, &m, MSG_DONTWAIT)
+    if n < 0 and errno != EAGAIN and errno != EINVAL and errno != EIO:
+        failed = errno
+        n = sendmsg(s.fd, &m, MSG_DONTWAIT)     # once more after an ICMP error (see send_all)
+        if n >= 0 or errno != failed:
+            refused[0] += 1
     if n == <ssize_t>total:
+        nbytes[0] += total
         return k
     if n < 0 and errno == EAGAIN:
         return 0
-    s.no_gso = 1        # not offered here (old kernel, device): batches from now on
+    # Not offered here (old kernel, device), or not for segments this size on this path
+    # (EMSGSIZE once the path's size is known): batches from now on.
+    s.no_gso = 1
     return -1
 
 
@@ -289,14 +332,6 @@ cdef inline void prepare_send(udp_batch_t* b, int k, int i, addr_t* to, socklen_
     m.msg_control = ctrl
     m.msg_controllen = ctrllen
     m.msg_flags = 0
-
-
-cdef uint64_t sent_bytes(udp_batch_t* b, int sent) noexcept nogil:
-    cdef uint64_t total = 0
-    cdef int k
-    for k in range(sent):
-        total += b.out_iov[k].iov_len
-    return total
 
 
 cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
@@ -344,11 +379,10 @@ cdef void udp_listener_readable(worker_t* w, listener_t* l) noexcept nogil:
                 prepare_send(b, k, i, NULL, 0, NULL, 0)
                 k += 1
                 i += 1
-            sent = send_segmented(s, b, k, &rw.c.connect_failed)
+            sent = send_segmented(s, b, k, &rw.c.connect_failed, &rw.c.bytes_up)
             if sent < 0:
-                sent = send_all(s.fd, b.out, k, &rw.c.connect_failed)
+                sent = send_all(s.fd, b.out, k, &rw.c.connect_failed, &rw.c.bytes_up)
             rw.c.datagrams_up += sent
-            rw.c.bytes_up += sent_bytes(b, sent)
             rw.c.drops += k - sent
         if n < UDP_BATCH:
             return
@@ -380,6 +414,7 @@ cdef size_t reply_control(udp_batch_t* b, session_t* s) noexcept nogil:
     if s.flow.local_family == AF_INET6:
         memset(&p6, 0, sizeof(p6))
         memcpy(&p6.ipi6_addr, s.flow.local, 16)
+        p6.ipi6_ifindex = s.flow.local_ifindex
         return one_cmsg(b.send_ctrl, IPPROTO_IPV6, IPV6_PKTINFO, &p6, sizeof(p6))
     return 0
 
@@ -396,8 +431,9 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
         prepare_recv(b, False)
         n = recvmmsg(s.fd, b.msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
         if n <= 0:
-            # ECONNREFUSED reports the target's ICMP port unreachable; reading cleared it.
-            if n < 0 and errno == ECONNREFUSED:
+            # An error here is one an ICMP message for an earlier datagram left on the socket
+            # (port unreachable, prohibited, fragmentation needed); reading cleared it.
+            if n < 0 and errno != EAGAIN:
                 rw.c.connect_failed += 1
                 continue
             return
@@ -411,9 +447,8 @@ cdef void udp_session_readable(worker_t* w, session_t* s) noexcept nogil:
             prepare_send(b, k, i, &s.flow.client, addr_len(&s.flow.client),
                          b.send_ctrl if ctrllen else NULL, ctrllen)
             k += 1
-        sent = send_all(l.fd, b.out, k, &rw.c.connect_failed)   # unconnected: never refused
+        sent = send_all(l.fd, b.out, k, &rw.c.connect_failed, &rw.c.bytes_down)
         rw.c.datagrams_down += sent
-        rw.c.bytes_down += sent_bytes(b, sent)
         rw.c.drops += k - sent
         session_touch(w, s, rw)
         if n < UDP_BATCH:
@@ -440,7 +475,7 @@ cdef void udp_retarget(worker_t* w, rule_worker_t* rw) noexcept nogil:
             # target, which may not be the one that reaches the new target.
             rule_target(rw.conf, s.listener.index, &target, &tlen)
             connect(s.fd, &unspec, sizeof(sockaddr))
-            if connect(s.fd, &target.sa, tlen) < 0:
+            if connect_target(s.fd, &target, tlen) < 0:
                 session_close(w, s)
         n = nxt
 
@@ -458,6 +493,9 @@ cdef void udp_sweep(worker_t* w, rule_worker_t* rw) noexcept nogil:
         session_close(w, <session_t*>n)
         rw.c.sessions_expired += 1
         n = dlist_first(&rw.sessions)
+    # A reload may have lowered the cap below the sessions open: the least recently active go.
+    while rw.conf.udp_max_sessions and rw.nsessions > rw.conf.udp_max_sessions:
+        evict_oldest(w, rw)
 
 
 cdef void udp_free_dead(worker_t* w) noexcept nogil:

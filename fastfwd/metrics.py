@@ -29,8 +29,8 @@ _HELP = {
     "active": "TCP connections open now",
     "refused": "TCP connections reset at accept (allow list, max_connections, pending target, no fds) "
                "and UDP datagrams from sources the allow list does not admit",
-    "connect_failed": "TCP connects to the target refused or timed out, and UDP datagrams the target "
-                      "answered with port unreachable",
+    "connect_failed": "TCP connects to the target refused or timed out, and ICMP errors UDP datagrams "
+                      "met on the way to the target (port unreachable, prohibited, too big for the path)",
     "bytes_up": "bytes sent from clients to the target",
     "bytes_down": "bytes sent from the target to clients",
     "bytes_spliced": "TCP bytes moved with splice (zero copy), both directions",

@@ -134,6 +134,7 @@ class Rule:
             raise SpecError("listen port 0 (any free port) cannot start a range")
         _check_port_range(self.listen_port, self.count, "listen", allow_zero=True)
         _check_port_range(self.target_port, self.count, "target", allow_zero=False)
+        self._check_not_onto_itself()
 
     def _check_types(self) -> None:
         """A program building rules itself learns which field is wrong, rather than getting a
@@ -166,6 +167,18 @@ class Rule:
         if target.version not in versions:
             raise SpecError(f"source: {self.options.source[0]!r} is IPv{versions[0]} but the target {target} "
                             f"is IPv{target.version}")
+
+    def _check_not_onto_itself(self) -> None:
+        """Refuse a target port that is one of the rule's own listeners (``5353:127.0.0.1:5353``):
+        each datagram or connection would come back to it without end. Seen from the spec alone:
+        the listen address itself, or loopback or the unspecified address on the same host."""
+        if self.target_is_name or not self.listen_port:
+            return
+        target, listen = ipaddress.ip_address(self.target_host), ipaddress.ip_address(self.listen_host)
+        here = target == listen or (target.version == listen.version and (
+            (listen.is_unspecified and target.is_loopback) or (target.is_unspecified and listen.is_loopback)))
+        if here and self.target_port < self.listen_port + self.count and self.listen_port < self.target_port + self.count:
+            raise SpecError(f"target {self.target_text} is this rule's own listener: it would forward to itself")
 
     @classmethod
     def parse(cls, spec: str, proto: Proto = "tcp", *, name: str | None = None,

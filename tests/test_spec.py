@@ -20,7 +20,7 @@ from netutil import (LOOP4, SyncForwarder, TcpServer, cli_sandbox, connect, echo
     ("[::1]:5353:[::1]:53", "udp", Rule("udp", 5353, "::1", 53, "::1")),
     ("[::]:80:vm1:8080", "tcp", Rule("tcp", 80, "vm1", 8080, "::")),
     ("0:vm-2.example.org:22", "tcp", Rule("tcp", 0, "vm-2.example.org", 22)),
-    ("65535:127.0.0.1:65535", "udp", Rule("udp", 65535, "127.0.0.1", 65535)),
+    ("65535:10.0.0.1:65535", "udp", Rule("udp", 65535, "10.0.0.1", 65535)),
 ])
 def test_good_specs(text: str, proto: Proto, expected: Rule) -> None:
     rule = Rule.parse(text, proto)
