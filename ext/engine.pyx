@@ -419,6 +419,13 @@ cdef class Engine:
         finally:
             free(cmd.out)
 
+    def sync(self):
+        """Return once every worker has finished the events it was handling: counters read
+        after this include every send that had returned when it was called."""
+        if self._w == NULL:
+            raise RuntimeError("the engine is closed")
+        self._broadcast(CMD_SYNC, NULL, NULL, 0)
+
     def live_connections(self):
         """Open TCP connections over all rules, removed ones included (for draining)."""
         cdef int i

@@ -17,6 +17,7 @@ cdef enum:
     CMD_REMOVE_RULE = 5     # the rule is gone: drop its sessions, optionally its connections
     CMD_SESSIONS = 6        # list a UDP rule's sessions
     CMD_STOP = 7
+    CMD_SYNC = 8            # nothing: acknowledged between event batches, so after the current one
 
 # Shared by the control plane and the workers: how many workers have yet to finish the
 # current command. Commands are rare, so a mutex is fine here; the data path takes no lock.

@@ -157,6 +157,7 @@ cdef void run_command(worker_t* w, cmd_t* cmd) noexcept nogil:
             n = n.next
     elif cmd.op == CMD_STOP:
         w.running = 0
+    # CMD_SYNC: nothing to do; its acknowledgement is the point.
 
 
 cdef void run_commands(worker_t* w) noexcept nogil:

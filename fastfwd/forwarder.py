@@ -313,13 +313,7 @@ class Forwarder:
         send once it returned, so a client can read the last bytes of a reply before they
         are counted; counters read after this include every byte, datagram and connection
         the far ends had received when it was called."""
-        engine = self._require()
-        some = next(iter(self._table.values()), None)
-        if some is None:
-            return      # no rule, no counters to wait for
-        # Each worker acknowledges a published configuration between its event batches, so
-        # after whatever it was doing; the rule's own target, published again, changes nothing.
-        engine.set_target(some.id, some.target_ip, some.rule.target_port, False)
+        self._require().sync()
 
     def counters(self, rule: Rule | ActiveRule) -> Counters:
         active = self.find(rule)
