@@ -28,7 +28,7 @@ from .config import Config, ConfigError, ControlSettings, EngineSettings, conten
 from .control import ControlServer, rule_label
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer, apply_lease_file, reread_lease_file
-from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_names
+from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_name, resolve_names
 from .notify import notify, reloading, watchdog_interval
 from .rules import Rule, split_hostports
 from .unixserver import Access, JsonLineServer
@@ -90,6 +90,8 @@ class Daemon:
         self.leases = LeaseTable()
         self.fw: Forwarder | None = None
         self._names: dict[str, str] = {}
+        #: The [hosts] names of each MAC, for the [hosts] mapping they were made from.
+        self._hosts_by_mac: tuple[Mapping[str, HostEntry], dict[str, set[str]]] = ({}, {})
         #: Serialises every change to the rule table: reloads, lease changes, run-time rules.
         self._lock = asyncio.Lock()
         #: Serialises the writers of the lease table: the lease socket and the neighbour table.
@@ -375,9 +377,25 @@ class Daemon:
     async def leases_changed(self, changes: list[LeaseChange]) -> None:
         """The lease sources' callback once the table changed (each logs the leases itself):
         re-point every name whose address moved, so that when this returns (and the lease
-        socket replies), the affected rules already forward to their new targets."""
+        socket replies), the affected rules already forward to their new targets. Only the
+        names the changed leases carry or their MACs stand for are looked at: an event costs
+        the same however many leases and names there are."""
+        macs = {lease.mac for change in changes for lease in (change.old, change.new) if lease is not None}
+        names = {lease.hostname for change in changes for lease in (change.old, change.new)
+                 if lease is not None and lease.hostname is not None}
         async with self._lock:
-            await self._resolve()
+            by_mac = self._host_names_by_mac()
+            await self._resolve(only=names.union(*(by_mac.get(mac, ()) for mac in macs)))
+
+    def _host_names_by_mac(self) -> dict[str, set[str]]:
+        hosts, by_mac = self._hosts_by_mac
+        if hosts is not self.config.hosts:  # the config was reloaded since
+            by_mac = {}
+            for name, entry in self.config.hosts.items():
+                if entry.mac is not None:
+                    by_mac.setdefault(entry.mac, set()).add(name)
+            self._hosts_by_mac = (self.config.hosts, by_mac)
+        return by_mac
 
     async def _watch_neighbours(self) -> None:
         """Addresses of static VMs from the kernel's neighbour table, into the lease table;
@@ -388,17 +406,26 @@ class Daemon:
             return {entry.mac for entry in self.config.hosts.values() if entry.mac}
         await feed_neighbours(self.leases, self.leases_changed, macs=macs, lock=self._lease_lock)
 
-    async def _resolve(self, hosts: Mapping[str, HostEntry] | None = None, *, new_only: bool = False) -> None:
+    async def _resolve(self, hosts: Mapping[str, HostEntry] | None = None, *, new_only: bool = False,
+                       only: Iterable[str] | None = None) -> None:
         """Tell the forwarder the names' addresses under ``hosts`` (default: the running
-        config's). With ``new_only``, only names without an address so far are added."""
+        config's). With ``new_only``, only names without an address so far are added; with
+        ``only``, only those names are looked at."""
         assert self.fw is not None
-        names = resolve_names(self.config.hosts if hosts is None else hosts, self.leases)
-        if new_only:
-            names = {**names, **self._names}
-        for name, ip in name_updates(self._names, names).items():
+        hosts = self.config.hosts if hosts is None else hosts
+        if only is not None:
+            updates = {name: ip for name in sorted(only)
+                       if (ip := resolve_name(name, hosts, self.leases)) != self._names.get(name)}
+        else:
+            names = resolve_names(hosts, self.leases)
+            updates = name_updates(self._names, {**names, **self._names} if new_only else names)
+        for name, ip in updates.items():
             touched = await self.fw.resolve(name, ip)
+            if ip is None:
+                self._names.pop(name, None)
+            else:
+                self._names[name] = ip
             log.info("name %s is now %s (%d rule(s))", name, ip or "unknown, its rules are pending", len(touched))
-        self._names = names
 
     # -- what the control socket asks (control.ControlTarget) ---------------------------------
     @property

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -93,7 +94,8 @@ async def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
             log.info("DHCP lease file %s is empty (being rewritten?): no lease removed", path)
             return []
         entries, malformed = await asyncio.to_thread(read_lease_file, path, note, strict=False)
-        leases = [Lease.from_message(entry) for entry in entries]
+        now = time.time()  # the claims of one snapshot are equal (see LeaseTable.named)
+        leases = [Lease.from_message(entry, seen=now) for entry in entries]
         changes = ([change for lease in leases for change in table.apply_event("old", lease)] if malformed
                    else table.apply_snapshot(leases, family=4))
     except (OSError, LeaseError) as exc:
@@ -155,9 +157,10 @@ def _parse(request: Request) -> tuple[str | None, list[Lease], int | None]:
             if not isinstance(doc["snapshot"], list):
                 raise LeaseError(f"snapshot: expected a list of leases, got {type(doc['snapshot']).__name__}")
             leases = []
+            now = time.time()  # the claims of one snapshot are equal (see LeaseTable.named)
             for i, entry in enumerate(doc["snapshot"]):
                 try:
-                    leases.append(Lease.from_message(entry))
+                    leases.append(Lease.from_message(entry, seen=now))
                 except LeaseError as exc:
                     raise LeaseError(f"snapshot[{i}]: {exc}") from None
             return None, leases, family

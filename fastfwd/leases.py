@@ -185,7 +185,8 @@ def _version(st: os.stat_result) -> tuple[int, int, int, int]:
 
 @dataclass(frozen=True)
 class Lease:
-    """One address held by one machine. ``seen`` is when its source last confirmed it."""
+    """One address held by one machine. ``seen`` is when its source first reported it as it
+    stands: a report that repeats it changes nothing, so ``seen`` orders the claims to a name."""
 
     mac: str
     ip: str
@@ -277,6 +278,8 @@ class LeaseTable:
         #: Who holds each address, so that an event or a restored entry costs the same however
         #: large the table is.
         self._holders: dict[str, LeaseKey] = {}
+        #: The leases that claim each host name, so that a name is resolved from its own.
+        self._named: dict[str, set[LeaseKey]] = {}
         for lease in leases:
             self._put(lease)
         self.state_file = Path(state_file) if state_file is not None else None
@@ -304,6 +307,19 @@ class LeaseTable:
         key = self._holders.get(normalize_ip(ip))
         return None if key is None else self._leases[key]
 
+    def hostnames(self) -> Iterable[str]:
+        """The host names some lease claims."""
+        return self._named.keys()
+
+    def named(self, hostname: str) -> str | None:
+        """The address of the host name's claim that wins: an IPv4 lease over an IPv6 one,
+        then the latest claim (``seen``), then, for claims made together (one snapshot), the
+        greater MAC. Decided by the table alone, so a restart resolves every name the same."""
+        keys = self._named.get(hostname)
+        if not keys:
+            return None
+        return max((self._leases[key] for key in keys), key=lambda lease: (lease.key[1] == 4, lease.seen, lease.mac)).ip
+
     # -- changing ----------------------------------------------------------------------------
     def apply_event(self, event: str, lease: Lease) -> list[LeaseChange]:
         """Apply one event from ``lease.source``. ``add``/``old`` set the lease unless a lease
@@ -317,8 +333,7 @@ class LeaseTable:
         before = {key: self._leases.get(key) for key in {lease.key, holder} if key is not None}
         if event == "del":
             if holder == lease.key and self._leases[holder].source == lease.source:
-                del self._leases[lease.key]
-                del self._holders[lease.ip]
+                self._drop(holder)
         elif all(lease.outranks(old) for old in before.values() if old is not None):
             self._put(lease)
         return self._commit(before)
@@ -344,30 +359,51 @@ class LeaseTable:
                 raise LeaseError(f"snapshot gives {lease.ip} to both {holders[lease.ip][0]} and {lease.mac}")
             wanted[lease.key] = lease
             holders[lease.ip] = lease.key
+        old = self._leases
         before: dict[LeaseKey, Lease | None] = {key: None for key in wanted}
-        before.update(self._leases)
+        before.update(old)
         rank = SOURCES.index(source)
         # Lower sources keep what the snapshot does not claim; higher ones displace it.
-        below = [lease for lease in self._leases.values() if SOURCES.index(lease.source) < rank
+        below = [lease for lease in old.values() if SOURCES.index(lease.source) < rank
                  and lease.key not in wanted and lease.ip not in holders]
-        above = [lease for lease in self._leases.values() if SOURCES.index(lease.source) > rank]
-        uncovered = [lease for lease in self._leases.values()
+        above = [lease for lease in old.values() if SOURCES.index(lease.source) > rank]
+        uncovered = [lease for lease in old.values()
                      if lease.source == source and family is not None and lease.key[1] != family]
-        self._leases, self._holders = wanted, holders
+        self._leases, self._holders, self._named = {}, {}, {}
+        for key, lease in wanted.items():
+            self._set(old[key] if lease.same(old.get(key)) else lease)  # a repeat keeps its ``seen``
         for lease in (*uncovered, *below, *above):
             self._put(lease)
         return self._commit(before)
 
     def _put(self, lease: Lease) -> None:
         replaced = self._leases.get(lease.key)
+        if lease.same(replaced):
+            # A repeat (dnsmasq's ``old`` at its restart) claims nothing anew: were its
+            # ``seen`` renewed, it would take a contested name back from the later claim.
+            return
         if replaced is not None:
-            del self._holders[replaced.ip]
+            self._drop(lease.key)
         # The newest holder of an address wins: the previous holder's del may have been lost.
         previous = self._holders.get(lease.ip)
         if previous is not None:
-            del self._leases[previous]
+            self._drop(previous)
+        self._set(lease)
+
+    def _set(self, lease: Lease) -> None:
         self._leases[lease.key] = lease
         self._holders[lease.ip] = lease.key
+        if lease.hostname is not None:
+            self._named.setdefault(lease.hostname, set()).add(lease.key)
+
+    def _drop(self, key: LeaseKey) -> None:
+        lease = self._leases.pop(key)
+        del self._holders[lease.ip]
+        if lease.hostname is not None:
+            claims = self._named[lease.hostname]
+            claims.discard(key)
+            if not claims:
+                del self._named[lease.hostname]
 
     def _commit(self, before: Mapping[LeaseKey, Lease | None]) -> list[LeaseChange]:
         """The changes against ``before``, which holds every key that may have changed (None:
@@ -525,25 +561,23 @@ def _verified_entries(raw: bytes | None) -> list[Any] | None:
 
 
 def resolve_names(hosts: Mapping[str, HostEntry], table: LeaseTable) -> dict[str, str]:
-    """Every target name with a known address: DHCP host names from the leases, then the
-    ``[hosts]`` entries, which win over a DHCP name they share (even while their MAC has no
-    lease: an explicit entry is never silently replaced by whatever guest claims the name)."""
-    names: dict[str, str] = {}
-    # IPv6 first and oldest first, so IPv4 and the most recently seen guest overwrite them.
-    for lease in sorted(table, key=lambda lease: (-lease.key[1], lease.seen, lease.mac)):
-        if lease.hostname is not None:
-            names[lease.hostname] = lease.ip
-    for name, entry in hosts.items():
-        if entry.mac is None:
-            ip = entry.ip
-        else:
-            held = table.for_mac(entry.mac)
-            ip = held.ip if held is not None else None
-        if ip is None:
-            names.pop(name, None)
-        else:
-            names[name] = ip
-    return names
+    """Every target name with a known address: DHCP host names from the leases, and the
+    ``[hosts]`` entries (see ``resolve_name``)."""
+    return {name: ip for name in sorted({*table.hostnames(), *hosts})
+            if (ip := resolve_name(name, hosts, table)) is not None}
+
+
+def resolve_name(name: str, hosts: Mapping[str, HostEntry], table: LeaseTable) -> str | None:
+    """The name's address: a ``[hosts]`` entry wins over a DHCP host name it shares (even
+    while its MAC has no lease: an explicit entry is never silently replaced by whatever
+    guest claims the name); else the DHCP claim that wins (``LeaseTable.named``)."""
+    entry = hosts.get(name)
+    if entry is None:
+        return table.named(name)
+    if entry.mac is None:
+        return entry.ip
+    held = table.for_mac(entry.mac)
+    return held.ip if held is not None else None
 
 
 def name_updates(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, str | None]:

@@ -99,10 +99,11 @@ def test_add_then_del_reports_each_change() -> None:
     assert len(table) == 0 and table.for_mac(A) is None
 
 
-def test_old_refreshing_the_same_lease_is_no_change_but_updates_seen() -> None:
+def test_old_repeating_the_same_lease_is_no_change_and_keeps_seen() -> None:
+    # ``seen`` is when the lease took its form: the order of claims to a host name.
     table = LeaseTable([lease(A, "10.0.0.1", "vm1", seen=1.0)])
     assert table.apply_event("old", lease(A, "10.0.0.1", "vm1", seen=2.0)) == []
-    assert table.for_mac(A).seen == 2.0
+    assert table.for_mac(A).seen == 1.0
 
 
 def test_new_address_for_a_mac_replaces_the_old_one() -> None:
