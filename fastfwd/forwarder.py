@@ -128,6 +128,9 @@ class Forwarder:
         self._busy_poll_us = busy_poll_us
         self._names: dict[str, str] = {name.lower(): ip for name, ip in (hosts or {}).items()}
         self._table: dict[RuleKey, ActiveRule] = {}
+        #: The table's rules by target host, so a name that moves visits its own rules only
+        #: (a snapshot moving every VM would otherwise look at every rule once per name).
+        self._by_host: dict[str, list[ActiveRule]] = {}
         self._engine: Engine | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -158,6 +161,7 @@ class Forwarder:
         self._engine = None
         rules = list(self._table.values())
         self._table.clear()
+        self._by_host.clear()
         try:
             if drain > 0:
                 for active in rules:
@@ -225,6 +229,7 @@ class Forwarder:
             raise
         # A rule on port 0 is filed under the port it got: the same rule may run twice.
         self._table[rule.key if rule.listen_port else (*rule.key[:2], port, 1)] = active
+        self._by_host.setdefault(rule.target_host, []).append(active)
         if log.isEnabledFor(logging.INFO):     # a table of thousands of rules loads without the text
             log.info("forwarding %s%s", _describe(active), " (pending: no address yet)" if active.pending else "")
         return active
@@ -235,6 +240,7 @@ class Forwarder:
             raise KeyError(f"no such rule: {rule}")
         self._uninstall(self._require(), active, close_live=active.rule.options.on_remove == "close")
         self._table = {k: v for k, v in self._table.items() if v is not active}
+        self._unindex(active, active.rule.target_host)
         log.info("removed %s", _describe(active))
 
     async def apply(self, rules: Iterable[Rule]) -> Diff:
@@ -297,7 +303,7 @@ class Forwarder:
             self._names.pop(name, None)
         else:
             self._names[name] = ip
-        touched = [a for a in self._table.values() if a.rule.target_host == name]
+        touched = list(self._by_host.get(name, ()))
         for active in touched:
             self._point(active, close_live=active.rule.options.on_retarget == "close")
         return touched
@@ -351,8 +357,17 @@ class Forwarder:
                 pairs.append((rule, free.pop(slot) if slot is not None else None))
         return pairs, list(free.values())
 
+    def _unindex(self, active: ActiveRule, host: str) -> None:
+        rules = self._by_host[host]
+        rules.remove(active)
+        if not rules:
+            del self._by_host[host]
+
     def _update(self, active: ActiveRule, rule: Rule, diff: Diff) -> None:
         old, active.rule = active.rule, rule
+        if old.target_host != rule.target_host:
+            self._unindex(active, old.target_host)
+            self._by_host.setdefault(rule.target_host, []).append(active)
         if old.options != rule.options:
             self._configure(active)
             diff.reconfigured.append(active)

@@ -356,8 +356,6 @@ def test_one_lease_event_costs_the_same_however_many_leases_and_rules(tmp_path: 
     assert run_async(main()) < 10
 
 
-@pytest.mark.xfail(strict=True, reason="Forwarder.resolve looks at every rule for each name it re-points "
-                                       "(forwarder.py, not this branch's to change)")
 def test_resolving_one_name_looks_only_at_its_own_rules() -> None:
     base = free_port_range(300)
 
