@@ -369,7 +369,7 @@ def format_status(reply: dict[str, Any], now: float | None = None) -> str:
         udp = ("-", "-", "-") if tcp else (str(c["datagrams_up"]), str(c["datagrams_down"]), str(c["sessions_active"]))
         rows.append((r["name"] or "-", r["proto"], r["listen"], r["target"], r["target_ip"] or "-", r["state"],
                      *conns, _bytes(c["bytes_up"]), _bytes(c["bytes_down"]), *udp))
-    lease_rows: list[tuple[str, ...]] = [("MAC", "IP", "HOSTNAME", "SEEN")]
+    lease_rows: list[tuple[str, ...]] = [("MAC", "IP", "HOSTNAME", "SINCE")]  # held as it is, for how long
     for lease in reply.get("leases", []):
         lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))
     parts = [_table(rows) if len(rows) > 1 else "no rules",

@@ -155,7 +155,7 @@ def test_status_shows_rules_with_live_counters_pending_rules_and_leases(sockdir:
                                 "1000", "B", "1000", "B", "-", "-", "-"]
     assert lines[2].split() == ["-", "udp", dns["listen"], "vm9:53", "-", "pending", "-", "-", "0", "B", "0", "B",
                                 "0", "0", "0"]
-    assert lines[4].split() == ["MAC", "IP", "HOSTNAME", "SEEN"]
+    assert lines[4].split() == ["MAC", "IP", "HOSTNAME", "SINCE"]
     assert lines[5].split() == [A, "10.0.0.1", "vm1", "2h", "ago"]
     assert status["engine"] == {"workers": 1, "pipe_size": 1 << 20, "busy_poll_us": 0}
     assert lines[7] == "engine: 1 worker, pipes of 1.0 MiB, no busy polling"
