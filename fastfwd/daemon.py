@@ -46,6 +46,9 @@ _T = TypeVar("_T")
 LEASE_SAVE_DELAY = 1.0
 _EMPTY = content_digest(b"")
 #: Seconds between the log's failure summaries: at most one line per rule each.
+#: Target names without an address at start warned about one by one; more are one line.
+_UNKNOWN_ONE_BY_ONE = 10
+
 FAILURE_LOG_INTERVAL = 60.0
 #: The counters the failure summary reports: each counts a client turned away or traffic
 #: lost. Pipe shortages and splice fallbacks are left to the metrics: their bytes still move.
@@ -170,10 +173,18 @@ class Daemon:
             self.cli_rules = [a.bound for a in fw.rules if a.rule in self.cli_rules]
             self.fw = fw
             # A name typed for a DNS name would otherwise just sit pending, said only at INFO.
-            for name in sorted({r.target_host for r in self.wanted_rules() if r.target_is_name}
-                               - self._names.keys() - self.config.hosts.keys()):
-                log.warning("target %r has no address: it is not in [hosts] and no DHCP lease names it yet "
-                            "(names are not looked up in DNS); its rules refuse connections until then", name)
+            # A host booting before its VMs has hundreds: they are one line then.
+            missing = sorted({r.target_host for r in self.wanted_rules() if r.target_is_name}
+                             - self._names.keys() - self.config.hosts.keys())
+            if len(missing) > _UNKNOWN_ONE_BY_ONE:
+                log.warning("%d target names have no address (%s and %d more): not in [hosts] and no DHCP lease "
+                            "names them yet (names are not looked up in DNS); their rules refuse connections "
+                            "until then", len(missing), ", ".join(map(repr, missing[:_UNKNOWN_ONE_BY_ONE])),
+                            len(missing) - _UNKNOWN_ONE_BY_ONE)
+            else:
+                for name in missing:
+                    log.warning("target %r has no address: it is not in [hosts] and no DHCP lease names it yet "
+                                "(names are not looked up in DNS); its rules refuse connections until then", name)
             return fw
 
     async def run(self, early_hup: Callable[[], bool] | None = None,

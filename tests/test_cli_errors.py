@@ -239,6 +239,20 @@ def test_a_target_name_nothing_knows_is_warned_about_and_its_port_refuses(tmp_pa
                             "names it yet (names are not looked up in DNS); its rules refuse connections until then")
 
 
+@needs_engine
+def test_a_host_booting_before_its_vms_warns_once_for_all_their_names(tmp_path: Path) -> None:
+    """Hundreds of VMs not up yet: one line naming the first few, not a line per name."""
+    names = [f"vm{i:02}" for i in range(12)]
+    ports = [free_port() for _ in names]
+    specs = [arg for name, port in zip(names, ports) for arg in ("-t", f"{port}:{name}:22")]
+    with short_dir() as d, daemon(d, *specs) as proc:
+        assert all(is_refused(port) for port in ports)
+        warning, = [line for line in proc.log().splitlines() if "WARNING" in line]
+    assert warning.endswith("12 target names have no address ('vm00', 'vm01', 'vm02', 'vm03', 'vm04', 'vm05', "
+                            "'vm06', 'vm07', 'vm08', 'vm09' and 2 more): not in [hosts] and no DHCP lease names "
+                            "them yet (names are not looked up in DNS); their rules refuse connections until then")
+
+
 # -- socket paths ---------------------------------------------------------------------------------
 @needs_engine
 def test_a_control_socket_path_too_long_to_connect_to_is_refused_at_start(tmp_path: Path) -> None:
