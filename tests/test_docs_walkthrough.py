@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers_control import (REPO, DaemonProcess, EchoServer, daemon, echo_roundtrip, fastfwd, needs_engine,
-                             short_dir, wait_until)
+from helpers_control import REPO, DaemonProcess, EchoServer, daemon, echo_roundtrip, fastfwd, needs_engine, short_dir
+from netutil import SyncForwarder
 
 UNIT = REPO / "scripts" / "fastfwd.service"
 
@@ -120,7 +120,7 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify checks that the command exists: this test's Python stands in for the venv's.
     unit = tmp_path / "fastfwd.service"
     unit.write_text(UNIT.read_text().replace("/opt/fastfwd/bin/fastfwd", f"{sys.executable} -m fastfwd"))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
     assert (result.returncode, result.stderr) == (0, "")
 
 
@@ -177,3 +177,33 @@ def test_the_units_capabilities_are_enough_and_needed(echo: EchoServer) -> None:
             assert d.log().endswith(f": no permission to listen on tcp port {port}\n"), d.log()
         finally:
             d.stop()
+
+
+def test_the_units_writable_directories_are_the_control_defaults() -> None:
+    """docs/config.md: under the unit only /run/fastfwd and /var/lib/fastfwd are writable, and
+    those are where a root daemon puts its sockets and lease state by default."""
+    from fastfwd.config import ControlSettings
+
+    service = unit_service()
+    assert "ReadWritePaths" not in service
+    writable = {Path("/run") / service["RuntimeDirectory"], Path("/var/lib") / service["StateDirectory"]}
+    assert service["ProtectSystem"] == "strict"
+    if os.geteuid() != 0:
+        pytest.skip("the root defaults are computed for root only")
+    defaults = ControlSettings()
+    assert {Path(defaults.lease_socket).parent, Path(defaults.control_socket).parent, Path(defaults.state_dir)} == writable
+
+
+# -- docs/metrics.md ---------------------------------------------------------------------------
+@needs_engine
+def test_a_pending_rules_refused_clients_are_not_counted(fwd: SyncForwarder) -> None:
+    """fastfwd_refused_total leaves out a pending rule's clients: its port does not listen, so
+    the kernel refuses them."""
+    import fastfwd as ff
+
+    rule = fwd.add(ff.Rule.parse("0:vm-not-yet:80"))
+    assert rule.pending
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", rule.port), timeout=5).close()
+    fwd._loop.run(fwd.fw.settle())  # every worker has counted what it saw
+    assert fwd.counters(rule).refused == 0
