@@ -5,6 +5,7 @@ messages get the replies shown from a running daemon."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 import shlex
@@ -122,6 +123,18 @@ def test_readme_daemon_line_runs_with_the_complete_example(tmp_path: Path) -> No
         for q in quick:
             assert not (q.proto == rule.proto and rule.listen_port <= q.listen_port < rule.listen_port + rule.count), (q, rule)
 
+def test_every_run_line_in_the_docs_has_specs_that_parse() -> None:
+    """Each ``fastfwd run`` line of a code block: its -t/-u specs are rules as written."""
+    lines = [line.partition("#")[0] for doc in DOCS for b in blocks(doc) for line in b.text.splitlines()
+             if line.startswith("fastfwd run ")]
+    assert len(lines) >= 5
+    for line in lines:
+        args = shlex.split(line)[2:]
+        specs = {flag: [a for f, a in itertools.pairwise(args) if f == flag] for flag in ("-t", "-u")}
+        if specs["-t"] or specs["-u"]:
+            assert cli_rules(specs["-t"], specs["-u"]), line
+
+
 # -- the README's library example --------------------------------------------------------------
 #: Stands in for the example's sleep: a server at the rule's target (127.0.0.1:8080) and one
 #: connection through the forward; the far end's SHA-256 must be the sender's.
@@ -218,13 +231,16 @@ def test_config_setting_tables_state_the_real_defaults(heading: str, settings: A
     assert literal == {k: v for k, v in dataclasses.asdict(settings).items() if k in literal}
 
 
-# -- fastfwd run's flags -----------------------------------------------------------------------
-def documented_run_flags() -> set[str]:
-    """Every flag written after ``fastfwd run`` in a code line or an inline code span."""
+# -- the commands' flags -----------------------------------------------------------------------
+COMMANDS = ["run", "check", "status", "lease", "hook"]
+
+
+def documented_flags(command: str) -> set[str]:
+    """Every flag written after ``fastfwd COMMAND`` in a code line or an inline code span."""
     flags = set()
     for doc in DOCS:
         for line in (REPO / doc).read_text().splitlines():
-            for rest in re.findall(r"fastfwd run\b([^`#]*)", line):
+            for rest in re.findall(rf"fastfwd {command}\b([^`#]*)", line):
                 flags.update(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", rest))
     return flags
 
@@ -238,10 +254,16 @@ def test_the_metrics_table_lists_every_family_the_scrape_has() -> None:
     assert all(name.endswith("_total") == (kind == "counter") for name, kind in table)
 
 
-def test_every_documented_run_flag_is_in_run_help() -> None:
-    flags = documented_run_flags()
-    assert {"-c", "-t", "-u", "--splice", "--busy-poll-us", "--workers"} <= flags
-    result = fastfwd_cmd("run", "--help")
+def test_the_docs_show_flags_of_the_commands() -> None:
+    # Guards the extraction: a changed way of writing commands would leave nothing to check.
+    assert {"-c", "-t", "-u", "--splice", "--busy-poll-us", "--workers"} <= documented_flags("run")
+    assert "--json" in documented_flags("status")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_documented_flag_is_in_the_commands_help(command: str) -> None:
+    flags = documented_flags(command)
+    result = fastfwd_cmd(command, "--help")
     assert result.returncode == 0
     missing = [f for f in sorted(flags) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", result.stdout)]
     assert missing == []
