@@ -31,7 +31,7 @@ from .lease_server import LeaseServer, apply_lease_file, reread_lease_file
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_name, resolve_names
 from .notify import notify, reloading, watchdog_interval
 from .rules import Rule, split_hostports
-from .unixserver import Access, JsonLineServer
+from .unixserver import Access, JsonLineServer, UnknownName
 from .watcher import watch_config
 
 if TYPE_CHECKING:
@@ -527,8 +527,8 @@ class Daemon:
         c = self.control
         try:
             access = Access.from_names(c.allow_users, c.allow_groups)
-        except KeyError as exc:  # from pwd/grp: "getpwnam(): name not found: 'bob'"
-            raise SettingsError(f"[control] allow_users/allow_groups: {exc.args[0]}") from None
+        except UnknownName as exc:  # only the config file names users and groups
+            raise SettingsError(f"{self.path}: control.allow_{exc.kind}s: {exc}") from None
         servers: list[JsonLineServer | asyncio.AbstractServer] = []
         units: list[JsonLineServer] = [ControlServer(c.control_socket, self, access=access)]
         if self.config.sources.dhcp:

@@ -89,9 +89,9 @@ class Access:
     @classmethod
     def from_names(cls, users: Iterable[str | int] = (), groups: Iterable[str | int] = ()) -> Access:
         """Resolve user and group names (or ids); the first group owns the socket file.
-        Raises KeyError naming an unknown user or group."""
-        uids = frozenset(u if isinstance(u, int) else pwd.getpwnam(u).pw_uid for u in users)
-        gids = [g if isinstance(g, int) else grp.getgrnam(g).gr_gid for g in groups]
+        Raises UnknownName for a user or group this host does not have."""
+        uids = frozenset(_id(u, "user", lambda name: pwd.getpwnam(name).pw_uid) for u in users)
+        gids = [_id(g, "group", lambda name: grp.getgrnam(name).gr_gid) for g in groups]
         return cls(uids=uids, gids=frozenset(gids), group=gids[0] if gids else None)
 
     @property
@@ -102,6 +102,26 @@ class Access:
         if peer.uid in (0, os.geteuid()) or peer.uid in self.uids:
             return True
         return bool(({peer.gid} | peer.groups) & (self.gids | ({self.group} - {None})))
+
+
+class UnknownName(KeyError):
+    """A user or group name this host does not have; ``kind`` says which."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"no {kind} {name!r} on this host")
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _id(value: str | int, kind: str, lookup: Callable[[str], int]) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return lookup(value)
+    except KeyError:
+        raise UnknownName(kind, value) from None
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:

@@ -31,6 +31,9 @@ from watchfiles import awatch
 from .config import content_digest
 
 log = logging.getLogger("fastfwd")
+# The library logs every change it sees in the watched directories at INFO: a log file kept
+# beside the config would log its own writes, for good.
+logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 #: Milliseconds the content must stay the same to count as finished. Where the kernel cannot
 #: tell whether the file is open for writing (see _open_for_writing), this alone decides, and

@@ -36,8 +36,6 @@ def status_json(control_socket: Path) -> dict:
 
 # -- the log ---------------------------------------------------------------------------------------
 @needs_engine
-@pytest.mark.xfail(strict=True, reason="the watcher library logs every change in the config's "
-                   "directory at INFO ('N changes detected'): a log file there feeds itself for good")
 def test_a_log_beside_the_config_file_stays_quiet(echo: EchoServer) -> None:
     """``fastfwd run -c fastfwd.toml 2> fastfwd.log`` in one directory: writing the log is a
     change in the watched directory, which must not add a line to the log."""
@@ -210,8 +208,6 @@ def test_a_pending_rules_refused_clients_are_not_counted(fwd: SyncForwarder) -> 
 
 
 # -- docs/config.md's complete example on a host without its users ------------------------------
-@pytest.mark.xfail(strict=True, reason="the daemon says '[control] allow_users/allow_groups: getpwnam(): name "
-                   "not found: ...' instead of naming the key path as every other config error does")
 def test_an_unknown_allow_users_name_is_named_by_its_key_path() -> None:
     """The example's ``allow_users = ["libvirt-qemu"]`` on a host without that user: exit 2 and
     one line in the form of every other config error."""
