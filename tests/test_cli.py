@@ -171,14 +171,15 @@ def test_an_engine_that_cannot_start_is_one_clear_line(tmp_path: Path) -> None:
 
 
 @needs_engine
-def test_unknown_user_in_control_is_one_clear_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["user", "group"])
+def test_unknown_user_or_group_in_control_is_one_line_at_its_key(tmp_path: Path, kind: str) -> None:
+    """As docs/config.md's complete example meets a host without its ``libvirt-qemu`` user."""
     path = tmp_path / "f.toml"
-    path.write_text('[control]\nallow_users = ["no-such-user-here"]\ncontrol_socket = "c.sock"\n'
+    path.write_text(f'[control]\nallow_{kind}s = ["no-such-{kind}-here"]\ncontrol_socket = "c.sock"\n'
                     'lease_socket = "l.sock"\nstate_dir = "state"\n')
     result = fastfwd("run", "-c", str(path))
     assert result.returncode == 2
-    assert result.stderr == ("fastfwd: [control] allow_users/allow_groups: getpwnam(): "
-                             "name not found: 'no-such-user-here'\n")
+    assert result.stderr == f"fastfwd: {path}: control.allow_{kind}s: no {kind} 'no-such-{kind}-here' on this host\n"
 
 
 def test_help_explains_specs_default_bind_and_examples() -> None:

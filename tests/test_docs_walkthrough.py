@@ -205,17 +205,3 @@ def test_a_pending_rules_refused_clients_are_not_counted(fwd: SyncForwarder) -> 
         socket.create_connection(("127.0.0.1", rule.port), timeout=5).close()
     fwd._loop.run(fwd.fw.settle())  # every worker has counted what it saw
     assert fwd.counters(rule).refused == 0
-
-
-# -- docs/config.md's complete example on a host without its users ------------------------------
-def test_an_unknown_allow_users_name_is_named_by_its_key_path() -> None:
-    """The example's ``allow_users = ["libvirt-qemu"]`` on a host without that user: exit 2 and
-    one line in the form of every other config error."""
-    user = "ff-no-such-user"
-    with short_dir() as tmp:
-        config = tmp / "fastfwd.toml"
-        config.write_text(f'[control]\nallow_users = ["{user}"]\n')
-        result = fastfwd("run", "-c", str(config), "--control-socket", str(tmp / "c"), "--lease-socket",
-                         str(tmp / "l"), "--state-dir", str(tmp / "s"))
-    assert result.returncode == 2
-    assert result.stderr == f"fastfwd: {config}: control.allow_users: no user '{user}' on this host\n"
