@@ -19,7 +19,7 @@ from fastfwd.host.lab import Lab
 from fastfwd.rules import Proto, Rule, RuleOptions, SpecError
 from netutil import (LOOP4, LOOP6, TIMEOUT, Handler, Received, SyncForwarder, TcpServer, UdpEcho, bracket, connect,
                      echo_handler, echo_once, free_port_range, make_rule, payload, turned_away_how,
-                     udp_roundtrip, udp_socket, wait_for)
+                     udp_roundtrip, udp_socket)
 
 PROTOS = ("tcp", "udp")
 KINDS = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}

@@ -22,7 +22,7 @@ from fastfwd.forwarder import Forwarder
 from fastfwd.leases import STATE_FILE, Lease, LeaseTable, resolve_names
 from fastfwd.rules import Rule
 
-from helpers_control import REPO, DaemonProcess, EchoServer, daemon, fastfwd, needs_engine, wait_until
+from helpers_control import REPO, DaemonProcess, EchoServer, daemon, fastfwd, needs_engine
 from netutil import free_port_range, open_fds, recv_exact, run_async, turned_away
 
 pytestmark = [needs_engine, pytest.mark.timeout(120)]
