@@ -509,7 +509,8 @@ def _probe(rule: Rule, ports: Iterable[int]) -> None:
             try:
                 probe.bind((rule.listen_host, port))
             except OSError as exc:
-                raise OSError(exc.errno, bind_error(exc.errno, rule.proto, rule.listen_host, port)) from None
+                err = exc.errno or errno.EINVAL  # bind's errors always carry one
+                raise OSError(err, bind_error(err, rule.proto, rule.listen_host, port)) from None
 
 
 def _shared(a: Rule, b: Rule) -> bool:
