@@ -100,6 +100,14 @@ def ended(rule: ActiveRule, fw: SyncForwarder) -> Counters:
     return fw.counters(rule)
 
 
+def failed_connect(rule: ActiveRule, fw: SyncForwarder) -> Counters:
+    """The rule's counters once a failed connect is counted and its client's leg closed. The
+    worker counts the failure, closes the legs, then counts the close: a client that saw its
+    leg end can read the counters before that close is counted."""
+    fw.wait_counter(rule, "connect_failed", 1)
+    return ended(rule, fw)
+
+
 # -- the handshake -----------------------------------------------------------------------------
 
 def test_a_target_dropping_every_packet_fails_the_connect_at_the_connect_timeout(net: Net) -> None:
@@ -108,7 +116,7 @@ def test_a_target_dropping_every_packet_fails_the_connect_at_the_connect_timeout
         rule = net.forward(server.port, connect_timeout=0.5)
         # the kernel would send SYNs for about two minutes: only the timer ends it this soon
         assert net.turned_away_how(rule.port) in ("eof", "reset")
-        counters = net.fw.wait_counter(rule, "connect_failed", 1)
+        counters = failed_connect(rule, net.fw)
         assert (counters.connect_failed, counters.active, counters.bytes_up) == (1, 0, 0)
         assert server.accepted == 0
 
@@ -120,7 +128,7 @@ def test_an_icmp_unreachable_fails_the_connect_at_once(net: Net) -> None:
         # a connect timeout far beyond the wait below: only the ICMP error can end it
         rule = net.forward(server.port, connect_timeout=300)
         assert net.turned_away_how(rule.port) in ("eof", "reset")
-        counters = net.fw.wait_counter(rule, "connect_failed", 1)
+        counters = failed_connect(rule, net.fw)
         assert (counters.connect_failed, counters.active) == (1, 0)
         assert server.accepted == 0
 
