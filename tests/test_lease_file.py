@@ -143,18 +143,19 @@ def test_the_setting_is_a_path_beside_the_config_and_needs_dhcp(tmp_path: Path) 
 LINES = [f"1900000000 {mac} 127.0.0.{i} vm{i} *\n" for i, mac in enumerate((A, B, C), 2)]
 
 
-@pytest.mark.parametrize("writes, kept", [
-    # The first write of a rewrite, cut at a line's end, looks like a whole file without B and C.
-    ([LINES[0], "".join(LINES[1:])], [A, B, C]),
-    # A file that never holds still is not applied at all.
-    ([line for _ in range(20) for line in LINES], [B]),
+@pytest.mark.parametrize("writes, settle, kept", [
+    # The first write of a rewrite, cut at a line's end, looks like a whole file without B and
+    # C. The second comes 20 ms later: a long settle leaves room for a loaded machine.
+    ([LINES[0], "".join(LINES[1:])], 1.0, [A, B, C]),
+    # A file that never holds still (60 writes 20 ms apart, over 5 short settles) is not applied.
+    ([line for _ in range(20) for line in LINES], 0.1, [B]),
 ], ids=["cut-at-a-line-end", "never-still"])
 def test_a_lease_file_read_while_dnsmasq_rewrites_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture, writes: list[str],
-                                                     kept: list[str]) -> None:
+                                                     settle: float, kept: list[str]) -> None:
     """dnsmasq rewrites its lease file in place: emptied, then written in several writes. A
     read between two of them must not remove the leases still to be written."""
-    monkeypatch.setattr(leases_module, "SETTLE", 0.1)
+    monkeypatch.setattr(leases_module, "SETTLE", settle)
     table = LeaseTable([Lease(B, "127.0.0.3", "vm3")])
     path = tmp_path / "dnsmasq.leases"
     with open(path, "w") as f:
