@@ -45,10 +45,9 @@ _T = TypeVar("_T")
 #: the DHCP server's next snapshot or events restore.
 LEASE_SAVE_DELAY = 1.0
 _EMPTY = content_digest(b"")
-#: Seconds between the log's failure summaries: at most one line per rule each.
 #: Target names without an address at start warned about one by one; more are one line.
 _UNKNOWN_ONE_BY_ONE = 10
-
+#: Seconds between the log's failure summaries: at most one line per rule each.
 FAILURE_LOG_INTERVAL = 60.0
 #: The counters the failure summary reports: each counts a client turned away or traffic
 #: lost. Pipe shortages and splice fallbacks are left to the metrics: their bytes still move.
