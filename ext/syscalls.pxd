@@ -18,6 +18,8 @@ cdef extern from "<errno.h>" nogil:
         ECONNREFUSED
         ECONNRESET
         EPIPE
+        EIO             # a segmented UDP send the device cannot checksum
+        EACCES          # connect() of a UDP socket to a broadcast address without SO_BROADCAST
 
 
 cdef extern from "<string.h>" nogil:
@@ -114,6 +116,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_OOBINLINE
         SO_KEEPALIVE
         SO_RXQ_OVFL
+        SO_BROADCAST
         SHUT_WR
         MSG_DONTWAIT
         MSG_NOSIGNAL
@@ -296,13 +299,3 @@ cdef extern from *:
     int ff_load_int(int* p) nogil
     uint32_t ff_claim_u32(uint32_t* p, uint32_t v) nogil
 
-
-cdef extern from "<errno.h>" nogil:
-    enum:
-        EIO             # a segmented UDP send the device cannot checksum
-        EACCES          # connect() of a UDP socket to a broadcast address without SO_BROADCAST
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    enum:
-        SO_BROADCAST
