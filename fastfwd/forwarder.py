@@ -229,7 +229,7 @@ class Forwarder:
             raise
         # A rule on port 0 is filed under the port it got: the same rule may run twice.
         self._table[rule.key if rule.listen_port else (*rule.key[:2], port, 1)] = active
-        self._by_host.setdefault(rule.target_host, []).append(active)
+        self._index(active)
         if log.isEnabledFor(logging.INFO):     # a table of thousands of rules loads without the text
             log.info("forwarding %s%s", _describe(active), " (pending: no address yet)" if active.pending else "")
         return active
@@ -357,6 +357,9 @@ class Forwarder:
                 pairs.append((rule, free.pop(slot) if slot is not None else None))
         return pairs, list(free.values())
 
+    def _index(self, active: ActiveRule) -> None:
+        self._by_host.setdefault(active.rule.target_host, []).append(active)
+
     def _unindex(self, active: ActiveRule, host: str) -> None:
         rules = self._by_host[host]
         rules.remove(active)
@@ -367,7 +370,7 @@ class Forwarder:
         old, active.rule = active.rule, rule
         if old.target_host != rule.target_host:
             self._unindex(active, old.target_host)
-            self._by_host.setdefault(rule.target_host, []).append(active)
+            self._index(active)
         if old.options != rule.options:
             self._configure(active)
             diff.reconfigured.append(active)
