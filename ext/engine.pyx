@@ -3,7 +3,7 @@
 
 The Engine is the control plane's handle on them. It binds listening sockets, builds rule
 configurations and hands both to the workers as commands; every call that changes
-forwarding returns once all workers have applied it.
+forwarding returns once all workers have applied it, or, inside a batch, when the batch ends.
 """
 import errno as errno_mod
 import ipaddress
@@ -88,6 +88,12 @@ cdef class Engine:
     cdef ctl_t _ctl
     cdef dict _rules                # rule id -> address of its rule_t
     cdef int _next_id
+    # Inside a batch, commands that need no answer are posted without waiting; what they
+    # replaced is kept until the workers have acknowledged them (see batch()).
+    cdef int _batch_depth
+    cdef list _unacked_cmds         # addresses of posted command arrays
+    cdef list _unacked_confs        # addresses of configurations replaced since
+    cdef list _unacked_removals     # addresses of removed rules, listeners still open
     cdef readonly int workers
     cdef readonly int pipe_size
     cdef readonly int copy_buffer
@@ -97,6 +103,9 @@ cdef class Engine:
         self._n = 0
         self._rules = {}
         self._next_id = 1
+        self._unacked_cmds = []
+        self._unacked_confs = []
+        self._unacked_removals = []
         pthread_mutex_init(&self._ctl.lock, NULL)
         pthread_cond_init(&self._ctl.cond, NULL)
 
@@ -148,7 +157,9 @@ cdef class Engine:
         pthread_mutex_destroy(&self._ctl.lock)
 
     # -- commands ----------------------------------------------------------------------------
-    cdef void _broadcast(self, int op, rule_t* r, rconf_t* conf, int close_live):
+    cdef void _post(self, int op, rule_t* r, rconf_t* conf, int close_live):
+        # Posted to every worker; each runs its commands in order, so a command posted
+        # later sees this one applied. Freed once acknowledged (_settle).
         cdef cmd_t* cmds = <cmd_t*>calloc(self._n, sizeof(cmd_t))
         cdef int i
         if cmds == NULL:
@@ -160,9 +171,40 @@ cdef class Engine:
             cmds[i].conf = conf
             cmds[i].close_live = close_live
             post_command(&self._w[i], &cmds[i])
+        self._unacked_cmds.append(<size_t>cmds)
+
+    cdef void _applied(self):
+        # Outside a batch, a call that changes forwarding returns once every worker applied it.
+        if not self._batch_depth:
+            self._settle()
+
+    cdef void _settle(self):
+        """Wait until the workers have run every command posted, then free what those
+        commands replaced and close the listeners of the rules they removed."""
+        cdef rule_t* r
+        cdef int i
         with nogil:
             wait_acks(&self._ctl)
-        free(cmds)
+        for address in self._unacked_cmds:
+            free(<cmd_t*><size_t>address)
+        for address in self._unacked_confs:
+            conf_free(<rconf_t*><size_t>address)
+        for address in self._unacked_removals:
+            r = <rule_t*><size_t>address
+            for i in range(r.count):
+                if r.listeners[i].fd >= 0:
+                    close(r.listeners[i].fd)
+                    r.listeners[i].fd = -1
+            rule_release(r)
+        self._unacked_cmds.clear()
+        self._unacked_confs.clear()
+        self._unacked_removals.clear()
+
+    def batch(self):
+        """A context in which rules are added, configured and pointed without waiting for
+        each command's acknowledgement; leaving it waits once for all of them. Loading
+        thousands of rules then costs their system calls, not a worker round trip apiece."""
+        return _Batch(self)
 
     cdef rule_t* _rule(self, int rule_id) except NULL:
         if self._w == NULL:
@@ -173,7 +215,7 @@ cdef class Engine:
             raise KeyError(f"no rule {rule_id}") from None
 
     cdef rconf_t* _copy_conf(self, rule_t* r) except NULL:
-        cdef rconf_t* old = r.per_worker[0].conf
+        cdef rconf_t* old = r.conf
         cdef rconf_t* new = <rconf_t*>malloc(sizeof(rconf_t))
         if new == NULL:
             raise MemoryError()
@@ -188,17 +230,19 @@ cdef class Engine:
 
     cdef void _publish(self, rule_t* r, rconf_t* conf, int close_live):
         # Every worker switches to the new configuration before the old one is freed.
-        cdef rconf_t* old = r.per_worker[0].conf
-        self._broadcast(CMD_SET_CONF, r, conf, close_live)
-        conf_free(old)
+        self._unacked_confs.append(<size_t>r.conf)
+        r.conf = conf
+        self._post(CMD_SET_CONF, r, conf, close_live)
+        self._applied()
 
     # -- sockets -----------------------------------------------------------------------------
     cdef int _bind(self, rule_t* r, int index) except -1:
         cdef addr_t a = r.local
         cdef int family = a.sa.sa_family
-        cdef int port
-        cdef int fd = socket(family, (SOCK_STREAM if r.proto == PROTO_TCP else SOCK_DGRAM)
-                             | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        cdef int port, fd
+        if self._unacked_removals:
+            self._settle()      # a removed rule may still hold the port wanted
+        fd = socket(family, (SOCK_STREAM if r.proto == PROTO_TCP else SOCK_DGRAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if family == AF_INET:
             port = ntohs(a.v4.sin_port) + index
             a.v4.sin_port = htons(port)
@@ -270,7 +314,7 @@ cdef class Engine:
         r.count = count
         r.local = local
         r.udp_owner = r.id % self._n
-        r.per_worker[0].conf = conf
+        r.conf = conf
         try:
             for i in range(count):
                 self._bind(r, i)
@@ -290,7 +334,8 @@ cdef class Engine:
         self._next_id += 1
         r.refs = 1 + self._n            # the control plane and each worker
         self._rules[r.id] = <size_t>r
-        self._broadcast(CMD_ADD_RULE, r, conf, 0)
+        self._post(CMD_ADD_RULE, r, conf, 0)
+        self._applied()
         return r.id, listen_port
 
     def configure(self, int rule_id, *, double connect_timeout, double idle_timeout,
@@ -340,7 +385,8 @@ cdef class Engine:
         conf = self._copy_conf(r)
         conf.target = target
         if r.proto == PROTO_TCP and host is None and r.listening:
-            self._broadcast(CMD_LISTEN_OFF, r, NULL, 0)
+            self._post(CMD_LISTEN_OFF, r, NULL, 0)
+            self._settle()      # no worker may poll the listener closed next
             r.listening = 0
             # A closed listener frees the port; a fresh bound socket holds it while pending.
             for i in range(r.count):
@@ -357,23 +403,20 @@ cdef class Engine:
                     self._bind(r, i)
                 if listen(r.listeners[i].fd, SOMAXCONN) < 0:
                     raise OSError(errno, f"cannot listen: {strerror(errno).decode()}")
-            self._broadcast(CMD_LISTEN_ON, r, NULL, 0)
+            self._post(CMD_LISTEN_ON, r, NULL, 0)
+            self._applied()
             r.listening = 1
 
     def remove_rule(self, int rule_id, bint close_live):
         cdef rule_t* r = self._rule(rule_id)
-        cdef int i
         r.removed = 1
         if r.proto == PROTO_TCP and r.listening:
-            self._broadcast(CMD_LISTEN_OFF, r, NULL, 0)
+            self._post(CMD_LISTEN_OFF, r, NULL, 0)
             r.listening = 0
-        self._broadcast(CMD_REMOVE_RULE, r, NULL, close_live)
-        for i in range(r.count):
-            if r.listeners[i].fd >= 0:
-                close(r.listeners[i].fd)
-                r.listeners[i].fd = -1
         del self._rules[rule_id]
-        rule_release(r)
+        self._post(CMD_REMOVE_RULE, r, NULL, close_live)
+        self._unacked_removals.append(<size_t>r)    # its listeners close once workers let go
+        self._applied()
 
     # -- observation -------------------------------------------------------------------------
     def counters(self, int rule_id):
@@ -412,8 +455,7 @@ cdef class Engine:
             raise MemoryError()
         expect_acks(&self._ctl, 1)
         post_command(&self._w[r.udp_owner], &cmd)
-        with nogil:
-            wait_acks(&self._ctl)
+        self._settle()
         try:
             return [format_addr(&cmd.out[i]) for i in range(cmd.out_len)]
         finally:
@@ -424,7 +466,8 @@ cdef class Engine:
         after this include every send that had returned when it was called."""
         if self._w == NULL:
             raise RuntimeError("the engine is closed")
-        self._broadcast(CMD_SYNC, NULL, NULL, 0)
+        self._post(CMD_SYNC, NULL, NULL, 0)
+        self._settle()
 
     def live_connections(self):
         """Open TCP connections over all rules, removed ones included (for draining)."""
@@ -460,7 +503,8 @@ cdef class Engine:
         if self._w == NULL:
             return
         if self._n:
-            self._broadcast(CMD_STOP, NULL, NULL, 0)
+            self._post(CMD_STOP, NULL, NULL, 0)
+            self._settle()
             with nogil:
                 for i in range(self._n):
                     pthread_join(self._w[i].thread, NULL)
@@ -477,3 +521,18 @@ cdef class Engine:
         self._n = 0
 
 
+cdef class _Batch:
+    cdef Engine engine
+
+    def __cinit__(self, Engine engine):
+        self.engine = engine
+
+    def __enter__(self):
+        self.engine._batch_depth += 1
+        return self.engine
+
+    def __exit__(self, *exc):
+        self.engine._batch_depth -= 1
+        if self.engine._batch_depth == 0 and self.engine._w != NULL:
+            self.engine._settle()
+        return False

@@ -92,6 +92,7 @@ cdef struct rule_s:
     int listening
     int removed
     addr_t local                # the listen address, port of the first listener
+    rconf_t* conf               # the latest configuration published (workers may lag behind it)
     listener_t* listeners
     rule_worker_t* per_worker
 

@@ -77,7 +77,7 @@ cdef void rule_release(rule_t* r) noexcept nogil:
     # The last holder frees the rule; its configuration goes with it.
     if ff_add_int(&r.refs, -1) != 0:
         return
-    conf_free(r.per_worker[0].conf)
+    conf_free(r.conf)
     free(r.per_worker)
     free(r.listeners)
     free(r)

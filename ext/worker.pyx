@@ -197,15 +197,20 @@ cdef void wait_acks(ctl_t* ctl) noexcept nogil:
 
 cdef void post_command(worker_t* w, cmd_t* cmd) noexcept nogil:
     cdef uint64_t one = 1
+    cdef bint was_empty
     cmd.next = NULL
     pthread_mutex_lock(&w.qlock)
+    was_empty = w.qhead == NULL
     if w.qtail != NULL:
         w.qtail.next = cmd
     else:
         w.qhead = cmd
     w.qtail = cmd
     pthread_mutex_unlock(&w.qlock)
-    write(w.wakefd, &one, sizeof(one))
+    # The worker reads its wake-up before taking the whole queue, so one wake-up per
+    # queue is enough: a batch of commands does not cost a write and a wake-up apiece.
+    if was_empty:
+        write(w.wakefd, &one, sizeof(one))
 
 
 # -- the loop --------------------------------------------------------------------------------

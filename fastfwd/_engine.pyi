@@ -1,9 +1,11 @@
 """Types of the compiled data plane (built from ext/engine.pyx)."""
+from contextlib import AbstractContextManager
 
 class Engine:
     """Worker threads forwarding TCP and UDP without the GIL.
 
-    Every method that changes forwarding returns once all workers have applied it.
+    Every method that changes forwarding returns once all workers have applied it; inside
+    ``with engine.batch():``, once the batch ends.
     """
 
     workers: int
@@ -23,6 +25,9 @@ class Engine:
     def set_target(self, rule_id: int, host: str | None, port: int, close_live: bool) -> None:
         """Point the rule at host:port (port + i for listener i); ``None`` makes it pending."""
     def remove_rule(self, rule_id: int, close_live: bool) -> None: ...
+    def batch(self) -> AbstractContextManager[Engine]:
+        """Add, configure, point and remove rules without waiting for each command; leaving
+        the batch waits once for all of them."""
     def counters(self, rule_id: int) -> dict[str, int]: ...
     def sessions(self, rule_id: int) -> list[tuple[str, int]]: ...
     def sync(self) -> None:
