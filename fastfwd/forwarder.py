@@ -208,6 +208,11 @@ class Forwarder:
 
     async def add(self, rule: Rule) -> ActiveRule:
         """Start forwarding ``rule``. Raises OSError (port in use, address not local, ...)."""
+        active = self._install(rule)
+        _announce("forwarding", [active])
+        return active
+
+    def _install(self, rule: Rule) -> ActiveRule:
         engine = self._require()
         if rule.listen_port and rule.key in self._table:
             raise ValueError(f"{rule}: a rule already listens on these ports")
@@ -227,21 +232,21 @@ class Forwarder:
         except BaseException:
             engine.remove_rule(rule_id, True)
             raise
-        # A rule on port 0 is filed under the port it got: the same rule may run twice.
-        self._table[rule.key if rule.listen_port else (*rule.key[:2], port, 1)] = active
+        self._table[_key(active)] = active
         self._index(active)
-        if log.isEnabledFor(logging.INFO):     # a table of thousands of rules loads without the text
-            log.info("forwarding %s%s", _describe(active), " (pending: no address yet)" if active.pending else "")
         return active
 
     async def remove(self, rule: Rule | ActiveRule) -> None:
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
+        self._discard(active)
+        _announce("removed", [active])
+
+    def _discard(self, active: ActiveRule) -> None:
         self._uninstall(self._require(), active, close_live=active.rule.options.on_remove == "close")
-        self._table = {k: v for k, v in self._table.items() if v is not active}
+        del self._table[_key(active)]
         self._unindex(active, active.rule.target_host)
-        log.info("removed %s", _describe(active))
 
     async def apply(self, rules: Iterable[Rule]) -> Diff:
         """Make the table equal to ``rules``, touching only what differs.
@@ -252,43 +257,54 @@ class Forwarder:
         rule to a new one are bound after it. If any step fails, the steps already taken are
         undone in reverse and the error is raised: the table is as it was.
         """
-        self._require()
+        engine = self._require()
         pairs, gone = self._match(rules)
-        fresh = [rule for rule, active in pairs if active is None]
-        later = [rule for rule in fresh if any(_overlaps(rule, a.rule) for a in gone)]
         diff = Diff()
         undo: list[Callable[[], Awaitable[object]]] = []
-        try:
-            for rule in fresh:
-                if rule not in later:
-                    diff.added.append(active := await self.add(rule))
-                    undo.append(functools.partial(self.remove, active))
-            for rule, kept in pairs:
-                if kept is not None:
-                    # Undo first: an update that fails half way (the rule took its new
-                    # options, then could not listen) must be reverted as well.
-                    undo.append(functools.partial(self._revert, kept, kept.rule))
-                    self._update(kept, rule, diff)
-            for rule in later:
-                # Its ports that no removed rule holds are tried before anything is removed:
-                # undoing a removal starts the rule afresh (counters at 0, a gap in listening).
-                _probe(rule, (p for p in range(rule.listen_port, rule.listen_port + rule.count)
-                              if not any(_holds(a.bound, rule, p) for a in gone)))
-            for active in gone:
-                await self.remove(active)
-                diff.removed.append(active)
-                undo.append(functools.partial(self.add, active.rule))
-            for rule in later:
-                diff.added.append(active := await self.add(rule))
-                undo.append(functools.partial(self.remove, active))
-        except BaseException:
-            for step in reversed(undo):
-                try:
-                    await step()
-                except Exception:
-                    log.exception("could not undo a step of a failed rule change")
-            raise
+        # One wait for the workers at the end, not a round trip per rule and step.
+        with engine.batch():
+            try:
+                self._change(pairs, gone, diff, undo)
+            except BaseException:
+                for step in reversed(undo):
+                    try:
+                        await step()
+                    except Exception:
+                        log.exception("could not undo a step of a failed rule change")
+                raise
+        _announce("forwarding", diff.added)
+        _announce("removed", diff.removed)
         return diff
+
+    def _change(self, pairs: list[tuple[Rule, ActiveRule | None]], gone: list[ActiveRule], diff: Diff,
+                undo: list[Callable[[], Awaitable[object]]]) -> None:
+        """apply()'s steps, each recorded in ``undo`` as it is taken."""
+        held = _ports_held(gone)
+        first: list[Rule] = []
+        later: list[Rule] = []      # wanting a port a removed rule holds: added after the removals
+        for rule in (rule for rule, active in pairs if active is None):
+            wants_held = rule.listen_port and any((rule.proto, p) in held for p in _ports(rule))
+            (later if wants_held else first).append(rule)
+        for rule in first:
+            diff.added.append(active := self._install(rule))
+            undo.append(functools.partial(self.remove, active))
+        for rule, kept in pairs:
+            if kept is not None:
+                # Undo first: an update that fails half way (the rule took its new
+                # options, then could not listen) must be reverted as well.
+                undo.append(functools.partial(self._revert, kept, kept.rule))
+                self._update(kept, rule, diff)
+        for rule in later:
+            # Its ports that no removed rule holds are tried before anything is removed:
+            # undoing a removal starts the rule afresh (counters at 0, a gap in listening).
+            _probe(rule, (p for p in _ports(rule) if not any(_shared(b, rule) for b in held.get((rule.proto, p), ()))))
+        for active in gone:
+            self._discard(active)
+            diff.removed.append(active)
+            undo.append(functools.partial(self.add, active.rule))
+        for rule in later:
+            diff.added.append(active := self._install(rule))
+            undo.append(functools.partial(self.remove, active))
 
     async def resolve(self, name: str, ip: str | None) -> list[ActiveRule]:
         """Tell the forwarder where ``name`` lives now (``None``: nowhere). Rules targeting it
@@ -304,8 +320,9 @@ class Forwarder:
         else:
             self._names[name] = ip
         touched = list(self._by_host.get(name, ()))
-        for active in touched:
-            self._point(active, close_live=active.rule.options.on_retarget == "close")
+        with self._require().batch():
+            for active in touched:
+                self._point(active, close_live=active.rule.options.on_retarget == "close")
         return touched
 
     @property
@@ -434,6 +451,30 @@ def _describe(active: ActiveRule) -> str:
     return f"{label}{active.rule}" + (f" ({active.target_ip})" if active.rule.target_is_name and active.target_ip else "")
 
 
+def _key(active: ActiveRule) -> RuleKey:
+    # A rule on port 0 is filed under the port it got: the same rule may run twice.
+    rule = active.rule
+    return rule.key if rule.listen_port else (*rule.key[:2], active.port, 1)
+
+
+#: Rules changed at once beyond which the log says how many, not which (each is at DEBUG).
+ANNOUNCE_EACH = 20
+
+
+def _announce(what: str, actives: list[ActiveRule]) -> None:
+    """Log rules started or removed: each of a few, a count of many (a host publishing
+    thousands of ports would otherwise write thousands of lines at every start)."""
+    level = logging.INFO if len(actives) <= ANNOUNCE_EACH else logging.DEBUG
+    adding = what == "forwarding"
+    if log.isEnabledFor(level):
+        for active in actives:
+            log.log(level, "%s %s%s", what, _describe(active), " (pending: no address yet)" * (adding and active.pending))
+    if len(actives) > ANNOUNCE_EACH:
+        pending = sum(a.pending for a in actives) if adding else 0
+        log.info("%s %d rules%s (each at debug level; 'fastfwd status' lists them)", what, len(actives),
+                 f", {pending} pending: no address yet" if pending else "")
+
+
 def _pool(source: tuple[str, ...], target_ip: str | None) -> tuple[str, ...]:
     """The source addresses that can reach ``target_ip`` (all while it is unknown): the
     engine binds an upstream socket only to an address of the target's family."""
@@ -492,9 +533,19 @@ def _overlaps(a: Rule, b: Rule) -> bool:
             and a.listen_port < b.listen_port + b.count and b.listen_port < a.listen_port + a.count)
 
 
-def _holds(a: Rule, b: Rule, port: int) -> bool:
-    """Whether ``a``'s listeners take ``port`` from ``b``."""
-    return a.proto == b.proto and a.listen_port <= port < a.listen_port + a.count and _shared(a, b)
+def _ports(rule: Rule) -> range:
+    return range(rule.listen_port, rule.listen_port + rule.count)
+
+
+def _ports_held(actives: Iterable[ActiveRule]) -> dict[tuple[str, int], list[Rule]]:
+    """The rules listening on each (protocol, port): which of them holds a port another
+    rule wants is then a lookup, not a scan of every rule for every port."""
+    held: dict[tuple[str, int], list[Rule]] = {}
+    for active in actives:
+        bound = active.bound
+        for port in _ports(bound):
+            held.setdefault((bound.proto, port), []).append(bound)
+    return held
 
 
 def _probe(rule: Rule, ports: Iterable[int]) -> None:
