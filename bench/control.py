@@ -1,9 +1,10 @@
 """Control-plane timings of fastfwd with 8,000 forwarded ports, printed as one JSON object.
 
 Run by ``bench.run`` in a fresh process (``python -m bench.control``): loading 8,000 ports
-as one range rule and as 800 rules of 10, and a one-rule reload of the 800-rule table (one
-rule added, one rule re-pointed). Each is ``Forwarder.apply`` timed until it returns, which
-is when the workers forward on the new table.
+as one range rule, as 800 rules of 10 and as 8,000 rules of one port, and one-rule reloads
+(one rule added, one rule re-pointed in the 800-rule table; one rule added to the 8,000-rule
+table). Each is ``Forwarder.apply`` timed until it returns, which is when the workers forward
+on the new table.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def range_rule() -> list[fastfwd.Rule]:
     return [fastfwd.Rule(proto="tcp", listen_port=FIRST, count=PORTS, target_host="127.0.0.1", target_port=TARGET)]
 
 
-def small_rules(target: str = "127.0.0.1") -> list[fastfwd.Rule]:
-    return [fastfwd.Rule(proto="tcp", listen_port=FIRST + i, count=SPAN, target_host=target, target_port=TARGET + i)
-            for i in range(0, PORTS, SPAN)]
+def small_rules(span: int = SPAN) -> list[fastfwd.Rule]:
+    return [fastfwd.Rule(proto="tcp", listen_port=FIRST + i, count=span, target_host="127.0.0.1", target_port=TARGET + i)
+            for i in range(0, PORTS, span)]
 
 
 async def timed(fw: fastfwd.Forwarder, rules: list[fastfwd.Rule]) -> float:
@@ -50,6 +51,10 @@ async def once(workers: int) -> dict[str, float]:
         out["reload_add_one_ms"] = await timed(fw, [*table, extra])
         moved = [*table[:-1], table[-1].with_target("127.0.0.2"), extra]
         out["reload_retarget_one_ms"] = await timed(fw, moved)
+    async with fastfwd.Forwarder(workers=workers) as fw:
+        table = small_rules(span=1)
+        out["load_rules_8000x1_ms"] = await timed(fw, table)
+        out["reload_add_one_8000x1_ms"] = await timed(fw, [*table, extra])
     return out
 
 

@@ -7,6 +7,7 @@ holding 8,000 ports, so it is skipped where the engine is not built.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -54,6 +55,18 @@ def test_diff_8000_ports_retarget_one(benchmark, forwarder) -> None:
     flip = iter(range(1, 1 << 30))
     diff = benchmark(lambda: loop.run_until_complete(fw.apply(tables[next(flip) % 2])))
     assert len(diff.retargeted) == 1
+
+
+def test_replace_8000_rules(benchmark, forwarder) -> None:
+    """8,000 rules of one port move to another listen address: every rule removed and added,
+    each new one on a port a removed one holds (bound once that one is closed)."""
+    loop, fw = forwarder
+    tables = [[dataclasses.replace(r, listen_host=host) for r in small_rules(span=1)]
+              for host in ("127.0.0.1", "127.0.0.2")]
+    loop.run_until_complete(fw.apply(tables[0]))
+    flip = iter(range(1, 1 << 30))
+    diff = benchmark.pedantic(lambda: loop.run_until_complete(fw.apply(tables[next(flip) % 2])), rounds=4)
+    assert len(diff.added) == len(diff.removed) == 8000
 
 
 def test_diff_8000_port_range_rule(benchmark, forwarder) -> None:
