@@ -26,8 +26,14 @@ from netutil import (LOOP4, AsyncEchoServer, TcpServer, UdpEcho, connect, echo_h
 
 def process_threads() -> list[str]:
     """The names of every thread of this process, the engine's C threads included (threading
-    lists only Python's)."""
-    return sorted(Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+    lists only Python's). A thread that ends while they are read is left out."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append(Path(task, "comm").read_text().strip())
+        except FileNotFoundError:
+            pass
+    return sorted(names)
 
 
 def threads_back_to(threads: list[str]) -> None:
