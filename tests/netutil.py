@@ -730,6 +730,19 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def process_threads() -> list[str]:
+    """The names of every thread of this process, the engine's C threads included (threading
+    lists only Python's). A thread that ends while they are read is left out."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:
+            pass
+    return sorted(names)
+
+
 # A forwarder in a child process: argv[1] is a JSON object {"nofile": N or null, "rules":
 # [[spec, proto, {options}], ...], "workers": N}. It prints one JSON line with the real ports,
 # then answers each "counters" line on stdin with the JSON counters of every rule, and exits

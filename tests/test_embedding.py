@@ -9,7 +9,6 @@ import os
 import re
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute
@@ -17,14 +16,13 @@ from pyroute2 import IPRoute
 import fastfwd
 from fastfwd.host.lab import Lab
 from netutil import (LOOP6, TIMEOUT, SyncForwarder, TcpServer, closed_how, connect, echo_handler, echo_once,
-                     is_refused, make_rule, open_fds, run_async, wait_for)
+                     is_refused, make_rule, open_fds, process_threads, run_async, wait_for)
 from test_address_families import peer_address
 
 
 def engine_threads() -> list[str]:
     """The engine's worker threads in this process (C threads: threading does not list them)."""
-    names = (Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
-    return [name for name in names if name.startswith("fastfwd-w")]
+    return [name for name in process_threads() if name.startswith("fastfwd-w")]
 
 
 def test_a_cancelled_drain_still_closes_everything() -> None:

@@ -13,27 +13,14 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import fastfwd
 from netutil import (LOOP4, AsyncEchoServer, TcpServer, UdpEcho, connect, echo_handler, echo_once, is_refused,
-                     make_rule, many_echo, payload, refusing_port, run_async, udp_roundtrip, udp_socket,
-                     wait_for)
-
-
-def process_threads() -> list[str]:
-    """The names of every thread of this process, the engine's C threads included (threading
-    lists only Python's). A thread that ends while they are read is left out."""
-    names = []
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            names.append(Path(task, "comm").read_text().strip())
-        except FileNotFoundError:
-            pass
-    return sorted(names)
+                     make_rule, many_echo, payload, process_threads, refusing_port, run_async, udp_roundtrip,
+                     udp_socket, wait_for)
 
 
 def threads_back_to(threads: list[str]) -> None:
