@@ -270,14 +270,14 @@ class _Validator:
             return []
         protos = self.check(f"{path}.proto", entry.get("proto", "tcp"), _protos)
         name = entry.get("name")
-        if name is not None and not isinstance(name, str):
-            self.error(f"{path}.name", f"expected a string, got {_kind(name)}")
-        elif name is not None:
+        if name is not None:
             try:
+                if not isinstance(name, str):
+                    raise SpecError(f"expected a string, got {_kind(name)}")
                 check_name(name)
             except SpecError as exc:
                 self.error(f"{path}.name", str(exc).removeprefix("name: "))
-                name = None
+                name = None  # reported: the rules are still checked, without it
         options = self.options(entry, path, defaults)
         listen = target = None
         for key in ("listen", "to"):
@@ -353,12 +353,11 @@ def _expect(value: Any, kind: type, what: str) -> Any:
 
 
 def _protos(value: Any) -> tuple[Proto, ...]:
-    if value == "both" or (isinstance(value, list) and sorted(value) == ["tcp", "udp"]):
+    # Compared whole, never sorted: a list may hold anything, and names do not order with numbers.
+    if value in ("both", ["tcp", "udp"], ["udp", "tcp"]):
         return ("tcp", "udp")
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if value in ("tcp", "udp"):
-        return (value,)
+    if value in ("tcp", "udp", ["tcp"], ["udp"]):
+        return (value if isinstance(value, str) else value[0],)
     raise SpecError(f"expected 'tcp', 'udp', 'both' or [\"tcp\", \"udp\"], got {value!r}")
 
 
@@ -395,6 +394,8 @@ def _target(value: Any) -> tuple[str, int, int]:
 def _path(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(f"expected a file path, got {value!r}")
+    if "\0" in value:  # TOML can say \u0000, but no system call takes such a path
+        raise SpecError(f"{value!r} holds a NUL character, which no file path can")
     return value
 
 

@@ -106,3 +106,26 @@ def test_daemon_settings_refuse_nan_and_infinite_seconds() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("[control]\ndrain_deadline = nan\n")
     assert info.value.errors == ["control.drain_deadline: expected a number of seconds from 0 to 1000000000, got nan"]
+
+
+@pytest.mark.parametrize("proto", ['["tcp", 1]', '[{}, "udp"]', '[["tcp"], "udp"]'])
+def test_a_proto_list_of_other_things_than_names_is_an_error(proto: str) -> None:
+    # Not a TypeError from comparing a name with a number: every value gets its one line.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[[forward]]\nlisten = "8000"\nto = "127.0.0.1:80"\nproto = {proto}\n')
+    assert len(info.value.errors) == 1 and info.value.errors[0].startswith("forward[0].proto: expected ")
+
+
+def test_a_rule_name_that_is_not_a_string_is_reported_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config('[[forward]]\nlisten = "8000"\nto = "127.0.0.1:80"\nname = 5\n')
+    assert info.value.errors == ["forward[0].name: expected a string, got an integer"]
+
+
+@pytest.mark.parametrize("section, key", [("control", "lease_socket"), ("control", "control_socket"),
+                                          ("control", "state_dir"), ("sources", "dhcp_lease_file")])
+def test_a_path_with_a_nul_character_is_an_error(section: str, key: str) -> None:
+    # No system call takes such a path: accepted, it stopped the daemon with a traceback.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[{section}]\n{key} = "/run/a\\u0000b"\n')
+    assert info.value.errors == [f"{section}.{key}: '/run/a\\x00b' holds a NUL character, which no file path can"]
