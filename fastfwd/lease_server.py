@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .leases import Lease, LeaseChange, LeaseError, LeaseTable, read_lease_file
+from .leases import Lease, LeaseChange, LeaseError, LeaseTable, parse_lease_file, settled_text
 from .unixserver import Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")
@@ -86,14 +86,19 @@ async def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
     still); the table is changed on the caller's loop."""
     def note(text: str) -> None:
         log.warning("DHCP lease file %s", text)
+
+    def read() -> tuple[list[dict[str, Any]], int] | None:
+        # Empty as read, not as an earlier stat saw it: dnsmasq may empty it in between.
+        text = settled_text(path)
+        return parse_lease_file(text, path, note, strict=False) if text else None
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reading thread
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reading thread
             raise LeaseError(f"cannot read {path}: not a regular file")
-        if st.st_size == 0:
+        parsed = await asyncio.to_thread(read)
+        if parsed is None:
             log.info("DHCP lease file %s is empty (being rewritten?): no lease removed", path)
             return []
-        entries, malformed = await asyncio.to_thread(read_lease_file, path, note, strict=False)
+        entries, malformed = parsed
         now = time.time()  # the claims of one snapshot are equal (see LeaseTable.named)
         leases = [Lease.from_message(entry, seen=now) for entry in entries]
         changes = ([change for lease in leases for change in table.apply_event("old", lease)] if malformed

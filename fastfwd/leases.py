@@ -23,8 +23,8 @@ file that fails its checksum or does not parse is rejected whole (moved aside to
 entries are still true. Entries of an intact file that fail validation are skipped one by
 one, with a log line each.
 
-``read_lease_file`` reads dnsmasq's lease file, for the hook's snapshot and the daemon's
-``[sources] dhcp_lease_file``.
+``parse_lease_file`` reads dnsmasq's lease file (``settled_text`` waits for it to hold still),
+for the hook's snapshot (``read_lease_file``) and the daemon's ``[sources] dhcp_lease_file``.
 """
 from __future__ import annotations
 
@@ -120,22 +120,29 @@ def client_hostname(value: str, note: Callable[[str], None]) -> str | None:
         return None
 
 
-def read_lease_file(path: str, note: Callable[[str], None], *, strict: bool = True) -> tuple[list[dict[str, Any]], int]:
-    """The IPv4 leases of a dnsmasq lease file (``EXPIRY MAC IP HOSTNAME|* CLIENTID`` per
-    line) as lease-socket snapshot entries, and how many lines were skipped as malformed.
+def read_lease_file(path: str, note: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
+    """``parse_lease_file`` (strict) of the file's text, read once it held still."""
+    return parse_lease_file(settled_text(path), path, note)
+
+
+def parse_lease_file(text: str, path: str, note: Callable[[str], None], *,
+                     strict: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """The IPv4 leases of a dnsmasq lease file's text (``EXPIRY MAC IP HOSTNAME|* CLIENTID``
+    per line) as lease-socket snapshot entries, and how many lines were skipped as malformed.
     The DHCPv6 part (after the ``duid`` line) is keyed by DUID, not MAC, and is left out;
     a client that is not Ethernet is skipped with a ``note``. A malformed line is a
-    LeaseError if ``strict``, else skipped with a ``note``. An unreadable file is a LeaseError."""
+    LeaseError if ``strict``, else skipped with a ``note``. ``path`` names the file in both."""
     #: Per MAC, the lease that expires last, and when: a MAC holds two when its client id
     #: changed (a reinstalled guest), and the newer grant is the address it uses.
     newest: dict[str, tuple[float, dict[str, Any]]] = {}
     malformed = 0
-    for number, line in enumerate(_settled_text(path).splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if fields[:1] == ["duid"]:
             break
         try:
-            if len(fields) < 4 or not fields[0].isdigit():
+            # ASCII digits only: isdigit() is also true of '²', which int() refuses.
+            if len(fields) < 4 or not (fields[0].isascii() and fields[0].isdigit()):
                 raise LeaseError("not a dnsmasq lease line")
             if _OTHER_HARDWARE.fullmatch(fields[1]):
                 note(f"{path}:{number}: {fields[2]}: no MAC known for this lease; skipped")
@@ -163,8 +170,9 @@ SETTLE = 0.02
 SETTLE_READS = 5
 
 
-def _settled_text(path: str) -> str:
-    """The lease file's text, read once the file held still; sleeps, so off the event loop."""
+def settled_text(path: str) -> str:
+    """The lease file's text, read once the file held still (a LeaseError if it cannot be read
+    or does not hold still); sleeps, so off the event loop."""
     try:
         for _ in range(SETTLE_READS):
             with open(path, "rb") as f:
