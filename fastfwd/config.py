@@ -356,8 +356,10 @@ def _protos(value: Any) -> tuple[Proto, ...]:
     # Compared whole, never sorted: a list may hold anything, and names do not order with numbers.
     if value in ("both", ["tcp", "udp"], ["udp", "tcp"]):
         return ("tcp", "udp")
-    if value in ("tcp", "udp", ["tcp"], ["udp"]):
-        return (value if isinstance(value, str) else value[0],)
+    if value in ("tcp", ["tcp"]):
+        return ("tcp",)
+    if value in ("udp", ["udp"]):
+        return ("udp",)
     raise SpecError(f"expected 'tcp', 'udp', 'both' or [\"tcp\", \"udp\"], got {value!r}")
 
 
