@@ -295,20 +295,28 @@ class _Validator:
             if thost not in hosts and not is_ip(thost) and not sources.dhcp:
                 self.error(f"{path}.to", f"{thost!r} is not in [hosts] and DHCP names are off ([sources] dhcp = false)")
                 return []
+            fixed = hosts[thost].ip if thost in hosts else None
+            via = f" (hosts.{thost})" if fixed is not None else ""
             try:
-                return [Rule(proto=p, listen_host=lhost, listen_port=lport, count=lcount,
-                             target_host=thost, target_port=tport, name=name, options=options)
-                        for p in protos or ()]
+                rules = [Rule(proto=p, listen_host=lhost, listen_port=lport, count=lcount,
+                              target_host=thost, target_port=tport, name=name, options=options)
+                         for p in protos or ()]
+                if fixed is not None:
+                    # The name stands for that address: it gets the checks the address would
+                    # (TCP can reach it, it is not the rule's own listener, sources fit it).
+                    for rule in rules:
+                        rule.with_target(fixed)
+                return rules
             except SpecError as exc:
                 # An option that does not fit the rule's addresses is reported at its key, a
                 # target the protocol cannot reach at 'to'.
                 key, _, problem = str(exc).partition(": ")
                 if key in _TUPLE_OPTIONS:
-                    self.error(f"{path}.{key}", problem)
+                    self.error(f"{path}.{key}", problem + via)
                 elif key.startswith("target "):
-                    self.error(f"{path}.to", str(exc))
+                    self.error(f"{path}.to", str(exc) + via)
                 else:
-                    self.error(path, str(exc))
+                    self.error(path, str(exc) + via)
         return []
 
     def overlaps(self, rules: list[tuple[str, Rule]]) -> None:

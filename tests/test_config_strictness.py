@@ -129,3 +129,15 @@ def test_a_path_with_a_nul_character_is_an_error(section: str, key: str) -> None
     with pytest.raises(ConfigError) as info:
         parse_config(f'[{section}]\n{key} = "/run/a\\u0000b"\n')
     assert info.value.errors == [f"{section}.{key}: '/run/a\\x00b' holds a NUL character, which no file path can"]
+
+
+@pytest.mark.parametrize("ip, listen, to, says", [
+    ("224.0.0.1", "8080", "80", "target 224.0.0.1 is a multicast address: TCP cannot connect to it"),
+    ("127.0.0.1", "0.0.0.0:8080", "8080", "target 127.0.0.1:8080 is this rule's own listener: it would forward to itself"),
+])
+def test_a_host_entry_with_an_ip_is_checked_as_that_address_would_be(ip: str, listen: str, to: str, says: str) -> None:
+    # The name stands for the address: a target no connection could reach, or the rule's own
+    # listener (each connection would open another, without end), is the same error through it.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[hosts.vm1]\nip = "{ip}"\n[[forward]]\nlisten = "{listen}"\nto = "vm1:{to}"\n')
+    assert info.value.errors == [f"forward[0].to: {says} (hosts.vm1)"]
