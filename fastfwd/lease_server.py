@@ -159,7 +159,7 @@ def _parse(request: Request) -> tuple[str | None, list[Lease], int | None]:
             if not set(doc) <= {"snapshot", "family"}:
                 raise LeaseError("a snapshot message has only the 'snapshot' and 'family' keys")
             family = doc.get("family")
-            if family not in (None, 4, 6) or isinstance(family, bool):
+            if family is not None and (type(family) is not int or family not in (4, 6)):  # not True, not 4.0
                 raise LeaseError(f"family: expected 4 or 6, got {family!r}")
             if not isinstance(doc["snapshot"], list):
                 raise LeaseError(f"snapshot: expected a list of leases, got {type(doc['snapshot']).__name__}")

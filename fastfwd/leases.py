@@ -97,6 +97,17 @@ def normalize_ip(value: object) -> str:
         raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address") from None
 
 
+def _held_address(value: object) -> str:
+    """A lease's address, in normal form: one a machine can hold. A rule that followed the
+    unspecified address would forward to this host itself; a multicast or broadcast one, to
+    no one machine."""
+    ip = normalize_ip(value)
+    addr = ipaddress.ip_address(ip)
+    if addr.is_unspecified or addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise LeaseError(f"ip: {value!r} is not a machine's address")
+    return ip
+
+
 def normalize_hostname(value: object) -> str | None:
     """A host name by RFC 1123 (labels of 1-63 letters, digits and inner hyphens; 253 in all),
     lowercased since names compare case-insensitively. None or "" means no name."""
@@ -205,7 +216,7 @@ class Lease:
     def __post_init__(self) -> None:
         # Every way in (socket, state file, other address sources) is validated and normalized here.
         object.__setattr__(self, "mac", normalize_mac(self.mac))
-        object.__setattr__(self, "ip", normalize_ip(self.ip))
+        object.__setattr__(self, "ip", _held_address(self.ip))
         object.__setattr__(self, "hostname", normalize_hostname(self.hostname))
         if self.source not in SOURCES:
             raise LeaseError(f"source: expected one of {', '.join(SOURCES)}, got {self.source!r:.80}")
