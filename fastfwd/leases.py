@@ -159,7 +159,7 @@ def parse_lease_file(text: str, path: str, note: Callable[[str], None], *,
                 note(f"{path}:{number}: {fields[2]}: no MAC known for this lease; skipped")
                 continue
             mac = normalize_mac(fields[1])
-            lease = {"mac": mac, "ip": normalize_ip(fields[2]),
+            lease = {"mac": mac, "ip": _held_address(fields[2]),
                      "hostname": client_hostname(fields[3], note) if fields[3] != "*" else None}
         except LeaseError as exc:
             if strict:

@@ -205,3 +205,12 @@ def test_a_lease_line_whose_expiry_is_not_ascii_digits_is_malformed(tmp_path: Pa
     assert notes == [f"{path}:1: not a dnsmasq lease line; skipped"]
     with pytest.raises(leases_module.LeaseError, match=":1: not a dnsmasq lease line"):
         leases_module.read_lease_file(str(path), notes.append)
+
+
+def test_a_lease_line_of_an_address_no_machine_holds_is_malformed(tmp_path: Path) -> None:
+    # Skipped alone, as the lease socket refuses it, rather than failing the whole file.
+    notes: list[str] = []
+    text = f"1900000000 {A} 0.0.0.0 vm2 *\n{LINES[1]}"
+    assert leases_module.parse_lease_file(text, "f", notes.append, strict=False) == (
+        [{"mac": B, "ip": "127.0.0.3", "hostname": "vm3"}], 1)
+    assert notes == ["f:1: ip: '0.0.0.0' is not a machine's address; skipped"]
