@@ -25,10 +25,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .leases import Lease, LeaseChange, LeaseError, LeaseTable, parse_lease_file, settled_text
+from .leases import Lease, LeaseChange, LeaseError, LeaseTable, OnChange, parse_lease_file, settled_text
 from .unixserver import Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")
@@ -36,7 +35,6 @@ log = logging.getLogger("fastfwd.leases")
 EVENT_MAX = 64 << 10
 SNAPSHOT_MAX = 8 << 20
 
-OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
 #: Root and the daemon's own user only. Access is frozen, so one instance is every default.
 _OWNER_ONLY = Access()
 

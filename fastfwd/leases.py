@@ -38,7 +38,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -268,6 +268,11 @@ class LeaseChange:
 
     old: Lease | None
     new: Lease | None
+
+
+#: What a lease source (the lease socket, the neighbour table) awaits after it changed the
+#: table: the daemon's re-pointing of the rules, so that its reply comes once they follow.
+OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
