@@ -409,12 +409,19 @@ def _path(value: Any) -> str:
     return value
 
 
+_MAX_ID = 2 ** 32 - 2
+
+
 def _principals(kind: str) -> Callable[[Any], tuple[str | int, ...]]:
     """A checker for a list of user or group names or numeric ids. Names are looked up when
     the daemon starts, not here, so a file checks the same on any machine."""
     def check(value: Any) -> tuple[str | int, ...]:
         if not isinstance(value, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in value):
             raise SpecError(f"expected an array of {kind} names or numeric ids, got {value!r}")
+        for x in value:
+            # What chown takes: 2**32 - 1 means "leave as is", and past it is an OverflowError.
+            if isinstance(x, int) and not 0 <= x <= _MAX_ID:
+                raise SpecError(f"id {x} is not a {kind} id (0 to {_MAX_ID})")
         return tuple(value)
     return check
 

@@ -141,3 +141,13 @@ def test_a_host_entry_with_an_ip_is_checked_as_that_address_would_be(ip: str, li
     with pytest.raises(ConfigError) as info:
         parse_config(f'[hosts.vm1]\nip = "{ip}"\n[[forward]]\nlisten = "{listen}"\nto = "vm1:{to}"\n')
     assert info.value.errors == [f"forward[0].to: {says} (hosts.vm1)"]
+
+
+@pytest.mark.parametrize("key", ["allow_users", "allow_groups"])
+@pytest.mark.parametrize("number", [-5, 4294967295, 1 << 40])
+def test_a_numeric_user_or_group_id_no_system_has_is_an_error(key: str, number: int) -> None:
+    # Accepted, it stopped the daemon with an OverflowError traceback from chown; and
+    # 4294967295 is chown's "leave as is", not an id.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"[control]\n{key} = [0, {number}]\n")
+    assert info.value.errors == [f"control.{key}: id {number} is not a {key[6:-1]} id (0 to 4294967294)"]
