@@ -270,14 +270,14 @@ class _Validator:
             return []
         protos = self.check(f"{path}.proto", entry.get("proto", "tcp"), _protos)
         name = entry.get("name")
-        if name is not None and not isinstance(name, str):
-            self.error(f"{path}.name", f"expected a string, got {_kind(name)}")
-        elif name is not None:
+        if name is not None:
             try:
+                if not isinstance(name, str):
+                    raise SpecError(f"expected a string, got {_kind(name)}")
                 check_name(name)
             except SpecError as exc:
                 self.error(f"{path}.name", str(exc).removeprefix("name: "))
-                name = None
+                name = None  # reported: the rules are still checked, without it
         options = self.options(entry, path, defaults)
         listen = target = None
         for key in ("listen", "to"):
@@ -295,20 +295,28 @@ class _Validator:
             if thost not in hosts and not is_ip(thost) and not sources.dhcp:
                 self.error(f"{path}.to", f"{thost!r} is not in [hosts] and DHCP names are off ([sources] dhcp = false)")
                 return []
+            fixed = hosts[thost].ip if thost in hosts else None
+            via = f" (hosts.{thost})" if fixed is not None else ""
             try:
-                return [Rule(proto=p, listen_host=lhost, listen_port=lport, count=lcount,
-                             target_host=thost, target_port=tport, name=name, options=options)
-                        for p in protos or ()]
+                rules = [Rule(proto=p, listen_host=lhost, listen_port=lport, count=lcount,
+                              target_host=thost, target_port=tport, name=name, options=options)
+                         for p in protos or ()]
+                if fixed is not None:
+                    # The name stands for that address: it gets the checks the address would
+                    # (TCP can reach it, it is not the rule's own listener, sources fit it).
+                    for rule in rules:
+                        rule.with_target(fixed)
+                return rules
             except SpecError as exc:
                 # An option that does not fit the rule's addresses is reported at its key, a
                 # target the protocol cannot reach at 'to'.
                 key, _, problem = str(exc).partition(": ")
                 if key in _TUPLE_OPTIONS:
-                    self.error(f"{path}.{key}", problem)
+                    self.error(f"{path}.{key}", problem + via)
                 elif key.startswith("target "):
-                    self.error(f"{path}.to", str(exc))
+                    self.error(f"{path}.to", str(exc) + via)
                 else:
-                    self.error(path, str(exc))
+                    self.error(path, str(exc) + via)
         return []
 
     def overlaps(self, rules: list[tuple[str, Rule]]) -> None:
@@ -353,12 +361,13 @@ def _expect(value: Any, kind: type, what: str) -> Any:
 
 
 def _protos(value: Any) -> tuple[Proto, ...]:
-    if value == "both" or (isinstance(value, list) and sorted(value) == ["tcp", "udp"]):
+    # Compared whole, never sorted: a list may hold anything, and names do not order with numbers.
+    if value in ("both", ["tcp", "udp"], ["udp", "tcp"]):
         return ("tcp", "udp")
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if value in ("tcp", "udp"):
-        return (value,)
+    if value in ("tcp", ["tcp"]):
+        return ("tcp",)
+    if value in ("udp", ["udp"]):
+        return ("udp",)
     raise SpecError(f"expected 'tcp', 'udp', 'both' or [\"tcp\", \"udp\"], got {value!r}")
 
 
@@ -395,7 +404,12 @@ def _target(value: Any) -> tuple[str, int, int]:
 def _path(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(f"expected a file path, got {value!r}")
+    if "\0" in value:  # TOML can say \u0000, but no system call takes such a path
+        raise SpecError(f"{value!r} holds a NUL character, which no file path can")
     return value
+
+
+_MAX_ID = 2 ** 32 - 2
 
 
 def _principals(kind: str) -> Callable[[Any], tuple[str | int, ...]]:
@@ -404,6 +418,10 @@ def _principals(kind: str) -> Callable[[Any], tuple[str | int, ...]]:
     def check(value: Any) -> tuple[str | int, ...]:
         if not isinstance(value, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in value):
             raise SpecError(f"expected an array of {kind} names or numeric ids, got {value!r}")
+        for x in value:
+            # What chown takes: 2**32 - 1 means "leave as is", and past it is an OverflowError.
+            if isinstance(x, int) and not 0 <= x <= _MAX_ID:
+                raise SpecError(f"id {x} is not a {kind} id (0 to {_MAX_ID})")
         return tuple(value)
     return check
 

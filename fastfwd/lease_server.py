@@ -25,10 +25,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .leases import Lease, LeaseChange, LeaseError, LeaseTable, read_lease_file
+from .leases import Lease, LeaseChange, LeaseError, LeaseTable, OnChange, parse_lease_file, settled_text
 from .unixserver import Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")
@@ -36,14 +35,15 @@ log = logging.getLogger("fastfwd.leases")
 EVENT_MAX = 64 << 10
 SNAPSHOT_MAX = 8 << 20
 
-OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
+#: Root and the daemon's own user only. Access is frozen, so one instance is every default.
+_OWNER_ONLY = Access()
 
 
 class LeaseServer(JsonLineServer):
     """Serves ``table`` on ``path``; ``on_change(changes)`` must return once rules are live."""
 
     def __init__(self, path: str | os.PathLike[str], table: LeaseTable, on_change: OnChange, *,
-                 access: Access = Access(), lock: asyncio.Lock | None = None, **limits: Any) -> None:
+                 access: Access = _OWNER_ONLY, lock: asyncio.Lock | None = None, **limits: Any) -> None:
         """``lock`` serializes changes with other writers of ``table`` (say, an address source
         watching the bridge); each message holds it from applying until ``on_change`` returned."""
         super().__init__(path, self._handle, name="lease", access=access, line_limit=EVENT_MAX,
@@ -86,14 +86,19 @@ async def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
     still); the table is changed on the caller's loop."""
     def note(text: str) -> None:
         log.warning("DHCP lease file %s", text)
+
+    def read() -> tuple[list[dict[str, Any]], int] | None:
+        # Empty as read, not as an earlier stat saw it: dnsmasq may empty it in between.
+        text = settled_text(path)
+        return parse_lease_file(text, path, note, strict=False) if text else None
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reading thread
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reading thread
             raise LeaseError(f"cannot read {path}: not a regular file")
-        if st.st_size == 0:
+        parsed = await asyncio.to_thread(read)
+        if parsed is None:
             log.info("DHCP lease file %s is empty (being rewritten?): no lease removed", path)
             return []
-        entries, malformed = await asyncio.to_thread(read_lease_file, path, note, strict=False)
+        entries, malformed = parsed
         now = time.time()  # the claims of one snapshot are equal (see LeaseTable.named)
         leases = [Lease.from_message(entry, seen=now) for entry in entries]
         changes = ([change for lease in leases for change in table.apply_event("old", lease)] if malformed
@@ -152,7 +157,7 @@ def _parse(request: Request) -> tuple[str | None, list[Lease], int | None]:
             if not set(doc) <= {"snapshot", "family"}:
                 raise LeaseError("a snapshot message has only the 'snapshot' and 'family' keys")
             family = doc.get("family")
-            if family not in (None, 4, 6) or isinstance(family, bool):
+            if family is not None and (type(family) is not int or family not in (4, 6)):  # not True, not 4.0
                 raise LeaseError(f"family: expected 4 or 6, got {family!r}")
             if not isinstance(doc["snapshot"], list):
                 raise LeaseError(f"snapshot: expected a list of leases, got {type(doc['snapshot']).__name__}")

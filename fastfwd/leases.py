@@ -23,8 +23,8 @@ file that fails its checksum or does not parse is rejected whole (moved aside to
 entries are still true. Entries of an intact file that fail validation are skipped one by
 one, with a log line each.
 
-``read_lease_file`` reads dnsmasq's lease file, for the hook's snapshot and the daemon's
-``[sources] dhcp_lease_file``.
+``parse_lease_file`` reads dnsmasq's lease file (``settled_text`` waits for it to hold still),
+for the hook's snapshot (``read_lease_file``) and the daemon's ``[sources] dhcp_lease_file``.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -97,6 +97,17 @@ def normalize_ip(value: object) -> str:
         raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address") from None
 
 
+def _held_address(value: object) -> str:
+    """A lease's address, in normal form: one a machine can hold. A rule that followed the
+    unspecified address would forward to this host itself; a multicast or broadcast one, to
+    no one machine."""
+    ip = normalize_ip(value)
+    addr = ipaddress.ip_address(ip)
+    if addr.is_unspecified or addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise LeaseError(f"ip: {value!r} is not a machine's address")
+    return ip
+
+
 def normalize_hostname(value: object) -> str | None:
     """A host name by RFC 1123 (labels of 1-63 letters, digits and inner hyphens; 253 in all),
     lowercased since names compare case-insensitively. None or "" means no name."""
@@ -120,28 +131,35 @@ def client_hostname(value: str, note: Callable[[str], None]) -> str | None:
         return None
 
 
-def read_lease_file(path: str, note: Callable[[str], None], *, strict: bool = True) -> tuple[list[dict[str, Any]], int]:
-    """The IPv4 leases of a dnsmasq lease file (``EXPIRY MAC IP HOSTNAME|* CLIENTID`` per
-    line) as lease-socket snapshot entries, and how many lines were skipped as malformed.
+def read_lease_file(path: str, note: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
+    """``parse_lease_file`` (strict) of the file's text, read once it held still."""
+    return parse_lease_file(settled_text(path), path, note)
+
+
+def parse_lease_file(text: str, path: str, note: Callable[[str], None], *,
+                     strict: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """The IPv4 leases of a dnsmasq lease file's text (``EXPIRY MAC IP HOSTNAME|* CLIENTID``
+    per line) as lease-socket snapshot entries, and how many lines were skipped as malformed.
     The DHCPv6 part (after the ``duid`` line) is keyed by DUID, not MAC, and is left out;
     a client that is not Ethernet is skipped with a ``note``. A malformed line is a
-    LeaseError if ``strict``, else skipped with a ``note``. An unreadable file is a LeaseError."""
+    LeaseError if ``strict``, else skipped with a ``note``. ``path`` names the file in both."""
     #: Per MAC, the lease that expires last, and when: a MAC holds two when its client id
     #: changed (a reinstalled guest), and the newer grant is the address it uses.
     newest: dict[str, tuple[float, dict[str, Any]]] = {}
     malformed = 0
-    for number, line in enumerate(_settled_text(path).splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if fields[:1] == ["duid"]:
             break
         try:
-            if len(fields) < 4 or not fields[0].isdigit():
+            # ASCII digits only: isdigit() is also true of '²', which int() refuses.
+            if len(fields) < 4 or not (fields[0].isascii() and fields[0].isdigit()):
                 raise LeaseError("not a dnsmasq lease line")
             if _OTHER_HARDWARE.fullmatch(fields[1]):
                 note(f"{path}:{number}: {fields[2]}: no MAC known for this lease; skipped")
                 continue
             mac = normalize_mac(fields[1])
-            lease = {"mac": mac, "ip": normalize_ip(fields[2]),
+            lease = {"mac": mac, "ip": _held_address(fields[2]),
                      "hostname": client_hostname(fields[3], note) if fields[3] != "*" else None}
         except LeaseError as exc:
             if strict:
@@ -163,8 +181,9 @@ SETTLE = 0.02
 SETTLE_READS = 5
 
 
-def _settled_text(path: str) -> str:
-    """The lease file's text, read once the file held still; sleeps, so off the event loop."""
+def settled_text(path: str) -> str:
+    """The lease file's text, read once the file held still (a LeaseError if it cannot be read
+    or does not hold still); sleeps, so off the event loop."""
     try:
         for _ in range(SETTLE_READS):
             with open(path, "rb") as f:
@@ -197,7 +216,7 @@ class Lease:
     def __post_init__(self) -> None:
         # Every way in (socket, state file, other address sources) is validated and normalized here.
         object.__setattr__(self, "mac", normalize_mac(self.mac))
-        object.__setattr__(self, "ip", normalize_ip(self.ip))
+        object.__setattr__(self, "ip", _held_address(self.ip))
         object.__setattr__(self, "hostname", normalize_hostname(self.hostname))
         if self.source not in SOURCES:
             raise LeaseError(f"source: expected one of {', '.join(SOURCES)}, got {self.source!r:.80}")
@@ -249,6 +268,11 @@ class LeaseChange:
 
     old: Lease | None
     new: Lease | None
+
+
+#: What a lease source (the lease socket, the neighbour table) awaits after it changed the
+#: table: the daemon's re-pointing of the rules, so that its reply comes once they follow.
+OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
 
 
 @dataclass(frozen=True)

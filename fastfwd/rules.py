@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -86,16 +87,20 @@ class RuleOptions:
             if getattr(self, name) not in ("keep", "close"):
                 raise SpecError(f"{name}: expected 'keep' or 'close', got {getattr(self, name)!r}")
         for name, items in (("allow", "CIDR networks"), ("source", "addresses")):
-            if isinstance(getattr(self, name), str):  # tuple() would read it character by character
-                raise SpecError(f"{name}: expected a list of {items}, got the string {getattr(self, name)!r}")
-        allow = tuple(self.allow)
-        for cidr in allow:
+            value = getattr(self, name)
+            if isinstance(value, str):  # tuple() would read it character by character
+                raise SpecError(f"{name}: expected a list of {items}, got the string {value!r}")
+            if not isinstance(value, Iterable):
+                raise SpecError(f"{name}: expected a list of {items}, got {value!r}")
+            value = tuple(value)
+            for item in value:
+                if not isinstance(item, str):  # ipaddress would read an integer as an address
+                    raise SpecError(f"{name}: expected a list of {items}, got the item {item!r}")
+            object.__setattr__(self, name, value)
+        for cidr in self.allow:
             allow_network(cidr)
-        source = tuple(self.source)
-        for addr in source:
+        for addr in self.source:
             unmapped_ip(addr, "source")
-        object.__setattr__(self, "allow", allow)
-        object.__setattr__(self, "source", source)
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,8 @@ class Rule:
     def parse(cls, spec: str, proto: Proto = "tcp", *, name: str | None = None,
               options: RuleOptions | None = None) -> "Rule":
         """Parse ``[ADDR:]PORT[-END]:HOST:PORT[-END]`` into a rule."""
+        if not isinstance(spec, str):
+            raise SpecError(f"expected a port spec string, got {spec!r}")
         try:
             parts = split_hostports(spec)
             if len(parts) not in (3, 4):

@@ -106,3 +106,48 @@ def test_daemon_settings_refuse_nan_and_infinite_seconds() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("[control]\ndrain_deadline = nan\n")
     assert info.value.errors == ["control.drain_deadline: expected a number of seconds from 0 to 1000000000, got nan"]
+
+
+@pytest.mark.parametrize("proto", ['["tcp", 1]', '[{}, "udp"]', '[["tcp"], "udp"]'])
+def test_a_proto_list_of_other_things_than_names_is_an_error(proto: str) -> None:
+    # Not a TypeError from comparing a name with a number: every value gets its one line.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[[forward]]\nlisten = "8000"\nto = "127.0.0.1:80"\nproto = {proto}\n')
+    assert len(info.value.errors) == 1 and info.value.errors[0].startswith("forward[0].proto: expected ")
+
+
+def test_a_rule_name_that_is_not_a_string_is_reported_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config('[[forward]]\nlisten = "8000"\nto = "127.0.0.1:80"\nname = 5\n')
+    assert info.value.errors == ["forward[0].name: expected a string, got an integer"]
+
+
+@pytest.mark.parametrize("section, key", [("control", "lease_socket"), ("control", "control_socket"),
+                                          ("control", "state_dir"), ("sources", "dhcp_lease_file")])
+def test_a_path_with_a_nul_character_is_an_error(section: str, key: str) -> None:
+    # No system call takes such a path: accepted, it stopped the daemon with a traceback.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[{section}]\n{key} = "/run/a\\u0000b"\n')
+    assert info.value.errors == [f"{section}.{key}: '/run/a\\x00b' holds a NUL character, which no file path can"]
+
+
+@pytest.mark.parametrize("ip, listen, to, says", [
+    ("224.0.0.1", "8080", "80", "target 224.0.0.1 is a multicast address: TCP cannot connect to it"),
+    ("127.0.0.1", "0.0.0.0:8080", "8080", "target 127.0.0.1:8080 is this rule's own listener: it would forward to itself"),
+])
+def test_a_host_entry_with_an_ip_is_checked_as_that_address_would_be(ip: str, listen: str, to: str, says: str) -> None:
+    # The name stands for the address: a target no connection could reach, or the rule's own
+    # listener (each connection would open another, without end), is the same error through it.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[hosts.vm1]\nip = "{ip}"\n[[forward]]\nlisten = "{listen}"\nto = "vm1:{to}"\n')
+    assert info.value.errors == [f"forward[0].to: {says} (hosts.vm1)"]
+
+
+@pytest.mark.parametrize("key", ["allow_users", "allow_groups"])
+@pytest.mark.parametrize("number", [-5, 4294967295, 1 << 40])
+def test_a_numeric_user_or_group_id_no_system_has_is_an_error(key: str, number: int) -> None:
+    # Accepted, it stopped the daemon with an OverflowError traceback from chown; and
+    # 4294967295 is chown's "leave as is", not an id.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"[control]\n{key} = [0, {number}]\n")
+    assert info.value.errors == [f"control.{key}: id {number} is not a {key[6:-1]} id (0 to 4294967294)"]

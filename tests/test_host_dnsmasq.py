@@ -20,6 +20,18 @@ def test_default_range_is_the_upper_half_without_the_host() -> None:
         default_range(ipaddress.IPv4Interface("10.77.0.1/30"))
 
 
+@pytest.mark.parametrize("address, first, last", [
+    ("10.77.0.200/24", "10.77.0.1", "10.77.0.127"),  # the host inside the upper half: the lower one
+    ("10.77.0.128/24", "10.77.0.129", "10.77.0.254"),  # at its edge: the upper half without it
+    ("10.0.0.1/8", "10.128.0.0", "10.255.255.254"),  # a large subnet is not "too small"
+    ("10.0.0.1/29", "10.0.0.4", "10.0.0.6"),
+])
+def test_default_range_never_holds_the_host(address: str, first: str, last: str) -> None:
+    low, high = default_range(ipaddress.IPv4Interface(address))
+    assert (str(low), str(high)) == (first, last)
+    assert not low <= ipaddress.IPv4Interface(address).ip <= high
+
+
 def test_argv_round_trips_through_the_parser(tmp_path: Path) -> None:
     args = argv("br-vms", dhcp_range=(ipaddress.IPv4Address("10.0.0.10"), ipaddress.IPv4Address("10.0.0.20")),
                 netmask=ipaddress.IPv4Address("255.255.255.0"), hook="/x/hook",

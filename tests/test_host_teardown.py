@@ -108,3 +108,18 @@ def test_setup_again_replaces_our_table_left_under_the_old_name(br: Bridge) -> N
     br("setup", "br_vms", "--address", "10.254.254.1/24", "--no-dhcp")
     assert _tables(br) == {f"inet {firewall.table_name('br_vms')}"}
     br("destroy", "br_vms")
+
+
+@pytest.mark.parametrize("record", ['{"bridge": true', '["bridge"]', '{"bridge": true, "from_a_later_version": 1}'])
+@pytest.mark.parametrize("command", ["destroy", "check"])
+def test_a_record_setup_cannot_read_is_one_line_and_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             record: str, command: str) -> None:
+    # Cut short, hand-edited or written by a later version: not a traceback, and destroy
+    # neither guesses what setup made nor deletes the record that says so.
+    from fastfwd.host.cli import main
+
+    (tmp_path / "br-x.json").write_text(record)
+    assert main([command, "br-x", "--state-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fastfwd-bridge: setup's record {tmp_path / 'br-x.json'} cannot be read: ")
+    assert "\n" not in err and (tmp_path / "br-x.json").read_text() == record

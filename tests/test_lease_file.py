@@ -174,3 +174,43 @@ def test_a_lease_file_read_while_dnsmasq_rewrites_it(tmp_path: Path, monkeypatch
     assert sorted(lease.mac for lease in table) == kept
     if len(writes) > 2:
         assert "was still being written after 5 reads; going on with the 1 lease(s) known" in caplog.text
+
+
+def test_a_lease_file_emptied_after_it_was_looked_at_removes_no_lease(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """dnsmasq empties its file first when it rewrites it: emptied between the daemon's first
+    look and its read, it must change nothing, as a file found empty does."""
+    path = tmp_path / "dnsmasq.leases"
+    path.write_text(LINES[0])
+    read = asyncio.to_thread
+
+    async def emptied_first(*args: object, **kwargs: object) -> object:
+        path.write_text("")  # dnsmasq's truncate, just before the read
+        return await read(*args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(asyncio, "to_thread", emptied_first)
+    table = LeaseTable([Lease(A, "127.0.0.2", "vm2")])
+    assert asyncio.run(apply_lease_file(table, str(path))) == []
+    assert [lease.mac for lease in table] == [A]
+
+
+@pytest.mark.parametrize("expiry", ["１９００００００００", "²"])
+def test_a_lease_line_whose_expiry_is_not_ascii_digits_is_malformed(tmp_path: Path, expiry: str) -> None:
+    # str.isdigit() is true of other scripts' digits and of '²', which int() refuses.
+    path = tmp_path / "dnsmasq.leases"
+    path.write_text(f"{expiry} {A} 127.0.0.2 vm2 *\n{LINES[1]}")
+    notes: list[str] = []
+    text = path.read_text()
+    assert leases_module.parse_lease_file(text, str(path), notes.append, strict=False) == (
+        [{"mac": B, "ip": "127.0.0.3", "hostname": "vm3"}], 1)
+    assert notes == [f"{path}:1: not a dnsmasq lease line; skipped"]
+    with pytest.raises(leases_module.LeaseError, match=":1: not a dnsmasq lease line"):
+        leases_module.read_lease_file(str(path), notes.append)
+
+
+def test_a_lease_line_of_an_address_no_machine_holds_is_malformed(tmp_path: Path) -> None:
+    # Skipped alone, as the lease socket refuses it, rather than failing the whole file.
+    notes: list[str] = []
+    text = f"1900000000 {A} 0.0.0.0 vm2 *\n{LINES[1]}"
+    assert leases_module.parse_lease_file(text, "f", notes.append, strict=False) == (
+        [{"mac": B, "ip": "127.0.0.3", "hostname": "vm3"}], 1)
+    assert notes == ["f:1: ip: '0.0.0.0' is not a machine's address; skipped"]

@@ -168,6 +168,9 @@ BAD_MESSAGES: list[tuple[bytes, str]] = [
     (json.dumps(event("add", mac="52:54:00:00:00:0g")).encode() + b"\n", "not a MAC address"),
     (json.dumps(event("add", ip="10.0.0.256")).encode() + b"\n", "not an IPv4 or IPv6 address"),
     (json.dumps({**event("add"), "ip": ["10.0.0.1"]}).encode() + b"\n", "ip: expected a string"),
+    # No machine holds these: a rule following the lease would forward to this host itself.
+    *((json.dumps(event("add", ip=ip)).encode() + b"\n", f"ip: {ip!r} is not a machine's address")
+      for ip in ("0.0.0.0", "::", "224.0.0.5", "ff02::1", "255.255.255.255")),
     (json.dumps(event("add", hostname="bad_name")).encode() + b"\n", "not a valid host name"),
     (json.dumps(event("add", hostname="x" * 64)).encode() + b"\n", "not a valid host name"),
     (json.dumps({**event("add"), "hostname": 7}).encode() + b"\n", "hostname: expected a string"),
@@ -177,6 +180,7 @@ BAD_MESSAGES: list[tuple[bytes, str]] = [
     (json.dumps({"snapshot": [], "event": "add"}).encode() + b"\n", "only the 'snapshot' and 'family' keys"),
     (json.dumps({"snapshot": [], "family": 5}).encode() + b"\n", "family: expected 4 or 6, got 5"),
     (json.dumps({"snapshot": [], "family": True}).encode() + b"\n", "family: expected 4 or 6, got True"),
+    (json.dumps({"snapshot": [], "family": 4.0}).encode() + b"\n", "family: expected 4 or 6, got 4.0"),
     (json.dumps({"snapshot": [{"mac": A, "ip": "fd00::5"}], "family": 4}).encode() + b"\n",
      "an IPv4 snapshot lists fd00::5"),
     (json.dumps({"snapshot": [{"mac": A, "ip": "10.0.0.5"}, {"mac": B, "ip": "nope"}]}).encode() + b"\n",

@@ -115,3 +115,25 @@ def test_cli_port_in_use_exits_with_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1, f"expected one line on stderr, got: {result.stderr!r}"
     assert str(port) in result.stderr and "in use" in result.stderr
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"allow": [1]}, "allow: expected a list of CIDR networks, got the item 1"),  # ipaddress reads 1 as 0.0.0.1
+    ({"allow": None}, "allow: expected a list of CIDR networks, got None"),
+    ({"source": [None]}, "source: expected a list of addresses, got the item None"),
+    ({"source": 5}, "source: expected a list of addresses, got 5"),
+])
+def test_rule_options_of_other_types_than_lists_of_strings_say_which(options: dict[str, object],
+                                                                    message: str) -> None:
+    # A program building options itself gets the SpecError naming the field, not a TypeError
+    # from deep inside, nor a number taken for an address.
+    from fastfwd import RuleOptions
+
+    with pytest.raises(SpecError) as info:
+        RuleOptions(**options)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_a_spec_that_is_not_a_string_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="^expected a port spec string, got 8080$"):
+        Rule.parse(8080)  # type: ignore[arg-type]

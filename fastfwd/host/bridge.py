@@ -86,10 +86,15 @@ class Made:
 
     @classmethod
     def load(cls, state_dir: Path, bridge: str) -> Made:
+        """The record, or an empty one if there is none. One that does not parse (cut short,
+        edited, or from a later version) is a RuntimeError: guessing would undo the wrong things."""
+        path = cls.path(state_dir, bridge)
         try:
-            return cls(**json.loads(cls.path(state_dir, bridge).read_text()))
+            return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
             return cls()
+        except (ValueError, TypeError) as exc:
+            raise RuntimeError(f"setup's record {path} cannot be read: {exc}") from None
 
     def save(self, state_dir: Path, bridge: str) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--address", required=True, type=ipaddress.IPv4Interface,
                    help="the host's address on the bridge, with prefix: 10.77.0.1/24")
     s.add_argument("--dhcp-range", metavar="FIRST,LAST",
-                   help="addresses DHCP hands out (default: the upper half of the subnet)")
+                   help="addresses DHCP hands out (default: the upper half of the subnet, or the "
+                        "lower half when the host's address is inside the upper one)")
     s.add_argument("--no-dhcp", action="store_true", help="no DHCP server (VMs with static addresses)")
     s.add_argument("--dns", action="store_true", help="let dnsmasq answer DNS on the bridge too")
     s.add_argument("--no-nat", action="store_true", help="no masquerade for the VMs' outbound traffic")

@@ -19,13 +19,22 @@ from pathlib import Path
 
 def default_range(address: ipaddress.IPv4Interface) -> tuple[ipaddress.IPv4Address,
                                                                ipaddress.IPv4Address]:
-    """The upper half of the subnet, minus the broadcast address, and never the host's own."""
+    """The upper half of the subnet's host addresses, never the host's own: without it when it
+    is at that half's edge, else the lower half when it is inside (a range is one run)."""
     net = address.network
-    hosts = list(net.hosts()) if net.num_addresses <= 65536 else []
-    if len(hosts) < 4:
+    # Counted, not listed: a /8 holds 16 million addresses.
+    count = net.num_addresses - 2  # without the network and broadcast addresses
+    if count < 4:
         raise ValueError(f"subnet {net} is too small for a DHCP range")
-    pool = [h for h in hosts[len(hosts) // 2:] if h != address.ip]
-    return pool[0], pool[-1]
+    first, last = int(net.network_address) + 1 + count // 2, int(net.broadcast_address) - 1
+    host = int(address.ip)
+    if first < host < last:
+        first, last = int(net.network_address) + 1, first - 1
+    elif host == first:
+        first += 1
+    elif host == last:
+        last -= 1
+    return ipaddress.IPv4Address(first), ipaddress.IPv4Address(last)
 
 
 def argv(bridge: str, *, dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address],

@@ -33,7 +33,6 @@ import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
-    Awaitable,
     Callable,
     Collection,
     Iterable,
@@ -47,9 +46,9 @@ from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 from ..leases import (
     NEIGHBOURS,
     Lease,
-    LeaseChange,
     LeaseError,
     LeaseTable,
+    OnChange,
     normalize_ip,
     normalize_mac,
 )
@@ -194,9 +193,6 @@ def _unicast(text: str) -> bool:
     ip = ipaddress.ip_address(text)
     return not (ip.is_multicast or ip.is_link_local or ip.is_unspecified or ip.is_loopback
                 or ip == ipaddress.IPv4Address("255.255.255.255"))
-
-
-OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
 
 
 async def feed_neighbours(table: LeaseTable, on_change: OnChange, *,
