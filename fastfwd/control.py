@@ -14,12 +14,12 @@ the daemon's internals.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import ConfigError, parse_rule_options
+from .forwarder import COUNTER_NAMES
 from .leases import Lease
 from .rules import Rule, SpecError
 from .unixserver import Access, JsonLineServer, Request, RequestError
@@ -119,10 +119,16 @@ class ControlServer(JsonLineServer):
         out: dict[str, Any] = {
             "name": rule.name, "proto": rule.proto, "listen": listen, "port": active.port, "target": target,
             "target_ip": active.target_ip, "state": active.state,
-            "counters": dataclasses.asdict(self._target.counters(active))}
+            "counters": _counters(self._target.counters(active))}
         if sessions and rule.proto == "udp":
             out["sessions"] = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._target.sessions(active)]
         return out
+
+
+def _counters(counters: Counters) -> dict[str, int]:
+    # Not dataclasses.asdict: its deep copy took three quarters of a status of 8,000 rules,
+    # which the event loop serves nothing else while it builds.
+    return {name: getattr(counters, name) for name in COUNTER_NAMES}
 
 
 def endpoints(active: ActiveRule) -> tuple[str, str]:

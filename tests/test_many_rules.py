@@ -1,0 +1,322 @@
+"""A daemon holding thousands of separate single-port rules (a host publishing one port per
+service), as its operator meets it: READY=1 once every port forwards, ``fastfwd status``
+summed up and filtered, the metrics of every rule while the event loop serves other clients,
+a reload that changes one rule of 8,000 and touches no other, and a stop that leaves nothing."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import fastfwd.daemon as daemon_module
+from fastfwd.cli import select_rules
+from fastfwd.config import load_config
+from fastfwd.daemon import Daemon, Overrides
+from fastfwd.unixclient import DaemonError, call
+
+from helpers_control import (DaemonProcess, EchoServer, UdpEcho, echo_roundtrip, fastfwd, free_port, needs_engine,
+                             short_dir)
+from netutil import free_port_range, recv_exact
+from test_reload import write_atomic
+from test_scale import LeaseClient
+
+pytestmark = [needs_engine, pytest.mark.timeout(120)]
+
+PAIRS = 4000    # a TCP and a UDP rule on each of these ports: 8,000 rules, 8,000 listening fds
+PENDING = 5     # TCP rules more, onto VMs no lease names yet
+UDP_SAMPLE = 40  # every this many UDP rules is asked at READY (each answer holds a session's fd)
+
+
+def config_text(base: int, tcp: int, udp: int, metrics: int, retarget: dict[int, int] | None = None) -> str:
+    """``t{i}`` (TCP) and ``u{i}`` (UDP) on port ``base + i`` onto the echo servers, TCP rule
+    ``i`` onto ``retarget[i]`` instead, and ``vm-ssh{j}`` onto ``vm{j}:22`` past them."""
+    retarget = retarget or {}
+    parts = [f'[control]\nmetrics_listen = "127.0.0.1:{metrics}"\n']
+    for i in range(PAIRS):
+        parts.append(f'[[forward]]\nname = "t{i}"\nlisten = {base + i}\nto = "127.0.0.1:{retarget.get(i, tcp)}"\n'
+                     f'[[forward]]\nname = "u{i}"\nproto = "udp"\nlisten = {base + i}\nto = "127.0.0.1:{udp}"\n')
+    for j in range(PENDING):
+        parts.append(f'[[forward]]\nname = "vm-ssh{j}"\nlisten = {base + PAIRS + j}\nto = "vm{j}:22"\n')
+    return "".join(parts)
+
+
+@dataclass
+class Host:
+    proc: DaemonProcess
+    config: Path
+    base: int
+    echo: EchoServer
+    udp: UdpEcho
+    metrics: int
+    ready: str
+    #: What was found the moment READY=1 came: TCP ports that did not connect, sampled UDP
+    #: rules that did not answer.
+    dead_at_ready: list[str]
+
+    def status(self, *args: str) -> tuple[int, str, str]:
+        result = fastfwd("status", "--socket", str(self.proc.control_socket), *args)
+        return result.returncode, result.stdout, result.stderr
+
+
+def dead_ports(base: int) -> list[str]:
+    dead = []
+    for port in range(base, base + PAIRS):
+        with socket.socket() as conn:
+            if conn.connect_ex(("127.0.0.1", port)) != 0:
+                dead.append(f"tcp {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        for port in range(base, base + PAIRS, UDP_SAMPLE):
+            client.sendto(b"q%d" % port, ("127.0.0.1", port))
+            try:
+                if client.recv(100) != b"u:q%d" % port:
+                    dead.append(f"udp {port}: a wrong answer")
+            except TimeoutError:
+                dead.append(f"udp {port}")
+    return dead
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    tmp = tmp_path_factory.mktemp("many")
+    base = free_port_range(PAIRS + PENDING, kinds=(socket.SOCK_STREAM, socket.SOCK_DGRAM))
+    metrics = free_port()
+    with contextlib.closing(EchoServer()) as echo, contextlib.closing(UdpEcho(b"u:")) as udp, \
+            short_dir() as sockets, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager, \
+            pytest.MonkeyPatch.context() as env:
+        manager.bind(str(sockets / "notify"))
+        manager.settimeout(60)
+        env.setenv("NOTIFY_SOCKET", str(sockets / "notify"))
+        config = tmp / "many.toml"
+        config.write_text(config_text(base, echo.port, udp.port, metrics))
+        proc = DaemonProcess(tmp, "-c", str(config), "--log-level", "info")  # the default level
+        try:
+            ready = manager.recv(4096).decode()
+            yield Host(proc, config, base, echo, udp, metrics, ready, dead_ports(base))
+        finally:
+            proc.stop()
+
+
+def test_ready_comes_once_every_rule_forwards(host: Host) -> None:
+    assert host.ready == f"READY=1\nSTATUS=forwarding {2 * PAIRS + PENDING} rule(s)"
+    assert host.dead_at_ready == []
+    assert echo_roundtrip(host.base + PAIRS - 1, 100_000)
+
+
+def test_status_ends_with_a_summary_of_every_rule(host: Host) -> None:
+    code, out, err = host.status()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len([line for line in lines if line.startswith(("t", "u", "vm-ssh"))]) == 2 * PAIRS + PENDING
+    assert lines[-1] == (f"rules: {2 * PAIRS + PENDING} ({PAIRS + PENDING} tcp, {PAIRS} udp), "
+                         f"{2 * PAIRS} active, {PENDING} pending")
+
+
+def rows(out: str) -> list[list[str]]:
+    """The rule rows of ``fastfwd status``'s table, split into cells."""
+    table = out.split("\n\n")[0].splitlines()
+    assert table[0].split()[:2] == ["NAME", "PROTO"], out
+    return [row.split() for row in table[1:]]
+
+
+def test_status_shows_the_rules_asked_for(host: Host) -> None:
+    total = 2 * PAIRS + PENDING
+    # By name, by listening port (both protocols), by target name.
+    code, out, err = host.status("t17", str(host.base + 42), "vm3")
+    assert code == 0, err
+    assert sorted((r[0], r[2]) for r in rows(out)) == [
+        ("t17", f"127.0.0.1:{host.base + 17}"), ("t42", f"127.0.0.1:{host.base + 42}"),
+        ("u42", f"127.0.0.1:{host.base + 42}"), ("vm-ssh3", f"127.0.0.1:{host.base + PAIRS + 3}")]
+    assert out.splitlines()[-1].endswith(f"{PENDING} pending, 4 shown")
+    assert f"rules: {total} " in out.splitlines()[-1]
+
+    code, out, err = host.status("--pending")
+    assert code == 0, err
+    assert sorted(r[0] for r in rows(out)) == [f"vm-ssh{j}" for j in range(PENDING)]
+    assert {r[5] for r in rows(out)} == {"pending"}
+
+    code, out, err = host.status("--json", "u99")
+    assert code == 0, err
+    rules = json.loads(out)["rules"]
+    assert [(r["name"], r["proto"], r["port"]) for r in rules] == [("u99", "udp", host.base + 99)]
+
+    # A filter that matches nothing is said, as a name that is not there: exit status 1.
+    code, out, err = host.status("t17", "no-such-rule")
+    assert code == 1
+    assert err == "fastfwd: no rule matches 'no-such-rule'\n"
+    assert [r[0] for r in rows(out)] == ["t17"]
+
+
+def test_a_selection_matches_ranges_and_addresses_and_keeps_its_targets_leases() -> None:
+    def rule(name: str, listen: str, target: str, ip: str | None) -> dict:
+        return {"name": name, "listen": listen, "target": target, "target_ip": ip,
+                "state": "active" if ip else "pending"}
+    reply = {"rules": [rule("ssh", "0.0.0.0:2222", "vm1:22", "10.0.0.5"), rule("web", "0.0.0.0:8000-8099",
+                       "10.0.0.6:9000-9099", "10.0.0.6"), rule("dns", "[::1]:5353", "[::1]:53", "::1"),
+                       rule("db", "127.0.0.1:5432", "vm9:5432", None)],
+             "leases": [{"mac": "52:54:00:00:00:01", "ip": "10.0.0.5"}, {"mac": "52:54:00:00:00:02", "ip": "10.0.0.7"}],
+             "engine": {"workers": 1}}
+    selected, unmatched = select_rules(reply, ["VM1", "8099", "::1", "9000", "vm9"], pending=False)
+    assert [r["name"] for r in selected["rules"]] == ["ssh", "web", "dns", "db"]
+    assert selected["leases"] == [reply["leases"][0]] and selected["engine"] == reply["engine"]
+    assert unmatched == ["9000"]  # a target's port is not where a rule listens
+    selected, unmatched = select_rules(reply, [], pending=True)
+    assert ([r["name"] for r in selected["rules"]], selected["leases"], unmatched) == (["db"], [], [])
+
+
+def test_a_scrape_of_every_rule_leaves_the_loop_serving(host: Host) -> None:
+    """The scrape of 8,000 rules is formatted off the event loop: lease events sent while it
+    runs are answered before it ends."""
+    answered_during: list[dict] = []
+    scraping = threading.Event()
+    done = threading.Event()
+
+    def lease_events() -> None:
+        client = LeaseClient(host.proc.lease_socket)
+        try:
+            scraping.wait(10)
+            while not done.is_set():
+                reply = client.send({"event": "add", "mac": "52:54:00:00:99:01", "ip": "10.9.9.1", "hostname": "x"})
+                if not done.is_set():
+                    answered_during.append(reply)
+        finally:
+            client.close()
+    sender = threading.Thread(target=lease_events)
+    sender.start()
+    try:
+        scraping.set()
+        with urllib.request.urlopen(f"http://127.0.0.1:{host.metrics}/metrics", timeout=60) as response:
+            body = response.read().decode()
+    finally:
+        done.set()
+        sender.join(30)
+    assert body.count("\nfastfwd_rule_pending{") == 2 * PAIRS + PENDING
+    assert f'fastfwd_rule_pending{{listen="127.0.0.1:{host.base + PAIRS}",proto="tcp",rule="vm-ssh0"' in body
+    assert answered_during and all(r["ok"] for r in answered_during)
+    over_control = call(host.proc.control_socket, {"cmd": "metrics"}, timeout=60)["text"]
+    assert over_control.count("\nfastfwd_rule_pending{") == 2 * PAIRS + PENDING
+
+
+@contextlib.contextmanager
+def held_connection(port: int) -> Iterator[socket.socket]:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with conn:
+        conn.sendall(b"before")
+        assert recv_exact(conn, 6) == b"before"
+        yield conn
+
+
+def sessions_created(host: Host, name: str) -> int:
+    code, out, err = host.status("--json", name)
+    assert code == 0, err
+    rule, = json.loads(out)["rules"]
+    return rule["counters"]["sessions_created"]
+
+
+def test_a_reload_changing_one_rule_of_8000_touches_no_other(host: Host) -> None:
+    """The file watcher applies a file with one TCP rule re-pointed: that rule goes to the new
+    target, while a connection and a UDP session on other rules carry on (the same session: no
+    new one is created). A SIGHUP then, the file unchanged, changes nothing at all."""
+    total = 2 * PAIRS + PENDING
+    with contextlib.closing(EchoServer(greeting=b"two:")) as other, held_connection(host.base + 100) as held, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        client.sendto(b"a", ("127.0.0.1", host.base + 200))
+        assert client.recv(100) == b"u:a"
+        before = sessions_created(host, "u200")
+        lines = len(host.proc.log().splitlines())
+        write_atomic(host.config, config_text(host.base, host.echo.port, host.udp.port, host.metrics, {5: other.port}))
+        host.proc.wait_log("config changed: ", timeout=60)
+        host.proc.signal(signal.SIGHUP)
+        host.proc.wait_log("SIGHUP: ", timeout=60)
+        applied = [line.split(" applied: ", 1)[1] for line in host.proc.log().splitlines()[lines:]
+                   if " applied: " in line]
+        assert applied == [f"0 added, 0 removed, 1 re-pointed, 0 reconfigured, {total - 1} unchanged",
+                           f"0 added, 0 removed, 0 re-pointed, 0 reconfigured, {total} unchanged"]
+        with socket.create_connection(("127.0.0.1", host.base + 5), timeout=10) as conn:
+            assert recv_exact(conn, 4) == b"two:"
+        assert echo_roundtrip(host.base + 6, 10_000)
+        held.sendall(b"after")
+        assert recv_exact(held, 5) == b"after"
+        client.sendto(b"b", ("127.0.0.1", host.base + 200))
+        assert client.recv(100) == b"u:b"
+        assert sessions_created(host, "u200") == before
+
+
+def test_a_reload_parses_its_file_while_the_sockets_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing a file of 8,000 rules takes most of a second. Meanwhile the control socket
+    answers, and a lease event's rules follow it before its reply. Here the parse is held
+    until both have been answered (or have timed out, when the parse holds up the event loop):
+    a smaller file does, what counts is that nothing waits for the parse."""
+    echo = EchoServer()
+    port = free_port()
+    path = tmp_path / "f.toml"
+    path.write_text(f'[[forward]]\nname = "ssh"\nlisten = {port}\nto = "vm1:{echo.port}"\n')
+    parsing, parsed = threading.Event(), threading.Event()
+    answers: list[object] = []
+
+    def held(source: Path) -> object:
+        parsing.set()
+        parsed.wait(20)
+        return load_config(source)
+    monkeypatch.setattr(daemon_module, "load_config", held)
+
+    def ask(control: Path, leases: Path) -> None:
+        try:
+            assert parsing.wait(20)
+            for where, message in ((control, {"cmd": "status"}),
+                                   (leases, {"event": "add", "mac": "52:54:00:00:00:01", "ip": "127.0.0.1",
+                                             "hostname": "vm1"})):
+                try:
+                    answers.append(call(where, message, timeout=3)["ok"])
+                except DaemonError as exc:
+                    answers.append(str(exc))
+        finally:
+            parsed.set()
+
+    async def main() -> object:
+        with short_dir() as sockets:
+            control, leases = sockets / "c.sock", sockets / "l.sock"
+            d = Daemon(load_config(path), path, overrides=Overrides(
+                workers=1, state_dir=str(tmp_path / "state"), control_socket=str(control), lease_socket=str(leases)))
+            running = asyncio.create_task(d.run())
+            try:
+                while not control.exists():
+                    await asyncio.sleep(0.01)
+                asker = threading.Thread(target=ask, args=(control, leases))
+                asker.start()
+                diff = await d.reload("SIGHUP")
+                await asyncio.to_thread(asker.join, 30)
+                return diff
+            finally:
+                d.stop()
+                await running
+    try:
+        diff = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        echo.close()
+    assert answers == [True, True]
+    assert diff is not None
+
+
+def test_the_stop_of_8000_rules_leaves_nothing_behind(host: Host) -> None:
+    """Last in this file: SIGTERM drains and exits 0; its sockets are gone and every port can
+    be bound again."""
+    host.proc.signal(signal.SIGTERM)
+    assert host.proc.wait(60) == 0
+    assert not host.proc.control_socket.exists() and not host.proc.lease_socket.exists()
+    for port in range(host.base, host.base + PAIRS + PENDING):
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
+    log = host.proc.log()
+    assert log.rstrip().endswith("fastfwd stopped"), log[-2000:]
