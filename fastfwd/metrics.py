@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .control import endpoints, rule_label
-from .forwarder import COUNTER_NAMES, Counters, Forwarder
+from .control import endpoints, in_turns, rule_label
+from .forwarder import COUNTER_NAMES, ActiveRule, Counters, Forwarder
 
 log = logging.getLogger("fastfwd")
 
@@ -75,16 +75,17 @@ class RuleReading:
 
 
 def snapshot(fw: Forwarder) -> list[RuleReading]:
-    """Every rule's counters, read at once on the event loop, so a scrape never races a rule
-    change (reading the engine's counters costs microseconds a rule)."""
-    readings = []
-    for active in fw.rules:
-        if not active.installed:
-            continue
-        listen, target = endpoints(active)
-        labels = [rule_label(active), active.rule.proto, listen, target]
-        readings.append(RuleReading(labels, fw.counters(active), active.pending))
-    return readings
+    """Every rule's counters, read at once (reading the engine's counters costs microseconds a
+    rule)."""
+    return [reading for active in fw.rules if (reading := _reading(fw, active)) is not None]
+
+
+def _reading(fw: Forwarder, active: ActiveRule) -> RuleReading | None:
+    """A rule's labels and counters, read together; None once it is removed."""
+    if not active.installed:
+        return None
+    listen, target = endpoints(active)
+    return RuleReading([rule_label(active), active.rule.proto, listen, target], fw.counters(active), active.pending)
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,11 @@ def render(fw: Forwarder) -> bytes:
 
 
 async def scrape(fw: Forwarder, reload: ReloadReading | None = None) -> bytes:
-    """The exposition text, read on the event loop and formatted in a thread, so that a large
-    rule table does not hold up the loop (lease replies, reloads, the control socket)."""
-    return await asyncio.to_thread(exposition, snapshot(fw), reload)
+    """The exposition text, read on the event loop a slice of rules at a time and formatted in
+    a thread, so that a large rule table does not hold up the loop (lease replies, reloads, the
+    control socket). Each rule is read whole; one removed meanwhile is left out."""
+    readings = [reading async for active in in_turns(fw.rules) if (reading := _reading(fw, active)) is not None]
+    return await asyncio.to_thread(exposition, readings, reload)
 
 
 async def serve_http(fw: Forwarder, host: str, port: int,

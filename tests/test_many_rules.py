@@ -18,14 +18,20 @@ from pathlib import Path
 import pytest
 
 import fastfwd.daemon as daemon_module
+from fastfwd import metrics
 from fastfwd.cli import select_rules
 from fastfwd.config import load_config
+from fastfwd.control import ControlServer
 from fastfwd.daemon import Daemon, Overrides
+from fastfwd.forwarder import Forwarder
+from fastfwd.leases import LeaseTable
+from fastfwd.rules import Rule
 from fastfwd.unixclient import DaemonError, call
 
 from helpers_control import (DaemonProcess, EchoServer, UdpEcho, echo_roundtrip, fastfwd, free_port, needs_engine,
                              short_dir)
-from netutil import free_port_range, recv_exact
+from netutil import free_port_range, recv_exact, run_async
+from test_control import Target, ask
 from test_reload import write_atomic
 from test_scale import LeaseClient
 
@@ -204,6 +210,40 @@ def test_a_scrape_of_every_rule_leaves_the_loop_serving(host: Host) -> None:
     assert answered_during and all(r["ok"] for r in answered_during)
     over_control = call(host.proc.control_socket, {"cmd": "metrics"}, timeout=60)["text"]
     assert over_control.count("\nfastfwd_rule_pending{") == 2 * PAIRS + PENDING
+
+
+def test_status_and_a_scrape_let_other_work_in_while_they_read_thousands_of_rules(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading 8,000 rules' counters takes the event loop about 100 ms: status and scrapes read
+    them a slice at a time, so work that arrives once the reading has begun (here a callback
+    the first read schedules, as a lease event's arrival would) runs before the last is read."""
+    rules = 1200
+
+    async def main() -> dict[str, list[str]]:
+        loop = asyncio.get_running_loop()
+        async with Forwarder(workers=1) as fw:
+            base = free_port_range(rules)
+            await fw.apply([Rule.parse(f"{base + i}:127.0.0.1:9") for i in range(rules)])
+            order: list[str] = []
+            read = fw.counters
+
+            def counting(rule: object) -> object:
+                if not order:
+                    loop.call_soon(order.append, "other")
+                order.append("read")
+                return read(rule)
+            monkeypatch.setattr(fw, "counters", counting)
+            seen = {}
+            assert (await metrics.scrape(fw)).count(b"\nfastfwd_rule_pending{") == rules
+            seen["scrape"], order[:] = order[:], []
+            with short_dir() as sockets:
+                async with ControlServer(sockets / "c.sock", Target(fw, LeaseTable())):
+                    assert len((await ask(sockets / "c.sock", {"cmd": "status"}))["rules"]) == rules
+            seen["status"] = order
+            return seen
+    for what, order in run_async(main()).items():
+        assert order.count("read") == rules, what
+        assert order.index("other") < rules, f"{what}: nothing else ran until every rule was read"
 
 
 @contextlib.contextmanager
