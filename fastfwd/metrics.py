@@ -52,6 +52,15 @@ _HELP = {
 }
 #: Counters that go up and down; every other engine counter only grows.
 _GAUGES = {"active", "sessions_active"}
+#: Counters of one protocol only: the other protocol's rules have no series in their family,
+#: which would only ever say 0 (and made 38% of a scrape of thousands of rules).
+_ONLY = {"tcp": {"accepted", "active", "bytes_spliced", "bytes_copied", "splice_fallbacks", "pipe_shortages",
+                 "accept_paused", "bytes_discarded"},
+         "udp": {"datagrams_up", "datagrams_down", "sessions_active", "sessions_created", "sessions_evicted",
+                 "sessions_expired", "drops", "truncated"}}
+#: The counters each protocol's rules have series for.
+_COUNTED = {proto: tuple(name for name in COUNTER_NAMES if name not in _ONLY[other])
+            for proto, other in (("tcp", "udp"), ("udp", "tcp"))}
 _LABELS = ["rule", "proto", "listen", "target"]
 
 #: HTTP connections open at once, at most: each holds an fd and a task of the daemon, and a
@@ -72,6 +81,10 @@ class RuleReading:
     labels: list[str]
     counters: Counters
     pending: bool
+
+    @property
+    def proto(self) -> str:
+        return self.labels[_LABELS.index("proto")]
 
 
 def snapshot(fw: Forwarder) -> list[RuleReading]:
@@ -113,8 +126,8 @@ class RuleCollector:
         pending = GaugeMetricFamily("fastfwd_rule_pending", "1 while the rule's target has no address",
                                     labels=_LABELS)
         for reading in self.readings:
-            for name, family in families.items():
-                family.add_metric(reading.labels, getattr(reading.counters, name))
+            for name in _COUNTED[reading.proto]:
+                families[name].add_metric(reading.labels, getattr(reading.counters, name))
             pending.add_metric(reading.labels, 1 if reading.pending else 0)
         yield from families.values()
         yield pending
