@@ -257,8 +257,11 @@ class Daemon:
     async def _shutdown(self, fw: Forwarder, how: str) -> None:
         if how == "drain" and not self._hurried:
             deadline = self.control.drain_deadline
-            log.info("draining: no new connections, waiting up to %gs for live ones", deadline)
             self._draining = asyncio.ensure_future(fw.close(drain=deadline))
+            # The forwarder closes every listener before it first waits (8,000 take about half
+            # a second): only then may a new daemon take the ports, which this line tells it.
+            await asyncio.sleep(0)
+            log.info("draining: no new connections, waiting up to %gs for live ones", deadline)
             await asyncio.wait([self._draining])
             if self._draining.cancelled():
                 log.info("stopping now: live connections closed")
