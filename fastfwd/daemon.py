@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import uvloop
 
 from .config import Config, ConfigError, ControlSettings, EngineSettings, content_digest, load_config
-from .control import ControlServer, rule_label
+from .control import ControlServer, in_turns, rule_label
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer, apply_lease_file, reread_lease_file
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_name, resolve_names
@@ -520,7 +520,7 @@ class Daemon:
             interval = FAILURE_LOG_INTERVAL
             await asyncio.sleep(interval)
             now = {}
-            for active in self.fw.rules:
+            async for active in in_turns(self.fw.rules):  # thousands of rules: others are served between slices
                 if not active.installed:
                     continue
                 counters = self.fw.counters(active)
