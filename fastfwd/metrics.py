@@ -93,6 +93,12 @@ def snapshot(fw: Forwarder) -> list[RuleReading]:
     return [reading for active in fw.rules if (reading := _reading(fw, active)) is not None]
 
 
+async def snapshot_in_turns(fw: Forwarder) -> list[RuleReading]:
+    """``snapshot``, a slice of rules per turn of the event loop; a rule removed meanwhile is
+    left out."""
+    return [reading async for active in in_turns(fw.rules) if (reading := _reading(fw, active)) is not None]
+
+
 def _reading(fw: Forwarder, active: ActiveRule) -> RuleReading | None:
     """A rule's labels and counters, read together; None once it is removed."""
     if not active.installed:
@@ -175,9 +181,8 @@ def render(fw: Forwarder) -> bytes:
 async def scrape(fw: Forwarder, reload: ReloadReading | None = None) -> bytes:
     """The exposition text, read on the event loop a slice of rules at a time and formatted in
     a thread, so that a large rule table does not hold up the loop (lease replies, reloads, the
-    control socket). Each rule is read whole; one removed meanwhile is left out."""
-    readings = [reading async for active in in_turns(fw.rules) if (reading := _reading(fw, active)) is not None]
-    return await asyncio.to_thread(exposition, readings, reload)
+    control socket)."""
+    return await asyncio.to_thread(exposition, await snapshot_in_turns(fw), reload)
 
 
 async def serve_http(fw: Forwarder, host: str, port: int,
