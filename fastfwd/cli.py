@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_daemon_socket_args("control")])
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--sessions", action="store_true", help="also list each UDP rule's client addresses")
+    status.add_argument("--pending", action="store_true", help="only the rules whose target has no address yet")
+    status.add_argument("rules", nargs="*", metavar="RULE",
+                        help="only these rules (and the leases of their targets): a rule's name, a port it "
+                             "listens on, or its target's name or address; one that matches none is an error")
     status.set_defaults(func=_status)
 
     lease = sub.add_parser(
@@ -304,8 +309,37 @@ def _check(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     reply = _call(args.socket or _settings(args).control_socket,
                   {"cmd": "status", **({"sessions": True} if args.sessions else {})}, timeout=args.timeout)
-    print(json.dumps(reply, indent=2) if args.json else format_status(reply))
-    return 0
+    everything = reply.get("rules", [])
+    unmatched: list[str] = []
+    if args.rules or args.pending:
+        reply, unmatched = select_rules(reply, args.rules, args.pending)
+    print(json.dumps(reply, indent=2) if args.json else format_status(reply, of=everything))
+    for text in unmatched:
+        print(f"fastfwd: no rule matches {text!r}", file=sys.stderr)
+    return 1 if unmatched else 0
+
+
+def select_rules(reply: dict[str, Any], wanted: Sequence[str], pending: bool) -> tuple[dict[str, Any], list[str]]:
+    """A ``status`` reply cut to the rules ``wanted`` names (all if none; only pending ones
+    with ``pending``) and the leases of their addresses; and the names that matched no rule."""
+    matched: set[str] = set()
+    rules = []
+    for rule in reply.get("rules", []):
+        hits = [text for text in wanted if _rule_matches(rule, text)]
+        matched.update(hits)
+        if (hits or not wanted) and (rule["state"] == "pending" or not pending):
+            rules.append(rule)
+    addresses = {rule["target_ip"] for rule in rules}
+    leases = [lease for lease in reply.get("leases", []) if lease["ip"] in addresses]
+    return {**reply, "rules": rules, "leases": leases}, [text for text in wanted if text not in matched]
+
+
+def _rule_matches(rule: dict[str, Any], text: str) -> bool:
+    """Is ``text`` the rule's name, a port it listens on, or its target's name or address?"""
+    first, _, last = rule["listen"].rpartition(":")[2].partition("-")
+    host = rule["target"].rpartition(":")[0].strip("[]")
+    return (text == rule["name"] or text == rule["target_ip"] or text.lower() == host.lower()
+            or (text.isdigit() and int(first) <= int(text) <= int(last or first)))
 
 
 def _lease(args: argparse.Namespace) -> int:
@@ -356,8 +390,10 @@ def _call(path: str, message: dict, timeout: float) -> dict:
 
 
 # -- fastfwd status: the control socket's status reply as tables ----------------------------------
-def format_status(reply: dict[str, Any], now: float | None = None) -> str:
-    """A ``status`` reply as the tables ``fastfwd status`` prints."""
+def format_status(reply: dict[str, Any], now: float | None = None, of: list[dict[str, Any]] | None = None) -> str:
+    """A ``status`` reply as the tables ``fastfwd status`` prints, ending with a count of the
+    rules ``of`` (the reply's own by default; all of the daemon's when the reply holds a
+    selection), so that the sum is seen after thousands of rows."""
     now = time.time() if now is None else now
     rows: list[tuple[str, ...]] = [("NAME", "PROTO", "LISTEN", "TARGET", "ADDRESS", "STATE", "CONNS", "ACCEPTED",
                                     "UP", "DOWN", "DGRAMS-UP", "DGRAMS-DOWN", "SESSIONS")]
@@ -372,7 +408,9 @@ def format_status(reply: dict[str, Any], now: float | None = None) -> str:
     lease_rows: list[tuple[str, ...]] = [("MAC", "IP", "HOSTNAME", "SINCE")]  # held as it is, for how long
     for lease in reply.get("leases", []):
         lease_rows.append((lease["mac"], lease["ip"], lease["hostname"] or "-", _age(now - lease["seen"])))
-    parts = [_table(rows) if len(rows) > 1 else "no rules",
+    everything = reply.get("rules", []) if of is None else of
+    shown = len(rows) - 1
+    parts = [_table(rows) if shown else "no rules shown" if everything else "no rules",
              _table(lease_rows) if len(lease_rows) > 1 else "no leases"]
     if engine := reply.get("engine"):
         workers, poll = engine["workers"], engine["busy_poll_us"]
@@ -383,6 +421,10 @@ def format_status(reply: dict[str, Any], now: float | None = None) -> str:
         parts.append(f"config: {config['file']}, " + (
             "not reloaded since the start" if last is None else f"last reload {_age(now - last['at'])} "
             + ("applied" if last["applied"] else f"rejected (the rules from before run): {last['error']}")))
+    if everything:
+        protos, states = Counter(r["proto"] for r in everything), Counter(r["state"] for r in everything)
+        parts.append(f"rules: {len(everything)} ({protos['tcp']} tcp, {protos['udp']} udp), {states['active']} active, "
+                     f"{states['pending']} pending" + (f", {shown} shown" if shown != len(everything) else ""))
     return "\n\n".join(parts)
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import uvloop
 
 from .config import Config, ConfigError, ControlSettings, EngineSettings, content_digest, load_config
-from .control import ControlServer, rule_label
+from .control import ControlServer, in_turns, rule_label
 from .forwarder import ActiveRule, Counters, Diff, Forwarder
 from .lease_server import LeaseServer, apply_lease_file, reread_lease_file
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_name, resolve_names
@@ -96,6 +96,8 @@ class Daemon:
         self._hosts_by_mac: tuple[Mapping[str, HostEntry], dict[str, set[str]]] = ({}, {})
         #: Serialises every change to the rule table: reloads, lease changes, run-time rules.
         self._lock = asyncio.Lock()
+        #: Serialises reloads (parse and apply), so that a file read later is never applied first.
+        self._reload_lock = asyncio.Lock()
         #: Serialises the writers of the lease table: the lease socket and the neighbour table.
         self._lease_lock = asyncio.Lock()
         self._stop: asyncio.Future[str] | None = None
@@ -255,8 +257,11 @@ class Daemon:
     async def _shutdown(self, fw: Forwarder, how: str) -> None:
         if how == "drain" and not self._hurried:
             deadline = self.control.drain_deadline
-            log.info("draining: no new connections, waiting up to %gs for live ones", deadline)
             self._draining = asyncio.ensure_future(fw.close(drain=deadline))
+            # The forwarder closes every listener before it first waits (8,000 take about half
+            # a second): only then may a new daemon take the ports, which this line tells it.
+            await asyncio.sleep(0)
+            log.info("draining: no new connections, waiting up to %gs for live ones", deadline)
             await asyncio.wait([self._draining])
             if self._draining.cancelled():
                 log.info("stopping now: live connections closed")
@@ -317,19 +322,18 @@ class Daemon:
         if self.path is None:
             log.info("%s: no config file, nothing to reload", why)
             return None
-        async with self._lock:
-            if self.fw is None or self._stopping:
-                log.info("%s: not forwarding (start failed or stopping), nothing to reload", why)
-                return None
+        # One reload at a time, in the order asked. The file is parsed before the rule table's
+        # lock is taken and off the event loop: thousands of rules take most of a second to
+        # parse, and lease events, the control socket and the watchdog must not wait for it.
+        async with self._reload_lock:
             if not _regular_or_missing(self.path):
-                # A FIFO (`-c <(...)`): opened again, it would wait, with the whole event loop,
-                # for a writer that may never come.
+                # A FIFO (`-c <(...)`): opened again, it would wait for a writer that may never come.
                 log.error("%s: %s is not a regular file, rules unchanged (a pipe is read once, at start)",
                           why, self.path)
                 self._reloaded("not a regular file (a pipe is read once, at start)")
                 return None
             try:
-                config = load_config(self.path)
+                config = await asyncio.to_thread(load_config, self.path)
             except ConfigError as exc:
                 for error in exc.errors:
                     log.error("%s: %s: %s", why, exc.source, error)
@@ -337,39 +341,48 @@ class Daemon:
                 more = len(exc.errors) - 1
                 self._reloaded(exc.errors[0] + (f" (and {more} more, in the log)" if more else ""))
                 return None
-            if expect is not None and config.digest != expect:
-                log.info("%s: %s changed again while being read: waiting for it to be finished", why, self.path)
-                return None
-            if config.digest == _EMPTY:
-                # What `: > FILE` leaves until the next command fills it: applied, it would
-                # close every listener in between. A file meant to forward nothing says so.
-                log.warning("%s: %s is empty: the running rules stay (to forward nothing, write a comment in it)",
-                            why, self.path)
-                self._reloaded("the file is empty (to forward nothing, write a comment in it)")
-                return None
-            if (config.engine, self._control_settings(config), config.sources) != (
-                    self.config.engine, self.control, self.config.sources):
-                log.warning("%s: [engine], [control] and [sources] changes take effect at the next start", why)
-            # Names the new file brings are known before its rules change: a rule re-pointed
-            # to one would otherwise go pending until the _resolve below, closing its
-            # listener and resetting the connections waiting in its accept queue.
-            await self._resolve(config.hosts, new_only=True)
-            try:
-                diff = await self.fw.apply(self.wanted_rules(config))
-            except (OSError, ValueError) as exc:
-                await self._resolve()  # the names of the file still running
-                fresh = [str(r) for r in self.wanted_rules(config) if self.fw.find(r) is None]
-                error = f"{_reason(exc)} (new: {'; '.join(fresh) or 'none'})"
-                log.error("%s: %s rejected, rules unchanged: %s", why, self.path, error)
-                self._reloaded(error)
-                return None
-            self.config = config
-            self._reloaded(None)
-            await self._resolve()
-            log.info("%s: %s applied: %d added, %d removed, %d re-pointed, %d reconfigured, %d unchanged",
-                     why, self.path, len(diff.added), len(diff.removed), len(diff.retargeted),
-                     len(diff.reconfigured), len(diff.unchanged))
-            return diff
+            async with self._lock:
+                if self.fw is None or self._stopping:
+                    log.info("%s: not forwarding (start failed or stopping), nothing to reload", why)
+                    return None
+                return await self._apply(why, config, expect)
+
+    async def _apply(self, why: str, config: Config, expect: str | None) -> Diff | None:
+        """Apply a reloaded ``config`` as a diff; under the rule table's lock."""
+        assert self.fw is not None and self.path is not None
+        if expect is not None and config.digest != expect:
+            log.info("%s: %s changed again while being read: waiting for it to be finished", why, self.path)
+            return None
+        if config.digest == _EMPTY:
+            # What `: > FILE` leaves until the next command fills it: applied, it would
+            # close every listener in between. A file meant to forward nothing says so.
+            log.warning("%s: %s is empty: the running rules stay (to forward nothing, write a comment in it)",
+                        why, self.path)
+            self._reloaded("the file is empty (to forward nothing, write a comment in it)")
+            return None
+        if (config.engine, self._control_settings(config), config.sources) != (
+                self.config.engine, self.control, self.config.sources):
+            log.warning("%s: [engine], [control] and [sources] changes take effect at the next start", why)
+        # Names the new file brings are known before its rules change: a rule re-pointed
+        # to one would otherwise go pending until the _resolve below, closing its
+        # listener and resetting the connections waiting in its accept queue.
+        await self._resolve(config.hosts, new_only=True)
+        try:
+            diff = await self.fw.apply(self.wanted_rules(config))
+        except (OSError, ValueError) as exc:
+            await self._resolve()  # the names of the file still running
+            fresh = [str(r) for r in self.wanted_rules(config) if self.fw.find(r) is None]
+            error = f"{_reason(exc)} (new: {'; '.join(fresh) or 'none'})"
+            log.error("%s: %s rejected, rules unchanged: %s", why, self.path, error)
+            self._reloaded(error)
+            return None
+        self.config = config
+        self._reloaded(None)
+        await self._resolve()
+        log.info("%s: %s applied: %d added, %d removed, %d re-pointed, %d reconfigured, %d unchanged",
+                 why, self.path, len(diff.added), len(diff.removed), len(diff.retargeted),
+                 len(diff.reconfigured), len(diff.unchanged))
+        return diff
 
     def _reloaded(self, error: str | None) -> None:
         """Record for status how this reload ended: applied (no ``error``) or why not."""
@@ -507,7 +520,7 @@ class Daemon:
             interval = FAILURE_LOG_INTERVAL
             await asyncio.sleep(interval)
             now = {}
-            for active in self.fw.rules:
+            async for active in in_turns(self.fw.rules):  # thousands of rules: others are served between slices
                 if not active.installed:
                     continue
                 counters = self.fw.counters(active)

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .control import endpoints, rule_label
-from .forwarder import COUNTER_NAMES, Counters, Forwarder
+from .control import endpoints, in_turns, rule_label
+from .forwarder import COUNTER_NAMES, ActiveRule, Counters, Forwarder
 
 log = logging.getLogger("fastfwd")
 
@@ -52,6 +52,15 @@ _HELP = {
 }
 #: Counters that go up and down; every other engine counter only grows.
 _GAUGES = {"active", "sessions_active"}
+#: Counters of one protocol only: the other protocol's rules have no series in their family,
+#: which would only ever say 0 (and made 38% of a scrape of thousands of rules).
+_ONLY = {"tcp": {"accepted", "active", "bytes_spliced", "bytes_copied", "splice_fallbacks", "pipe_shortages",
+                 "accept_paused", "bytes_discarded"},
+         "udp": {"datagrams_up", "datagrams_down", "sessions_active", "sessions_created", "sessions_evicted",
+                 "sessions_expired", "drops", "truncated"}}
+#: The counters each protocol's rules have series for.
+_COUNTED = {proto: tuple(name for name in COUNTER_NAMES if name not in _ONLY[other])
+            for proto, other in (("tcp", "udp"), ("udp", "tcp"))}
 _LABELS = ["rule", "proto", "listen", "target"]
 
 #: HTTP connections open at once, at most: each holds an fd and a task of the daemon, and a
@@ -73,18 +82,29 @@ class RuleReading:
     counters: Counters
     pending: bool
 
+    @property
+    def proto(self) -> str:
+        return self.labels[_LABELS.index("proto")]
+
 
 def snapshot(fw: Forwarder) -> list[RuleReading]:
-    """Every rule's counters, read at once on the event loop, so a scrape never races a rule
-    change (reading the engine's counters costs microseconds a rule)."""
-    readings = []
-    for active in fw.rules:
-        if not active.installed:
-            continue
-        listen, target = endpoints(active)
-        labels = [rule_label(active), active.rule.proto, listen, target]
-        readings.append(RuleReading(labels, fw.counters(active), active.pending))
-    return readings
+    """Every rule's counters, read at once (reading the engine's counters costs microseconds a
+    rule)."""
+    return [reading for active in fw.rules if (reading := _reading(fw, active)) is not None]
+
+
+async def snapshot_in_turns(fw: Forwarder) -> list[RuleReading]:
+    """``snapshot``, a slice of rules per turn of the event loop; a rule removed meanwhile is
+    left out."""
+    return [reading async for active in in_turns(fw.rules) if (reading := _reading(fw, active)) is not None]
+
+
+def _reading(fw: Forwarder, active: ActiveRule) -> RuleReading | None:
+    """A rule's labels and counters, read together; None once it is removed."""
+    if not active.installed:
+        return None
+    listen, target = endpoints(active)
+    return RuleReading([rule_label(active), active.rule.proto, listen, target], fw.counters(active), active.pending)
 
 
 @dataclass(frozen=True)
@@ -112,8 +132,8 @@ class RuleCollector:
         pending = GaugeMetricFamily("fastfwd_rule_pending", "1 while the rule's target has no address",
                                     labels=_LABELS)
         for reading in self.readings:
-            for name, family in families.items():
-                family.add_metric(reading.labels, getattr(reading.counters, name))
+            for name in _COUNTED[reading.proto]:
+                families[name].add_metric(reading.labels, getattr(reading.counters, name))
             pending.add_metric(reading.labels, 1 if reading.pending else 0)
         yield from families.values()
         yield pending
@@ -159,9 +179,10 @@ def render(fw: Forwarder) -> bytes:
 
 
 async def scrape(fw: Forwarder, reload: ReloadReading | None = None) -> bytes:
-    """The exposition text, read on the event loop and formatted in a thread, so that a large
-    rule table does not hold up the loop (lease replies, reloads, the control socket)."""
-    return await asyncio.to_thread(exposition, snapshot(fw), reload)
+    """The exposition text, read on the event loop a slice of rules at a time and formatted in
+    a thread, so that a large rule table does not hold up the loop (lease replies, reloads, the
+    control socket)."""
+    return await asyncio.to_thread(exposition, await snapshot_in_turns(fw), reload)
 
 
 async def serve_http(fw: Forwarder, host: str, port: int,

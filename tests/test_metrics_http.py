@@ -88,13 +88,18 @@ def test_a_flood_of_idle_connections_cannot_use_up_the_daemons_fds(tmp_path: Pat
             assert "fastfwd_accepted_total{listen" in scrape(mport)
 
 
+async def no_rules(fw: object) -> list:
+    """What ``metrics.snapshot_in_turns`` reads from a forwarder with no rules (or none at all)."""
+    return []
+
+
 def test_a_scraper_that_stops_reading_is_dropped_at_the_exchange_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """An answer the client never takes must not hold the connection (and its fd, outside the
     cap's count) once the exchange's time is up: close() would wait for the client forever."""
     uvloop = pytest.importorskip("uvloop")
     monkeypatch.setattr(metrics, "EXCHANGE_TIMEOUT", 0.5)
-    monkeypatch.setattr(metrics, "snapshot", lambda fw: [])
-    monkeypatch.setattr(metrics, "exposition", lambda readings: b"#" * (16 << 20))  # more than socket buffers hold
+    monkeypatch.setattr(metrics, "snapshot_in_turns", no_rules)
+    monkeypatch.setattr(metrics, "exposition", lambda readings, reload: b"#" * (16 << 20))  # more than socket buffers hold
 
     def stalled_scrape(port: int) -> None:
         sock = socket.socket()

@@ -280,7 +280,8 @@ def test_status_control_and_http_agree_and_a_failing_target_does_not_flood_the_l
     for rule in json.loads(status.stdout)["rules"]:
         for name, value in rule["counters"].items():
             sample = f"fastfwd_{name}" + ("" if name in ("active", "sessions_active") else "_total")
-            assert over_http[rule["name"]][sample] == value, (rule["name"], name)
+            # The other protocol's counters have no series for this rule (and are 0 in status).
+            assert over_http[rule["name"]].get(sample, 0) == value, (rule["name"], name)
         assert over_http[rule["name"]]["fastfwd_rule_pending"] == (rule["state"] == "pending")
     assert len(grown) < 10, "\n".join(grown[:20])
 

@@ -25,6 +25,7 @@ from fastfwd.unixserver import JsonLineServer, Request
 
 from helpers_control import (REPO, DaemonProcess, EchoServer, daemon, echo_roundtrip, fd_flood, free_port,
                              short_dir, wait_until)
+from test_metrics_http import no_rules
 
 A = "52:54:00:00:00:0a"
 
@@ -379,7 +380,7 @@ def http(port: int, request: bytes) -> bytes:
 
 def test_metrics_answers_bad_requests_with_http_errors_and_keep_alive_with_a_close(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "snapshot", lambda fw: [])
+    monkeypatch.setattr(metrics, "snapshot_in_turns", no_rules)
     monkeypatch.setattr(metrics, "exposition", lambda readings, reload: b"# the metrics\n")
     requests = [
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 300_000 + b"\r\n\r\n",
