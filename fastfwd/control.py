@@ -23,7 +23,7 @@ from .config import ConfigError, parse_rule_options
 from .forwarder import COUNTER_NAMES
 from .leases import Lease
 from .rules import Rule, SpecError
-from .unixserver import Access, JsonLineServer, Request, RequestError
+from .unixserver import OWNER_ONLY, Access, JsonLineServer, Request, RequestError
 
 if TYPE_CHECKING:
     from .forwarder import ActiveRule, Counters
@@ -76,7 +76,7 @@ class ControlTarget(Protocol):
 
 class ControlServer(JsonLineServer):
     def __init__(self, path: str | os.PathLike[str], target: ControlTarget, *,
-                 access: Access = Access(), **limits: Any) -> None:
+                 access: Access = OWNER_ONLY, **limits: Any) -> None:
         super().__init__(path, self._handle, name="control", access=access, **limits)
         self._target = target
 

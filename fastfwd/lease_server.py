@@ -28,22 +28,19 @@ import time
 from typing import Any
 
 from .leases import Lease, LeaseChange, LeaseError, LeaseTable, OnChange, parse_lease_file, settled_text
-from .unixserver import Access, JsonLineServer, Request, RequestError
+from .unixserver import OWNER_ONLY, Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")
 
 EVENT_MAX = 64 << 10
 SNAPSHOT_MAX = 8 << 20
 
-#: Root and the daemon's own user only. Access is frozen, so one instance is every default.
-_OWNER_ONLY = Access()
-
 
 class LeaseServer(JsonLineServer):
     """Serves ``table`` on ``path``; ``on_change(changes)`` must return once rules are live."""
 
     def __init__(self, path: str | os.PathLike[str], table: LeaseTable, on_change: OnChange, *,
-                 access: Access = _OWNER_ONLY, lock: asyncio.Lock | None = None, **limits: Any) -> None:
+                 access: Access = OWNER_ONLY, lock: asyncio.Lock | None = None, **limits: Any) -> None:
         """``lock`` serializes changes with other writers of ``table`` (say, an address source
         watching the bridge); each message holds it from applying until ``on_change`` returned."""
         super().__init__(path, self._handle, name="lease", access=access, line_limit=EVENT_MAX,

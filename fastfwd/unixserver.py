@@ -104,6 +104,10 @@ class Access:
         return bool(({peer.gid} | peer.groups) & (self.gids | ({self.group} - {None})))
 
 
+#: Root and the daemon's own user only. Access is frozen, so one instance is every default.
+OWNER_ONLY = Access()
+
+
 class UnknownName(KeyError):
     """A user or group name this host does not have; ``kind`` says which."""
 
