@@ -6,6 +6,7 @@ leases resolve. A port range maps one to one onto a target range of the same len
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -131,7 +132,7 @@ class Rule:
         if not is_ip(self.target_host):
             object.__setattr__(self, "target_host", self.target_host.lower())  # names ignore case
         elif self.proto == "tcp":
-            _check_tcp_target(ipaddress.ip_address(self.target_host))
+            _check_tcp_target(ip_address(self.target_host))
         self._check_families()
         if self.count < 1:
             raise SpecError(f"port count must be at least 1, got {self.count}")
@@ -161,14 +162,14 @@ class Rule:
         its target's family. The forwarder uses the pool addresses of the target's family
         (a name's once it resolves), so a pool may mix families, as a [defaults] one for a
         dual-stack host does, but must hold one of an address target's family."""
-        family = ipaddress.ip_address(self.listen_host).version
+        family = ip_address(self.listen_host).version
         nets = [ipaddress.ip_network(cidr, strict=False) for cidr in self.options.allow]
         if nets and all(net.version != family for net in nets):
             raise SpecError(f"allow: no IPv{family} network, so every client of {self.listen_text} would be refused")
         if self.target_is_name or not self.options.source:
             return
-        target = ipaddress.ip_address(self.target_host)
-        versions = [ipaddress.ip_address(addr).version for addr in self.options.source]
+        target = ip_address(self.target_host)
+        versions = [ip_address(addr).version for addr in self.options.source]
         if target.version not in versions:
             raise SpecError(f"source: {self.options.source[0]!r} is IPv{versions[0]} but the target {target} "
                             f"is IPv{target.version}")
@@ -179,7 +180,7 @@ class Rule:
         the listen address itself, or loopback or the unspecified address on the same host."""
         if self.target_is_name or not self.listen_port:
             return
-        target, listen = ipaddress.ip_address(self.target_host), ipaddress.ip_address(self.listen_host)
+        target, listen = ip_address(self.target_host), ip_address(self.listen_host)
         here = target == listen or (target.version == listen.version and (
             (listen.is_unspecified and target.is_loopback) or (target.is_unspecified and listen.is_loopback)))
         if here and self.target_port < self.listen_port + self.count and self.listen_port < self.target_port + self.count:
@@ -304,10 +305,14 @@ def is_ip(text: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address the engine can bind and connect to. Python takes an IPv6 zone
     (``fe80::1%eth0``) as part of an address, but the engine has no zone to give it and
-    refuses it later: a rule would fail at start instead of at the check."""
+    refuses it later: a rule would fail at start instead of at the check.
+
+    Cached: a table of thousands of rules names a few addresses many times each, and
+    parsing them was most of a large config's load (addresses are immutable)."""
     ip = ipaddress.ip_address(text)
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         raise ValueError(f"{text!r} has a zone")
