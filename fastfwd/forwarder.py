@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
@@ -260,7 +260,7 @@ class Forwarder:
         engine = self._require()
         pairs, gone = self._match(rules)
         diff = Diff()
-        undo: list[Callable[[], Awaitable[object]]] = []
+        undo: list[Callable[[], object]] = []
         # One wait for the workers at the end, not a round trip per rule and step.
         with engine.batch():
             try:
@@ -268,7 +268,7 @@ class Forwarder:
             except BaseException:
                 for step in reversed(undo):
                     try:
-                        await step()
+                        step()
                     except Exception:
                         log.exception("could not undo a step of a failed rule change")
                 raise
@@ -277,8 +277,9 @@ class Forwarder:
         return diff
 
     def _change(self, pairs: list[tuple[Rule, ActiveRule | None]], gone: list[ActiveRule], diff: Diff,
-                undo: list[Callable[[], Awaitable[object]]]) -> None:
-        """apply()'s steps, each recorded in ``undo`` as it is taken."""
+                undo: list[Callable[[], object]]) -> None:
+        """apply()'s steps, each recorded in ``undo`` as it is taken. Undone, a step is not
+        logged: a rejected apply leaves the table as it was, and its log must not say otherwise."""
         held = _ports_held(gone)
         first: list[Rule] = []
         later: list[Rule] = []      # wanting a port a removed rule holds: added after the removals
@@ -287,12 +288,12 @@ class Forwarder:
             (later if wants_held else first).append(rule)
         for rule in first:
             diff.added.append(active := self._install(rule))
-            undo.append(functools.partial(self.remove, active))
+            undo.append(functools.partial(self._discard, active))
         for rule, kept in pairs:
             if kept is not None:
                 # Undo first: an update that fails half way (the rule took its new
                 # options, then could not listen) must be reverted as well.
-                undo.append(functools.partial(self._revert, kept, kept.rule))
+                undo.append(functools.partial(self._update, kept, kept.rule, Diff()))
                 self._update(kept, rule, diff)
         for rule in later:
             # Its ports that no removed rule holds are tried before anything is removed:
@@ -301,10 +302,10 @@ class Forwarder:
         for active in gone:
             self._discard(active)
             diff.removed.append(active)
-            undo.append(functools.partial(self.add, active.rule))
+            undo.append(functools.partial(self._install, active.rule))
         for rule in later:
             diff.added.append(active := self._install(rule))
-            undo.append(functools.partial(self.remove, active))
+            undo.append(functools.partial(self._discard, active))
 
     async def resolve(self, name: str, ip: str | None) -> list[ActiveRule]:
         """Tell the forwarder where ``name`` lives now (``None``: nowhere). Rules targeting it
@@ -396,9 +397,6 @@ class Forwarder:
             diff.retargeted.append(active)
         elif old.options == rule.options:
             diff.unchanged.append(active)
-
-    async def _revert(self, active: ActiveRule, old: Rule) -> None:
-        self._update(active, old, Diff())
 
     def _configure(self, active: ActiveRule, target_ip: str | None = None) -> None:
         o = active.rule.options
