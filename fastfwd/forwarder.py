@@ -309,22 +309,35 @@ class Forwarder:
 
     async def resolve(self, name: str, ip: str | None) -> list[ActiveRule]:
         """Tell the forwarder where ``name`` lives now (``None``: nowhere). Rules targeting it
-        are re-pointed (or made pending) before this returns. Returns the rules it touched."""
+        are re-pointed (or made pending) before this returns. A pending TCP rule whose port
+        another program took meanwhile cannot listen: it stays pending (logged) and is tried
+        again at the next call for the name, even with the same address. Returns the rules
+        re-pointed."""
         self._require()
         name = name.lower()
         if ip is not None and not is_ip(ip):
             raise ValueError(f"{ip!r} is not an IP address")
-        if self._names.get(name) == ip:
-            return []
         if ip is None:
             self._names.pop(name, None)
         else:
             self._names[name] = ip
-        touched = list(self._by_host.get(name, ()))
+        # Rules already there are left alone (a renewed lease changes nothing), but a rule
+        # left pending by a port it could not listen on is tried again.
+        touched = [active for active in self._by_host.get(name, ()) if active.target_ip != ip]
+        stuck = []
         with self._require().batch():
             for active in touched:
-                self._point(active, close_live=active.rule.options.on_retarget == "close")
-        return touched
+                try:
+                    self._point(active, close_live=active.rule.options.on_retarget == "close")
+                except OSError as exc:
+                    # Only a pending TCP rule starting to listen fails (another program took
+                    # its port meanwhile). The name has moved all the same: the other rules
+                    # follow it, and this one stays pending.
+                    self._require().set_target(active.id, None, active.rule.target_port, False)
+                    log.warning("%s stays pending: %s; the next address given for %s tries again",
+                                _describe(active), exc.strerror, name)
+                    stuck.append(active)
+        return [active for active in touched if active not in stuck]
 
     @property
     def names(self) -> dict[str, str]:
