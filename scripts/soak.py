@@ -92,7 +92,7 @@ def consecutive_ports(count: int, hosts: tuple[str, ...] = (LOOP,)) -> int:
     """A first port of ``count`` ports free for TCP and UDP on every one of ``hosts``."""
     rng = random.Random()
     for _ in range(200):
-        first = rng.randrange(20000, 60000 - count)
+        first = rng.randrange(10000, 32000 - count)     # below the ephemeral ports clients get
         held: list[socket.socket] = []
         try:
             for host in hosts:
@@ -412,6 +412,7 @@ class Layout:
     refusing: int
     churn: int                      # first port of the churned block (TCP and UDP)
     churn_count: int
+    blocked: int                    # after the block, held by another socket: a rule there fails
     steady_targets: list[int]       # echo servers on LOOP for the steady rules
     groups: list[int]               # first ports of 3-port echo server groups for churned ranges
     name_port: int                  # echo servers on every NAME_ADDRS address
@@ -420,7 +421,7 @@ class Layout:
 
     @classmethod
     def make(cls, farm: Farm, churn_count: int = 10) -> "Layout":
-        listen = consecutive_ports(8 + churn_count)
+        listen = consecutive_ports(9 + churn_count)
         steady_targets = [consecutive_ports(1) for _ in range(3)]
         groups = [consecutive_ports(3) for _ in range(3)]
         name_port = consecutive_ports(1, NAME_ADDRS)
@@ -432,7 +433,7 @@ class Layout:
             farm.serve(host, name_port)
         return cls(steady_tcp=[listen, listen + 1, listen + 2], steady_udp=[listen + 3, listen + 4],
                    refusing=listen + 5, named_tcp=listen + 6, named_udp=listen + 7,
-                   churn=listen + 8, churn_count=churn_count, steady_targets=steady_targets,
+                   churn=listen + 8, churn_count=churn_count, blocked=listen + 8 + churn_count, steady_targets=steady_targets,
                    groups=groups, name_port=name_port)
 
     def client_ports(self) -> tuple[list[tuple[int, bool]], list[tuple[int, bool]]]:
@@ -462,9 +463,10 @@ def table(layout: Layout, rng: random.Random) -> list[Rule]:
     and the churned block cut into rules of 1 to 3 ports at random, some absent."""
     rules = [Rule.parse(f"{p}:{LOOP}:{rng.choice(layout.steady_targets)}", "tcp",
                         options=random_options(rng, on_retarget="keep")) for p in layout.steady_tcp]
-    # Re-pointing a UDP rule loses the replies in flight: the steady UDP rules move seldom.
-    rules += [Rule.parse(f"{p}:{LOOP}:{layout.steady_targets[rng.random() < 0.05]}", "udp",
-                         options=random_options(rng, on_retarget="keep")) for p in layout.steady_udp]
+    # Re-pointing a UDP rule loses the replies in flight: the first steady UDP rule never
+    # moves (a datagram it loses is a defect), the others seldom.
+    rules += [Rule.parse(f"{p}:{LOOP}:{layout.steady_targets[i > 0 and rng.random() < 0.05]}", "udp",
+                         options=random_options(rng, on_retarget="keep")) for i, p in enumerate(layout.steady_udp)]
     rules.append(Rule.parse(f"{layout.refusing}:{LOOP}:{layout.steady_targets[0]}", "tcp",
                             options=random_options(rng, admitting=False)))
     rules += [Rule.parse(f"{layout.named_tcp}:steady:{layout.name_port}", "tcp", options=random_options(rng, on_retarget="keep")),
@@ -483,6 +485,17 @@ def table(layout: Layout, rng: random.Random) -> list[Rule]:
                 rules.append(Rule.parse(f"{listen}:{target}", proto, options=random_options(rng)))
             port += count
     return rules
+
+
+def rejected(layout: Layout, rules: list[Rule], rng: random.Random) -> list[Rule]:
+    """``rules`` with a TCP rule on the blocked port added: half the time taking the churned
+    block's last port too (its rule removed), so the failure comes after removals are planned
+    and kept rules were updated, rather than among the first new rules."""
+    last = layout.blocked - 1
+    if rng.random() < 0.5:
+        return rules + [Rule.parse(f"{layout.blocked}:{LOOP}:{layout.groups[0]}")]
+    rest = [r for r in rules if not (r.proto == "tcp" and r.listen_port <= last < r.listen_port + r.count)]
+    return rest + [Rule.parse(f"{last}-{layout.blocked}:{LOOP}:{layout.groups[0]}-{layout.groups[0] + 1}")]
 
 
 def disrupted(before: dict[tuple[str, int], Rule], after: dict[tuple[str, int], Rule],
@@ -513,6 +526,7 @@ class Report:
     applies: int = 0
     resolves: int = 0
     reloads: int = 0
+    rejected: int = 0
     defects: list[str] = dataclasses.field(default_factory=list)
     outcomes: Counter[str] = dataclasses.field(default_factory=Counter)
     bytes_echoed: int = 0
@@ -521,9 +535,19 @@ class Report:
     fds: tuple[int, int] = (0, 0)
     threads: tuple[int, int] = (0, 0)
 
+    def close(self, ledger: Ledger) -> "Report":
+        """Take the clients' findings in, and judge the RSS samples."""
+        self.defects += ledger.defects
+        self.outcomes = ledger.outcomes
+        self.bytes_echoed, self.datagrams = ledger.bytes_moved, ledger.datagrams
+        if (growth := rss_growth_defect(self.rss_kib)) is not None:
+            self.defects.append(growth)
+        return self
+
     def summary(self) -> str:
         rss = f"{self.rss_kib[0]}..{max(self.rss_kib)}..{self.rss_kib[-1]} KiB" if self.rss_kib else "-"
-        lines = [f"ran {self.seconds:.0f}s: {self.applies} applies, {self.resolves} resolves, {self.reloads} reloads",
+        lines = [f"ran {self.seconds:.0f}s: {self.applies} applies ({self.rejected} rejected as meant), "
+                 f"{self.resolves} resolves, {self.reloads} reloads",
                  f"traffic: {self.bytes_echoed / 1e6:.1f} MB echoed over TCP, {self.datagrams} UDP round trips",
                  "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())),
                  f"fds start/end {self.fds[0]}/{self.fds[1]}, threads start/end {self.threads[0]}/{self.threads[1]}, "
@@ -552,6 +576,19 @@ async def wait_idle(fw: fastfwd.Forwarder, seconds: float = 20.0) -> dict[str, i
         await asyncio.sleep(0.1)
 
 
+async def expect_rejected(fw: fastfwd.Forwarder, failing: list[Rule], current: list[Rule], ledger: Ledger) -> None:
+    """Apply ``failing`` (one rule of it cannot listen): it must raise and change nothing."""
+    try:
+        await fw.apply(failing)
+    except OSError:
+        pass
+    else:
+        ledger.defects.append("an apply with a port held by another socket succeeded")
+    held = sorted((str(a.rule), a.rule.options) for a in fw.rules)
+    if held != sorted((str(r), r.options) for r in current):
+        ledger.defects.append("a rejected apply left the table changed")
+
+
 async def soak_inprocess(duration: float, pause: float = 0.0, tcp_threads: int = 6, udp_threads: int = 3,
                          max_size: int = 1 << 20, log_every: float = 30.0) -> Report:
     """Churn a 2-worker Forwarder in this process under traffic for ``duration`` seconds."""
@@ -559,8 +596,9 @@ async def soak_inprocess(duration: float, pause: float = 0.0, tcp_threads: int =
     rng = random.Random(int(os.environ.get("SOAK_SEED", "0")) or None)
     ledger = Ledger()
     pid = os.getpid()
-    with Farm() as farm:
+    with Farm() as farm, contextlib.ExitStack() as hold:
         layout = Layout.make(farm)
+        hold.enter_context(socket.create_server((LOOP, layout.blocked)))
         await asyncio.sleep(0.3)        # the farm's thread takes the new sockets
         fds0, threads0 = fd_count(pid), thread_count(pid)
         fw = fastfwd.Forwarder(workers=2)
@@ -592,6 +630,14 @@ async def soak_inprocess(duration: float, pause: float = 0.0, tcp_threads: int =
                     await fw.resolve(*resolve)
                     report.resolves += 1
                     names = names_after
+                if resolve is None and rng.random() < 0.05:
+                    # A rejected apply: steps taken are undone, so either side may be seen.
+                    failing = rejected(layout, wanted, rng)
+                    for slot in disrupted(before, by_port(failing), names, names) | \
+                            disrupted(by_port(failing), before, names, names):
+                        ledger.disrupt(*slot)
+                    await expect_rejected(fw, failing, current, ledger)
+                    report.rejected += 1
                 if wanted is not current:
                     await fw.apply(wanted)
                     report.applies += 1
@@ -620,6 +666,13 @@ async def soak_inprocess(duration: float, pause: float = 0.0, tcp_threads: int =
             if c.datagrams_down != replies:
                 ledger.defects.append(f"udp port {port}: counters datagrams_down {c.datagrams_down}, "
                                       f"clients got {replies} replies")
+        # Only steady rules point at the steady targets (the refusing one never connects).
+        far = [(LOOP, port) for port in layout.steady_targets]
+        up = sum(fw.counters(Rule.parse(f"{p}:{LOOP}:1")).bytes_up for p in layout.steady_tcp)
+        datagrams = sum(fw.counters(Rule.parse(f"{p}:{LOOP}:1", "udp")).datagrams_up for p in layout.steady_udp)
+        if (up, datagrams) != (sum(farm.tcp_bytes[a] for a in far), sum(farm.udp_datagrams[a] for a in far)):
+            ledger.defects.append(f"steady rules counted {up} bytes and {datagrams} datagrams up, their targets got "
+                                  f"{sum(farm.tcp_bytes[a] for a in far)} and {sum(farm.udp_datagrams[a] for a in far)}")
         await fw.apply([])
         held = await wait_idle(fw)
         if held["connections"] or held["sessions"] or held["rules"]:
@@ -630,12 +683,7 @@ async def soak_inprocess(duration: float, pause: float = 0.0, tcp_threads: int =
         report.fds, report.threads = (fds0, fds1), (threads0, threads1)
         if fds1 != fds0 or threads1 != threads0:
             ledger.defects.append(f"process holds {fds1} fds and {threads1} threads, {fds0} and {threads0} at start")
-    report.defects += ledger.defects
-    report.outcomes = ledger.outcomes
-    report.bytes_echoed, report.datagrams = ledger.bytes_moved, ledger.datagrams
-    if (growth := rss_growth_defect(report.rss_kib)) is not None:
-        report.defects.append(growth)
-    return report
+    return report.close(ledger)
 
 
 # -- the daemon soak -------------------------------------------------------------------------
@@ -777,12 +825,7 @@ def soak_daemon(duration: float, pause: float = 0.2, log_every: float = 30.0) ->
                     proc.wait(5)
             if proc.returncode not in (0, -signal.SIGINT):
                 ledger.defects.append(f"daemon exited with {proc.returncode}")
-    report.defects += ledger.defects
-    report.outcomes = ledger.outcomes
-    report.bytes_echoed, report.datagrams = ledger.bytes_moved, ledger.datagrams
-    if (growth := rss_growth_defect(report.rss_kib)) is not None:
-        report.defects.append(growth)
-    return report
+    return report.close(ledger)
 
 
 def main() -> int:
