@@ -421,16 +421,19 @@ class Layout:
 
     @classmethod
     def make(cls, farm: Farm, churn_count: int = 10) -> "Layout":
-        listen = consecutive_ports(9 + churn_count)
-        steady_targets = [consecutive_ports(1) for _ in range(3)]
-        groups = [consecutive_ports(3) for _ in range(3)]
+        # Each server bound before the next ports are looked for, so none is picked twice.
+        steady_targets = []
+        for _ in range(3):
+            steady_targets.append(consecutive_ports(1))
+            farm.serve(LOOP, steady_targets[-1])
+        groups = []
+        for _ in range(3):
+            groups.append(consecutive_ports(3))
+            farm.serve(LOOP, groups[-1], 3)
         name_port = consecutive_ports(1, NAME_ADDRS)
-        for port in steady_targets:
-            farm.serve(LOOP, port)
-        for first in groups:
-            farm.serve(LOOP, first, 3)
         for host in NAME_ADDRS:
             farm.serve(host, name_port)
+        listen = consecutive_ports(9 + churn_count)
         return cls(steady_tcp=[listen, listen + 1, listen + 2], steady_udp=[listen + 3, listen + 4],
                    refusing=listen + 5, named_tcp=listen + 6, named_udp=listen + 7,
                    churn=listen + 8, churn_count=churn_count, blocked=listen + 8 + churn_count, steady_targets=steady_targets,
