@@ -388,24 +388,39 @@ cdef class Engine:
             self._post(CMD_LISTEN_OFF, r, NULL, 0)
             self._settle()      # no worker may poll the listener closed next
             r.listening = 0
-            # A closed listener frees the port; a fresh bound socket holds it while pending.
-            for i in range(r.count):
-                close(r.listeners[i].fd)
-                r.listeners[i].fd = -1
-                try:
-                    self._bind(r, i)
-                except OSError:
-                    pass            # taken meanwhile: reported when the rule becomes active
+            self._hold_ports(r)
         self._publish(r, conf, close_live)
         if r.proto == PROTO_TCP and host is not None and not r.listening:
-            for i in range(r.count):
-                if r.listeners[i].fd < 0:
-                    self._bind(r, i)
-                if listen(r.listeners[i].fd, SOMAXCONN) < 0:
-                    raise OSError(errno, f"cannot listen: {strerror(errno).decode()}")
+            first = format_addr(&r.local)
+            try:
+                for i in range(r.count):
+                    if r.listeners[i].fd < 0:
+                        self._bind(r, i)
+                    if listen(r.listeners[i].fd, SOMAXCONN) < 0:
+                        err = errno
+                        raise OSError(err, bind_error(err, "tcp", first[0], first[1] + i))
+            except OSError:
+                # The ports that did listen would queue clients no worker accepts: a rule
+                # that cannot listen on all its ports refuses on all of them.
+                self._hold_ports(r)
+                raise
             self._post(CMD_LISTEN_ON, r, NULL, 0)
             self._applied()
             r.listening = 1
+
+    cdef int _hold_ports(self, rule_t* r) except -1:
+        """Close a TCP rule's listeners (no worker polls them) and bind fresh sockets that
+        hold its ports without listening: a closed listener frees the port."""
+        cdef int i
+        for i in range(r.count):
+            if r.listeners[i].fd >= 0:
+                close(r.listeners[i].fd)
+                r.listeners[i].fd = -1
+            try:
+                self._bind(r, i)
+            except OSError:
+                pass            # taken meanwhile: reported when the rule becomes active
+        return 0
 
     def remove_rule(self, int rule_id, bint close_live):
         cdef rule_t* r = self._rule(rule_id)

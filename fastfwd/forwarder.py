@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
@@ -260,7 +260,7 @@ class Forwarder:
         engine = self._require()
         pairs, gone = self._match(rules)
         diff = Diff()
-        undo: list[Callable[[], Awaitable[object]]] = []
+        undo: list[Callable[[], object]] = []
         # One wait for the workers at the end, not a round trip per rule and step.
         with engine.batch():
             try:
@@ -268,7 +268,7 @@ class Forwarder:
             except BaseException:
                 for step in reversed(undo):
                     try:
-                        await step()
+                        step()
                     except Exception:
                         log.exception("could not undo a step of a failed rule change")
                 raise
@@ -277,8 +277,9 @@ class Forwarder:
         return diff
 
     def _change(self, pairs: list[tuple[Rule, ActiveRule | None]], gone: list[ActiveRule], diff: Diff,
-                undo: list[Callable[[], Awaitable[object]]]) -> None:
-        """apply()'s steps, each recorded in ``undo`` as it is taken."""
+                undo: list[Callable[[], object]]) -> None:
+        """apply()'s steps, each recorded in ``undo`` as it is taken. Undone, a step is not
+        logged: a rejected apply leaves the table as it was, and its log must not say otherwise."""
         held = _ports_held(gone)
         first: list[Rule] = []
         later: list[Rule] = []      # wanting a port a removed rule holds: added after the removals
@@ -287,12 +288,12 @@ class Forwarder:
             (later if wants_held else first).append(rule)
         for rule in first:
             diff.added.append(active := self._install(rule))
-            undo.append(functools.partial(self.remove, active))
+            undo.append(functools.partial(self._discard, active))
         for rule, kept in pairs:
             if kept is not None:
                 # Undo first: an update that fails half way (the rule took its new
                 # options, then could not listen) must be reverted as well.
-                undo.append(functools.partial(self._revert, kept, kept.rule))
+                undo.append(functools.partial(self._update, kept, kept.rule, Diff()))
                 self._update(kept, rule, diff)
         for rule in later:
             # Its ports that no removed rule holds are tried before anything is removed:
@@ -301,29 +302,42 @@ class Forwarder:
         for active in gone:
             self._discard(active)
             diff.removed.append(active)
-            undo.append(functools.partial(self.add, active.rule))
+            undo.append(functools.partial(self._install, active.rule))
         for rule in later:
             diff.added.append(active := self._install(rule))
-            undo.append(functools.partial(self.remove, active))
+            undo.append(functools.partial(self._discard, active))
 
     async def resolve(self, name: str, ip: str | None) -> list[ActiveRule]:
         """Tell the forwarder where ``name`` lives now (``None``: nowhere). Rules targeting it
-        are re-pointed (or made pending) before this returns. Returns the rules it touched."""
+        are re-pointed (or made pending) before this returns. A pending TCP rule whose port
+        another program took meanwhile cannot listen: it stays pending (logged) and is tried
+        again at the next call for the name, even with the same address. Returns the rules
+        re-pointed."""
         self._require()
         name = name.lower()
         if ip is not None and not is_ip(ip):
             raise ValueError(f"{ip!r} is not an IP address")
-        if self._names.get(name) == ip:
-            return []
         if ip is None:
             self._names.pop(name, None)
         else:
             self._names[name] = ip
-        touched = list(self._by_host.get(name, ()))
+        # Rules already there are left alone (a renewed lease changes nothing), but a rule
+        # left pending by a port it could not listen on is tried again.
+        touched = [active for active in self._by_host.get(name, ()) if active.target_ip != ip]
+        stuck = []
         with self._require().batch():
             for active in touched:
-                self._point(active, close_live=active.rule.options.on_retarget == "close")
-        return touched
+                try:
+                    self._point(active, close_live=active.rule.options.on_retarget == "close")
+                except OSError as exc:
+                    # Only a pending TCP rule starting to listen fails (another program took
+                    # its port meanwhile). The name has moved all the same: the other rules
+                    # follow it, and this one stays pending.
+                    self._require().set_target(active.id, None, active.rule.target_port, False)
+                    log.warning("%s stays pending: %s; the next address given for %s tries again",
+                                _describe(active), exc.strerror, name)
+                    stuck.append(active)
+        return [active for active in touched if active not in stuck]
 
     @property
     def names(self) -> dict[str, str]:
@@ -396,9 +410,6 @@ class Forwarder:
             diff.retargeted.append(active)
         elif old.options == rule.options:
             diff.unchanged.append(active)
-
-    async def _revert(self, active: ActiveRule, old: Rule) -> None:
-        self._update(active, old, Diff())
 
     def _configure(self, active: ActiveRule, target_ip: str | None = None) -> None:
         o = active.rule.options
