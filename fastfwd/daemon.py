@@ -436,19 +436,25 @@ class Daemon:
         ``only``, only those names are looked at."""
         assert self.fw is not None
         hosts = self.config.hosts if hosts is None else hosts
+        # Names whose address is unchanged are given again, except when only new ones are
+        # wanted: a rule still pending on one (its port was taken, or it cannot use the
+        # address) is tried again at each lease event for the name and at each reload.
         if only is not None:
-            updates = {name: ip for name in sorted(only)
-                       if (ip := resolve_name(name, hosts, self.leases)) != self._names.get(name)}
+            updates = {name: resolve_name(name, hosts, self.leases) for name in sorted(only)}
+        elif new_only:
+            updates = name_updates(self._names, {**resolve_names(hosts, self.leases), **self._names})
         else:
             names = resolve_names(hosts, self.leases)
-            updates = name_updates(self._names, {**names, **self._names} if new_only else names)
+            updates = {**names, **name_updates(self._names, names)}
         for name, ip in updates.items():
+            moved = self._names.get(name) != ip
             touched = await self.fw.resolve(name, ip)
             if ip is None:
                 self._names.pop(name, None)
             else:
                 self._names[name] = ip
-            log.info("name %s is now %s (%d rule(s))", name, ip or "unknown, its rules are pending", len(touched))
+            if moved or touched:
+                log.info("name %s is now %s (%d rule(s))", name, ip or "unknown, its rules are pending", len(touched))
 
     # -- what the control socket asks (control.ControlTarget) ---------------------------------
     @property

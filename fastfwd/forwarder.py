@@ -164,8 +164,9 @@ class Forwarder:
         self._by_host.clear()
         try:
             if drain > 0:
-                for active in rules:
-                    self._uninstall(engine, active, close_live=False)
+                with engine.batch():    # every listener is closed when the batch ends
+                    for active in rules:
+                        self._uninstall(engine, active, close_live=False)
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + drain
                 while engine.live_connections() and loop.time() < deadline:
@@ -309,10 +310,11 @@ class Forwarder:
 
     async def resolve(self, name: str, ip: str | None) -> list[ActiveRule]:
         """Tell the forwarder where ``name`` lives now (``None``: nowhere). Rules targeting it
-        are re-pointed (or made pending) before this returns. A pending TCP rule whose port
-        another program took meanwhile cannot listen: it stays pending (logged) and is tried
-        again at the next call for the name, even with the same address. Returns the rules
-        re-pointed."""
+        are re-pointed (or made pending) before this returns. A rule that cannot use the
+        address (a TCP rule and a multicast address, a rule and its own listener) stays
+        pending, as does a pending TCP rule whose port another program took meanwhile; both
+        are logged and tried again at the next call for the name, even with the same
+        address. Returns the rules re-pointed."""
         self._require()
         name = name.lower()
         if ip is not None and not is_ip(ip):
@@ -324,7 +326,6 @@ class Forwarder:
         # Rules already there are left alone (a renewed lease changes nothing), but a rule
         # left pending by a port it could not listen on is tried again.
         touched = [active for active in self._by_host.get(name, ()) if active.target_ip != ip]
-        stuck = []
         with self._require().batch():
             for active in touched:
                 try:
@@ -336,8 +337,8 @@ class Forwarder:
                     self._require().set_target(active.id, None, active.rule.target_port, False)
                     log.warning("%s stays pending: %s; the next address given for %s tries again",
                                 _describe(active), exc.strerror, name)
-                    stuck.append(active)
-        return [active for active in touched if active not in stuck]
+        # Not those left pending: by a port they could not listen on, or an address they cannot use.
+        return [active for active in touched if active.target_ip == ip]
 
     @property
     def names(self) -> dict[str, str]:
@@ -428,6 +429,12 @@ class Forwarder:
         host = active.rule.target_host
         ip = host if is_ip(host) else self._names.get(host)
         was = active.target_ip
+        unusable = ip is not None and ip != host and _unusable(active.rule, ip)
+        if unusable:
+            # A name may stand for any address (a lease, [hosts], -t with hosts=): the rule
+            # gets the checks that address would get in a spec, and waits for a better one.
+            log.warning("%s stays pending: %s is %s, which it cannot use: %s", _describe(active), host, ip, unusable)
+            ip = None
         pool = active.rule.options.source
         usable = _pool(pool, ip) if ip is not None else None
         repool = usable is not None and usable != _pool(pool, was)
@@ -445,7 +452,7 @@ class Forwarder:
         if repool and not usable and ip is not None:  # (ip: for the type checker)
             log.warning("%s: no IPv%d address in its source pool; its connections leave from the kernel's "
                         "choice", _describe(active), ipaddress.ip_address(ip).version)
-        if was is not None and ip is None:
+        if was is not None and ip is None and not unusable:
             log.warning("%s is pending: %s has no address", _describe(active), host)
         elif was is not None and ip != was:
             log.info("%s re-pointed from %s to %s", _describe(active), was, ip)
@@ -460,6 +467,16 @@ class Forwarder:
 def _describe(active: ActiveRule) -> str:
     label = f"{active.rule.name!r}: " if active.rule.name else ""   # quoted: a name may hold ": "
     return f"{label}{active.rule}" + (f" ({active.target_ip})" if active.rule.target_is_name and active.target_ip else "")
+
+
+def _unusable(rule: Rule, ip: str) -> str | None:
+    """Why ``rule`` could not forward to ``ip`` (a TCP rule onto a multicast address, a rule
+    onto its own listener, a source pool without the address's family), or None."""
+    try:
+        rule.with_target(ip)
+    except SpecError as exc:
+        return str(exc)
+    return None
 
 
 def _key(active: ActiveRule) -> RuleKey:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers_control import (REPO, DaemonProcess, EchoServer, connects, daemon, echo_roundtrip, free_port,
-                             needs_engine, short_dir)
+                             needs_engine, short_dir, wait_until)
 from test_reload import _open_conversation, _still_talks
 
 pytestmark = needs_engine
@@ -98,3 +99,25 @@ def test_a_restarted_daemon_forwards_at_once_and_gets_the_event_sent_while_it_wa
     finally:
         vm1.close()
         vm2.close()
+
+
+def test_a_rule_left_pending_by_a_taken_port_is_tried_again_by_a_reload() -> None:
+    """A pending TCP rule holds its port without listening, and another program may listen
+    there meanwhile: the lease then leaves that rule pending. A reload (SIGHUP) tries it
+    again once the port is free, though the name's address is the same."""
+    vm = EchoServer("127.0.0.1", greeting=b"V")
+    port = free_port()
+    try:
+        with short_dir() as tmp, daemon(tmp, "-c", str(config(tmp / "f.toml", {port: f"vm1:{vm.port}"}))) as proc:
+            with socket.socket() as squatter:
+                squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                squatter.bind(("127.0.0.1", port))
+                squatter.listen()
+                done(hook(proc, "add", MAC1, "127.0.0.1", "vm1"))
+                proc.wait_log("stays pending")
+            assert not connects(port)   # the port is free again, the rule still pending
+            proc.signal(signal.SIGHUP)
+            wait_until(lambda: connects(port), what="the rule to listen after the reload")
+            _open_conversation(port, b"V").close()
+    finally:
+        vm.close()
