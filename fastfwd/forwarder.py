@@ -471,9 +471,10 @@ def _describe(active: ActiveRule) -> str:
 
 def _unusable(rule: Rule, ip: str) -> str | None:
     """Why ``rule`` could not forward to ``ip`` (a TCP rule onto a multicast address, a rule
-    onto its own listener, a source pool without the address's family), or None."""
+    onto its own listener), or None. A source pool without the address's family is not a
+    reason: those connections leave from the kernel's choice (``_point`` warns)."""
     try:
-        rule.with_target(ip)
+        replace(rule, options=replace(rule.options, source=())).with_target(ip)
     except SpecError as exc:
         return str(exc)
     return None
