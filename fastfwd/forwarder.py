@@ -315,7 +315,7 @@ class Forwarder:
         pending, as does a pending TCP rule whose port another program took meanwhile; both
         are logged and tried again at the next call for the name, even with the same
         address. Returns the rules re-pointed."""
-        self._require()
+        engine = self._require()
         name = name.lower()
         if ip is not None and not is_ip(ip):
             raise ValueError(f"{ip!r} is not an IP address")
@@ -326,7 +326,7 @@ class Forwarder:
         # Rules already there are left alone (a renewed lease changes nothing), but a rule
         # left pending by a port it could not listen on is tried again.
         touched = [active for active in self._by_host.get(name, ()) if active.target_ip != ip]
-        with self._require().batch():
+        with engine.batch():
             for active in touched:
                 try:
                     self._point(active, close_live=active.rule.options.on_retarget == "close")
@@ -334,7 +334,7 @@ class Forwarder:
                     # Only a pending TCP rule starting to listen fails (another program took
                     # its port meanwhile). The name has moved all the same: the other rules
                     # follow it, and this one stays pending.
-                    self._require().set_target(active.id, None, active.rule.target_port, False)
+                    engine.set_target(active.id, None, active.rule.target_port, False)
                     log.warning("%s stays pending: %s; the next address given for %s tries again",
                                 _describe(active), exc.strerror, name)
         # Not those left pending: by a port they could not listen on, or an address they cannot use.
