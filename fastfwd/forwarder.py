@@ -290,12 +290,19 @@ class Forwarder:
         for rule in first:
             diff.added.append(active := self._install(rule))
             undo.append(functools.partial(self._discard, active))
+        reverted = Diff()   # what undoing reports goes nowhere
         for rule, kept in pairs:
-            if kept is not None:
-                # Undo first: an update that fails half way (the rule took its new
-                # options, then could not listen) must be reverted as well.
-                undo.append(functools.partial(self._update, kept, kept.rule, Diff()))
-                self._update(kept, rule, diff)
+            if kept is None:
+                continue
+            if kept.rule == rule:
+                # Most of a large table: nothing to do and nothing to undo. Allocating for
+                # each would let the cyclic collector scan the whole heap, mid-apply, at scale.
+                diff.unchanged.append(kept)
+                continue
+            # Undo first: an update that fails half way (the rule took its new
+            # options, then could not listen) must be reverted as well.
+            undo.append(functools.partial(self._update, kept, kept.rule, reverted))
+            self._update(kept, rule, diff)
         for rule in later:
             # Its ports that no removed rule holds are tried before anything is removed:
             # undoing a removal starts the rule afresh (counters at 0, a gap in listening).
@@ -380,10 +387,11 @@ class Forwarder:
         listed: set[RuleKey] = set()
         for rule in rules:
             if rule.listen_port:
-                if rule.key in listed:
+                key = rule.key
+                if key in listed:
                     raise ValueError(f"{rule}: listed twice")
-                listed.add(rule.key)
-                pairs.append((rule, free.pop(rule.key, None)))
+                listed.add(key)
+                pairs.append((rule, free.pop(key, None)))
             else:
                 slot = next((k for k, a in free.items() if a.rule == rule), None)
                 pairs.append((rule, free.pop(slot) if slot is not None else None))
