@@ -261,6 +261,8 @@ class _Validator:
                 self.error(f"{path}.{key}", str(exc).removeprefix(f"{key}: "))
                 continue
             good[key] = value
+        if not good:
+            return base     # shared: thousands of rules with the defaults hold one object
         return RuleOptions(**{**{f: getattr(base, f) for f in _OPTION_KEYS}, **good})
 
     def forward(self, doc: Any, path: str, defaults: RuleOptions, hosts: Mapping[str, HostEntry],

@@ -47,6 +47,8 @@ LEASE_SAVE_DELAY = 1.0
 _EMPTY = content_digest(b"")
 #: Target names without an address at start warned about one by one; more are one line.
 _UNKNOWN_ONE_BY_ONE = 10
+#: Problems of a rejected reload logged one per line; the rest are counted in one more.
+LOGGED_CONFIG_ERRORS = 20
 #: Seconds between the log's failure summaries: at most one line per rule each.
 FAILURE_LOG_INTERVAL = 60.0
 #: The counters the failure summary reports: each counts a client turned away or traffic
@@ -335,11 +337,18 @@ class Daemon:
             try:
                 config = await asyncio.to_thread(load_config, self.path)
             except ConfigError as exc:
-                for error in exc.errors:
+                # A bad edit to a large file (a [hosts] name renamed) can break thousands of
+                # entries, and a watched file is reloaded at every save.
+                for error in exc.errors[:LOGGED_CONFIG_ERRORS]:
                     log.error("%s: %s: %s", why, exc.source, error)
+                unlogged = len(exc.errors) - LOGGED_CONFIG_ERRORS
+                if unlogged > 0:
+                    log.error("%s: %s: %d more problems ('fastfwd check %s' lists them all)",
+                              why, exc.source, unlogged, self.path)
                 log.error("%s: %s rejected, rules unchanged", why, exc.source)
                 more = len(exc.errors) - 1
-                self._reloaded(exc.errors[0] + (f" (and {more} more, in the log)" if more else ""))
+                where = "in the log" if unlogged <= 0 else "'fastfwd check' lists them all"
+                self._reloaded(exc.errors[0] + (f" (and {more} more, {where})" if more else ""))
                 return None
             async with self._lock:
                 if self.fw is None or self._stopping:

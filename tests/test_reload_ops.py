@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fastfwd import watcher
+from fastfwd import daemon as daemon_module, watcher
 from fastfwd.unixclient import call
 
 from helpers_control import (DaemonProcess, EchoServer, connects, daemon, echo_roundtrip, fastfwd, free_port,
@@ -157,3 +157,26 @@ def test_a_directory_that_vanishes_as_the_watch_is_set_up_does_not_end_the_watch
             await changes.aclose()
     assert asyncio.run(asyncio.wait_for(first_change(), 20)) == watcher.fingerprint(path)
     assert path.read_text() == "a = 2\n"
+
+
+@needs_engine
+def test_a_reload_breaking_many_entries_logs_the_first_problems_and_counts_the_rest(
+        tmp_path: Path, echo: EchoServer) -> None:
+    """A [hosts] name renamed breaks every entry using it; a watched file is reloaded at each
+    save, and its log must not grow by thousands of lines each time. `fastfwd check` lists all."""
+    port, path = one_rule(tmp_path, echo.port)
+    broken = 300
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        write_atomic(path, forward(port, f"127.0.0.1:{echo.port}")
+                     + "".join(forward(10_000 + i, f"127.0.0.1:{echo.port}", idle_timeout=-1) for i in range(broken)))
+        proc.wait_log("rejected, rules unchanged")
+        log = proc.log()
+        problems = [line for line in log.splitlines() if ".idle_timeout: expected a number of seconds" in line]
+        assert len(problems) == daemon_module.LOGGED_CONFIG_ERRORS
+        assert f"f.toml: {broken - daemon_module.LOGGED_CONFIG_ERRORS} more problems ('fastfwd check " in log
+        assert rule_ports(proc) == [port] and echo_roundtrip(port)
+        assert _status(proc)["config"]["last_reload"]["error"].endswith(
+            f" (and {broken - 1} more, 'fastfwd check' lists them all)")
+    result = fastfwd("check", str(path))
+    assert result.returncode == 2
+    assert len([line for line in result.stderr.splitlines() if ".idle_timeout: " in line]) == broken
