@@ -259,8 +259,8 @@ class Forwarder:
         undone in reverse and the error is raised: the table is as it was.
         """
         engine = self._require()
-        pairs, gone = self._match(rules)
-        diff = Diff()
+        pairs, unchanged, gone = self._match(rules)
+        diff = Diff(unchanged=unchanged)
         undo: list[Callable[[], object]] = []
         # One wait for the workers at the end, not a round trip per rule and step.
         with engine.batch():
@@ -292,17 +292,11 @@ class Forwarder:
             undo.append(functools.partial(self._discard, active))
         reverted = Diff()   # what undoing reports goes nowhere
         for rule, kept in pairs:
-            if kept is None:
-                continue
-            if kept.rule == rule:
-                # Most of a large table: nothing to do and nothing to undo. Allocating for
-                # each would let the cyclic collector scan the whole heap, mid-apply, at scale.
-                diff.unchanged.append(kept)
-                continue
-            # Undo first: an update that fails half way (the rule took its new
-            # options, then could not listen) must be reverted as well.
-            undo.append(functools.partial(self._update, kept, kept.rule, reverted))
-            self._update(kept, rule, diff)
+            if kept is not None:
+                # Undo first: an update that fails half way (the rule took its new
+                # options, then could not listen) must be reverted as well.
+                undo.append(functools.partial(self._update, kept, kept.rule, reverted))
+                self._update(kept, rule, diff)
         for rule in later:
             # Its ports that no removed rule holds are tried before anything is removed:
             # undoing a removal starts the rule afresh (counters at 0, a gap in listening).
@@ -379,11 +373,16 @@ class Forwarder:
             raise RuntimeError("the forwarder is not running (use 'async with' or await start())")
         return self._engine
 
-    def _match(self, rules: Iterable[Rule]) -> tuple[list[tuple[Rule, ActiveRule | None]], list[ActiveRule]]:
-        """Pair each wanted rule with the entry it continues (None: a new rule), and list the
-        entries no wanted rule continues. A port-0 rule continues an equal port-0 rule."""
+    def _match(self, rules: Iterable[Rule]) -> tuple[list[tuple[Rule, ActiveRule | None]], list[ActiveRule],
+                                                     list[ActiveRule]]:
+        """Pair each wanted rule that differs with the entry it continues (None: a new rule);
+        list the entries continued unchanged, and those no wanted rule continues. A port-0
+        rule continues an equal port-0 rule."""
         free = dict(self._table)
         pairs: list[tuple[Rule, ActiveRule | None]] = []
+        # Most of a large table, kept without a pair or an undo step each: allocations that
+        # live until the apply ends make the cyclic collector scan the whole heap mid-apply.
+        unchanged: list[ActiveRule] = []
         listed: set[RuleKey] = set()
         for rule in rules:
             if rule.listen_port:
@@ -391,11 +390,18 @@ class Forwarder:
                 if key in listed:
                     raise ValueError(f"{rule}: listed twice")
                 listed.add(key)
-                pairs.append((rule, free.pop(key, None)))
+                kept = free.pop(key, None)
+                if kept is not None and kept.rule == rule:
+                    unchanged.append(kept)
+                else:
+                    pairs.append((rule, kept))
             else:
                 slot = next((k for k, a in free.items() if a.rule == rule), None)
-                pairs.append((rule, free.pop(slot) if slot is not None else None))
-        return pairs, list(free.values())
+                if slot is not None:
+                    unchanged.append(free.pop(slot))
+                else:
+                    pairs.append((rule, None))
+        return pairs, unchanged, list(free.values())
 
     def _index(self, active: ActiveRule) -> None:
         self._by_host.setdefault(active.rule.target_host, []).append(active)
