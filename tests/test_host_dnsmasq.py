@@ -52,6 +52,16 @@ def test_short_options_and_config_file(tmp_path: Path) -> None:
     assert bare.interfaces == ["br2", "br3"] and bare.dhcp_script is None and not bare.dhcp
 
 
+def test_values_attached_to_short_options_or_apart_from_long_ones(tmp_path: Path) -> None:
+    """dnsmasq reads its options with getopt: ``-ibr0`` and ``--interface br0`` are as good as
+    ``-i br0`` and ``--interface=br0``."""
+    server = _parse(9, ["-C", "", "-6/x/hook", "-F10.0.0.10,10.0.0.20", "--interface", "br1",
+                        "--dhcp-script", "/y/hook", "--conf-file"])
+    assert server.interfaces == ["br1"] and server.dhcp_script == "/y/hook" and server.dhcp
+    attached = _parse(10, ["-ibr0", "-6/x/hook", "-F10.0.0.10,10.0.0.20", "--conf-file="])
+    assert attached.interfaces == ["br0"] and attached.dhcp_script == "/x/hook" and attached.dhcp
+
+
 def test_hook_detection(tmp_path: Path) -> None:
     ours = write_hook(tmp_path / "hook", "/run/x.sock")
     assert is_fastfwd_hook(str(ours))

@@ -125,6 +125,9 @@ def _is_dnsmasq(pid: int) -> bool:
 
 
 _SHORT = {"-i": "interface", "-6": "dhcp-script", "-F": "dhcp-range", "-C": "conf-file"}
+#: Long options whose value may also come as the next argument (``--interface br0``);
+#: ``--conf-file``'s value is optional, so it is only ever attached with ``=``.
+_TAKES_VALUE = ("interface", "dhcp-script", "dhcp-range")
 
 
 def _parse(pid: int, args: list[str]) -> Server:
@@ -133,11 +136,12 @@ def _parse(pid: int, args: list[str]) -> Server:
     options: list[tuple[str, str]] = []
     it = iter(args)
     for arg in it:
-        if arg in _SHORT:
-            options.append((_SHORT[arg], next(it, "")))
+        if arg[:2] in _SHORT:
+            # Like getopt: the value attached (-ibr0) or the next argument (-i br0).
+            options.append((_SHORT[arg[:2]], arg[2:] or next(it, "")))
         elif arg.startswith("--"):
-            key, _, value = arg[2:].partition("=")
-            options.append((key, value))
+            key, eq, value = arg[2:].partition("=")
+            options.append((key, value if eq or key not in _TAKES_VALUE else next(it, "")))
     conf_files = [v for k, v in options if k == "conf-file"] or ["/etc/dnsmasq.conf"]
     for conf in conf_files:
         options.extend(_conf_options(conf))
