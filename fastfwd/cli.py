@@ -339,7 +339,7 @@ def _rule_matches(rule: dict[str, Any], text: str) -> bool:
     first, _, last = rule["listen"].rpartition(":")[2].partition("-")
     host = rule["target"].rpartition(":")[0].strip("[]")
     return (text == rule["name"] or text == rule["target_ip"] or text.lower() == host.lower()
-            or (text.isdigit() and int(first) <= int(text) <= int(last or first)))
+            or (text.isascii() and text.isdigit() and int(first) <= int(text) <= int(last or first)))
 
 
 def _lease(args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ def watchdog_interval() -> float | None:
     one late ping is not yet a missed one. None when no watchdog is asked of this process
     (``WATCHDOG_PID``, when set, names the process that must feed it)."""
     usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID")
-    if not usec.isdigit() or int(usec) == 0 or (pid is not None and pid != str(os.getpid())):
+    if not (usec.isascii() and usec.isdigit()) or int(usec) == 0 or (pid is not None and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6
 

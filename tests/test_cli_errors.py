@@ -133,7 +133,8 @@ def test_lease_with_a_bad_value_is_a_usage_error_before_any_daemon_is_asked(
      ("--user", "'no-such-user-here'", "no such user")),
     (("mac", "vm1", "--prefix", "zz"), ("'zz'",)),
     (("setup", "br-ff-x"), ("--address",)),
-], ids=["dhcp-range", "unknown-user", "mac-prefix", "missing-address"])
+    (("tap", "vm1", "--bridge", "br-ff-none", "--user", "²"), ("--user", "'²'", "no such user")),
+], ids=["dhcp-range", "unknown-user", "mac-prefix", "missing-address", "superscript-user"])
 def test_bridge_usage_errors_name_the_option_in_one_line_and_exit_2(
         tmp_path: Path, args: tuple[str, ...], parts: tuple[str, ...]) -> None:
     one_line(bridge("--state-dir", str(tmp_path), *args), 2, *parts)

@@ -220,6 +220,8 @@ def test_a_selection_matches_ranges_and_addresses_and_keeps_its_targets_leases()
     assert [r["name"] for r in selected["rules"]] == ["ssh", "web", "dns", "db"]
     assert selected["leases"] == [reply["leases"][0]] and selected["engine"] == reply["engine"]
     assert unmatched == ["9000"]  # a target's port is not where a rule listens
+    # isdigit() is true of '²' too, which int() refuses: a word, matching nothing.
+    assert select_rules(reply, ["²"], pending=False)[1] == ["²"]
     selected, unmatched = select_rules(reply, [], pending=True)
     assert ([r["name"] for r in selected["rules"]], selected["leases"], unmatched) == (["db"], [], [])
 

@@ -17,7 +17,7 @@ import pytest
 
 from fastfwd.config import ControlSettings, load_config
 from fastfwd.daemon import Daemon, Overrides
-from fastfwd.notify import notify
+from fastfwd.notify import notify, watchdog_interval
 
 from helpers_control import EchoServer, daemon, echo_roundtrip, free_port, needs_engine, short_dir
 
@@ -157,6 +157,14 @@ def test_the_unit_waits_for_readiness_and_outlasts_the_drain() -> None:
     # SIGTERM drains for up to drain_deadline; systemd must not kill the drain half way.
     assert float(service["TimeoutStopSec"]) > ControlSettings().drain_deadline
     assert service["ExecStart"].split()[1] == "run"
+
+
+@pytest.mark.parametrize("usec,interval", [("400000", 0.2), ("0", None), ("", None), ("-5", None), ("²", None)])
+def test_the_watchdog_interval_is_read_from_plain_digits_only(monkeypatch: pytest.MonkeyPatch, usec: str,
+                                                              interval: float | None) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert watchdog_interval() == interval
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")

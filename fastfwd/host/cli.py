@@ -150,14 +150,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _uid(text: str) -> int:
     try:
-        return int(text) if text.isdigit() else pwd.getpwnam(text).pw_uid
+        return int(text) if text.isascii() and text.isdigit() else pwd.getpwnam(text).pw_uid
     except KeyError:
         raise ValueError(f"--user {text!r}: no such user") from None
 
 
 def _gid(text: str) -> int:
     try:
-        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+        return int(text) if text.isascii() and text.isdigit() else grp.getgrnam(text).gr_gid
     except KeyError:
         raise ValueError(f"--group {text!r}: no such group") from None
 
