@@ -25,7 +25,8 @@ import sys
 import time
 from typing import Any
 
-from .leases import EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac, read_lease_file
+from .lease_file import read_lease_file
+from .leases import EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac
 from .unixclient import DaemonError, DaemonUnreachable, Parser, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"

@@ -27,7 +27,8 @@ import stat
 import time
 from typing import Any
 
-from .leases import Lease, LeaseChange, LeaseError, LeaseTable, OnChange, parse_lease_file, settled_text
+from .lease_file import parse_lease_file, settled_text
+from .leases import Lease, LeaseChange, LeaseError, LeaseTable, OnChange
 from .unixserver import OWNER_ONLY, Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")

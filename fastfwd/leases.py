@@ -22,9 +22,6 @@ file that fails its checksum or does not parse is rejected whole (moved aside to
 ``leases.json.corrupt``) and the table starts empty: a damaged file cannot say which of its
 entries are still true. Entries of an intact file that fail validation are skipped one by
 one, with a log line each.
-
-``parse_lease_file`` reads dnsmasq's lease file (``settled_text`` waits for it to hold still),
-for the hook's snapshot (``read_lease_file``) and the daemon's ``[sources] dhcp_lease_file``.
 """
 from __future__ import annotations
 
@@ -33,7 +30,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import tempfile
@@ -69,9 +65,6 @@ SAVE_RETRY_MAX = 30.0
 
 _MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-#: How dnsmasq writes the hardware address of a client that is not Ethernet (token ring:
-#: ``06-01:23:45:67:89:ab``) or sent none (``01-``): its type first.
-_OTHER_HARDWARE = re.compile(r"[0-9a-f]{2}-(?:[0-9a-f]{2}(?::[0-9a-f]{2})*)?", re.IGNORECASE)
 
 
 class LeaseError(ValueError):
@@ -97,7 +90,7 @@ def normalize_ip(value: object) -> str:
         raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address") from None
 
 
-def _held_address(value: object) -> str:
+def held_address(value: object) -> str:
     """A lease's address, in normal form: one a machine can hold. A rule that followed the
     unspecified address would forward to this host itself; a multicast or broadcast one, to
     no one machine."""
@@ -131,77 +124,6 @@ def client_hostname(value: str, note: Callable[[str], None]) -> str | None:
         return None
 
 
-def read_lease_file(path: str, note: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
-    """``parse_lease_file`` (strict) of the file's text, read once it held still."""
-    return parse_lease_file(settled_text(path), path, note)
-
-
-def parse_lease_file(text: str, path: str, note: Callable[[str], None], *,
-                     strict: bool = True) -> tuple[list[dict[str, Any]], int]:
-    """The IPv4 leases of a dnsmasq lease file's text (``EXPIRY MAC IP HOSTNAME|* CLIENTID``
-    per line) as lease-socket snapshot entries, and how many lines were skipped as malformed.
-    The DHCPv6 part (after the ``duid`` line) is keyed by DUID, not MAC, and is left out;
-    a client that is not Ethernet is skipped with a ``note``. A malformed line is a
-    LeaseError if ``strict``, else skipped with a ``note``. ``path`` names the file in both."""
-    #: Per MAC, the lease that expires last, and when: a MAC holds two when its client id
-    #: changed (a reinstalled guest), and the newer grant is the address it uses.
-    newest: dict[str, tuple[float, dict[str, Any]]] = {}
-    malformed = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if fields[:1] == ["duid"]:
-            break
-        try:
-            # ASCII digits only: isdigit() is also true of '²', which int() refuses.
-            if len(fields) < 4 or not (fields[0].isascii() and fields[0].isdigit()):
-                raise LeaseError("not a dnsmasq lease line")
-            if _OTHER_HARDWARE.fullmatch(fields[1]):
-                note(f"{path}:{number}: {fields[2]}: no MAC known for this lease; skipped")
-                continue
-            mac = normalize_mac(fields[1])
-            lease = {"mac": mac, "ip": _held_address(fields[2]),
-                     "hostname": client_hostname(fields[3], note) if fields[3] != "*" else None}
-        except LeaseError as exc:
-            if strict:
-                raise LeaseError(f"{path}:{number}: {exc}") from None
-            note(f"{path}:{number}: {exc}; skipped")
-            malformed += 1
-            continue
-        expires = int(fields[0]) or math.inf  # 0: a lease that never expires
-        if mac not in newest or expires >= newest[mac][0]:
-            newest[mac] = (expires, lease)
-    return [lease for _, lease in newest.values()], malformed
-
-
-#: dnsmasq rewrites its lease file in place (truncated, then written in several writes), so a
-#: read can catch the first part alone, cut at a line's end, and look whole. A read is trusted
-#: once the file held still (same inode, size and modification time, every byte read) for
-#: ``SETTLE`` seconds after it; a file still changing after ``SETTLE_READS`` reads is an error.
-SETTLE = 0.02
-SETTLE_READS = 5
-
-
-def settled_text(path: str) -> str:
-    """The lease file's text, read once the file held still (a LeaseError if it cannot be read
-    or does not hold still); sleeps, so off the event loop."""
-    try:
-        for _ in range(SETTLE_READS):
-            with open(path, "rb") as f:
-                before = os.fstat(f.fileno())
-                data = f.read()
-            time.sleep(SETTLE)
-            after = os.stat(path)
-            if len(data) == after.st_size and _version(before) == _version(after):
-                return data.decode("utf-8", errors="replace")
-    except OSError as exc:
-        raise LeaseError(f"cannot read {path}: {exc.strerror}") from None
-    raise LeaseError(f"{path} was still being written after {SETTLE_READS} reads")
-
-
-def _version(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 @dataclass(frozen=True)
 class Lease:
     """One address held by one machine. ``seen`` is when its source first reported it as it
@@ -216,7 +138,7 @@ class Lease:
     def __post_init__(self) -> None:
         # Every way in (socket, state file, other address sources) is validated and normalized here.
         object.__setattr__(self, "mac", normalize_mac(self.mac))
-        object.__setattr__(self, "ip", _held_address(self.ip))
+        object.__setattr__(self, "ip", held_address(self.ip))
         object.__setattr__(self, "hostname", normalize_hostname(self.hostname))
         if self.source not in SOURCES:
             raise LeaseError(f"source: expected one of {', '.join(SOURCES)}, got {self.source!r:.80}")

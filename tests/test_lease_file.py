@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fastfwd import leases as leases_module
+from fastfwd import lease_file as lease_file_module
 from fastfwd.config import ConfigError, parse_config
 from fastfwd.lease_server import apply_lease_file
 from fastfwd.leases import STATE_FILE, Lease, LeaseTable
@@ -155,7 +155,7 @@ def test_a_lease_file_read_while_dnsmasq_rewrites_it(tmp_path: Path, monkeypatch
                                                      settle: float, kept: list[str]) -> None:
     """dnsmasq rewrites its lease file in place: emptied, then written in several writes. A
     read between two of them must not remove the leases still to be written."""
-    monkeypatch.setattr(leases_module, "SETTLE", settle)
+    monkeypatch.setattr(lease_file_module, "SETTLE", settle)
     table = LeaseTable([Lease(B, "127.0.0.3", "vm3")])
     path = tmp_path / "dnsmasq.leases"
     with open(path, "w") as f:
@@ -200,17 +200,17 @@ def test_a_lease_line_whose_expiry_is_not_ascii_digits_is_malformed(tmp_path: Pa
     path.write_text(f"{expiry} {A} 127.0.0.2 vm2 *\n{LINES[1]}")
     notes: list[str] = []
     text = path.read_text()
-    assert leases_module.parse_lease_file(text, str(path), notes.append, strict=False) == (
+    assert lease_file_module.parse_lease_file(text, str(path), notes.append, strict=False) == (
         [{"mac": B, "ip": "127.0.0.3", "hostname": "vm3"}], 1)
     assert notes == [f"{path}:1: not a dnsmasq lease line; skipped"]
-    with pytest.raises(leases_module.LeaseError, match=":1: not a dnsmasq lease line"):
-        leases_module.read_lease_file(str(path), notes.append)
+    with pytest.raises(lease_file_module.LeaseError, match=":1: not a dnsmasq lease line"):
+        lease_file_module.read_lease_file(str(path), notes.append)
 
 
 def test_a_lease_line_of_an_address_no_machine_holds_is_malformed(tmp_path: Path) -> None:
     # Skipped alone, as the lease socket refuses it, rather than failing the whole file.
     notes: list[str] = []
     text = f"1900000000 {A} 0.0.0.0 vm2 *\n{LINES[1]}"
-    assert leases_module.parse_lease_file(text, "f", notes.append, strict=False) == (
+    assert lease_file_module.parse_lease_file(text, "f", notes.append, strict=False) == (
         [{"mac": B, "ip": "127.0.0.3", "hostname": "vm3"}], 1)
     assert notes == ["f:1: ip: '0.0.0.0' is not a machine's address; skipped"]
