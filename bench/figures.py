@@ -21,7 +21,7 @@ from . import backends
 from .build import tool
 from .procs import Proc
 from .subjects import Running, Subject
-from .system import BoxCpu, local_port_range, low_latency
+from .system import TW_REUSE, BoxCpu, forget_time_wait, local_port_range, low_latency, sysctl
 
 HOST = "127.0.0.1"
 
@@ -141,6 +141,11 @@ def conn_rate(s: Settings, subject: Subject, running: Running) -> Metrics:
             "cpu_us_per_conn": _per(cpu, res["conns"], 1e6), "errors": res["errors"], "cores": cores}
 
 
+def conn_rate_scarce_ports(s: Settings, subject: Subject, running: Running) -> Metrics:
+    forget_time_wait(backends.ECHO, subject.port(backends.ECHO))  # no run inherits another's
+    return conn_rate(s, subject, running)
+
+
 def round_trip(proto: str) -> Callable[[Settings, Subject, Running], Metrics]:
     def measure(s: Settings, subject: Subject, running: Running) -> Metrics:
         # No forwarder CPU here: its /proc walk would run inside the latency window of every
@@ -193,6 +198,20 @@ def wide_ports() -> Iterator[None]:
         yield
 
 
+#: The ephemeral range of the scarce-ports run: 12,000 ports, which a forwarder connecting from
+#: one address at this box's rate uses up within its warm-up, and a pool of 8 addresses
+#: (96,000 ports) does not within the whole run; the client's 16 addresses have 192,000.
+SCARCE_PORTS = (50000, 61999)
+
+
+@contextlib.contextmanager
+def scarce_ports() -> Iterator[None]:
+    # TIME_WAIT reuse off, as off loopback (the default, 2, reuses on loopback only): every
+    # connection's port then waits 60 s, and the port supply, not the CPU, caps the rate.
+    with local_port_range(*SCARCE_PORTS), sysctl(TW_REUSE, "0"):
+        yield
+
+
 GBIT = Column("gbit_s", "Gbit/s", True)
 CPU_GB = Column("cpu_s_per_gb", "fwd CPU-s/GB", False)
 P50, P99 = Column("p50_us", "p50 µs", False), Column("p99_us", "p99 µs", False)
@@ -211,6 +230,11 @@ FIGURES: tuple[Figure, ...] = (
            (Column("conns_s", "conns/s", True), P50, P99,
             Column("cpu_us_per_conn", "fwd CPU µs/conn", False), CORES),
            conn_rate, wide_ports, setting="64 in flight from 16 client addresses", rounds=5),
+    # What off loopback caps a forwarder first at a sustained rate: ports toward one target.
+    Figure("conns_ports", "TCP connections/s with scarce source ports (TIME_WAIT reuse off, 12,000-port range)",
+           "tcp", (Column("conns_s", "conns/s", True), Column("errors", "failed in window"), P50, P99, CORES),
+           conn_rate_scarce_ports, scarce_ports, needs=("ss",),
+           setting="64 in flight from 16 client addresses; TIME_WAIT sockets of earlier runs dropped before each"),
     # A p99 is one stall away from doubling: five rounds.
     Figure("rtt_tcp", "TCP 64 B round trip", "tcp", (P50, P99, CORES), round_trip("tcp"), low_latency,
            setting="/dev/cpu_dma_latency held at 0", compared=2, rounds=5),

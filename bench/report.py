@@ -172,6 +172,10 @@ def bar_table(results: dict) -> list[str]:
          lambda s: _check(_median(results, "tcp8_iperf3", s, "cpu_s_per_gb"), 0.25, False, "")),
         ("conns/s ≥ best peer", lambda s: _check(_vs_peer(results, "conns", s, Column("conns_s", "", True)), 1.0, True)),
         ("conns p99 ≤ that peer's", lambda s: _check(_p99_vs_conn_peer(results, s), 1.0, False)),
+        # The bar asks the pool to pass the cap every forwarder meets from one source address.
+        ("conns/s with scarce source ports, with a source pool, ≥ best peer",
+         lambda s: _check(_vs_peer(results, "conns_ports", s, Column("conns_s", "", True)), 1.0, True)
+         if "-pool" in s else "—"),
         ("TCP round trip p50 ≤ 2.4× direct", lambda s: _check(_vs_direct(results, "rtt_tcp", s, "p50_us"), 2.4, False)),
         ("TCP round trip p99 ≤ 2.6× direct", lambda s: _check(_vs_direct(results, "rtt_tcp", s, "p99_us"), 2.6, False)),
         ("UDP round trip p50 ≤ 2.4× direct", lambda s: _check(_vs_direct(results, "rtt_udp", s, "p50_us"), 2.4, False)),

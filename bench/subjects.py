@@ -186,7 +186,7 @@ def _rinetd(workdir: Path, forwards: Sequence[Forward]) -> list[list[str]]:
 
 TCP, BOTH = frozenset({"tcp"}), frozenset({"tcp", "udp"})
 BULK_ONLY = frozenset({"tcp1", "tcp8", "tcp8_iperf3"})
-CONNS_ONLY, RTT_ONLY = frozenset({"conns"}), frozenset({"rtt_tcp", "rtt_udp"})
+CONNS_ONLY, RTT_ONLY = frozenset({"conns", "conns_ports"}), frozenset({"rtt_tcp", "rtt_udp"})
 
 
 def _fastfwd(splice: str, workers: int, *, sources: int = 0, busy_poll_us: int = 0,

@@ -5,6 +5,7 @@ import contextlib
 import os
 import platform
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from .procs import CLK_TCK
 
 PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+TW_REUSE = Path("/proc/sys/net/ipv4/tcp_tw_reuse")
 
 
 def machine() -> dict[str, object]:
@@ -49,14 +51,27 @@ class BoxCpu:
 
 
 @contextlib.contextmanager
-def local_port_range(low: int, high: int) -> Iterator[None]:
-    """Widen the ephemeral port range for a connection-rate run, and put it back after."""
-    old = PORT_RANGE.read_text()
-    PORT_RANGE.write_text(f"{low} {high}\n")
+def sysctl(path: Path, value: str) -> Iterator[None]:
+    """Set a kernel setting for a figure, and put it back after."""
+    old = path.read_text()
+    path.write_text(f"{value}\n")
     try:
         yield
     finally:
-        PORT_RANGE.write_text(old)
+        path.write_text(old)
+
+
+def local_port_range(low: int, high: int) -> contextlib.AbstractContextManager[None]:
+    """The ephemeral port range for a connection-rate run."""
+    return sysctl(PORT_RANGE, f"{low} {high}")
+
+
+def forget_time_wait(*ports: int) -> None:
+    """Drop the sockets in TIME_WAIT toward ``ports`` (the bench's own loopback connections),
+    so a run that counts on the ephemeral range starts with all of it."""
+    match = " or ".join(f"dport = :{port}" for port in ports)
+    subprocess.run(["ss", "-K", "-tn", "state", "time-wait", f"( {match} )"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
 
 
 @contextlib.contextmanager
