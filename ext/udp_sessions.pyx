@@ -200,8 +200,27 @@ cdef void evict_oldest(worker_t* w, rule_worker_t* rw) noexcept nogil:
     rw.c.sessions_evicted += 1
 
 
+cdef void count_unread(int fd, rule_worker_t* rw) noexcept nogil:
+    # Replies still queued on a session's socket are lost when it closes (evicted mid-batch,
+    # say): count them. Read without buffers, each cut to nothing: the batch's may be in use.
+    cdef mmsghdr msgs[UDP_BATCH]
+    cdef int n = UDP_BATCH
+    cdef bint cleared = False
+    memset(msgs, 0, sizeof(msgs))
+    while n == UDP_BATCH:
+        n = recvmmsg(fd, msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
+        if n > 0:
+            rw.c.drops += n
+        elif n < 0 and errno != EAGAIN and not cleared:
+            # An ICMP error left for an earlier datagram, cleared by this read (as when read).
+            rw.c.connect_failed += 1
+            cleared = True
+            n = UDP_BATCH
+
+
 cdef void session_close(worker_t* w, session_t* s) noexcept nogil:
     cdef rule_worker_t* rw = &(<rule_t*>s.listener.rule).per_worker[w.id]
+    count_unread(s.fd, rw)
     close(s.fd)
     s.fd = -1
     table_remove(&w.sessions, s)
