@@ -184,6 +184,7 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
         return NULL
     w.sessions_held += 1
     s.fd = fd
+    s.forks = w.forks
     s.listener = l
     s.flow = flow[0]
     s.last_active = w.now
@@ -221,6 +222,7 @@ cdef void count_unread(int fd, rule_worker_t* rw) noexcept nogil:
 cdef void session_close(worker_t* w, session_t* s) noexcept nogil:
     cdef rule_worker_t* rw = &(<rule_t*>s.listener.rule).per_worker[w.id]
     count_unread(s.fd, rw)
+    ep_forget(w, s.fd, s.forks)
     close(s.fd)
     s.fd = -1
     table_remove(&w.sessions, s)
