@@ -6,6 +6,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 cdef enum:
     UDP_ROUNDS = 4      # batches per wake-up per socket before letting others run
+    UNREAD_ROUNDS = 512 # batches counted on a closing socket: more than its full buffer holds
 
 
 cdef inline uint64_t _mix(uint64_t h) noexcept nogil:
@@ -205,10 +206,10 @@ cdef void count_unread(int fd, rule_worker_t* rw) noexcept nogil:
     # Replies still queued on a session's socket are lost when it closes (evicted mid-batch,
     # say): count them. Read without buffers, each cut to nothing: the batch's may be in use.
     cdef mmsghdr msgs[UDP_BATCH]
-    cdef int n = UDP_BATCH
+    cdef int n, rounds
     cdef bint cleared = False
     memset(msgs, 0, sizeof(msgs))
-    while n == UDP_BATCH:
+    for rounds in range(UNREAD_ROUNDS):     # a target still sending cannot hold the worker
         n = recvmmsg(fd, msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
         if n > 0:
             rw.c.drops += n
@@ -216,7 +217,9 @@ cdef void count_unread(int fd, rule_worker_t* rw) noexcept nogil:
             # An ICMP error left for an earlier datagram, cleared by this read (as when read).
             rw.c.connect_failed += 1
             cleared = True
-            n = UDP_BATCH
+            continue
+        if n < UDP_BATCH:
+            return
 
 
 cdef void session_close(worker_t* w, session_t* s) noexcept nogil:
