@@ -29,6 +29,8 @@ _COUNTERS = ("accepted", "closed", "refused", "connect_failed", "bytes_up", "byt
              "sessions_evicted", "sessions_expired", "drops", "truncated", "bytes_discarded")
 assert len(_COUNTERS) == sizeof(counters_t) // sizeof(uint64_t)
 
+ff_watch_forks()    # once per process: the workers must know when a child holds copies of fds
+
 
 cdef int parse_addr(str host, int port, addr_t* out) except -1:
     cdef bytes raw = host.encode()

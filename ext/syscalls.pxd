@@ -293,9 +293,18 @@ cdef extern from *:
                 return v - old;
         return 0;
     }
+    /* Changes at each fork of this process: a child holds copies of the fds open at its fork,
+       and closing ours then neither ends a socket nor takes it out of an epoll set. Raised
+       both before the fork (an fd closed from then on may be in the child) and after it (an
+       fd opened up to then may be). */
+    static int ff_forks;
+    static void ff_count_fork(void) { __atomic_add_fetch(&ff_forks, 1, __ATOMIC_ACQ_REL); }
+    static int ff_watch_forks(void) { return pthread_atfork(ff_count_fork, ff_count_fork, NULL); }
     """
     uint64_t ff_load_u64(uint64_t* p) nogil
     int ff_add_int(int* p, int v) nogil
     int ff_load_int(int* p) nogil
     uint32_t ff_claim_u32(uint32_t* p, uint32_t v) nogil
+    int ff_forks
+    int ff_watch_forks() nogil
 

@@ -49,6 +49,7 @@ cdef struct conn_s:
     uint8_t hup[2]          # the peer's FIN (or an error) is queued behind the data
     uint8_t state
     uint8_t in_ready
+    int forks               # the worker's fork count when the legs were opened (see ep_forget)
     half_t half[2]          # 0: client -> target ("up"), 1: target -> client ("down")
 
 ctypedef conn_s conn_t

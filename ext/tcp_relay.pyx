@@ -128,6 +128,7 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
     c.fd[0] = cfd
     c.fd[1] = tfd
     c.last_active = w.now
+    c.forks = w.forks
     c.half[0].splicing = c.half[1].splicing = conf.splice_mode == SPLICE_ALWAYS
     ff_add_int(&r.active_conns, 1)
     rw.c.accepted += 1
@@ -248,8 +249,8 @@ cdef void conn_pump(worker_t* w, conn_t* c) noexcept nogil:
         elif h.eof and h.pipe_bytes == 0 and h.off == h.len:
             # Everything read from this side has been written: pass the FIN on. When the other
             # direction is done too, the close() just below sends that FIN: one syscall less
-            # per connection.
-            if not c.half[1 - d].done:
+            # per connection. Not if a child forked since holds a copy of the socket.
+            if not c.half[1 - d].done or forked_since(c.forks):
                 shutdown(c.fd[1 - d], SHUT_WR)
             h.done = DONE_FIN
     if c.half[0].done and c.half[1].done:
@@ -296,6 +297,7 @@ cdef void conn_reset(worker_t* w, conn_t* c, int dead) noexcept nogil:
     if unacked(c.fd[1 - dead]) == 0:
         conn_close(w, c, True)
         return
+    ep_forget(w, c.fd[dead], c.forks)
     discard_leg(c, dead, rw)
     c.state = CONN_FLUSHING
     c.last_active = w.now
@@ -310,13 +312,13 @@ cdef void conn_close(worker_t* w, conn_t* c, bint reset) noexcept nogil:
     if c.state == CONN_CLOSED:
         return
     for d in range(2):
-        if c.fd[d] < 0:
-            pass            # the reset leg of a flushing connection
-        elif reset:
-            discard_leg(c, d, rw)
-        else:
-            close(c.fd[d])
-            c.fd[d] = -1
+        if c.fd[d] >= 0:    # (not the reset leg of a flushing connection)
+            ep_forget(w, c.fd[d], c.forks)
+            if reset:
+                discard_leg(c, d, rw)
+            else:
+                close(c.fd[d])
+                c.fd[d] = -1
         h = &c.half[d]
         # Taken from one peer and never written to the other: lost as well.
         rw.c.bytes_discarded += h.pipe_bytes + (h.len - h.off if h.buf != NULL else 0)

@@ -24,6 +24,7 @@ cdef struct session_s:
     listener_t* listener
     int fd                  # connected to the target
     int no_gso              # segmentation offload failed on this socket: plain batches only
+    int forks               # the worker's fork count when the socket was opened (see ep_forget)
     uint32_t kernel_drops   # the socket's overflow count already counted
     flow_t flow
 

@@ -6,6 +6,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 cdef enum:
     UDP_ROUNDS = 4      # batches per wake-up per socket before letting others run
+    UNREAD_ROUNDS = 512 # batches counted on a closing socket: more than its full buffer holds
 
 
 cdef inline uint64_t _mix(uint64_t h) noexcept nogil:
@@ -184,6 +185,7 @@ cdef session_t* session_open(worker_t* w, listener_t* l, flow_t* flow) noexcept 
         return NULL
     w.sessions_held += 1
     s.fd = fd
+    s.forks = w.forks
     s.listener = l
     s.flow = flow[0]
     s.last_active = w.now
@@ -200,8 +202,30 @@ cdef void evict_oldest(worker_t* w, rule_worker_t* rw) noexcept nogil:
     rw.c.sessions_evicted += 1
 
 
+cdef void count_unread(int fd, rule_worker_t* rw) noexcept nogil:
+    # Replies still queued on a session's socket are lost when it closes (evicted mid-batch,
+    # say): count them. Read without buffers, each cut to nothing: the batch's may be in use.
+    cdef mmsghdr msgs[UDP_BATCH]
+    cdef int n, rounds
+    cdef bint cleared = False
+    memset(msgs, 0, sizeof(msgs))
+    for rounds in range(UNREAD_ROUNDS):     # a target still sending cannot hold the worker
+        n = recvmmsg(fd, msgs, UDP_BATCH, MSG_DONTWAIT, NULL)
+        if n > 0:
+            rw.c.drops += n
+        elif n < 0 and errno != EAGAIN and not cleared:
+            # An ICMP error left for an earlier datagram, cleared by this read (as when read).
+            rw.c.connect_failed += 1
+            cleared = True
+            continue
+        if n < UDP_BATCH:
+            return
+
+
 cdef void session_close(worker_t* w, session_t* s) noexcept nogil:
     cdef rule_worker_t* rw = &(<rule_t*>s.listener.rule).per_worker[w.id]
+    count_unread(s.fd, rw)
+    ep_forget(w, s.fd, s.forks)
     close(s.fd)
     s.fd = -1
     table_remove(&w.sessions, s)

@@ -52,6 +52,7 @@ cdef struct worker_s:
     int conns_held          # connections and sessions allocated and not yet freed (leak checks)
     int sessions_held
     uint64_t now
+    int forks               # ff_forks when this loop turn began
     uint64_t next_sweep
     uint64_t spin_ns        # busy-poll this long after the last event before sleeping (0: never)
     uint64_t last_event_ns

@@ -21,6 +21,18 @@ cdef void ep_del(worker_t* w, int fd) noexcept nogil:
     epoll_ctl(w.epfd, EPOLL_CTL_DEL, fd, &ev)
 
 
+cdef inline bint forked_since(int forks) noexcept nogil:
+    return forks != ff_load_int(&ff_forks)
+
+
+cdef inline void ep_forget(worker_t* w, int fd, int forks) noexcept nogil:
+    # close() takes an fd out of the epoll set only with its last copy. A child forked since
+    # it opened (multiprocessing, say) holds one: the item would stay, its events naming a freed
+    # connection or session. A load, and a system call only after a fork.
+    if forked_since(forks):
+        ep_del(w, fd)
+
+
 cdef bint grow(void** array, int* cap, int need, size_t item) noexcept nogil:
     cdef void* bigger
     cdef int size
@@ -285,6 +297,7 @@ cdef void* worker_main(void* arg) noexcept nogil:
     while w.running:
         n = wait_events(w, events)
         w.now = clock_ms()
+        w.forks = ff_load_int(&ff_forks)    # before this turn opens any fd
         commands = False
         for i in range(n):
             if dispatch(w, &events[i]):

@@ -4,20 +4,23 @@ source address that is still being checked for duplicates when the rule is loade
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import socket
 import threading
+from collections.abc import Iterator
 
 import pytest
 from pyroute2 import IPRoute
 
 import fastfwd
 from fastfwd.host.lab import Lab
-from netutil import (LOOP6, TIMEOUT, SyncForwarder, TcpServer, closed_how, connect, echo_handler, echo_once,
+from netutil import (LOOP4, LOOP6, TIMEOUT, SyncForwarder, TcpServer, closed_how, connect, echo_handler, echo_once,
                      is_refused, make_rule, open_fds, process_threads, run_async, wait_for)
 from test_address_families import peer_address
+from test_wire_edges import legs, listening
 
 
 def engine_threads() -> list[str]:
@@ -223,3 +226,70 @@ def test_one_address_given_as_a_string_for_a_list_option_is_named(option: str) -
     """``allow="10.0.0.0/8"`` was read character by character ("'1' is not a CIDR network")."""
     with pytest.raises(fastfwd.SpecError, match=f"^{option}: expected a list of .*, got the string '127.0.0.1'$"):
         fastfwd.RuleOptions(**{option: "127.0.0.1"})
+
+
+@contextlib.contextmanager
+def forked_child() -> Iterator[None]:
+    """A child forked from this process (as multiprocessing's default start method does),
+    holding a copy of every fd it had, until the block ends."""
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(release_w)
+        os.read(release_r, 1)       # the child runs nothing else: threads did not follow it
+        os._exit(0)
+    os.close(release_r)
+    try:
+        yield
+    finally:
+        os.close(release_w)
+        os.waitpid(pid, 0)
+
+
+def stale_epoll_items() -> list[str]:
+    """Items of this process's epoll sets whose fd is closed (or now another file)."""
+    stale = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                items = re.findall(r"^tfd:\s*(\d+).*\bino:([0-9a-f]+)", f.read(), re.M)
+            for tfd, ino in items:
+                try:
+                    same = os.fstat(int(tfd)).st_ino == int(ino, 16)
+                except OSError:
+                    same = False
+                if not same:
+                    stale.append(f"epoll {fd}: fd {tfd}")
+    return stale
+
+
+def test_sockets_closed_while_a_forked_child_holds_copies_leave_no_epoll_items(fwd: SyncForwarder) -> None:
+    """A child forked by the program embedding the forwarder holds copies of its sockets, so
+    closing one in the parent does not take it out of the worker's epoll set. Such an item
+    stayed, naming the freed session or connection: a reply reaching an evicted session's
+    socket had the worker spin at full CPU, an event could reach a connection that reused
+    the memory."""
+    with listening() as lsock, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as target:
+        target.bind((LOOP4, 0))
+        target.settimeout(TIMEOUT)
+        tcp = fwd.forward(lsock.getsockname()[1])
+        udp = fwd.add(make_rule(target.getsockname()[1], "udp", udp_max_sessions=1))
+        client, server = legs(lsock, tcp.port)
+        with client, server, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as first, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+            first.sendto(b"first", (LOOP4, udp.port))
+            _, first_session = target.recvfrom(64)
+            with forked_child():
+                second.sendto(b"second", (LOOP4, udp.port))     # evicts the first session
+                target.recvfrom(64)
+                target.sendto(b"late reply", first_session)
+                # Both FINs passed on with shutdown: a close here would wait for the child.
+                client.shutdown(socket.SHUT_WR)
+                assert server.recv(10) == b""
+                server.shutdown(socket.SHUT_WR)
+                assert client.recv(10) == b""
+                wait_for(lambda: fwd.counters(tcp).active == 0, what="the connection to close")
+                fwd.wait_counter(udp, "sessions_evicted", 1)
+                assert stale_epoll_items() == []

@@ -290,6 +290,31 @@ def test_a_lowered_session_cap_applies_to_the_sessions_already_open(fwd: SyncFor
     assert (counters.sessions_created, counters.sessions_evicted, counters.sessions_active) == (16, 6, 10)
 
 
+def test_replies_waiting_on_an_evicted_session_count_as_drops() -> None:
+    """At the session cap a new client evicts the least recently active session. Replies
+    already waiting on its socket go with it: they were lost uncounted."""
+    with udp_socket(LOOP4) as target, ChildForwarder.start(
+            [(spec(target.getsockname()[1]), "udp", {"udp_max_sessions": 1})], workers=1) as child:
+        (port,) = child.ports
+        with udp_socket(LOOP4) as first, udp_socket(LOOP4) as second:
+            first.sendto(b"first", (LOOP4, port))
+            _, first_session = target.recvfrom(64)
+            with frozen(child.pid):     # one batch: the new client is read before the replies
+                second.sendto(b"second", (LOOP4, port))
+                for seq in range(3):
+                    target.sendto(datagram(seq, 100), first_session)
+            data, second_session = target.recvfrom(64)
+            assert data == b"second"
+            target.sendto(b"after", second_session)
+            assert second.recv(64) == b"after"
+            first.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                raise AssertionError(f"the evicted client got {first.recv(200)!r}")
+            counters = wait_for(lambda: (c := child.counters()[0])["datagrams_down"] and c,
+                                what="the reply to be counted")
+    assert (counters["sessions_evicted"], counters["datagrams_down"], counters["drops"]) == (1, 1, 3), counters
+
+
 def test_idle_sessions_among_thousands_expire_and_busy_ones_stay(fwd: SyncForwarder) -> None:
     """2,000 sessions, half of them kept busy by their clients: exactly the quiet half expires,
     and the busy half keeps the sessions (and upstream ports) it had."""
