@@ -198,9 +198,10 @@ def wide_ports() -> Iterator[None]:
         yield
 
 
-#: The ephemeral range of the scarce-ports run: 12,000 ports, which a forwarder connecting from
-#: one address at this box's rate uses up within its warm-up, and a pool of 8 addresses
-#: (96,000 ports) does not within the whole run; the client's 16 addresses have 192,000.
+#: The ephemeral range of the scarce-ports run: 12,000 ports. A forwarder connecting from one
+#: address fills most of them within its warm-up, and then each connect() waits on the
+#: kernel's ever longer search for a free one; a pool of 8 addresses (96,000 ports) keeps its
+#: rate through the whole run. The client's 16 addresses have 192,000.
 SCARCE_PORTS = (50000, 61999)
 
 
