@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_control import wait_until
 
 from fastfwd.host.lab import Lab
-
-from helpers_control import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 

@@ -194,10 +194,6 @@ def _made_since(before: Made, after: Made) -> Made:
                 files=[f for f in after.files if f not in before.files])
 
 
-def _ours_running(made: Made) -> bool:
-    return made.dnsmasq_pid is not None and dnsmasq.is_ours(made.dnsmasq_pid, _pidfile(made))
-
-
 def _stop_ours(made: Made) -> bool:
     stopped = made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid, pidfile=_pidfile(made))
     made.dnsmasq_pid = None
@@ -218,11 +214,11 @@ def _setup_dhcp(plan: Plan, made: Made, record: Callable[[str], None]) -> None:
     assert plan.dhcp_range is not None  # validate() filled it in
     args = dnsmasq.argv(plan.bridge, dhcp_range=plan.dhcp_range, netmask=plan.address.netmask,
                         hook=str(hook), leasefile=leasefile, pidfile=pidfile, dns=plan.dns)
-    if _ours_running(made):
-        if dnsmasq.arguments(made.dnsmasq_pid) == args:
-            record(f"dnsmasq (pid {made.dnsmasq_pid}) already serves {plan.bridge}")
+    pid = made.dnsmasq_pid
+    if pid is not None and dnsmasq.is_ours(pid, _pidfile(made)):
+        if dnsmasq.arguments(pid) == args:
+            record(f"dnsmasq (pid {pid}) already serves {plan.bridge}")
             return
-        pid = made.dnsmasq_pid
         _stop_ours(made)
         record(f"stopped dnsmasq (pid {pid}): its options changed")
     # A dnsmasq serving only DNS on the bridge does not keep ours from serving DHCP there.
