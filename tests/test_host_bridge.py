@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_control import wait_until
 
 from fastfwd.host.lab import Lab
 
@@ -38,8 +40,9 @@ class Bridge:
             assert (done.returncode == 0) == ok, done.stdout + done.stderr
         return done
 
-    def setup(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return self("setup", "br-vms", "--address", f"{self.subnet}.1/24", "--lease-socket", self.sock, *extra)
+    def setup(self, *extra: str, ok: bool | None = True) -> subprocess.CompletedProcess[str]:
+        return self("setup", "br-vms", "--address", f"{self.subnet}.1/24", "--lease-socket", self.sock, *extra,
+                    ok=ok)
 
     def checks(self, *extra: str) -> dict[str, str]:
         """item -> level, from the check command's lines."""
@@ -53,6 +56,15 @@ class Bridge:
     def dnsmasq_pids(self) -> list[int]:
         pids = [int(p) for p in self.sh("ip", "netns", "pids", self.ns).split()]
         return [p for p in pids if _comm(p) == "dnsmasq"]
+
+    def assert_untouched(self) -> None:
+        """The namespace as the lab made it: no links but lo, no nftables, forwarding off, no
+        dnsmasq, and nothing left in the state directory."""
+        assert [link["ifname"] for link in json.loads(self.sh("ip", "-j", "link"))] == ["lo"]
+        assert self.sh("nft", "list", "ruleset").strip() == ""
+        assert self.sh("sysctl", "-n", "net.ipv4.ip_forward").strip() == "0"
+        assert self.dnsmasq_pids() == []
+        assert not self.state.exists() or not list(self.state.iterdir())
 
 
 def _comm(pid: int) -> str | None:
@@ -120,11 +132,7 @@ def test_setup_check_idempotent_destroy(br: Bridge) -> None:
     assert "masquerade" in br.sh("nft", "list", "table", "inet", "fastfwd_br_vms")
     out = br("destroy", "br-vms").stdout
     assert "deleted bridge br-vms" in out and "restored net.ipv4.ip_forward = 0" in out
-    assert br.sh("ip", "-j", "link") .count("br-vms") == 0
-    assert br.sh("nft", "list", "ruleset").strip() == ""
-    assert br.sh("sysctl", "-n", "net.ipv4.ip_forward").strip() == "0"
-    assert br.dnsmasq_pids() == []
-    assert not list(br.state.iterdir())
+    br.assert_untouched()
     assert "nothing recorded" in br("destroy", "br-vms").stdout
 
 
@@ -183,3 +191,135 @@ def test_a_real_lease_reaches_the_lease_socket(br: Bridge) -> None:
         assert ip.startswith(br.subnet + ".")
     finally:
         daemon.close()
+
+
+def _one_line_error(done: subprocess.CompletedProcess[str], status: int, *words: str) -> None:
+    """The command failed with ``status`` and said why in one line naming ``words``."""
+    err = done.stderr.strip()
+    assert done.returncode == status, done.stdout + done.stderr
+    assert err.startswith("fastfwd-bridge: ") and "\n" not in err, err
+    assert all(word in err for word in words), err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["setup", "br-vms-is-too-long", "--address", "10.9.0.1/24"], ["br-vms-is-too-long", "15"]),
+    (["setup", "br/vms", "--address", "10.9.0.1/24"], ["br/vms"]),
+    (["check", "br-vms-is-too-long"], ["br-vms-is-too-long"]),
+    (["destroy", "../br-vms"], ["../br-vms"]),
+    (["setup", "br-vms", "--address", "10.9.0.0/24"], ["10.9.0.0", "network address"]),
+    (["setup", "br-vms", "--address", "10.9.0.255/24"], ["10.9.0.255", "broadcast"]),
+    (["setup", "br-vms", "--address", "10.9.0.1/32"], ["/32"]),
+    (["setup", "br-vms", "--address", "10.9.0.1/30"], ["10.9.0.0/30", "too small"]),
+    (["setup", "br-vms", "--address", "10.9.0.1/24", "--dhcp-range", "10.8.0.10,10.8.0.20"],
+     ["10.8.0.10", "10.9.0.0/24"]),
+    (["setup", "br-vms", "--address", "10.9.0.1/24", "--dhcp-range", "10.9.0.20,10.9.0.10"],
+     ["10.9.0.20,10.9.0.10"]),
+    (["setup", "br-vms", "--address", "10.9.0.50/24", "--dhcp-range", "10.9.0.10,10.9.0.100"],
+     ["10.9.0.50"]),
+    (["setup", "br-vms", "--address", "10.9.0.1/24", "--dhcp-range", "10.9.0.10,10.9.0.255"],
+     ["10.9.0.255"]),
+])
+def test_bad_names_and_addresses_are_refused_before_anything_is_made(br: Bridge, args: list[str],
+                                                                     words: list[str]) -> None:
+    # Once these went through: a traceback from the kernel's refusal, a bridge whose address is
+    # the subnet's own, a range dnsmasq serves nothing from, or a bridge, address and table
+    # left behind by the error that came after them.
+    _one_line_error(br(*args, ok=None), 2, *words)
+    br.assert_untouched()
+
+
+# What a non-root user runs: the modules it needs imported first (the test's interpreter is
+# root's), then privileges dropped, then the command.
+AS_NOBODY = """
+import os, sys
+from fastfwd.host import bridge, cli, dnsmasq, firewall, links, mac, tap
+cli._parser()
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("args", [["setup", "br-vms", "--address", "10.9.0.1/24"], ["check", "br-vms"],
+                                  ["destroy", "br-vms"], ["tap", "vm1", "--bridge", "br-vms", "--user", "0"]])
+def test_without_root_one_line_says_so(br: Bridge, args: list[str]) -> None:
+    # Once: setup and tap a netlink traceback, check a FAIL for a dnsmasq it cannot see and a
+    # WARN for a table it may not list, destroy "nothing recorded" from the user's own state.
+    br.sh("ip", "link", "add", "br-vms", "type", "bridge")
+    done = br.lab.run(br.ns, [sys.executable, "-c", AS_NOBODY, "--state-dir", str(br.state), *args],
+                      check=False, env={**os.environ, "PYTHONPATH": str(Path(SCRIPT).parents[1])})
+    _one_line_error(done, 1, "root")
+    assert done.stdout == ""
+
+
+def test_a_setup_that_fails_undoes_what_it_made(br: Bridge) -> None:
+    # Something else holds the DHCP port, so dnsmasq cannot start, after the bridge, the
+    # address, forwarding and the table are in place: its reason is shown, and all of them go.
+    holder = br.lab.socket(br.ns, kind=socket.SOCK_DGRAM)
+    try:
+        holder.bind(("0.0.0.0", 67))
+        done = br.setup(ok=None)
+    finally:
+        holder.close()
+    _one_line_error(done, 1, "dnsmasq", "failed to bind DHCP server socket")
+    assert "created bridge br-vms" in done.stdout and "undone: deleted bridge br-vms" in done.stdout
+    br.assert_untouched()
+    # And a setup run again once the port is free completes.
+    assert "started dnsmasq" in br.setup().stdout
+    br("destroy", "br-vms")
+    br.assert_untouched()
+
+
+def test_a_dns_only_dnsmasq_on_the_bridge_is_not_taken_for_a_dhcp_server(br: Bridge) -> None:
+    # Once: "a DHCP server not started by us serves br-vms; leaving it alone", and no DHCP.
+    br.sh("ip", "link", "add", "br-vms", "type", "bridge")
+    br.sh("ip", "addr", "add", f"{br.subnet}.1/24", "dev", "br-vms")
+    br.sh("ip", "link", "set", "br-vms", "up")
+    theirs = br.lab.spawn(br.ns, ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--interface=br-vms",
+                                  "--bind-interfaces", "--port=5353"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: theirs.pid in br.dnsmasq_pids(), what="their DNS-only dnsmasq")
+    assert "started dnsmasq" in br.setup().stdout
+    assert br.checks()["DHCP server"] == "PASS"
+    br("destroy", "br-vms")
+    assert br.dnsmasq_pids() == [theirs.pid]
+
+
+def test_setup_again_with_other_dhcp_options_applies_them(br: Bridge) -> None:
+    # Once: "dnsmasq already serves br-vms", still with the old range, and the hook still
+    # telling the old lease socket.
+    br.setup()
+    other_sock = str(br.lab.dir / "other.sock")
+    out = br("setup", "br-vms", "--address", f"{br.subnet}.1/24", "--lease-socket", other_sock,
+             "--dhcp-range", f"{br.subnet}.10,{br.subnet}.20").stdout
+    assert "started dnsmasq" in out
+    (pid,) = {int((br.state / "br-vms.dnsmasq.pid").read_text())} & set(br.dnsmasq_pids())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert f"--dhcp-range={br.subnet}.10,{br.subnet}.20,255.255.255.0,12h".encode() in cmdline
+    assert f"--socket {other_sock} " in (br.state / "br-vms-dhcp-hook").read_text()
+    assert "already serves" in br("setup", "br-vms", "--address", f"{br.subnet}.1/24", "--lease-socket",
+                                  other_sock, "--dhcp-range", f"{br.subnet}.10,{br.subnet}.20").stdout
+    br("setup", "br-vms", "--address", f"{br.subnet}.1/24", "--no-dhcp")
+    assert br.dnsmasq_pids() == []  # no DHCP wanted now: ours is stopped
+    br("destroy", "br-vms")
+    br.assert_untouched()
+
+
+def test_ctrl_c_during_setup_undoes_what_it_made(br: Bridge, tmp_path: Path) -> None:
+    # A dnsmasq that hangs while starting: the operator presses Ctrl-C. Once the bridge,
+    # address, forwarding and table stayed, with exit status 130 and not a word.
+    stand_in = tmp_path / "dnsmasq"
+    started = tmp_path / "started"
+    stand_in.write_text(f"#!/bin/sh\ntouch {started}\nexec sleep 60\n")
+    stand_in.chmod(0o755)
+    out = tmp_path / "out"
+    with out.open("w") as stdout:
+        setup = br.lab.spawn(br.ns, [sys.executable, SCRIPT, "--state-dir", str(br.state), "setup", "br-vms",
+                                     "--address", f"{br.subnet}.1/24"],
+                             env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}, stdout=stdout)
+    wait_until(started.exists, what="setup to start dnsmasq")
+    setup.send_signal(signal.SIGINT)
+    assert setup.wait(30) == 130
+    assert "undone: deleted bridge br-vms" in out.read_text()
+    br.assert_untouched()

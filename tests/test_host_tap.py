@@ -93,3 +93,21 @@ def test_refuses_missing_bridge_and_non_tap(lab: Lab) -> None:
     assert delete_link("tap-x", netns=ns) is True
     assert link_state("tap-x", netns=ns) is None
     assert delete_link("tap-x", netns=ns) is False
+
+
+@root
+@pytest.mark.parametrize("make, words", [
+    (["mode", "tap", "user", "65534"], ["owned by uid 65534", "ip link del"]),  # another user's
+    (["mode", "tap", "user", "0"], ["vnet_hdr"]),  # a VMM asking for vnet_hdr could not attach
+    (["mode", "tun", "user", "0", "vnet_hdr"], ["TUN"]),  # layer 3: no bridge port
+])
+def test_an_existing_tap_that_is_not_as_asked_is_refused(lab: Lab, make: list[str], words: list[str]) -> None:
+    # Once: re-attached and reported done with the other owner or without vnet_hdr, so the VMM
+    # failed later; or, for a TUN device, a netlink traceback.
+    ns = lab.netns("tapold")
+    ensure_bridge("br0", netns=ns)
+    lab.run(ns, ["ip", "tuntap", "add", "dev", "tap-vm1", *make])
+    with pytest.raises(ValueError) as refused:
+        create_tap("tap-vm1", "br0", 0, netns=ns)
+    assert all(word in str(refused.value) for word in words), refused.value
+    assert "master" not in lab.run(ns, ["ip", "-j", "link", "show", "tap-vm1"]).stdout  # left as it was

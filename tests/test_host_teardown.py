@@ -123,3 +123,16 @@ def test_a_record_setup_cannot_read_is_one_line_and_is_kept(tmp_path: Path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fastfwd-bridge: setup's record {tmp_path / 'br-x.json'} cannot be read: ")
     assert "\n" not in err and (tmp_path / "br-x.json").read_text() == record
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_destroying_one_bridge_leaves_forwarding_on_for_another(br: Bridge) -> None:
+    # br-a's setup turned forwarding on, br-b's found it on. Once destroying br-a turned it
+    # off under br-b's VMs; now the last of them to go restores it.
+    br("setup", "br-a", "--address", "10.254.1.1/24", "--no-dhcp")
+    br("setup", "br-b", "--address", "10.254.2.1/24", "--no-dhcp")
+    out = br("destroy", "br-a").stdout
+    assert "restored" not in out and "br-b" in out
+    assert br.sh("sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
+    assert "restored net.ipv4.ip_forward = 0" in br("destroy", "br-b").stdout
+    br.assert_untouched()

@@ -18,7 +18,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +31,7 @@ from .links import (
     link_state,
     remove_address,
 )
+from .tap import check_ifname
 
 IP_FORWARD = "net.ipv4.ip_forward"
 HOOK_ENTRY_POINT = "fastfwd-dhcp-hook"
@@ -103,15 +104,63 @@ class Made:
         os.replace(tmp, self.path(state_dir, bridge))
 
 
-def setup(plan: Plan) -> list[str]:
-    """Bring the host to ``plan``; returns one line per thing done. Safe to run again."""
-    made = Made.load(plan.state_dir, plan.bridge)
+def validate(plan: Plan) -> Plan:
+    """``plan`` with its DHCP range filled in, or ValueError naming what the kernel or dnsmasq
+    would refuse or mishandle: checked before anything is made."""
+    check_ifname(plan.bridge)
+    address, net = plan.address, plan.address.network
+    if net.prefixlen == 32:
+        raise ValueError(f"--address {address}: a /32 leaves no room for VMs on the bridge")
+    if net.prefixlen < 31 and address.ip in (net.network_address, net.broadcast_address):
+        what = "network" if address.ip == net.network_address else "broadcast"
+        raise ValueError(f"--address {address}: {address.ip} is the {what} address of {net}")
+    if not plan.dhcp:
+        return plan
+    if plan.dhcp_range is None:
+        return replace(plan, dhcp_range=dnsmasq.default_range(address))
+    first, last = plan.dhcp_range
+    text = f"--dhcp-range {first},{last}"
+    for ip in (first, last):
+        if ip not in net or ip in (net.network_address, net.broadcast_address):
+            raise ValueError(f"{text}: {ip} is not a host address of the bridge's subnet {net}")
+    if first > last:
+        raise ValueError(f"{text}: the first address is after the last")
+    if first <= address.ip <= last:
+        raise ValueError(f"{text}: holds the host's own address {address.ip}")
+    return plan
+
+
+def setup(plan: Plan, echo: Callable[[str], None] | None = None) -> list[str]:
+    """Bring the host to ``plan``; returns one line per thing done, each also passed to
+    ``echo`` as it is done. Safe to run again. If a step fails (or Ctrl-C), what this run made
+    is undone (each undo echoed as ``undone: ...``), the record is put back, and the error raised."""
+    plan = validate(plan)
+    before = Made.load(plan.state_dir, plan.bridge)
+    had_record = Made.path(plan.state_dir, plan.bridge).exists()
+    made = replace(before, addresses=[*before.addresses], files=[*before.files])
     done: list[str] = []
 
     def record(line: str) -> None:
+        made.save(plan.state_dir, plan.bridge)  # after every step: a setup killed midway can be destroyed
         done.append(line)
-        made.save(plan.state_dir, plan.bridge)  # after every step: a failed setup can be destroyed
+        if echo:
+            echo(line)
 
+    try:
+        _setup(plan, made, record)
+    except BaseException:
+        for line in _undo(plan.bridge, _made_since(before, made), plan.state_dir):
+            if echo:
+                echo(f"undone: {line}")
+        if had_record:
+            before.save(plan.state_dir, plan.bridge)
+        else:
+            Made.path(plan.state_dir, plan.bridge).unlink(missing_ok=True)
+        raise
+    return done
+
+
+def _setup(plan: Plan, made: Made, record: Callable[[str], None]) -> None:
     made.plan_address, made.plan_dhcp, made.lease_socket = str(plan.address), plan.dhcp, plan.lease_socket
     if ensure_bridge(plan.bridge):
         made.bridge = True
@@ -129,29 +178,57 @@ def setup(plan: Plan) -> list[str]:
     made.firewall = True
     record(f"nftables table inet {firewall.table_name(plan.bridge)} in place")
     if plan.dhcp:
-        done.extend(_setup_dhcp(plan, made, record))
-    else:
-        made.save(plan.state_dir, plan.bridge)
-    return done
+        _setup_dhcp(plan, made, record)
+    elif _stop_ours(made):
+        record(f"stopped dnsmasq: no DHCP wanted on {plan.bridge}")
+    made.save(plan.state_dir, plan.bridge)
 
 
-def _setup_dhcp(plan: Plan, made: Made, record: Callable[[str], None]) -> list[str]:
-    running = dnsmasq.servers_for(plan.bridge)
-    if any(server.pid == made.dnsmasq_pid for server in running):
-        return [f"dnsmasq (pid {made.dnsmasq_pid}) already serves {plan.bridge}"]
-    if running:
-        return [f"a DHCP server not started by us (pid {running[0].pid}) serves {plan.bridge}; "
-                "leaving it alone"]
+def _made_since(before: Made, after: Made) -> Made:
+    """What a setup run made that ``before`` did not have: what undoing that run removes."""
+    return Made(bridge=after.bridge and not before.bridge,
+                addresses=[a for a in after.addresses if a not in before.addresses],
+                ip_forward_was=after.ip_forward_was if before.ip_forward_was is None else None,
+                firewall=after.firewall and not before.firewall,
+                dnsmasq_pid=after.dnsmasq_pid if after.dnsmasq_pid != before.dnsmasq_pid else None,
+                files=[f for f in after.files if f not in before.files])
+
+
+def _stop_ours(made: Made) -> bool:
+    stopped = made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid, pidfile=_pidfile(made))
+    made.dnsmasq_pid = None
+    return stopped
+
+
+def _pidfile(made: Made) -> str | None:
+    """The pid file setup gave its dnsmasq: the pid alone may belong to another dnsmasq by now."""
+    return next((f for f in made.files if f.endswith(".dnsmasq.pid")), None)
+
+
+def _setup_dhcp(plan: Plan, made: Made, record: Callable[[str], None]) -> None:
+    # Written every time: a new --lease-socket reaches the dnsmasq already running it.
     hook = write_hook(plan.state_dir / f"{plan.bridge}-dhcp-hook", plan.lease_socket)
     leasefile = plan.state_dir / f"{plan.bridge}.leases"
     pidfile = plan.state_dir / f"{plan.bridge}.dnsmasq.pid"
     made.files = sorted({*made.files, str(hook), str(leasefile), str(pidfile)})
-    args = dnsmasq.argv(plan.bridge, dhcp_range=plan.dhcp_range or dnsmasq.default_range(plan.address),
-                        netmask=plan.address.netmask, hook=str(hook), leasefile=leasefile,
-                        pidfile=pidfile, dns=plan.dns)
+    assert plan.dhcp_range is not None  # validate() filled it in
+    args = dnsmasq.argv(plan.bridge, dhcp_range=plan.dhcp_range, netmask=plan.address.netmask,
+                        hook=str(hook), leasefile=leasefile, pidfile=pidfile, dns=plan.dns)
+    pid = made.dnsmasq_pid
+    if pid is not None and dnsmasq.is_ours(pid, _pidfile(made)):
+        if dnsmasq.arguments(pid) == args:
+            record(f"dnsmasq (pid {pid}) already serves {plan.bridge}")
+            return
+        _stop_ours(made)
+        record(f"stopped dnsmasq (pid {pid}): its options changed")
+    # A dnsmasq serving only DNS on the bridge does not keep ours from serving DHCP there.
+    theirs = [server for server in dnsmasq.servers_for(plan.bridge) if server.dhcp]
+    if theirs:
+        record(f"a DHCP server not started by us (pid {theirs[0].pid}) serves {plan.bridge}; "
+               "leaving it alone")
+        return
     made.dnsmasq_pid = dnsmasq.start(args, pidfile)
     record(f"started dnsmasq (pid {made.dnsmasq_pid}): {shlex.join(args)}")
-    return []
 
 
 def write_hook(path: Path, lease_socket: str) -> Path:
@@ -173,18 +250,21 @@ def write_hook(path: Path, lease_socket: str) -> Path:
 
 def destroy(bridge: str, state_dir: Path | None = None) -> list[str]:
     """Undo what ``setup`` recorded for ``bridge``, newest first; returns one line per undo."""
+    check_ifname(bridge)
     state_dir = state_dir or default_state_dir()
-    made = Made.load(state_dir, bridge)
+    done = _undo(bridge, Made.load(state_dir, bridge), state_dir)
+    Made.path(state_dir, bridge).unlink(missing_ok=True)
+    return done
+
+
+def _undo(bridge: str, made: Made, state_dir: Path) -> list[str]:
     done = []
-    # The pid file setup gave its dnsmasq: the pid alone may belong to another dnsmasq by now.
-    pidfile = next((f for f in made.files if f.endswith(".dnsmasq.pid")), None)
-    if made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid, pidfile=pidfile):
+    if made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid, pidfile=_pidfile(made)):
         done.append(f"stopped dnsmasq (pid {made.dnsmasq_pid})")
     if made.firewall:
         done.extend(f"removed nftables table inet {name}" for name in firewall.remove(bridge))
     if made.ip_forward_was is not None:
-        sysctl.write(IP_FORWARD, made.ip_forward_was)
-        done.append(f"restored {IP_FORWARD} = {made.ip_forward_was}")
+        done.append(_restore_forwarding(bridge, made.ip_forward_was, state_dir))
     if made.bridge:
         if delete_link(bridge):
             done.append(f"deleted bridge {bridge}")
@@ -195,8 +275,26 @@ def destroy(bridge: str, state_dir: Path | None = None) -> list[str]:
                 done.append(f"removed {address} from {bridge}")
     for name in made.files:
         Path(name).unlink(missing_ok=True)
-    Made.path(state_dir, bridge).unlink(missing_ok=True)
     return done
+
+
+def _restore_forwarding(bridge: str, was: str, state_dir: Path) -> str:
+    """Put ``ip_forward`` back, unless another bridge set up here still has VMs relying on it:
+    then that bridge's record takes over the value to restore, for whichever goes last."""
+    for path in sorted(state_dir.glob("*.json")):
+        other = path.stem
+        if other == bridge:
+            continue
+        try:
+            made = Made.load(state_dir, other)
+        except RuntimeError:  # not a record of ours to change
+            continue
+        if made.ip_forward_was is None:
+            made.ip_forward_was = was
+            made.save(state_dir, other)
+        return f"left {IP_FORWARD} = 1: bridge {other} set up here still uses it"
+    sysctl.write(IP_FORWARD, was)
+    return f"restored {IP_FORWARD} = {was}"
 
 
 Level = Literal["PASS", "WARN", "FAIL"]
@@ -215,6 +313,7 @@ class Check:
 def check(bridge: str, *, address: ipaddress.IPv4Interface | None = None, dhcp: bool | None = None,
           lease_socket: str | None = None, state_dir: Path | None = None) -> list[Check]:
     """One :class:`Check` per item. Settings not given come from setup's record, if any."""
+    check_ifname(bridge)
     made = Made.load(state_dir or default_state_dir(), bridge)
     if address is None and made.plan_address:
         address = ipaddress.IPv4Interface(made.plan_address)

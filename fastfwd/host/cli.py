@@ -6,12 +6,16 @@ Run as ``fastfwd-bridge ...`` (once the entry point is installed), ``python -m f
 from __future__ import annotations
 
 import argparse
+import functools
 import grp
 import ipaddress
+import os
 import pwd
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from pyroute2 import NetlinkError
 
 EPILOG = """examples:
   fastfwd-bridge setup br-vms --address 10.77.0.1/24
@@ -28,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="fastfwd-bridge", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                description="Host networking for VMs behind fastfwd.\n\nExit status: 0 done (check: no FAIL); "
                            "1 it could not be done (check: a FAIL);\n2 bad arguments; 130 interrupted.")
-    state_help = "where setup records what it made (default: /var/lib/fastfwd/host for root)"
+    state_help = "where setup records what it made (default: /var/lib/fastfwd/host)"
     p.add_argument("--state-dir", type=Path, help=state_help)
     # What setup, check and destroy share. --state-dir also after the command, where users put
     # options; SUPPRESS keeps one given before it.
@@ -46,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                 "Create the bridge with the host's address, an nftables table of fastfwd's own (NAT\n"
                 "for the VMs' outbound traffic, a firewall in front of them) and dnsmasq for DHCP\n"
                 "with fastfwd's hook. What exists already is kept; what it makes is recorded\n"
-                "for destroy. Example: fastfwd-bridge setup br-vms --address 10.77.0.1/24",
+                "for destroy. Run again with other DHCP options, it restarts its dnsmasq with them.\n"
+                "If a step fails or it is interrupted, what that run made is undone.\n"
+                "Example: fastfwd-bridge setup br-vms --address 10.77.0.1/24",
                 parents=[on_bridge])
     s.add_argument("--address", required=True, type=ipaddress.IPv4Interface,
                    help="the host's address on the bridge, with prefix: 10.77.0.1/24")
@@ -68,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
     command("destroy", "remove what setup made, and only that",
                 "Undo what setup recorded for this bridge: stop its dnsmasq, delete its nftables\n"
-                "table, restore ip_forward if it changed it, delete the bridge if it created it\n"
-                "(else only the addresses it added). What setup found there stays.", parents=[on_bridge])
+                "table, restore ip_forward if it changed it (once no other bridge set up here\n"
+                "needs it), delete the bridge if it created it (else only the addresses it added).\n"
+                "What setup found there stays.", parents=[on_bridge])
 
     t = command("tap", "create (or re-attach) a VM's TAP on the bridge",
                 "Create the TAP device of a VM on the bridge, owned by the user the VMM runs as,\n"
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a value given that cannot be used
         print(f"fastfwd-bridge: {exc}", file=sys.stderr)
         return 2
-    except (OSError, LookupError, RuntimeError) as exc:
+    except (OSError, LookupError, RuntimeError, NetlinkError) as exc:
         print(f"fastfwd-bridge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -115,6 +122,11 @@ def _run(args: argparse.Namespace) -> int:
 
         print(vm_mac(args.vm_id, args.prefix))
         return 0
+    if os.geteuid() != 0:
+        # Netlink, nftables and /proc/sys refuse an ordinary user, and check would see neither
+        # root's dnsmasq nor the nftables tables: its lines would be wrong, not merely short.
+        raise PermissionError(f"{args.command} needs root: network interfaces, nftables and "
+                              "sysctls are root's to change, and to read in full")
     if args.command == "tap":
         from .mac import vm_mac
         from .tap import create_tap, tap_name
@@ -134,8 +146,8 @@ def _run(args: argparse.Namespace) -> int:
                            dhcp_range=_range(args.dhcp_range), dns=args.dns, nat=not args.no_nat,
                            state_dir=state_dir,
                            **({"lease_socket": args.lease_socket} if args.lease_socket else {}))
-        for line in bridge.setup(plan) or ["nothing to do"]:
-            print(line)
+        # Each step printed as it is done, so a failure after some of them is seen in context.
+        bridge.setup(plan, echo=functools.partial(print, flush=True))
         return 0
     if args.command == "destroy":
         for line in bridge.destroy(args.bridge, state_dir) or ["nothing recorded to remove"]:

@@ -65,14 +65,23 @@ def start(args: list[str], pidfile: Path) -> int:
     return int(pidfile.read_text().strip())
 
 
-def stop(pid: int, timeout: float = 5.0, *, pidfile: str | None = None) -> bool:
-    """Stop dnsmasq ``pid`` if it is still a dnsmasq (a pid alone may have been reused), and
-    wait up to ``timeout`` for it to exit; False if it was gone. With ``pidfile``, only the
-    dnsmasq started with that ``--pid-file`` counts: another one (libvirt's, say) may have
-    been given the pid of ours after it died."""
+def is_ours(pid: int, pidfile: str | None) -> bool:
+    """``pid`` is still a dnsmasq, and with ``pidfile``, the one started with that
+    ``--pid-file``: a pid alone may have gone to another dnsmasq (libvirt's, say) after ours died."""
     if not _is_dnsmasq(pid):
         return False
-    if pidfile is not None and f"--pid-file={pidfile}".encode() not in _cmdline(pid):
+    return pidfile is None or f"--pid-file={pidfile}".encode() in _cmdline(pid)
+
+
+def arguments(pid: int) -> list[str]:
+    """The command line dnsmasq ``pid`` was started with, as :func:`argv` builds one."""
+    return [a.decode(errors="replace") for a in _cmdline(pid)[:-1]]  # the last is after the final NUL
+
+
+def stop(pid: int, timeout: float = 5.0, *, pidfile: str | None = None) -> bool:
+    """Stop dnsmasq ``pid`` if :func:`is_ours` and wait up to ``timeout`` for it to exit;
+    False if it was gone."""
+    if not is_ours(pid, pidfile):
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

@@ -69,6 +69,8 @@ def create_tap(name: str, bridge: str, user: int | str, *, group: int | str | No
     if existing is not None and existing.kind != "tun":
         raise ValueError(f"interface {name!r} exists and is not a TAP (kind {existing.kind})")
     with IPRoute(netns=netns) as ipr:
+        if existing is not None:
+            _check_reusable(ipr, name, existing.index, uid, gid)
         if existing is None:
             extra = {"gid": gid} if gid is not None else {}
             ipr.link("add", ifname=name, kind="tuntap", mode="tap", uid=uid,
@@ -77,3 +79,26 @@ def create_tap(name: str, bridge: str, user: int | str, *, group: int | str | No
         attrs = {"address": host_side_mac(guest_mac)} if guest_mac else {}
         ipr.link("set", index=index, master=br.index, state="up", **attrs)
         return index
+
+
+_TUN_TYPE_TAP = 2
+
+
+def _check_reusable(ipr: IPRoute, name: str, index: int, uid: int, gid: int | None) -> None:
+    """An existing TUN/TAP device is reused only if it is what we would make: its owner, group
+    and flags cannot be changed here, and the VMM would fail to attach to it (or the bridge to
+    take it) long after we said it was done."""
+    (link,) = ipr.link("get", index=index)
+    data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+    tun = {key: value for key, value in data["attrs"]} if data else {}
+    # The kernel leaves out the owner and group attributes when none is set.
+    wrong = [what for what, ok in (
+        ("a TUN device (layer 3), not a TAP", tun.get("IFLA_TUN_TYPE") == _TUN_TYPE_TAP),
+        ("without vnet_hdr", tun.get("IFLA_TUN_VNET_HDR") == 1),
+        ("with a packet-info header", tun.get("IFLA_TUN_PI") == 0),
+        (f"owned by uid {tun.get('IFLA_TUN_OWNER', 'none')}, not {uid}", tun.get("IFLA_TUN_OWNER") == uid),
+        (f"of group {tun.get('IFLA_TUN_GROUP', 'none')}, not {gid}", gid is None or tun.get("IFLA_TUN_GROUP") == gid),
+    ) if not ok]
+    if wrong:
+        raise ValueError(f"{name!r} exists {', '.join(wrong)}: remove it (ip link del {name}) "
+                         "to have it made again")
