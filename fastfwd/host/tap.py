@@ -71,7 +71,7 @@ def create_tap(name: str, bridge: str, user: int | str, *, group: int | str | No
     with IPRoute(netns=netns) as ipr:
         if existing is not None:
             _check_reusable(ipr, name, existing.index, uid, gid)
-        if existing is None:
+        else:
             extra = {"gid": gid} if gid is not None else {}
             ipr.link("add", ifname=name, kind="tuntap", mode="tap", uid=uid,
                      ifr={"vnet_hdr": True, "no_pi": True}, **extra)
