@@ -111,9 +111,18 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     path = Path(path)
     try:
         raw = path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"cannot read: {getattr(exc, 'strerror', None) or exc}"], str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror or exc}"], str(path)) from None
+    try:
+        # utf-8-sig: Windows editors (Notepad) start a UTF-8 file with a byte-order mark,
+        # which TOML would take for a statement.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # The decoder counts bytes from the start of the file: a user looks for a line.
+        before = raw[:exc.start]
+        line, column = before.count(b"\n") + 1, exc.start - before.rfind(b"\n")
+        raise ConfigError([f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line}, column {column}"],
+                          str(path)) from None
     return replace(parse_config(text, str(path), base=path.parent), digest=content_digest(raw))
 
 

@@ -372,6 +372,10 @@ class Daemon:
         if (config.engine, self._control_settings(config), config.sources) != (
                 self.config.engine, self.control, self.config.sources):
             log.warning("%s: [engine], [control] and [sources] changes take effect at the next start", why)
+        taken = self._takes_kept_ports(config)
+        if taken is not None:
+            self._rejected(why, taken)
+            return None
         # Names the new file brings are known before its rules change: a rule re-pointed
         # to one would otherwise go pending until the _resolve below, closing its
         # listener and resetting the connections waiting in its accept queue.
@@ -381,9 +385,7 @@ class Daemon:
         except (OSError, ValueError) as exc:
             await self._resolve()  # the names of the file still running
             fresh = [str(r) for r in self.wanted_rules(config) if self.fw.find(r) is None]
-            error = f"{_reason(exc)} (new: {'; '.join(fresh) or 'none'})"
-            log.error("%s: %s rejected, rules unchanged: %s", why, self.path, error)
-            self._reloaded(error)
+            self._rejected(why, f"{_reason(exc)} (new: {'; '.join(fresh) or 'none'})")
             return None
         self.config = config
         self._reloaded(None)
@@ -392,6 +394,22 @@ class Daemon:
                  why, self.path, len(diff.added), len(diff.removed), len(diff.retargeted),
                  len(diff.reconfigured), len(diff.unchanged))
         return diff
+
+    def _takes_kept_ports(self, config: Config) -> str | None:
+        """Why ``config`` cannot run beside the rules a reload keeps (the command line's and
+        the control socket's): one of its rules has exactly the ports of one of those. The
+        forwarder would see one rule listed twice, and name neither where it came from."""
+        kept = {r.key: r for r in (*self.cli_rules, *self.runtime_rules.values()) if r.listen_port}
+        rule = next((r for r in config.rules if r.key in kept), None)
+        if rule is None:
+            return None
+        other = kept[rule.key]
+        where = "given on the command line" if other in self.cli_rules else "added through the control socket"
+        return f"{rule} takes the ports of {other}, a rule {where}"
+
+    def _rejected(self, why: str, error: str) -> None:
+        log.error("%s: %s rejected, rules unchanged: %s", why, self.path, error)
+        self._reloaded(error)
 
     def _reloaded(self, error: str | None) -> None:
         """Record for status how this reload ended: applied (no ``error``) or why not."""

@@ -74,7 +74,7 @@ class RuleOptions:
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "idle_timeout", "half_closed_timeout", "udp_idle_timeout"):
             try:
-                seconds(getattr(self, name))
+                object.__setattr__(self, name, seconds(getattr(self, name)))
             except SpecError as exc:
                 raise SpecError(f"{name}: {exc}") from None
         for name, most in (("splice_threshold", MAX_BYTES), ("udp_max_sessions", MAX_COUNT),
@@ -180,7 +180,7 @@ class Rule:
         the listen address itself, or loopback or the unspecified address on the same host."""
         if self.target_is_name or not self.listen_port:
             return
-        target, listen = ip_address(self.target_host), ip_address(self.listen_host)
+        target, listen = _as_reached(ip_address(self.target_host)), ip_address(self.listen_host)
         here = target == listen or (target.version == listen.version and (
             (listen.is_unspecified and target.is_loopback) or (target.is_unspecified and listen.is_loopback)))
         if here and self.target_port < self.listen_port + self.count and self.listen_port < self.target_port + self.count:
@@ -321,10 +321,11 @@ def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def seconds(value: object) -> float:
     """A duration the engine can hold (it keeps milliseconds). TOML and JSON can say nan and
-    inf: nan fails every comparison, so it is refused too."""
+    inf: nan fails every comparison, so it is refused too. A time above 0 but under a
+    millisecond is a millisecond: the engine would truncate it to 0, which means "never"."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
         raise SpecError(f"expected a number of seconds from 0 to {MAX_SECONDS}, got {value!r}")
-    return float(value)
+    return max(float(value), 0.001) if value else 0.0
 
 
 def check_name(name: str) -> None:
@@ -351,12 +352,20 @@ def check_target_host(host: str) -> None:
                         "(names come from [hosts] and DHCP leases)")
 
 
+def _as_reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a connection to ``ip`` reaches: the engine's IPv6 upstream sockets reach
+    an IPv4-mapped target (::ffff:a.b.c.d) over IPv4, so it gets the IPv4 address's checks."""
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
 def _check_tcp_target(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     # Every connection would fail; UDP may send to a group or the broadcast address.
-    if ip.is_multicast:
-        raise SpecError(f"target {ip} is a multicast address: TCP cannot connect to it")
-    if ip == ipaddress.IPv4Address("255.255.255.255"):
-        raise SpecError(f"target {ip} is the broadcast address: TCP cannot connect to it")
+    reached = _as_reached(ip)
+    shown = ip if reached is ip else f"::ffff:{reached}"  # as written, not Python's ::ffff:e000:1
+    if reached.is_multicast:
+        raise SpecError(f"target {shown} is a multicast address: TCP cannot connect to it")
+    if reached == ipaddress.IPv4Address("255.255.255.255"):
+        raise SpecError(f"target {shown} is the broadcast address: TCP cannot connect to it")
 
 
 def _check_port_range(first: int, count: int, what: str, allow_zero: bool) -> None:

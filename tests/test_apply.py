@@ -6,7 +6,7 @@ import socket
 import pytest
 
 import fastfwd
-from netutil import LOOP4, SyncForwarder, TcpServer, connect, free_port_range
+from netutil import LOOP4, SyncForwarder, TcpServer, connect, echo_handler, echo_once, free_port_range, turned_away
 
 
 def greeting(word: bytes):
@@ -73,3 +73,18 @@ def test_a_retarget_that_fails_to_listen_is_undone_too(fwd: SyncForwarder) -> No
         assert greeting_at(port + 1) == b"a"
         fwd.resolve("vm1", LOOP4)       # the squatter is gone: the rule can listen again
         assert greeting_at(port) == b"a"
+
+
+def test_a_narrower_allow_or_cap_turns_away_new_connections_and_keeps_live_ones(fwd: SyncForwarder) -> None:
+    # Both are checked as a client connects (docs/config.md, Reloading): a live connection
+    # admitted before runs on, a new one is turned away and counted.
+    with TcpServer(echo_handler) as server:
+        port = free_port_range(1)
+        active = fwd.apply([rule(f"{port}", server.port)]).added[0]
+        with connect(port) as live:
+            assert echo_once(live, b"before") == b"before"
+            for narrower in ({"allow": ["10.0.0.0/8"]}, {"max_connections": 1}):
+                fwd.apply([rule(f"{port}", server.port, **narrower)])
+                assert turned_away(port)
+                assert echo_once(live, b"still") == b"still"
+        assert fwd.counters(active).refused == 2
