@@ -323,7 +323,8 @@ class _Validator:
                 # target the protocol cannot reach at 'to'.
                 key, _, problem = str(exc).partition(": ")
                 if key in _TUPLE_OPTIONS:
-                    self.error(f"{path}.{key}", problem + via)
+                    # Not in the entry: the user would look for the key there in vain.
+                    self.error(f"{path}.{key}", problem + via + ("" if key in entry else " (set in [defaults])"))
                 elif key.startswith("target "):
                     self.error(f"{path}.to", str(exc) + via)
                 else:

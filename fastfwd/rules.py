@@ -197,6 +197,9 @@ class Rule:
             if len(parts) not in (3, 4):
                 hint = " (IPv6 addresses go in brackets)" if len(parts) > 4 else ""
                 raise SpecError(f"expected [ADDR:]PORT[-END]:HOST:PORT[-END]{hint}")
+            if len(parts) == 3 and is_ip(parts[0]):
+                # ADDR:PORT:HOST, not PORT:HOST:PORT: the address is no port, the target lacks one.
+                raise SpecError("expected [ADDR:]PORT[-END]:HOST:PORT[-END]: the target has no port")
             listen_host = parts[0] if len(parts) == 4 else DEFAULT_LISTEN
             (lport, lcount), thost, (tport, tcount) = (
                 parse_ports(parts[-3]), parts[-2], parse_ports(parts[-1]))

@@ -84,3 +84,14 @@ def test_a_reload_taking_a_command_line_rules_port_names_both_and_changes_nothin
                 f"takes the ports of tcp 127.0.0.1:{cli_port} -> 127.0.0.1:{echo.port}, a rule given on the "
                 f"command line\n") in proc.log()
         assert echo_roundtrip(cli_port) and echo_roundtrip(port)
+
+
+@pytest.mark.parametrize("defaults, error", [
+    ('allow = ["10.0.0.0/8"]', "forward[0].allow: no IPv6 network, so every client of [::1]:8000 would be refused"),
+    ('source = ["::1"]', "forward[0].source: '::1' is IPv6 but the target 127.0.0.1 is IPv4"),
+])
+def test_an_option_that_does_not_fit_a_rule_says_when_it_comes_from_defaults(defaults: str, error: str) -> None:
+    # The entry has no such key: without the hint, the user looks for it there in vain.
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[defaults]\n{defaults}\n[[forward]]\nlisten = "[::1]:8000"\nto = "127.0.0.1:80"\n')
+    assert info.value.errors == [f"{error} (set in [defaults])"]

@@ -137,3 +137,11 @@ def test_rule_options_of_other_types_than_lists_of_strings_say_which(options: di
 def test_a_spec_that_is_not_a_string_is_a_spec_error() -> None:
     with pytest.raises(SpecError, match="^expected a port spec string, got 8080$"):
         Rule.parse(8080)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:8080:10.0.0.5", "[::1]:8080:[::1]", "0.0.0.0:8080:vm1"])
+def test_a_spec_whose_target_has_no_port_says_so(text: str) -> None:
+    # Read as PORT:HOST:PORT, the listen address would be blamed for not being a port.
+    with pytest.raises(SpecError) as info:
+        Rule.parse(text)
+    assert str(info.value) == f"{text!r}: expected [ADDR:]PORT[-END]:HOST:PORT[-END]: the target has no port"
