@@ -328,7 +328,7 @@ class Daemon:
         # lock is taken and off the event loop: thousands of rules take most of a second to
         # parse, and lease events, the control socket and the watchdog must not wait for it.
         async with self._reload_lock:
-            if not _regular_or_missing(self.path):
+            if not _reads_at_once(self.path):
                 # A FIFO (`-c <(...)`): opened again, it would wait for a writer that may never come.
                 log.error("%s: %s is not a regular file, rules unchanged (a pipe is read once, at start)",
                           why, self.path)
@@ -608,11 +608,14 @@ async def _feed_watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def _regular_or_missing(path: Path) -> bool:
+def _reads_at_once(path: Path) -> bool:
+    """Whether reading ``path`` ends at once: a pipe's read would wait for a writer. A
+    directory counts, load_config saying what is wrong with it, as with a missing file."""
     try:
-        return stat.S_ISREG(path.stat().st_mode)
+        mode = path.stat().st_mode
     except OSError:
         return True  # load_config tells what is wrong
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
 
 def _background(coro: Coroutine[Any, Any, _T], what: str) -> asyncio.Task[_T]:

@@ -180,3 +180,19 @@ def test_a_reload_breaking_many_entries_logs_the_first_problems_and_counts_the_r
     result = fastfwd("check", str(path))
     assert result.returncode == 2
     assert len([line for line in result.stderr.splitlines() if ".idle_timeout: " in line]) == broken
+
+
+@needs_engine
+def test_sighup_with_a_directory_in_the_files_place_says_so_and_changes_nothing(
+        tmp_path: Path, echo: EchoServer) -> None:
+    # A directory is no pipe: the log must say what is wrong with the path, not that a pipe
+    # is read only once.
+    port, path = one_rule(tmp_path, echo.port)
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        path.unlink()
+        path.mkdir()
+        proc.signal(signal.SIGHUP)
+        proc.wait_log("SIGHUP: f.toml rejected, rules unchanged")
+        assert "SIGHUP: f.toml: cannot read: Is a directory\n" in proc.log()
+        assert "pipe" not in proc.log()
+        assert rule_ports(proc) == [port] and echo_roundtrip(port)
