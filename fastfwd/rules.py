@@ -131,8 +131,13 @@ class Rule:
         check_target_host(self.target_host)
         if not is_ip(self.target_host):
             object.__setattr__(self, "target_host", self.target_host.lower())  # names ignore case
-        elif self.proto == "tcp":
-            _check_tcp_target(ip_address(self.target_host))
+        else:
+            # One spelling per address: a reload writing [0:0::1] for [::1] is no re-pointing
+            # (which would reset live connections under on_retarget = "close").
+            target = ip_address(self.target_host)
+            object.__setattr__(self, "target_host", ip_text(target))
+            if self.proto == "tcp":
+                _check_tcp_target(target)
         self._check_families()
         if self.count < 1:
             raise SpecError(f"port count must be at least 1, got {self.count}")
@@ -322,6 +327,13 @@ def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
+def ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address in its one normal spelling; an IPv4-mapped one keeps its IPv4 part dotted,
+    as users write it (Python would say ::ffff:7f00:1)."""
+    mapped = _as_reached(ip)
+    return f"::ffff:{mapped}" if mapped is not ip else str(ip)
+
+
 def seconds(value: object) -> float:
     """A duration the engine can hold (it keeps milliseconds). TOML and JSON can say nan and
     inf: nan fails every comparison, so it is refused too. A time above 0 but under a
@@ -364,11 +376,10 @@ def _as_reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.
 def _check_tcp_target(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     # Every connection would fail; UDP may send to a group or the broadcast address.
     reached = _as_reached(ip)
-    shown = ip if reached is ip else f"::ffff:{reached}"  # as written, not Python's ::ffff:e000:1
     if reached.is_multicast:
-        raise SpecError(f"target {shown} is a multicast address: TCP cannot connect to it")
+        raise SpecError(f"target {ip_text(ip)} is a multicast address: TCP cannot connect to it")
     if reached == ipaddress.IPv4Address("255.255.255.255"):
-        raise SpecError(f"target {shown} is the broadcast address: TCP cannot connect to it")
+        raise SpecError(f"target {ip_text(ip)} is the broadcast address: TCP cannot connect to it")
 
 
 def _check_port_range(first: int, count: int, what: str, allow_zero: bool) -> None:

@@ -6,7 +6,7 @@ import socket
 import pytest
 
 import fastfwd
-from netutil import LOOP4, SyncForwarder, TcpServer, connect, echo_handler, echo_once, free_port_range, turned_away
+from netutil import LOOP4, LOOP6, SyncForwarder, TcpServer, connect, echo_handler, echo_once, free_port_range, turned_away
 
 
 def greeting(word: bytes):
@@ -88,3 +88,18 @@ def test_a_narrower_allow_or_cap_turns_away_new_connections_and_keeps_live_ones(
                 assert turned_away(port)
                 assert echo_once(live, b"still") == b"still"
         assert fwd.counters(active).refused == 2
+
+
+def test_a_target_address_written_another_way_is_the_same_target(fwd: SyncForwarder) -> None:
+    # A config tool may render [::1] as [0:0::1]: the same address, so live connections stay
+    # even with on_retarget = "close", and nothing counts as re-pointed.
+    with TcpServer(echo_handler, host=LOOP6) as server:
+        port = free_port_range(1)
+        fwd.apply([fastfwd.Rule.parse(f"{port}:[::1]:{server.port}",
+                                      options=fastfwd.RuleOptions(on_retarget="close"))])
+        with connect(port) as live:
+            assert echo_once(live, b"before") == b"before"
+            diff = fwd.apply([fastfwd.Rule.parse(f"{port}:[0:0::1]:{server.port}",
+                                                 options=fastfwd.RuleOptions(on_retarget="close"))])
+            assert not diff.retargeted and len(diff.unchanged) == 1
+            assert echo_once(live, b"still") == b"still"
