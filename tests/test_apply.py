@@ -6,7 +6,8 @@ import socket
 import pytest
 
 import fastfwd
-from netutil import LOOP4, LOOP6, SyncForwarder, TcpServer, connect, echo_handler, echo_once, free_port_range, turned_away
+from netutil import (LOOP4, LOOP6, SyncForwarder, TcpServer, closed_how, connect, echo_handler, echo_once,
+                     free_port_range, turned_away)
 
 
 def greeting(word: bytes):
@@ -103,3 +104,14 @@ def test_a_target_address_written_another_way_is_the_same_target(fwd: SyncForwar
                                                  options=fastfwd.RuleOptions(on_retarget="close"))])
             assert not diff.retargeted and len(diff.unchanged) == 1
             assert echo_once(live, b"still") == b"still"
+
+
+def test_a_lowered_idle_timeout_reaches_live_connections(fwd: SyncForwarder) -> None:
+    # docs/config.md, Reloading: live connections take the new timeouts, not only new ones.
+    with TcpServer(echo_handler) as server:
+        port = free_port_range(1)
+        fwd.apply([rule(f"{port}", server.port)])
+        with connect(port) as live:
+            assert echo_once(live, b"before") == b"before"
+            fwd.apply([rule(f"{port}", server.port, idle_timeout=0.5)])
+            assert closed_how(live, timeout=10) == "reset"
