@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .rules import ip_address
+from .rules import ip_address, why_not_ip
 
 if TYPE_CHECKING:
     import asyncio
@@ -87,7 +87,7 @@ def normalize_ip(value: object) -> str:
     try:
         return str(ip_address(value))
     except ValueError:
-        raise LeaseError(f"ip: {value!r} is not an IPv4 or IPv6 address") from None
+        raise LeaseError(f"ip: {value!r} {why_not_ip(value)}") from None
 
 
 def held_address(value: object) -> str:

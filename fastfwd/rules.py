@@ -275,7 +275,7 @@ def parse_ip(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addr
     try:
         return ip_address(text.strip("[]"))
     except ValueError:
-        raise SpecError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
+        raise SpecError(f"{what} {text!r} {why_not_ip(text.strip('[]'))}") from None
 
 
 def listen_address(text: str) -> str:
@@ -327,6 +327,15 @@ def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
+def why_not_ip(text: str) -> str:
+    """What is wrong with ``text`` that :func:`ip_address` refused, to follow its quoted form."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return "is not an IPv4 or IPv6 address"
+    return f"has an IPv6 zone (%{text.partition('%')[2]}), which fastfwd cannot use: give the address without it"
+
+
 def ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """An address in its one normal spelling; an IPv4-mapped one keeps its IPv4 part dotted,
     as users write it (Python would say ::ffff:7f00:1)."""
@@ -357,6 +366,8 @@ def check_target_host(host: str) -> None:
     # for a lease that never comes.
     if "." in host and set(host) <= set("0123456789."):
         raise SpecError(f"target host {host!r} is not an IPv4 address")
+    if "%" in host and is_ip(host.partition("%")[0]):
+        raise SpecError(f"target host {host!r} {why_not_ip(host)}")
     if not _HOSTNAME.fullmatch(host):
         raise SpecError(f"target host {host!r} is neither an IP address nor a valid host name")
     # Names are looked up in [hosts] and leases, never in /etc/hosts: 'localhost' would wait
