@@ -12,12 +12,16 @@ wait on Python), so when ``add``/``resolve``/``apply`` return, traffic already f
 from __future__ import annotations
 
 import asyncio
+import atexit
+import ctypes
 import errno
 import functools
 import ipaddress
 import logging
 import os
 import socket
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
@@ -122,7 +126,7 @@ class Forwarder:
         for name, ip in (hosts or {}).items():
             if not is_ip(ip):
                 raise SpecError(f"hosts: {ip!r} for {name!r} is not an IP address")
-        self._initial = list(rules)
+        self._initial = [_check_rule(rule) for rule in rules]
         self._workers = workers or len(os.sched_getaffinity(0))
         self._pipe_size = pipe_size
         self._busy_poll_us = busy_poll_us
@@ -141,11 +145,11 @@ class Forwarder:
             return
         self._engine = _engine.Engine(workers=self._workers, pipe_size=self._pipe_size,
                                       busy_poll_us=self._busy_poll_us)
+        _RUNNING.add(self)
         try:
             await self.apply(self._initial)
         except BaseException:
-            self._engine.close()
-            self._engine = None
+            _stop(*self._detach())
             raise
 
     async def close(self, drain: float = 0.0) -> None:
@@ -153,15 +157,11 @@ class Forwarder:
         and let live connections finish for up to that many seconds before resetting what is
         left. Cancelling a drain resets them at once; either way the forwarder is closed when
         this returns or raises."""
-        engine = self._engine
-        if engine is None:
-            return
         # Detached first: during a drain, calls see a closed forwarder, not rules that no
         # longer listen.
-        self._engine = None
-        rules = list(self._table.values())
-        self._table.clear()
-        self._by_host.clear()
+        engine, rules = self._detach()
+        if engine is None:
+            return
         try:
             if drain > 0:
                 with engine.batch():    # every listener is closed when the batch ends
@@ -172,11 +172,37 @@ class Forwarder:
                 while engine.live_connections() and loop.time() < deadline:
                     await asyncio.sleep(0.05)
         finally:
-            engine.close()
-            for active in rules:
-                active.installed = False
+            _stop(engine, rules)
+
+    def _detach(self) -> tuple[Engine | None, list[ActiveRule]]:
+        """Take the engine and the rules out of the forwarder, which is closed from then on."""
+        engine, self._engine = self._engine, None
+        _RUNNING.discard(self)
+        rules = list(self._table.values())
+        self._table.clear()
+        self._by_host.clear()
+        return engine, rules
+
+    def _abandon(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        """Close a forwarder its program left running, as a file or socket is: the workers
+        would forward until the engine is collected, and at exit the kernel would end every
+        connection with a FIN, which a cut transfer must not look like."""
+        if getattr(self, "_engine", None) is not None:    # (None also when __init__ refused)
+            _warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            _stop(*self._detach())
+
+    __del__ = _abandon
+
+    def __repr__(self) -> str:
+        if self._engine is None:
+            return f"<fastfwd.Forwarder closed, workers={self._workers}>"
+        n = len(self._table)
+        return f"<fastfwd.Forwarder running, workers={self._workers}, {n} rule{'s' * (n != 1)}>"
 
     async def __aenter__(self) -> "Forwarder":
+        # A nested block would close the forwarder under the outer one when it ends.
+        if self._engine is not None:
+            raise RuntimeError("the forwarder is already running: 'async with' starts and closes it")
         await self.start()
         return self
 
@@ -200,16 +226,17 @@ class Forwarder:
     def find(self, rule: Rule | ActiveRule) -> ActiveRule | None:
         """The held rule ``rule`` names: a rule with a listen port by its protocol and
         listening ports (whatever its target and options, as ``remove`` takes it); a port-0
-        rule by equality; an ActiveRule while it is installed."""
+        rule by equality; an ActiveRule while this forwarder holds it."""
         if isinstance(rule, ActiveRule):
-            return rule if rule.installed else None
-        if rule.listen_port:
+            # By identity: another forwarder's rule may have the same key and engine id.
+            return rule if self._table.get(_key(rule)) is rule else None
+        if _check_rule(rule, "a fastfwd.Rule or ActiveRule").listen_port:
             return self._table.get(rule.key)
         return next((a for a in self._table.values() if a.rule == rule), None)
 
     async def add(self, rule: Rule) -> ActiveRule:
         """Start forwarding ``rule``. Raises OSError (port in use, address not local, ...)."""
-        active = self._install(rule)
+        active = self._install(_check_rule(rule))
         _announce("forwarding", [active])
         return active
 
@@ -238,6 +265,7 @@ class Forwarder:
         return active
 
     async def remove(self, rule: Rule | ActiveRule) -> None:
+        self._require()
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
@@ -317,6 +345,10 @@ class Forwarder:
         are logged and tried again at the next call for the name, even with the same
         address. Returns the rules re-pointed."""
         engine = self._require()
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a string, got {name!r}")
+        if ip is not None and not isinstance(ip, str):
+            raise TypeError(f"ip: expected a string or None, got {ip!r}")
         name = name.lower()
         if ip is not None and not is_ip(ip):
             raise ValueError(f"{ip!r} is not an IP address")
@@ -355,17 +387,19 @@ class Forwarder:
         self._require().sync()
 
     def counters(self, rule: Rule | ActiveRule) -> Counters:
+        engine = self._require()
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
-        return Counters(**self._require().counters(active.id))
+        return Counters(**engine.counters(active.id))
 
     def sessions(self, rule: Rule | ActiveRule) -> list[tuple[str, int]]:
         """Client addresses of the rule's live UDP sessions."""
+        engine = self._require()
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
-        return self._require().sessions(active.id)
+        return engine.sessions(active.id)
 
     # -- internals ---------------------------------------------------------------------------
     def _require(self) -> Engine:
@@ -385,7 +419,7 @@ class Forwarder:
         unchanged: list[ActiveRule] = []
         listed: set[RuleKey] = set()
         for rule in rules:
-            if rule.listen_port:
+            if _check_rule(rule).listen_port:
                 key = rule.key
                 if key in listed:
                     raise ValueError(f"{rule}: listed twice")
@@ -476,6 +510,46 @@ class Forwarder:
         if active.installed:
             engine.remove_rule(active.id, close_live)
             active.installed = False
+
+
+#: Forwarders started and not closed, closed at interpreter exit (see Forwarder._abandon).
+_RUNNING: weakref.WeakSet[Forwarder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_abandoned() -> None:
+    for fw in list(_RUNNING):
+        fw._abandon()
+
+
+def _forget_after_fork() -> None:
+    """In a forked child, whose forwarders' workers did not follow it: an engine used or
+    freed (which closes it) would wait on them for ever. Each forwarder is closed without
+    its engine, which is never freed: a reference no one drops outlives even the clearing of
+    modules at exit, and the child's copies of the sockets close when it exits."""
+    for fw in list(_RUNNING):
+        engine, rules = fw._detach()
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine))
+        _stop(None, rules)
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _stop(engine: Engine | None, rules: list[ActiveRule]) -> None:
+    """Close ``engine`` (None: one that must not be closed) and mark its rules removed."""
+    if engine is not None:
+        engine.close()
+    for active in rules:
+        active.installed = False
+
+
+def _check_rule(rule: object, what: str = "a fastfwd.Rule") -> Rule:
+    """``rule`` if it is a Rule: a spec string, say, is a TypeError here, not an
+    AttributeError from deep inside."""
+    if not isinstance(rule, Rule):
+        raise TypeError(f"expected {what}, got {rule!r}")
+    return rule
 
 
 def _describe(active: ActiveRule) -> str:
