@@ -136,6 +136,8 @@ class Forwarder:
         #: (a snapshot moving every VM would otherwise look at every rule once per name).
         self._by_host: dict[str, list[ActiveRule]] = {}
         self._engine: Engine | None = None
+        #: Engines of close(drain=...) calls still waiting: a close without drain ends them.
+        self._draining: set[Engine] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -155,15 +157,19 @@ class Forwarder:
     async def close(self, drain: float = 0.0) -> None:
         """Stop forwarding; live connections are reset. With ``drain`` > 0, stop accepting first
         and let live connections finish for up to that many seconds before resetting what is
-        left. Cancelling a drain resets them at once; either way the forwarder is closed when
-        this returns or raises."""
+        left. Cancelling a drain, or a close without drain meanwhile, resets them at once;
+        either way the forwarder is closed when this returns or raises."""
         # Detached first: during a drain, calls see a closed forwarder, not rules that no
         # longer listen.
         engine, rules = self._detach()
         if engine is None:
+            if drain <= 0:
+                for draining in self._draining:
+                    draining.close()    # its wait sees no connections left and returns
             return
         try:
             if drain > 0:
+                self._draining.add(engine)
                 with engine.batch():    # every listener is closed when the batch ends
                     for active in rules:
                         self._uninstall(engine, active, close_live=False)
@@ -172,6 +178,7 @@ class Forwarder:
                 while engine.live_connections() and loop.time() < deadline:
                     await asyncio.sleep(0.05)
         finally:
+            self._draining.discard(engine)
             _stop(engine, rules)
 
     def _detach(self) -> tuple[Engine | None, list[ActiveRule]]:

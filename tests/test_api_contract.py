@@ -267,3 +267,24 @@ def test_a_forked_child_sees_the_forwarder_closed_and_exits() -> None:
                             timeout=3 * TIMEOUT, env=child_env(), check=False)
     assert (result.returncode, result.stdout) == (
         0, "child: the forwarder is not running (use 'async with' or await start())\nchild exited\n"), result.stderr
+
+
+def test_close_during_a_drain_ends_it() -> None:
+    """``close()`` while another task drains: it returned at once, the workers and the
+    connections it promises to have ended still there until the drain's deadline."""
+    async def main(server_port: int) -> None:
+        fw = fastfwd.Forwarder(workers=2)
+        await fw.start()
+        rule = await fw.add(make_rule(server_port))
+        with await asyncio.to_thread(connect, rule.port) as live:
+            assert await asyncio.to_thread(echo_once, live, b"before") == b"before"
+            draining = asyncio.ensure_future(fw.close(drain=3 * TIMEOUT))
+            await asyncio.sleep(0)      # the drain has begun: the forwarder is detached
+            assert repr(fw) == "<fastfwd.Forwarder closed, workers=2>"
+            await fw.close()
+            assert [name for name in process_threads() if name.startswith("fastfwd-w")] == []
+            assert await asyncio.to_thread(closed_how, live) == "reset"
+            await asyncio.wait_for(draining, TIMEOUT)
+
+    with TcpServer(echo_handler) as server:
+        run_async(main(server.port))
