@@ -63,9 +63,11 @@ class Counters:
     bytes_discarded: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class ActiveRule:
-    """A rule the forwarder holds. ``port`` is the first real listening port (useful with port 0)."""
+    """A rule the forwarder holds. ``port`` is the first real listening port (useful with port 0).
+
+    Read-only: the forwarder files it by its fields, and changes them itself (``_set``)."""
 
     rule: Rule
     id: int
@@ -73,6 +75,10 @@ class ActiveRule:
     target_ip: str | None = None
     #: Set while the rule is in the engine; a removed rule keeps its last value False.
     installed: bool = field(default=True, repr=False)
+
+    def _set(self, **changes: object) -> None:
+        for name, value in changes.items():
+            object.__setattr__(self, name, value)
 
     @property
     def bound(self) -> Rule:
@@ -454,7 +460,8 @@ class Forwarder:
             del self._by_host[host]
 
     def _update(self, active: ActiveRule, rule: Rule, diff: Diff) -> None:
-        old, active.rule = active.rule, rule
+        old = active.rule
+        active._set(rule=rule)
         if old.target_host != rule.target_host:
             self._unindex(active, old.target_host)
             self._index(active)
@@ -503,7 +510,7 @@ class Forwarder:
                 log.warning("%s: %s; its connections to %s leave from the kernel's choice",
                             _describe(active), exc.strerror, ip)
         self._require().set_target(active.id, ip, active.rule.target_port, close_live)
-        active.target_ip = ip
+        active._set(target_ip=ip)
         if repool and not usable and ip is not None:  # (ip: for the type checker)
             log.warning("%s: no IPv%d address in its source pool; its connections leave from the kernel's "
                         "choice", _describe(active), ipaddress.ip_address(ip).version)
@@ -516,7 +523,7 @@ class Forwarder:
     def _uninstall(engine: Engine, active: ActiveRule, close_live: bool) -> None:
         if active.installed:
             engine.remove_rule(active.id, close_live)
-            active.installed = False
+            active._set(installed=False)
 
 
 #: Forwarders started and not closed, closed at interpreter exit (see Forwarder._abandon).
@@ -548,7 +555,7 @@ def _stop(engine: Engine | None, rules: list[ActiveRule]) -> None:
     if engine is not None:
         engine.close()
     for active in rules:
-        active.installed = False
+        active._set(installed=False)
 
 
 def _check_rule(rule: object, what: str = "a fastfwd.Rule") -> Rule:

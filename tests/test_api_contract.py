@@ -288,3 +288,20 @@ def test_close_during_a_drain_ends_it() -> None:
 
     with TcpServer(echo_handler) as server:
         run_async(main(server.port))
+
+
+def test_an_active_rule_is_read_only() -> None:
+    """ActiveRule's fields were plain attributes: a program that set one (``rule``, to the
+    rule it meant next) made the forwarder lose track of it: ``apply`` then failed half done
+    on its own table, with a bare KeyError."""
+    async def main() -> None:
+        async with fastfwd.Forwarder(workers=1) as fw:
+            active = await fw.add(make_rule(9))
+            for name in ("rule", "id", "port", "target_ip", "installed"):
+                with pytest.raises(AttributeError):
+                    setattr(active, name, getattr(active, name))
+            with pytest.raises(AttributeError):
+                active.rule = make_rule(10, listen_port=free_port_range(1))     # type: ignore[misc]
+            assert (await fw.apply([])).removed == [active]
+            assert fw.rules == [] and not active.installed
+    run_async(main())
