@@ -201,8 +201,9 @@ class Forwarder:
         would forward until the engine is collected, and at exit the kernel would end every
         connection with a FIN, which a cut transfer must not look like."""
         if getattr(self, "_engine", None) is not None:    # (None also when __init__ refused)
-            _warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            _stop(*self._detach())
+            message = f"unclosed {self!r}"
+            _stop(*self._detach())      # first: the warning may be turned into an error
+            _warn(message, ResourceWarning, source=self)
 
     __del__ = _abandon
 

@@ -162,12 +162,15 @@ sys.stdin.read()
 """
 
 
-def test_a_program_exiting_with_a_forwarder_running_resets_its_connections() -> None:
+@pytest.mark.parametrize("warnings_are", ["default", "error"])
+def test_a_program_exiting_with_a_forwarder_running_resets_its_connections(warnings_are: str) -> None:
     """The kernel closing the sockets at exit sent both ends a FIN, which a cut transfer
-    must not look like (as ``close`` has it)."""
+    must not look like (as ``close`` has it). The forwarder's ResourceWarning turned into an
+    error must not keep it from closing."""
     with TcpServer(echo_handler) as server:
-        proc = subprocess.Popen([sys.executable, "-c", _LEFT_RUNNING, str(server.port)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+        proc = subprocess.Popen([sys.executable, "-W", warnings_are, "-c", _LEFT_RUNNING, str(server.port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=child_env())
         try:
             with connect(int(read_line(proc))) as client:
                 assert echo_once(client, b"before exit") == b"before exit"
@@ -305,3 +308,4 @@ def test_an_active_rule_is_read_only() -> None:
             assert (await fw.apply([])).removed == [active]
             assert fw.rules == [] and not active.installed
     run_async(main())
+
