@@ -24,7 +24,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from . import engine_settings
 from .rules import Rule, RuleKey, SpecError, is_ip
@@ -213,7 +213,7 @@ class Forwarder:
         n = len(self._table)
         return f"<fastfwd.Forwarder running, workers={self._workers}, {n} rule{'s' * (n != 1)}>"
 
-    async def __aenter__(self) -> "Forwarder":
+    async def __aenter__(self) -> Self:
         # A nested block would close the forwarder under the outer one when it ends.
         if self._engine is not None:
             raise RuntimeError("the forwarder is already running: 'async with' starts and closes it")

@@ -10,8 +10,8 @@ import gc
 import inspect
 import subprocess
 import sys
-import textwrap
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,17 @@ import fastfwd
 from fastfwd import _engine
 from netutil import (TIMEOUT, TcpServer, child_env, closed_how, connect, echo_handler, echo_once, free_port_range,
                      make_rule, process_threads, read_line, run_async)
+from test_api import echo_through
 
 
-def echo_through(port: int, message: bytes) -> bytes:
-    with connect(port) as sock:
-        return echo_once(sock, message)
+async def each_raises(calls: Iterable[Callable[[Any], object]], arg: object, error: type[Exception],
+                      match: str) -> None:
+    """Every call of ``calls`` (a coroutine function or not) with ``arg`` raises ``error``."""
+    for call in calls:
+        with pytest.raises(error, match=match):
+            result = call(arg)
+            if inspect.isawaitable(result):
+                await result
 
 
 def test_a_rule_of_another_forwarder_is_not_taken_for_one_of_its_own() -> None:
@@ -36,12 +42,7 @@ def test_a_rule_of_another_forwarder_is_not_taken_for_one_of_its_own() -> None:
         async with fastfwd.Forwarder(workers=1) as a, fastfwd.Forwarder(workers=1) as b:
             ra, rb = await a.add(make_rule(server_port)), await b.add(make_rule(server_port))
             assert b.find(ra) is None
-            with pytest.raises(KeyError, match="no such rule"):
-                b.counters(ra)
-            with pytest.raises(KeyError, match="no such rule"):
-                b.sessions(ra)
-            with pytest.raises(KeyError, match="no such rule"):
-                await b.remove(ra)
+            await each_raises((b.counters, b.sessions, b.remove), ra, KeyError, "no such rule")
             for fw, rule, tag in ((a, ra, b"via a"), (b, rb, b"via b")):
                 assert await asyncio.to_thread(echo_through, rule.port, tag) == tag
                 await fw.settle()
@@ -61,11 +62,8 @@ def test_something_other_than_a_rule_is_a_type_error() -> None:
 
     async def main() -> None:
         async with fastfwd.Forwarder(workers=1) as fw:
-            for call in (fw.add, fw.remove, fw.apply, fw.counters, fw.sessions, fw.find):
-                with pytest.raises(TypeError, match="expected a fastfwd.Rule"):
-                    result = call(spec)     # type: ignore[arg-type]
-                    if inspect.isawaitable(result):
-                        await result
+            await each_raises((fw.add, fw.remove, fw.apply, fw.counters, fw.sessions, fw.find), spec, TypeError,
+                              "expected a fastfwd.Rule")
             with pytest.raises(TypeError, match="expected a fastfwd.Rule, got None"):
                 await fw.apply([make_rule(9), None])     # type: ignore[list-item]
             with pytest.raises(TypeError, match="name: expected a string, got None"):
@@ -84,12 +82,7 @@ def test_a_forwarder_that_is_not_running_says_so() -> None:
     async def main() -> None:
         fw = fastfwd.Forwarder(workers=1)
         for _ in ("before start", "after close"):
-            with pytest.raises(RuntimeError, match="not running"):
-                fw.counters(rule)
-            with pytest.raises(RuntimeError, match="not running"):
-                fw.sessions(rule)
-            with pytest.raises(RuntimeError, match="not running"):
-                await fw.remove(rule)
+            await each_raises((fw.counters, fw.sessions, fw.remove), rule, RuntimeError, "not running")
             assert fw.find(rule) is None
             async with fw:
                 await fw.add(rule)
@@ -198,7 +191,7 @@ def _stub() -> dict[str, ast.FunctionDef | ast.AnnAssign]:
 
 def _value(node: ast.expr) -> object:
     """A default as the stub writes it (``1 << 20``)."""
-    return eval(compile(ast.Expression(node), "_engine.pyi", "eval"), {})    # noqa: S307 (our own stub)
+    return eval(compile(ast.Expression(node), "_engine.pyi", "eval"), {})
 
 
 def test_the_engine_stub_matches_the_compiled_module() -> None:
