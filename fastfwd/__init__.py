@@ -22,6 +22,10 @@ _LAZY = {"Forwarder": "forwarder", "ActiveRule": "forwarder", "Counters": "forwa
          "Diff": "forwarder", "Config": "config", "ConfigError": "config", "load_config": "config"}
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib

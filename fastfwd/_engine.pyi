@@ -8,10 +8,12 @@ class Engine:
     ``with engine.batch():``, once the batch ends.
     """
 
-    workers: int
-    pipe_size: int
-
-    copy_buffer: int
+    @property
+    def workers(self) -> int: ...
+    @property
+    def pipe_size(self) -> int: ...
+    @property
+    def copy_buffer(self) -> int: ...
 
     def __init__(self, workers: int = 0, pipe_size: int = 1 << 20, copy_buffer: int = 256 * 1024,
                  busy_poll_us: int = 0) -> None:

@@ -12,15 +12,19 @@ wait on Python), so when ``add``/``resolve``/``apply`` return, traffic already f
 from __future__ import annotations
 
 import asyncio
+import atexit
+import ctypes
 import errno
 import functools
 import ipaddress
 import logging
 import os
 import socket
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from . import engine_settings
 from .rules import Rule, RuleKey, SpecError, is_ip
@@ -59,9 +63,11 @@ class Counters:
     bytes_discarded: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class ActiveRule:
-    """A rule the forwarder holds. ``port`` is the first real listening port (useful with port 0)."""
+    """A rule the forwarder holds. ``port`` is the first real listening port (useful with port 0).
+
+    Read-only: the forwarder files it by its fields, and changes them itself (``_set``)."""
 
     rule: Rule
     id: int
@@ -69,6 +75,10 @@ class ActiveRule:
     target_ip: str | None = None
     #: Set while the rule is in the engine; a removed rule keeps its last value False.
     installed: bool = field(default=True, repr=False)
+
+    def _set(self, **changes: object) -> None:
+        for name, value in changes.items():
+            object.__setattr__(self, name, value)
 
     @property
     def bound(self) -> Rule:
@@ -122,7 +132,7 @@ class Forwarder:
         for name, ip in (hosts or {}).items():
             if not is_ip(ip):
                 raise SpecError(f"hosts: {ip!r} for {name!r} is not an IP address")
-        self._initial = list(rules)
+        self._initial = [_check_rule(rule) for rule in rules]
         self._workers = workers or len(os.sched_getaffinity(0))
         self._pipe_size = pipe_size
         self._busy_poll_us = busy_poll_us
@@ -132,6 +142,8 @@ class Forwarder:
         #: (a snapshot moving every VM would otherwise look at every rule once per name).
         self._by_host: dict[str, list[ActiveRule]] = {}
         self._engine: Engine | None = None
+        #: Engines of close(drain=...) calls still waiting: a close without drain ends them.
+        self._draining: set[Engine] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -141,29 +153,29 @@ class Forwarder:
             return
         self._engine = _engine.Engine(workers=self._workers, pipe_size=self._pipe_size,
                                       busy_poll_us=self._busy_poll_us)
+        _RUNNING.add(self)
         try:
             await self.apply(self._initial)
         except BaseException:
-            self._engine.close()
-            self._engine = None
+            _stop(*self._detach())
             raise
 
     async def close(self, drain: float = 0.0) -> None:
         """Stop forwarding; live connections are reset. With ``drain`` > 0, stop accepting first
         and let live connections finish for up to that many seconds before resetting what is
-        left. Cancelling a drain resets them at once; either way the forwarder is closed when
-        this returns or raises."""
-        engine = self._engine
-        if engine is None:
-            return
+        left. Cancelling a drain, or a close without drain meanwhile, resets them at once;
+        either way the forwarder is closed when this returns or raises."""
         # Detached first: during a drain, calls see a closed forwarder, not rules that no
         # longer listen.
-        self._engine = None
-        rules = list(self._table.values())
-        self._table.clear()
-        self._by_host.clear()
+        engine, rules = self._detach()
+        if engine is None:
+            if drain <= 0:
+                for draining in self._draining:
+                    draining.close()    # its wait sees no connections left and returns
+            return
         try:
             if drain > 0:
+                self._draining.add(engine)
                 with engine.batch():    # every listener is closed when the batch ends
                     for active in rules:
                         self._uninstall(engine, active, close_live=False)
@@ -172,11 +184,39 @@ class Forwarder:
                 while engine.live_connections() and loop.time() < deadline:
                     await asyncio.sleep(0.05)
         finally:
-            engine.close()
-            for active in rules:
-                active.installed = False
+            self._draining.discard(engine)
+            _stop(engine, rules)
 
-    async def __aenter__(self) -> "Forwarder":
+    def _detach(self) -> tuple[Engine | None, list[ActiveRule]]:
+        """Take the engine and the rules out of the forwarder, which is closed from then on."""
+        engine, self._engine = self._engine, None
+        _RUNNING.discard(self)
+        rules = list(self._table.values())
+        self._table.clear()
+        self._by_host.clear()
+        return engine, rules
+
+    def _abandon(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        """Close a forwarder its program left running, as a file or socket is: the workers
+        would forward until the engine is collected, and at exit the kernel would end every
+        connection with a FIN, which a cut transfer must not look like."""
+        if getattr(self, "_engine", None) is not None:    # (None also when __init__ refused)
+            message = f"unclosed {self!r}"
+            _stop(*self._detach())      # first: the warning may be turned into an error
+            _warn(message, ResourceWarning, source=self)
+
+    __del__ = _abandon
+
+    def __repr__(self) -> str:
+        if self._engine is None:
+            return f"<fastfwd.Forwarder closed, workers={self._workers}>"
+        n = len(self._table)
+        return f"<fastfwd.Forwarder running, workers={self._workers}, {n} rule{'s' * (n != 1)}>"
+
+    async def __aenter__(self) -> Self:
+        # A nested block would close the forwarder under the outer one when it ends.
+        if self._engine is not None:
+            raise RuntimeError("the forwarder is already running: 'async with' starts and closes it")
         await self.start()
         return self
 
@@ -200,16 +240,17 @@ class Forwarder:
     def find(self, rule: Rule | ActiveRule) -> ActiveRule | None:
         """The held rule ``rule`` names: a rule with a listen port by its protocol and
         listening ports (whatever its target and options, as ``remove`` takes it); a port-0
-        rule by equality; an ActiveRule while it is installed."""
+        rule by equality; an ActiveRule while this forwarder holds it."""
         if isinstance(rule, ActiveRule):
-            return rule if rule.installed else None
-        if rule.listen_port:
+            # By identity: another forwarder's rule may have the same key and engine id.
+            return rule if self._table.get(_key(rule)) is rule else None
+        if _check_rule(rule, "a fastfwd.Rule or ActiveRule").listen_port:
             return self._table.get(rule.key)
         return next((a for a in self._table.values() if a.rule == rule), None)
 
     async def add(self, rule: Rule) -> ActiveRule:
         """Start forwarding ``rule``. Raises OSError (port in use, address not local, ...)."""
-        active = self._install(rule)
+        active = self._install(_check_rule(rule))
         _announce("forwarding", [active])
         return active
 
@@ -238,6 +279,7 @@ class Forwarder:
         return active
 
     async def remove(self, rule: Rule | ActiveRule) -> None:
+        self._require()
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
@@ -317,6 +359,10 @@ class Forwarder:
         are logged and tried again at the next call for the name, even with the same
         address. Returns the rules re-pointed."""
         engine = self._require()
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a string, got {name!r}")
+        if ip is not None and not isinstance(ip, str):
+            raise TypeError(f"ip: expected a string or None, got {ip!r}")
         name = name.lower()
         if ip is not None and not is_ip(ip):
             raise ValueError(f"{ip!r} is not an IP address")
@@ -355,17 +401,19 @@ class Forwarder:
         self._require().sync()
 
     def counters(self, rule: Rule | ActiveRule) -> Counters:
+        engine = self._require()
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
-        return Counters(**self._require().counters(active.id))
+        return Counters(**engine.counters(active.id))
 
     def sessions(self, rule: Rule | ActiveRule) -> list[tuple[str, int]]:
         """Client addresses of the rule's live UDP sessions."""
+        engine = self._require()
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
-        return self._require().sessions(active.id)
+        return engine.sessions(active.id)
 
     # -- internals ---------------------------------------------------------------------------
     def _require(self) -> Engine:
@@ -385,7 +433,7 @@ class Forwarder:
         unchanged: list[ActiveRule] = []
         listed: set[RuleKey] = set()
         for rule in rules:
-            if rule.listen_port:
+            if _check_rule(rule).listen_port:
                 key = rule.key
                 if key in listed:
                     raise ValueError(f"{rule}: listed twice")
@@ -413,7 +461,8 @@ class Forwarder:
             del self._by_host[host]
 
     def _update(self, active: ActiveRule, rule: Rule, diff: Diff) -> None:
-        old, active.rule = active.rule, rule
+        old = active.rule
+        active._set(rule=rule)
         if old.target_host != rule.target_host:
             self._unindex(active, old.target_host)
             self._index(active)
@@ -462,7 +511,7 @@ class Forwarder:
                 log.warning("%s: %s; its connections to %s leave from the kernel's choice",
                             _describe(active), exc.strerror, ip)
         self._require().set_target(active.id, ip, active.rule.target_port, close_live)
-        active.target_ip = ip
+        active._set(target_ip=ip)
         if repool and not usable and ip is not None:  # (ip: for the type checker)
             log.warning("%s: no IPv%d address in its source pool; its connections leave from the kernel's "
                         "choice", _describe(active), ipaddress.ip_address(ip).version)
@@ -475,7 +524,47 @@ class Forwarder:
     def _uninstall(engine: Engine, active: ActiveRule, close_live: bool) -> None:
         if active.installed:
             engine.remove_rule(active.id, close_live)
-            active.installed = False
+            active._set(installed=False)
+
+
+#: Forwarders started and not closed, closed at interpreter exit (see Forwarder._abandon).
+_RUNNING: weakref.WeakSet[Forwarder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_abandoned() -> None:
+    for fw in list(_RUNNING):
+        fw._abandon()
+
+
+def _forget_after_fork() -> None:
+    """In a forked child, whose forwarders' workers did not follow it: an engine used or
+    freed (which closes it) would wait on them for ever. Each forwarder is closed without
+    its engine, which is never freed: a reference no one drops outlives even the clearing of
+    modules at exit, and the child's copies of the sockets close when it exits."""
+    for fw in list(_RUNNING):
+        engine, rules = fw._detach()
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine))
+        _stop(None, rules)
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _stop(engine: Engine | None, rules: list[ActiveRule]) -> None:
+    """Close ``engine`` (None: one that must not be closed) and mark its rules removed."""
+    if engine is not None:
+        engine.close()
+    for active in rules:
+        active._set(installed=False)
+
+
+def _check_rule(rule: object, what: str = "a fastfwd.Rule") -> Rule:
+    """``rule`` if it is a Rule: a spec string, say, is a TypeError here, not an
+    AttributeError from deep inside."""
+    if not isinstance(rule, Rule):
+        raise TypeError(f"expected {what}, got {rule!r}")
+    return rule
 
 
 def _describe(active: ActiveRule) -> str:
