@@ -79,8 +79,8 @@ class PeerCred:
 class Access:
     """Who may use a socket: root and the daemon's own user always; then ``uids``, and members
     (primary or supplementary) of ``gids``. The socket file is 0600, or 0660 owned by
-    ``group`` when one is set, so other users cannot even connect; list a user's group here
-    to let them in."""
+    ``group`` when one is set, and ``uids`` are given access by a POSIX ACL, so other users
+    cannot even connect."""
 
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
@@ -165,10 +165,18 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
         _check_replaceable(path)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ffbind-") as private:
             tmp = os.path.join(private, "s")
-            sock.bind(tmp)
+            # Bound through the directory's fd: its own path is longer than the final one,
+            # which may take all of sun_path.
+            where = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                sock.bind(f"/proc/self/fd/{where}/s")
+            finally:
+                os.close(where)
             if access.group is not None:
                 os.chown(tmp, -1, access.group)
             os.chmod(tmp, access.mode)
+            if access.uids:
+                _grant_users(tmp, access)
             sock.listen(backlog)  # before it has its name: no client ever finds it refusing
             os.replace(tmp, path)
         sock.setblocking(False)
@@ -179,6 +187,28 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
     if made is not None:
         made.extend(new_dirs)
     return sock
+
+
+#: POSIX ACL entries as the kernel takes them in the ``system.posix_acl_access`` attribute
+#: (<linux/posix_acl_xattr.h>): a version, then (tag, permissions, id) each, sorted by tag.
+_ACL_VERSION, _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 2, 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_RW, _ACL_NO_ID = 6, 0xFFFFFFFF
+
+
+def _grant_users(path: str, access: Access) -> None:
+    """Let ``access.uids`` connect to the socket file: connecting takes write permission on
+    it, which its mode can give one group but not a list of users."""
+    group = _ACL_RW if access.group is not None else 0
+    entries = [(_ACL_USER_OBJ, _ACL_RW, _ACL_NO_ID), *((_ACL_USER, _ACL_RW, uid) for uid in sorted(access.uids)),
+               (_ACL_GROUP_OBJ, group, _ACL_NO_ID), (_ACL_MASK, _ACL_RW, _ACL_NO_ID), (_ACL_OTHER, 0, _ACL_NO_ID)]
+    acl = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", acl)
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        raise OSError(exc.errno, "allow_users needs POSIX ACLs, which this file system does not support "
+                      "(list the users' group in allow_groups instead)") from None
 
 
 def remove_dirs(dirs: Iterable[Path]) -> None:
@@ -327,7 +357,8 @@ class JsonLineServer:
         self._inode = os.stat(self.path).st_ino
         self._max_clients = min(self._max_clients, _fd_share())
         self._resume()
-        log.info("%s socket listening on %s (mode %o)", self.name, self.path, self._access.mode)
+        users = f", users {', '.join(map(str, sorted(self._access.uids)))} by ACL" if self._access.uids else ""
+        log.info("%s socket listening on %s (mode %o%s)", self.name, self.path, self._access.mode, users)
 
     async def close(self) -> None:
         if self._sock is None:

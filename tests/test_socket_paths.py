@@ -4,14 +4,17 @@ socket of their own, once the daemon listens)."""
 from __future__ import annotations
 
 import os
+import pwd
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fastfwd.unixserver import Access, bind_unix
+from fastfwd.unixclient import DaemonError, call
+from fastfwd.unixserver import MAX_SOCKET_PATH, Access, bind_unix
 
-from helpers_control import short_dir
+from helpers_control import daemon, needs_engine, short_dir
 
 
 @pytest.fixture
@@ -31,3 +34,53 @@ def test_a_symlink_another_user_owns_on_the_way_is_not_used(sockdir: Path) -> No
     with pytest.raises(PermissionError, match="owned by uid 65534, not by this user or root"):
         bind_unix(link / "l.sock", Access())
     assert list(mine.iterdir()) == []
+
+
+def test_a_path_of_the_longest_length_a_client_can_use_is_bound_however_short_its_last_name(
+        sockdir: Path) -> None:
+    # The file is made under a temporary name in the same directory first: that name must
+    # not make a path that fits too long to bind.
+    path = sockdir / ("d" * (MAX_SOCKET_PATH - len(str(sockdir)) - len("/c.sock") - 1)) / "c.sock"
+    assert len(str(path)) == MAX_SOCKET_PATH
+    with bind_unix(path, Access()) as listener, socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))
+        listener.setblocking(True)
+        listener.accept()[0].close()
+    assert sorted(os.listdir(path.parent)) == ["c.sock"]
+
+
+def _as_user(uid: int, path: Path) -> str:
+    """What ``uid`` (with its own group only) gets asking the socket at ``path`` for status:
+    "ok", or the one-line error."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # only socket calls here, then _exit: nothing of pytest's runs in the child
+        try:
+            os.setgroups([])
+            os.setgid(pwd.getpwuid(uid).pw_gid)
+            os.setuid(uid)
+            try:
+                reply = call(path, {"cmd": "status"} if path.name == "control.sock" else {"snapshot": []}, 20)
+                outcome = "ok" if reply["ok"] else reply["error"]
+            except DaemonError as exc:
+                outcome = str(exc)
+            os.write(write, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+@needs_engine
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_a_user_in_allow_users_may_use_both_sockets_and_another_user_may_not(sockdir: Path) -> None:
+    os.chmod(sockdir, 0o755)
+    (sockdir / "f.toml").write_text('[control]\nallow_users = ["nobody"]\n')
+    nobody, other = pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("daemon").pw_uid
+    with daemon(sockdir, "-c", "f.toml", "-t", "0:127.0.0.1:9") as proc:
+        for path in (proc.control_socket, proc.lease_socket):
+            assert _as_user(nobody, path) == "ok"
+            assert _as_user(other, path).endswith("permission denied")
