@@ -147,7 +147,7 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
     first) for :func:`remove_dirs` once the socket is closed. If this fails, it removes them
     itself: a failed start leaves nothing behind.
 
-    It is bound under a temporary name in a private directory, given its mode, then renamed
+    It is bound under a temporary name in a private directory, given its mode, then linked
     into place, so no one ever sees it with a wider mode. An existing socket file is replaced
     only if nothing accepts on it (a stale file from a crash); a live one, or a file that is
     not a socket, raises instead of being taken over.
@@ -162,7 +162,6 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
     path.parent.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _check_replaceable(path)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ffbind-") as private:
             tmp = os.path.join(private, "s")
             # Bound through the directory's fd: its own path is longer than the final one,
@@ -178,7 +177,7 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
             if access.uids:
                 _grant_users(tmp, access)
             sock.listen(backlog)  # before it has its name: no client ever finds it refusing
-            os.replace(tmp, path)
+            _take_name(tmp, path)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -237,6 +236,20 @@ def _check_owners(directory: Path) -> None:
         if owner not in (0, os.geteuid()):
             raise PermissionError(errno.EPERM, f"{d} is owned by uid {owner}, not by this user or root; "
                                   "not using it")
+
+
+def _take_name(tmp: str, path: Path) -> None:
+    """Give the socket at ``tmp`` the name ``path``, replacing only a stale socket there.
+    link() fails on a name that exists where rename() would replace it, so a socket another
+    daemon names meanwhile, after the check, is never taken from it."""
+    while True:
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            _check_replaceable(path)  # raises unless it is a stale socket
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _check_replaceable(path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from fastfwd.unixclient import DaemonError, call
 from fastfwd.unixserver import MAX_SOCKET_PATH, Access, bind_unix
 
-from helpers_control import daemon, needs_engine, short_dir
+from helpers_control import daemon, fastfwd, needs_engine, short_dir
 
 
 @pytest.fixture
@@ -84,3 +84,42 @@ def test_a_user_in_allow_users_may_use_both_sockets_and_another_user_may_not(soc
         for path in (proc.control_socket, proc.lease_socket):
             assert _as_user(nobody, path) == "ok"
             assert _as_user(other, path).endswith("permission denied")
+
+
+def test_a_socket_another_daemon_binds_while_this_one_starts_is_not_taken(
+        sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two daemons started at once on one path: both find it free, and the one that names its
+    socket second must fail, not rename over the other's live socket."""
+    path = sockdir / "c.sock"
+    other = socket.socket(socket.AF_UNIX)
+    chmod = os.chmod
+
+    def other_daemon_binds_meanwhile(target: str, mode: int) -> None:
+        chmod(target, mode)
+        if not path.exists():  # after this one found the path free, before it names its socket
+            other.bind(str(path))
+            other.listen()
+    monkeypatch.setattr(os, "chmod", other_daemon_binds_meanwhile)
+    with other:
+        with pytest.raises(OSError, match="another process is listening on this socket"):
+            bind_unix(path, Access())
+        monkeypatch.undo()
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # still the other daemon's
+            other.accept()[0].close()
+        assert sorted(os.listdir(sockdir)) == ["c.sock"]
+
+
+@needs_engine
+def test_a_killed_daemons_socket_is_replaced_and_a_live_ones_is_not(sockdir: Path) -> None:
+    with daemon(sockdir, "-t", "0:127.0.0.1:9") as first:
+        first.proc.kill()
+        first.wait()
+    assert first.control_socket.is_socket()  # left behind: nothing listens on it
+    with daemon(sockdir, "-t", "0:127.0.0.1:9") as second:
+        assert call(second.control_socket, {"cmd": "status"})["ok"]
+        again = fastfwd("run", "--control-socket", str(second.control_socket), "--lease-socket",
+                        str(sockdir / "other.sock"), "--state-dir", str(sockdir / "other"), "-t", "0:127.0.0.1:9")
+        assert (again.returncode, again.stderr) == (
+            1, f"fastfwd: {second.control_socket}: another process is listening on this socket\n")
+        assert call(second.control_socket, {"cmd": "status"})["ok"]
