@@ -577,6 +577,10 @@ class Daemon:
         servers: list[JsonLineServer | asyncio.AbstractServer] = []
         units: list[JsonLineServer] = [ControlServer(c.control_socket, self, access=access)]
         if self.config.sources.dhcp:
+            if os.path.abspath(c.control_socket) == os.path.abspath(c.lease_socket):
+                # Else the second socket finds the first listening there, "another process".
+                raise SettingsError(f"control_socket and lease_socket are both {os.path.abspath(c.lease_socket)}: "
+                                    "give each its own path")
             units.append(LeaseServer(c.lease_socket, self.leases, self.leases_changed, access=access,
                                      lock=self._lease_lock))
         for unit in units:

@@ -15,11 +15,17 @@ import time
 
 log = logging.getLogger("fastfwd")
 
+#: The last message failed: the next failures are logged at DEBUG only, as the watchdog would
+#: otherwise add a warning every few seconds for as long as the manager is out of reach.
+_failing = False
+
 
 def notify(*fields: str) -> bool:
     """Send ``fields`` (``KEY=value``) as one message. False when there is no service
     manager to tell, or it could not be told (logged: a missing readiness message makes the
-    manager time the start out, so the reason must be findable)."""
+    manager time the start out, so the reason must be findable; once until it can be told
+    again)."""
+    global _failing
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
@@ -31,8 +37,13 @@ def notify(*fields: str) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.sendto("\n".join(fields).encode(), address)
     except OSError as exc:
-        log.warning("cannot notify the service manager at %s: %s", path, exc)
+        log.log(logging.DEBUG if _failing else logging.WARNING, "cannot notify the service manager at %s: %s",
+                path, exc)
+        _failing = True
         return False
+    if _failing:
+        log.info("the service manager at %s is reachable again", path)
+        _failing = False
     return True
 
 

@@ -16,6 +16,9 @@ from typing import Any, NoReturn
 
 #: Replies larger than this are not from fastfwd (a status of thousands of rules fits easily).
 MAX_REPLY = 64 << 20
+#: The longest ``--timeout``: some 31 years, within what a socket's timeout can hold (Python's
+#: is nanoseconds in 64 bits, about 292 years).
+MAX_TIMEOUT = 1e9
 
 
 class DaemonError(Exception):
@@ -35,14 +38,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def timeout_arg(text: str) -> float:
-    """An argparse type for ``--timeout``: seconds, finite and above zero (a socket given 0
-    would not wait at all, and a negative or NaN one would not even be accepted)."""
+    """An argparse type for ``--timeout``: seconds, above zero (a socket given 0 would not
+    wait at all, and a negative or NaN one would not even be accepted) and at most
+    ``MAX_TIMEOUT``."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_TIMEOUT:g} seconds, got {text!r}")
     return value
 
 

@@ -79,8 +79,8 @@ class PeerCred:
 class Access:
     """Who may use a socket: root and the daemon's own user always; then ``uids``, and members
     (primary or supplementary) of ``gids``. The socket file is 0600, or 0660 owned by
-    ``group`` when one is set, so other users cannot even connect; list a user's group here
-    to let them in."""
+    ``group`` when one is set, and ``uids`` are given access by a POSIX ACL, so other users
+    cannot even connect."""
 
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
@@ -147,7 +147,7 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
     first) for :func:`remove_dirs` once the socket is closed. If this fails, it removes them
     itself: a failed start leaves nothing behind.
 
-    It is bound under a temporary name in a private directory, given its mode, then renamed
+    It is bound under a temporary name in a private directory, given its mode, then linked
     into place, so no one ever sees it with a wider mode. An existing socket file is replaced
     only if nothing accepts on it (a stale file from a crash); a live one, or a file that is
     not a socket, raises instead of being taken over.
@@ -162,15 +162,22 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
     path.parent.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _check_replaceable(path)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ffbind-") as private:
             tmp = os.path.join(private, "s")
-            sock.bind(tmp)
+            # Bound through the directory's fd: its own path is longer than the final one,
+            # which may take all of sun_path.
+            where = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                sock.bind(f"/proc/self/fd/{where}/s")
+            finally:
+                os.close(where)
             if access.group is not None:
                 os.chown(tmp, -1, access.group)
             os.chmod(tmp, access.mode)
+            if access.uids:
+                _grant_users(tmp, access)
             sock.listen(backlog)  # before it has its name: no client ever finds it refusing
-            os.replace(tmp, path)
+            _take_name(tmp, path)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -179,6 +186,28 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
     if made is not None:
         made.extend(new_dirs)
     return sock
+
+
+#: POSIX ACL entries as the kernel takes them in the ``system.posix_acl_access`` attribute
+#: (<linux/posix_acl_xattr.h>): a version, then (tag, permissions, id) each, sorted by tag.
+_ACL_VERSION, _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 2, 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_RW, _ACL_NO_ID = 6, 0xFFFFFFFF
+
+
+def _grant_users(path: str, access: Access) -> None:
+    """Let ``access.uids`` connect to the socket file: connecting takes write permission on
+    it, which its mode can give one group but not a list of users."""
+    group = _ACL_RW if access.group is not None else 0
+    entries = [(_ACL_USER_OBJ, _ACL_RW, _ACL_NO_ID), *((_ACL_USER, _ACL_RW, uid) for uid in sorted(access.uids)),
+               (_ACL_GROUP_OBJ, group, _ACL_NO_ID), (_ACL_MASK, _ACL_RW, _ACL_NO_ID), (_ACL_OTHER, 0, _ACL_NO_ID)]
+    acl = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", acl)
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        raise OSError(exc.errno, "allow_users needs POSIX ACLs, which this file system does not support "
+                      "(list the users' group in allow_groups instead)") from None
 
 
 def remove_dirs(dirs: Iterable[Path]) -> None:
@@ -207,6 +236,20 @@ def _check_owners(directory: Path) -> None:
         if owner not in (0, os.geteuid()):
             raise PermissionError(errno.EPERM, f"{d} is owned by uid {owner}, not by this user or root; "
                                   "not using it")
+
+
+def _take_name(tmp: str, path: Path) -> None:
+    """Give the socket at ``tmp`` the name ``path``, replacing only a stale socket there.
+    link() fails on a name that exists where rename() would replace it, so a socket another
+    daemon names meanwhile, after the check, is never taken from it."""
+    while True:
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            _check_replaceable(path)  # raises unless it is a stale socket
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _check_replaceable(path: Path) -> None:
@@ -327,7 +370,8 @@ class JsonLineServer:
         self._inode = os.stat(self.path).st_ino
         self._max_clients = min(self._max_clients, _fd_share())
         self._resume()
-        log.info("%s socket listening on %s (mode %o)", self.name, self.path, self._access.mode)
+        users = f", users {', '.join(map(str, sorted(self._access.uids)))} by ACL" if self._access.uids else ""
+        log.info("%s socket listening on %s (mode %o%s)", self.name, self.path, self._access.mode, users)
 
     async def close(self) -> None:
         if self._sock is None:

@@ -257,3 +257,17 @@ def test_hook_dispatches_to_the_dhcp_hook(tmp_path: Path) -> None:
                          "add", "52:54:00:00:00:01", "10.0.0.1", "vm1")
         assert result.returncode == 1, result.stderr
         assert str(tmp_path / "none.sock") in result.stderr
+
+
+@pytest.mark.parametrize("value", ["1e10", "1e300"])
+def test_a_timeout_beyond_what_a_socket_can_wait_is_a_usage_error(value: str) -> None:
+    with short_dir() as d, socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(d / "c.sock"))
+        listener.listen()  # a daemon that takes the connection and never answers
+        lease = ("add", "52:54:00:00:00:01", "10.0.0.1")
+        for args in (("status", "--socket", str(d / "c.sock"), "--timeout", value),
+                     ("lease", *lease, "--socket", str(d / "c.sock"), "--timeout", value),
+                     ("hook", "--socket", str(d / "c.sock"), "--timeout", value, *lease)):
+            result = fastfwd(*args)
+            assert (result.returncode, result.stderr.count("\n")) == (2, 1), (args, result.stderr)
+            assert f"argument --timeout: expected at most 1e+09 seconds, got {value!r}" in result.stderr

@@ -280,3 +280,12 @@ def test_a_metrics_port_in_use_exits_1_after_closing_both_sockets(tmp_path: Path
                          "-t", "0:127.0.0.1:9")
     assert one_line(result, 1) == f"fastfwd: metrics_listen 127.0.0.1:{port}: Address already in use"
     assert os.listdir(tmp_path) == ["f.toml"]
+
+
+@needs_engine
+def test_one_path_for_both_sockets_is_a_usage_error_not_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "s.sock"
+    result = run_cli("run", "--control-socket", str(path), "--lease-socket", str(tmp_path / "run/../run/s.sock"),
+                     "--state-dir", str(tmp_path / "state"), "-t", "0:127.0.0.1:9")
+    assert one_line(result, 2) == f"fastfwd: control_socket and lease_socket are both {path}: give each its own path"
+    assert os.listdir(tmp_path) == []

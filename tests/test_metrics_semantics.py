@@ -314,3 +314,15 @@ def test_a_udp_sessions_socket_takes_a_burst_of_replies_as_the_listener_takes_re
         rule = fwd.add(ff.Rule.parse(f"0:127.0.0.1:{echo.port}", "udp", name="burst"))
         assert udp_roundtrip(client, ("127.0.0.1", rule.port), b"hello", tries=1, wait=5) == b"hello"
         assert receive_buffer(peer_port=echo.port) >= receive_buffer(local_port=rule.port)
+
+
+def test_a_renamed_rule_goes_on_counting_under_its_new_name_only(fwd) -> None:
+    with TcpServer(exchange_handler(b"")) as server:
+        port = free_port()
+        fwd.apply([ff.Rule.parse(f"{port}:127.0.0.1:{server.port}", "tcp", name="old")])
+        assert exchange(port, payload(1000)) == Received.of(b"")
+        settled(fwd, "old", {"fastfwd_accepted_total": 1, "fastfwd_active": 0})
+        fwd.apply([ff.Rule.parse(f"{port}:127.0.0.1:{server.port}", "tcp", name="new")])
+        assert exchange(port, payload(1000)) == Received.of(b"")
+        settled(fwd, "new", {"fastfwd_accepted_total": 2, "fastfwd_bytes_up_total": 2000, "fastfwd_active": 0})
+        assert set(parse(metrics.render(fwd.fw).decode())) == {"new"}

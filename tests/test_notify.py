@@ -192,3 +192,26 @@ def test_a_watchdog_the_manager_asks_for_is_fed_once_ready(manager: Manager, tmp
         while "STOPPING" not in messages[-1]:
             messages.append(manager.next())
         assert d.wait() == 0
+
+
+def test_a_manager_that_cannot_be_told_is_logged_once_until_it_can_again(
+        manager: Manager, caplog: pytest.LogCaptureFixture) -> None:
+    """The watchdog pings every few seconds: a manager out of reach must not fill the log."""
+    path = os.environ["NOTIFY_SOCKET"]
+    assert notify("WATCHDOG=1") is True
+    manager.sock.close()
+    os.unlink(path)
+    with caplog.at_level("DEBUG", logger="fastfwd"):
+        assert [notify("WATCHDOG=1") for _ in range(5)] == [False] * 5
+        assert [r.levelname for r in caplog.records] == ["WARNING"] + ["DEBUG"] * 4
+        manager.sock = Manager(path).sock  # closed by the fixture
+        caplog.clear()
+        assert notify("WATCHDOG=1") is True
+        assert manager.next() == {"WATCHDOG": "1"}
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+            ("INFO", f"the service manager at {path} is reachable again")]
+        manager.sock.close()
+        os.unlink(path)
+        caplog.clear()
+        assert notify("WATCHDOG=1") is False
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
