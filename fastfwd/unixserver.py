@@ -242,7 +242,7 @@ def _take_name(tmp: str, path: Path) -> None:
     """Give the socket at ``tmp`` the name ``path``, replacing only a stale socket there.
     link() fails on a name that exists where rename() would replace it, so a socket another
     daemon names meanwhile, after the check, is never taken from it."""
-    while True:
+    for _ in range(_NAME_TRIES):
         try:
             os.link(tmp, path)
             return
@@ -250,6 +250,12 @@ def _take_name(tmp: str, path: Path) -> None:
             _check_replaceable(path)  # raises unless it is a stale socket
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    # Stale sockets keep appearing there: another program is racing for the name.
+    raise FileExistsError(errno.EEXIST, f"{path} keeps being taken by another program while binding")
+
+
+#: Stale sockets removed from a name before binding gives up on it.
+_NAME_TRIES = 5
 
 
 def _check_replaceable(path: Path) -> None:

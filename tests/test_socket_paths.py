@@ -110,6 +110,25 @@ def test_a_socket_another_daemon_binds_while_this_one_starts_is_not_taken(
         assert sorted(os.listdir(sockdir)) == ["c.sock"]
 
 
+
+def test_a_name_that_keeps_filling_with_stale_sockets_is_given_up_on(
+        sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each stale socket found at the name is removed and the bind tried again, a bounded
+    number of times: a program putting one there after every removal would hold the start
+    for ever."""
+    path = sockdir / "c.sock"
+    link = os.link
+
+    def a_stale_socket_appears_first(src: str, dst: Path) -> None:
+        with socket.socket(socket.AF_UNIX) as stale:  # bound, never listening: what a crash leaves
+            stale.bind(str(dst))
+        link(src, dst)
+    monkeypatch.setattr(os, "link", a_stale_socket_appears_first)
+    with pytest.raises(FileExistsError, match="keeps being taken by another program"):
+        bind_unix(path, Access())
+    monkeypatch.undo()
+    assert os.listdir(sockdir) == []  # the stale ones removed, no temporary left behind
+
 @needs_engine
 def test_a_killed_daemons_socket_is_replaced_and_a_live_ones_is_not(sockdir: Path) -> None:
     with daemon(sockdir, "-t", "0:127.0.0.1:9") as first:
