@@ -9,7 +9,8 @@ For DHCPv6, dnsmasq passes the client's DUID where the MAC goes and the MAC, if 
 
 ``SCRIPT snapshot LEASEFILE`` sends every IPv4 lease in a dnsmasq lease file as one IPv4
 snapshot (for example after a restart of both), which the daemon reconciles against its
-table; the IPv6 leases it holds are left alone.
+table; the IPv6 leases it holds are left alone. An empty lease file sends nothing (dnsmasq
+empties it before writing it again).
 
 A daemon that is restarting (its socket missing or refusing) is tried again until the
 timeout: dnsmasq never runs a failed script again.
@@ -96,9 +97,13 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
     if action == "snapshot":
         if len(args) != 1:
             raise LeaseError("snapshot takes one argument: the dnsmasq lease file")
+        parsed = read_lease_file(args[0], _note)
+        if parsed is None:
+            _note(f"{args[0]} is empty (being rewritten?): nothing sent")
+            return None
         # The file's DHCPv6 part has no MACs: the snapshot speaks for IPv4 only, so it leaves
         # the IPv6 leases that events brought alone.
-        return {"snapshot": read_lease_file(args[0], _note)[0], "family": 4}
+        return {"snapshot": parsed[0], "family": 4}
     if action not in EVENTS:
         return None
     if len(args) not in (2, 3):

@@ -23,11 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import stat
 import time
 from typing import Any
 
-from .lease_file import parse_lease_file, settled_text
+from .lease_file import read_lease_file
 from .leases import Lease, LeaseChange, LeaseError, LeaseTable, OnChange
 from .unixserver import OWNER_ONLY, Access, JsonLineServer, Request, RequestError
 
@@ -85,14 +84,8 @@ async def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
     def note(text: str) -> None:
         log.warning("DHCP lease file %s", text)
 
-    def read() -> tuple[list[dict[str, Any]], int] | None:
-        # Empty as read, not as an earlier stat saw it: dnsmasq may empty it in between.
-        text = settled_text(path)
-        return parse_lease_file(text, path, note, strict=False) if text else None
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reading thread
-            raise LeaseError(f"cannot read {path}: not a regular file")
-        parsed = await asyncio.to_thread(read)
+        parsed = await asyncio.to_thread(read_lease_file, path, note, strict=False)
         if parsed is None:
             log.info("DHCP lease file %s is empty (being rewritten?): no lease removed", path)
             return []
@@ -101,9 +94,8 @@ async def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
         leases = [Lease.from_message(entry, seen=now) for entry in entries]
         changes = ([change for lease in leases for change in table.apply_event("old", lease)] if malformed
                    else table.apply_snapshot(leases, family=4))
-    except (OSError, LeaseError) as exc:
-        why = f"cannot read {path}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
-        log.warning("DHCP lease file not applied: %s; going on with the %d lease(s) known", why, len(table))
+    except LeaseError as exc:
+        log.warning("DHCP lease file not applied: %s; going on with the %d lease(s) known", exc, len(table))
         return []
     log.info("DHCP lease file %s: %d lease(s), %d changed%s", path, len(leases), len(changes),
              f" ({malformed} line(s) skipped, so no lease removed)" if malformed else "")

@@ -319,3 +319,25 @@ def test_hook_waits_for_a_restarting_daemon(sockdir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
+
+
+def test_snapshot_of_an_empty_lease_file_removes_no_lease(server: ServerThread, sockdir: Path) -> None:
+    """dnsmasq rewrites its lease file in place, emptying it first: a snapshot read at that
+    moment must not drop every lease (dnsmasq reports no renewals, so none would come back)."""
+    server.table.apply_event("add", Lease(mac=A, ip="10.0.0.1", hostname="vm1"))
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text("")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert proc.returncode == 0
+    assert proc.stderr == f"fastfwd-dhcp-hook: {leases} is empty (being rewritten?): nothing sent\n"
+    assert server.leases() == [(A, "10.0.0.1", "vm1")] and server.calls == []
+
+
+def test_snapshot_of_a_lease_file_that_is_a_pipe_is_refused_without_waiting(server: ServerThread,
+                                                                            sockdir: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: a hook run from a timer would hang."""
+    fifo = sockdir / "dnsmasq.leases"
+    os.mkfifo(fifo)
+    proc = hook("snapshot", str(fifo), socket_path=server.path, timeout=20)
+    assert (proc.returncode, proc.stderr) == (2, f"fastfwd-dhcp-hook: cannot read {fifo}: not a regular file\n")
+    assert server.calls == []
