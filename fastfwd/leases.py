@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .rules import ip_address, why_not_ip
+from .rules import ip_address, is_ip, why_not_ip
 
 if TYPE_CHECKING:
     import asyncio
@@ -102,14 +102,17 @@ def held_address(value: object) -> str:
 
 
 def normalize_hostname(value: object) -> str | None:
-    """A host name by RFC 1123 (labels of 1-63 letters, digits and inner hyphens; 253 in all),
-    lowercased since names compare case-insensitively. None or "" means no name."""
+    """A host name by RFC 1123 (labels of 1-63 letters, digits and inner hyphens; 253 in all,
+    and never dotted-decimal), lowercased since names compare case-insensitively. None or ""
+    means no name."""
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise LeaseError(f"hostname: expected a string, got {type(value).__name__}")
     name = value.lower()
-    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+    # A name that reads as an address would re-point, at each of its lease events, the rules
+    # that target that address itself (resetting their connections with on_retarget = close).
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")) or is_ip(name):
         raise LeaseError(f"hostname: {value[:80]!r} is not a valid host name")
     return name
 
