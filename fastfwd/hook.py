@@ -5,7 +5,8 @@ for leases it already had, at its start and on SIGHUP), and with other actions (
 ``tftp``, ``arp-add``, ``arp-del``, ``relay-snoop``, ...) that say nothing about leases: those
 exit 0 at once (``init`` must print the lease database; printing nothing means "none").
 For DHCPv6, dnsmasq passes the client's DUID where the MAC goes and the MAC, if known, in
-``DNSMASQ_MAC``; a v6 lease with no known MAC cannot be keyed and is skipped with a note.
+``DNSMASQ_MAC``; a v6 lease with no known MAC cannot be keyed and is skipped with a note,
+but its ``del`` is sent with the address alone (dnsmasq forgets v6 MACs when it restarts).
 
 ``SCRIPT snapshot LEASEFILE`` sends every IPv4 lease in a dnsmasq lease file as one IPv4
 snapshot (for example after a restart of both), which the daemon reconciles against its
@@ -112,6 +113,8 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
     if os.environ.get("DNSMASQ_IAID") is not None or not _is_mac(mac):
         mac = os.environ.get("DNSMASQ_MAC", "")  # DHCPv6: the argument is the client's DUID
         if not _is_mac(mac):
+            if action == "del":  # the address alone says which lease went
+                return {"event": action, "ip": normalize_ip(args[1])}
             _skipped(f"{action} {args[1]}")
             return None
     message: dict[str, Any] = {"event": action, "mac": normalize_mac(mac), "ip": normalize_ip(args[1])}

@@ -3,6 +3,7 @@
 Messages (one JSON object per line)::
 
     {"event": "add"|"old"|"del", "mac": "52:54:00:12:34:56", "ip": "10.0.0.5", "hostname": "vm1"}
+    {"event": "del", "ip": "fd00::5"}    (the DHCP lease holding the address, whichever MAC)
     {"snapshot": [{"mac": ..., "ip": ..., "hostname": ...}, ...], "family": 4}
 
 Replies: ``{"ok": true, "changed": N}`` once the table has the change and the daemon's
@@ -21,13 +22,16 @@ file (``[sources] dhcp_lease_file``): events lost while the daemon was down are 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .lease_file import read_lease_file
-from .leases import Lease, LeaseChange, LeaseError, LeaseTable, OnChange
+from .leases import (Lease, LeaseChange, LeaseError, LeaseTable, OnChange, held_address,
+                     normalize_hostname)
 from .unixserver import OWNER_ONLY, Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")
@@ -50,11 +54,10 @@ class LeaseServer(JsonLineServer):
         self._lock = lock if lock is not None else asyncio.Lock()
 
     async def _handle(self, request: Request) -> dict[str, Any]:
-        event, leases, family = _parse(request)
+        change = _parse(request)
         async with self._lock:
             try:
-                changes = (self.table.apply_snapshot(leases, family=family) if event is None
-                           else self.table.apply_event(event, leases[0]))
+                changes = change(self.table)
             except LeaseError as exc:
                 raise RequestError(str(exc)) from None
             _log_changes(changes)
@@ -135,10 +138,9 @@ def _held(lease: Lease) -> str:
     return f"{lease.ip} {lease.hostname}" if lease.hostname else lease.ip
 
 
-def _parse(request: Request) -> tuple[str | None, list[Lease], int | None]:
-    """Validate a whole message before anything is applied: ``(event, leases, family)``, where
-    the event is None for a snapshot (an event's name is checked by the table) and the family
-    (4, 6, or None: both) is the IP version a snapshot covers."""
+def _parse(request: Request) -> Callable[[LeaseTable], list[LeaseChange]]:
+    """Validate a whole message before anything is applied: what applies it to the table (an
+    event's name is checked by the table)."""
     doc = request.message
     if not isinstance(doc, dict):
         raise RequestError(f"expected a JSON object, got {type(doc).__name__}")
@@ -158,14 +160,21 @@ def _parse(request: Request) -> tuple[str | None, list[Lease], int | None]:
                     leases.append(Lease.from_message(entry, seen=now))
                 except LeaseError as exc:
                     raise LeaseError(f"snapshot[{i}]: {exc}") from None
-            return None, leases, family
+            return functools.partial(LeaseTable.apply_snapshot, leases=leases, family=family)
         if request.size > EVENT_MAX:
             raise LeaseError(f"event line too long (limit {EVENT_MAX} bytes)")
         if "event" not in doc:
             raise LeaseError("expected an 'event' or a 'snapshot' key")
         if not isinstance(doc["event"], str):
             raise LeaseError(f"event: expected a string, got {type(doc['event']).__name__}")
-        return doc["event"], [Lease.from_message(doc, extra=("event",))], None
+        if doc["event"] == "del" and "mac" not in doc:
+            # DHCPv6: dnsmasq keeps no MAC for a lease across its restart, so its expiry may
+            # come with the address alone.
+            Lease.check_keys(doc, extra=("event",), required=("ip",))
+            normalize_hostname(doc.get("hostname"))  # checked as in any event, though unused
+            return functools.partial(LeaseTable.release, ip=held_address(doc["ip"]))
+        lease = Lease.from_message(doc, extra=("event",))
+        return functools.partial(LeaseTable.apply_event, event=doc["event"], lease=lease)
     except LeaseError as exc:
         raise RequestError(str(exc)) from None
 

@@ -154,16 +154,22 @@ class Lease:
     def from_message(cls, doc: object, *, seen: float | None = None, source: object = DHCP,
                      extra: Iterable[str] = ()) -> Lease:
         """Validate ``{"mac", "ip", "hostname"?}``; ``extra`` names further keys the caller reads."""
+        cls.check_keys(doc, extra)
+        return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
+                   seen=time.time() if seen is None else seen, source=source)  # type: ignore[arg-type]
+
+    @staticmethod
+    def check_keys(doc: object, extra: Iterable[str] = (), required: Iterable[str] = ("mac", "ip")) -> None:
+        """``doc`` is a lease object with the ``required`` keys, and no other key than a lease's
+        and the ``extra`` ones."""
         if not isinstance(doc, dict):
             raise LeaseError(f"expected a lease object, got {type(doc).__name__}")
         unknown = set(doc) - {"mac", "ip", "hostname", *extra}
         if unknown:
             raise LeaseError(f"unknown key {sorted(map(str, unknown))[0]!r:.60}")
-        for key in ("mac", "ip"):
+        for key in required:
             if key not in doc:
                 raise LeaseError(f"missing {key!r}")
-        return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
-                   seen=time.time() if seen is None else seen, source=source)  # type: ignore[arg-type]
 
     def same(self, other: Lease | None) -> bool:
         """Equal but for ``seen``: what matters for forwarding, and which source may remove it."""
@@ -286,6 +292,12 @@ class LeaseTable:
         elif all(lease.outranks(old) for old in before.values() if old is not None):
             self._put(lease)
         return self._commit(before)
+
+    def release(self, ip: str, source: Source = DHCP) -> list[LeaseChange]:
+        """A ``del`` that names the address alone (a DHCPv6 lease whose MAC the DHCP server no
+        longer knows): the lease of ``source`` that holds it goes, whichever MAC that is."""
+        held = self.holding(ip)
+        return [] if held is None else self.apply_event("del", Lease(held.mac, held.ip, source=source))
 
     def apply_snapshot(self, leases: Iterable[Lease], source: Source = DHCP,
                        family: int | None = None) -> list[LeaseChange]:

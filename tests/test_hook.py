@@ -341,3 +341,15 @@ def test_snapshot_of_a_lease_file_that_is_a_pipe_is_refused_without_waiting(serv
     proc = hook("snapshot", str(fifo), socket_path=server.path, timeout=20)
     assert (proc.returncode, proc.stderr) == (2, f"fastfwd-dhcp-hook: cannot read {fifo}: not a regular file\n")
     assert server.calls == []
+
+
+def test_dhcpv6_del_without_a_known_mac_removes_the_lease_holding_the_address(server: ServerThread) -> None:
+    """dnsmasq's lease file keeps no MAC for a DHCPv6 lease: once dnsmasq restarted, the lease's
+    expiry ('del') comes with the DUID alone. Were it skipped, the lease would never go, and
+    its name would point at an address no machine holds."""
+    duid = "00:01:00:01:2c:5e:7a:10:52:54:00:00:00:0a"
+    server.table.apply_event("add", Lease(mac=A, ip="fd00::10", hostname="vm6"))
+    server.table.apply_event("add", Lease(mac=A, ip="10.0.0.1", hostname="vm6"))
+    proc = hook("del", duid, "fd00::10", "vm6", socket_path=server.path, env={"DNSMASQ_IAID": "1234"})
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert server.leases() == [(A, "10.0.0.1", "vm6")]
