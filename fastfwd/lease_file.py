@@ -39,7 +39,9 @@ def parse_lease_file(text: str, path: str, note: Callable[[str], None], *,
     malformed = 0
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
-        if fields[:1] == ["duid"]:
+        if not fields:  # dnsmasq reads the file word by word: a blank line is nothing to it
+            continue
+        if fields[0] == "duid":
             break
         try:
             # ASCII digits only: isdigit() is also true of '²', which int() refuses.

@@ -353,3 +353,14 @@ def test_dhcpv6_del_without_a_known_mac_removes_the_lease_holding_the_address(se
     proc = hook("del", duid, "fd00::10", "vm6", socket_path=server.path, env={"DNSMASQ_IAID": "1234"})
     assert (proc.returncode, proc.stderr) == (0, "")
     assert server.leases() == [(A, "10.0.0.1", "vm6")]
+
+
+def test_snapshot_of_a_lease_file_with_blank_lines(server: ServerThread, sockdir: Path) -> None:
+    """dnsmasq reads its lease file word by word, so a blank line (a file edited by hand) is
+    nothing to it: it must not make the file unusable here either."""
+    server.table.apply_event("add", Lease(mac=C, ip="10.0.0.3"))
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text(f"\n1900000000 {A} 10.0.0.1 vm1 *\n  \n\t\n1900000000 {B} 10.0.0.2 * *\n\n")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert server.leases() == [(A, "10.0.0.1", "vm1"), (B, "10.0.0.2", None)]
