@@ -17,7 +17,7 @@ A daemon that is restarting (its socket missing or refusing) is tried again unti
 timeout: dnsmasq never runs a failed script again.
 
 Exit status: 0 done or ignored; 1 the daemon could not be reached in time or refused the
-event (one line on stderr says why); 2 bad arguments; 130 interrupted (Ctrl-C).
+event (one line on stderr names the event and says why); 2 bad arguments; 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -45,16 +45,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if message is None:
         return 0
+    # dnsmasq logs what the script prints and its exit status, never its arguments: a failure
+    # names the event, so that a lost one can be made good.
+    what = " ".join([args.action, *args.args])
     try:
         reply = _send(args.socket or _default_socket(), message, args.timeout)
     except DaemonError as exc:
-        print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
+        print(f"fastfwd-dhcp-hook: {what}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # run by hand and interrupted while the daemon was busy
-        print("fastfwd-dhcp-hook: interrupted before the daemon replied", file=sys.stderr)
+        print(f"fastfwd-dhcp-hook: {what}: interrupted before the daemon replied", file=sys.stderr)
         return 130
     if not reply["ok"]:
-        print(f"fastfwd-dhcp-hook: {args.action} refused: {reply.get('error')}", file=sys.stderr)
+        print(f"fastfwd-dhcp-hook: {what} refused: {reply.get('error')}", file=sys.stderr)
         return 1
     return 0
 

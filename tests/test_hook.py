@@ -154,7 +154,8 @@ def test_error_reply_fails_with_its_message(server: ServerThread) -> None:
     server.fail = True
     proc = hook("add", A, "10.0.0.1", socket_path=server.path)
     assert proc.returncode == 1
-    assert proc.stderr == ("fastfwd-dhcp-hook: add refused: lease recorded, but re-pointing rules failed: "
+    assert proc.stderr == (f"fastfwd-dhcp-hook: add {A} 10.0.0.1 refused: "
+                           "lease recorded, but re-pointing rules failed: "
                            "engine said no\n")
 
 
@@ -282,12 +283,14 @@ def test_refusal_sent_before_reading_is_still_reported(sockdir: Path) -> None:
     refuser = threading.Thread(target=refuse, daemon=True)
     refuser.start()
     try:
-        proc = hook("snapshot", str(_big_lease_file(sockdir)), socket_path=path)
+        leases = _big_lease_file(sockdir)
+        proc = hook("snapshot", str(leases), socket_path=path)
     finally:
         refuser.join(timeout=30)
         listener.close()
     assert proc.returncode == 1
-    assert proc.stderr == "fastfwd-dhcp-hook: snapshot refused: permission denied: not an allowed user or group\n"
+    assert proc.stderr == (f"fastfwd-dhcp-hook: snapshot {leases} refused: "
+                           "permission denied: not an allowed user or group\n")
 
 
 def _big_lease_file(directory: Path) -> Path:
@@ -364,3 +367,13 @@ def test_snapshot_of_a_lease_file_with_blank_lines(server: ServerThread, sockdir
     proc = hook("snapshot", str(leases), socket_path=server.path)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert server.leases() == [(A, "10.0.0.1", "vm1"), (B, "10.0.0.2", None)]
+
+
+def test_an_event_the_daemon_did_not_get_is_named_in_the_error(sockdir: Path) -> None:
+    """dnsmasq logs the script's stderr and exit status, never its arguments: the line must say
+    which lease event was lost, so that it can be made good (by hand, or by a snapshot)."""
+    path = sockdir / "absent.sock"
+    proc = hook("--timeout", "0.5", "del", A, "10.0.0.1", "vm1", socket_path=path)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"fastfwd-dhcp-hook: del {A} 10.0.0.1 vm1: cannot reach fastfwd at {path}: "
+                           "no such socket (is the daemon running?)\n")
