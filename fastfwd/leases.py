@@ -154,14 +154,15 @@ class Lease:
     def from_message(cls, doc: object, *, seen: float | None = None, source: object = DHCP,
                      extra: Iterable[str] = ()) -> Lease:
         """Validate ``{"mac", "ip", "hostname"?}``; ``extra`` names further keys the caller reads."""
-        cls.check_keys(doc, extra)
+        doc = cls.check_keys(doc, extra)
         return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
                    seen=time.time() if seen is None else seen, source=source)  # type: ignore[arg-type]
 
     @staticmethod
-    def check_keys(doc: object, extra: Iterable[str] = (), required: Iterable[str] = ("mac", "ip")) -> None:
-        """``doc`` is a lease object with the ``required`` keys, and no other key than a lease's
-        and the ``extra`` ones."""
+    def check_keys(doc: object, extra: Iterable[str] = (),
+                   required: Iterable[str] = ("mac", "ip")) -> dict[str, Any]:
+        """``doc``, checked to be a lease object with the ``required`` keys and no other key than
+        a lease's and the ``extra`` ones."""
         if not isinstance(doc, dict):
             raise LeaseError(f"expected a lease object, got {type(doc).__name__}")
         unknown = set(doc) - {"mac", "ip", "hostname", *extra}
@@ -170,6 +171,7 @@ class Lease:
         for key in required:
             if key not in doc:
                 raise LeaseError(f"missing {key!r}")
+        return doc
 
     def same(self, other: Lease | None) -> bool:
         """Equal but for ``seen``: what matters for forwarding, and which source may remove it."""
