@@ -5,17 +5,19 @@ for leases it already had, at its start and on SIGHUP), and with other actions (
 ``tftp``, ``arp-add``, ``arp-del``, ``relay-snoop``, ...) that say nothing about leases: those
 exit 0 at once (``init`` must print the lease database; printing nothing means "none").
 For DHCPv6, dnsmasq passes the client's DUID where the MAC goes and the MAC, if known, in
-``DNSMASQ_MAC``; a v6 lease with no known MAC cannot be keyed and is skipped with a note.
+``DNSMASQ_MAC``; a v6 lease with no known MAC cannot be keyed and is skipped with a note,
+but its ``del`` is sent with the address alone (dnsmasq forgets v6 MACs when it restarts).
 
 ``SCRIPT snapshot LEASEFILE`` sends every IPv4 lease in a dnsmasq lease file as one IPv4
 snapshot (for example after a restart of both), which the daemon reconciles against its
-table; the IPv6 leases it holds are left alone.
+table; the IPv6 leases it holds are left alone. An empty lease file sends nothing (dnsmasq
+empties it before writing it again).
 
 A daemon that is restarting (its socket missing or refusing) is tried again until the
 timeout: dnsmasq never runs a failed script again.
 
 Exit status: 0 done or ignored; 1 the daemon could not be reached in time or refused the
-event (one line on stderr says why); 2 bad arguments; 130 interrupted (Ctrl-C).
+event (one line on stderr names the event and says why); 2 bad arguments; 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -43,16 +45,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if message is None:
         return 0
+    # dnsmasq logs what the script prints and its exit status, never its arguments: a failure
+    # names the event, so that a lost one can be made good.
+    what = " ".join([args.action, *args.args])
     try:
         reply = _send(args.socket or _default_socket(), message, args.timeout)
     except DaemonError as exc:
-        print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
+        print(f"fastfwd-dhcp-hook: {what}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # run by hand and interrupted while the daemon was busy
-        print("fastfwd-dhcp-hook: interrupted before the daemon replied", file=sys.stderr)
+        print(f"fastfwd-dhcp-hook: {what}: interrupted before the daemon replied", file=sys.stderr)
         return 130
     if not reply["ok"]:
-        print(f"fastfwd-dhcp-hook: {args.action} refused: {reply.get('error')}", file=sys.stderr)
+        print(f"fastfwd-dhcp-hook: {what} refused: {reply.get('error')}", file=sys.stderr)
         return 1
     return 0
 
@@ -96,9 +101,13 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
     if action == "snapshot":
         if len(args) != 1:
             raise LeaseError("snapshot takes one argument: the dnsmasq lease file")
+        parsed = read_lease_file(args[0], _note)
+        if parsed is None:
+            _note(f"{args[0]} is empty (being rewritten?): nothing sent")
+            return None
         # The file's DHCPv6 part has no MACs: the snapshot speaks for IPv4 only, so it leaves
         # the IPv6 leases that events brought alone.
-        return {"snapshot": read_lease_file(args[0], _note)[0], "family": 4}
+        return {"snapshot": parsed[0], "family": 4}
     if action not in EVENTS:
         return None
     if len(args) not in (2, 3):
@@ -107,6 +116,8 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
     if os.environ.get("DNSMASQ_IAID") is not None or not _is_mac(mac):
         mac = os.environ.get("DNSMASQ_MAC", "")  # DHCPv6: the argument is the client's DUID
         if not _is_mac(mac):
+            if action == "del":  # the address alone says which lease went
+                return {"event": action, "ip": normalize_ip(args[1])}
             _skipped(f"{action} {args[1]}")
             return None
     message: dict[str, Any] = {"event": action, "mac": normalize_mac(mac), "ip": normalize_ip(args[1])}

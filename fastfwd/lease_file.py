@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,9 +18,12 @@ from .leases import LeaseError, held_address, client_hostname, normalize_mac
 _OTHER_HARDWARE = re.compile(r"[0-9a-f]{2}-(?:[0-9a-f]{2}(?::[0-9a-f]{2})*)?", re.IGNORECASE)
 
 
-def read_lease_file(path: str, note: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
-    """``parse_lease_file`` (strict) of the file's text, read once it held still."""
-    return parse_lease_file(settled_text(path), path, note)
+def read_lease_file(path: str, note: Callable[[str], None], *,
+                    strict: bool = True) -> tuple[list[dict[str, Any]], int] | None:
+    """``parse_lease_file`` of the file's text, read once it held still; None for an empty
+    file, which says nothing: dnsmasq empties the file before it writes it again."""
+    text = settled_text(path)
+    return parse_lease_file(text, path, note, strict=strict) if text else None
 
 
 def parse_lease_file(text: str, path: str, note: Callable[[str], None], *,
@@ -35,7 +39,9 @@ def parse_lease_file(text: str, path: str, note: Callable[[str], None], *,
     malformed = 0
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
-        if fields[:1] == ["duid"]:
+        if not fields:  # dnsmasq reads the file word by word: a blank line is nothing to it
+            continue
+        if fields[0] == "duid":
             break
         try:
             # ASCII digits only: isdigit() is also true of '²', which int() refuses.
@@ -68,11 +74,11 @@ SETTLE_READS = 5
 
 
 def settled_text(path: str) -> str:
-    """The lease file's text, read once the file held still (a LeaseError if it cannot be read
-    or does not hold still); sleeps, so off the event loop."""
+    """The lease file's text, read once the file held still (a LeaseError if it cannot be read,
+    does not hold still, or is not a regular file); sleeps, so off the event loop."""
     try:
         for _ in range(SETTLE_READS):
-            with open(path, "rb") as f:
+            with open(path, "rb", opener=_open_regular) as f:
                 before = os.fstat(f.fileno())
                 data = f.read()
             time.sleep(SETTLE)
@@ -82,6 +88,15 @@ def settled_text(path: str) -> str:
     except OSError as exc:
         raise LeaseError(f"cannot read {path}: {exc.strerror}") from None
     raise LeaseError(f"{path} was still being written after {SETTLE_READS} reads")
+
+
+def _open_regular(path: str, flags: int) -> int:
+    # Non-blocking: opening a FIFO would wait for a writer (the daemon's thread, the hook).
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LeaseError(f"cannot read {path}: not a regular file")
+    return fd
 
 
 def _version(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -3,6 +3,7 @@
 Messages (one JSON object per line)::
 
     {"event": "add"|"old"|"del", "mac": "52:54:00:12:34:56", "ip": "10.0.0.5", "hostname": "vm1"}
+    {"event": "del", "ip": "fd00::5"}    (the DHCP lease holding the address, whichever MAC)
     {"snapshot": [{"mac": ..., "ip": ..., "hostname": ...}, ...], "family": 4}
 
 Replies: ``{"ok": true, "changed": N}`` once the table has the change and the daemon's
@@ -21,14 +22,16 @@ file (``[sources] dhcp_lease_file``): events lost while the daemon was down are 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
-from .lease_file import parse_lease_file, settled_text
-from .leases import Lease, LeaseChange, LeaseError, LeaseTable, OnChange
+from .lease_file import read_lease_file
+from .leases import (Lease, LeaseChange, LeaseError, LeaseTable, OnChange, held_address,
+                     normalize_hostname)
 from .unixserver import OWNER_ONLY, Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")
@@ -51,11 +54,10 @@ class LeaseServer(JsonLineServer):
         self._lock = lock if lock is not None else asyncio.Lock()
 
     async def _handle(self, request: Request) -> dict[str, Any]:
-        event, leases, family = _parse(request)
+        change = _parse(request)
         async with self._lock:
             try:
-                changes = (self.table.apply_snapshot(leases, family=family) if event is None
-                           else self.table.apply_event(event, leases[0]))
+                changes = change(self.table)
             except LeaseError as exc:
                 raise RequestError(str(exc)) from None
             _log_changes(changes)
@@ -85,14 +87,8 @@ async def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
     def note(text: str) -> None:
         log.warning("DHCP lease file %s", text)
 
-    def read() -> tuple[list[dict[str, Any]], int] | None:
-        # Empty as read, not as an earlier stat saw it: dnsmasq may empty it in between.
-        text = settled_text(path)
-        return parse_lease_file(text, path, note, strict=False) if text else None
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reading thread
-            raise LeaseError(f"cannot read {path}: not a regular file")
-        parsed = await asyncio.to_thread(read)
+        parsed = await asyncio.to_thread(read_lease_file, path, note, strict=False)
         if parsed is None:
             log.info("DHCP lease file %s is empty (being rewritten?): no lease removed", path)
             return []
@@ -101,9 +97,8 @@ async def apply_lease_file(table: LeaseTable, path: str) -> list[LeaseChange]:
         leases = [Lease.from_message(entry, seen=now) for entry in entries]
         changes = ([change for lease in leases for change in table.apply_event("old", lease)] if malformed
                    else table.apply_snapshot(leases, family=4))
-    except (OSError, LeaseError) as exc:
-        why = f"cannot read {path}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
-        log.warning("DHCP lease file not applied: %s; going on with the %d lease(s) known", why, len(table))
+    except LeaseError as exc:
+        log.warning("DHCP lease file not applied: %s; going on with the %d lease(s) known", exc, len(table))
         return []
     log.info("DHCP lease file %s: %d lease(s), %d changed%s", path, len(leases), len(changes),
              f" ({malformed} line(s) skipped, so no lease removed)" if malformed else "")
@@ -143,10 +138,9 @@ def _held(lease: Lease) -> str:
     return f"{lease.ip} {lease.hostname}" if lease.hostname else lease.ip
 
 
-def _parse(request: Request) -> tuple[str | None, list[Lease], int | None]:
-    """Validate a whole message before anything is applied: ``(event, leases, family)``, where
-    the event is None for a snapshot (an event's name is checked by the table) and the family
-    (4, 6, or None: both) is the IP version a snapshot covers."""
+def _parse(request: Request) -> Callable[[LeaseTable], list[LeaseChange]]:
+    """Validate a whole message before anything is applied: what applies it to the table (an
+    event's name is checked by the table)."""
     doc = request.message
     if not isinstance(doc, dict):
         raise RequestError(f"expected a JSON object, got {type(doc).__name__}")
@@ -166,14 +160,21 @@ def _parse(request: Request) -> tuple[str | None, list[Lease], int | None]:
                     leases.append(Lease.from_message(entry, seen=now))
                 except LeaseError as exc:
                     raise LeaseError(f"snapshot[{i}]: {exc}") from None
-            return None, leases, family
+            return functools.partial(LeaseTable.apply_snapshot, leases=leases, family=family)
         if request.size > EVENT_MAX:
             raise LeaseError(f"event line too long (limit {EVENT_MAX} bytes)")
         if "event" not in doc:
             raise LeaseError("expected an 'event' or a 'snapshot' key")
         if not isinstance(doc["event"], str):
             raise LeaseError(f"event: expected a string, got {type(doc['event']).__name__}")
-        return doc["event"], [Lease.from_message(doc, extra=("event",))], None
+        if doc["event"] == "del" and "mac" not in doc:
+            # DHCPv6: dnsmasq keeps no MAC for a lease across its restart, so its expiry may
+            # come with the address alone.
+            Lease.check_keys(doc, extra=("event",), required=("ip",))
+            normalize_hostname(doc.get("hostname"))  # checked as in any event, though unused
+            return functools.partial(LeaseTable.release, ip=held_address(doc["ip"]))
+        lease = Lease.from_message(doc, extra=("event",))
+        return functools.partial(LeaseTable.apply_event, event=doc["event"], lease=lease)
     except LeaseError as exc:
         raise RequestError(str(exc)) from None
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .rules import ip_address, why_not_ip
+from .rules import ip_address, is_ip, why_not_ip
 
 if TYPE_CHECKING:
     import asyncio
@@ -102,14 +102,17 @@ def held_address(value: object) -> str:
 
 
 def normalize_hostname(value: object) -> str | None:
-    """A host name by RFC 1123 (labels of 1-63 letters, digits and inner hyphens; 253 in all),
-    lowercased since names compare case-insensitively. None or "" means no name."""
+    """A host name by RFC 1123 (labels of 1-63 letters, digits and inner hyphens; 253 in all,
+    and never dotted-decimal), lowercased since names compare case-insensitively. None or ""
+    means no name."""
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise LeaseError(f"hostname: expected a string, got {type(value).__name__}")
     name = value.lower()
-    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+    # A name that reads as an address would re-point, at each of its lease events, the rules
+    # that target that address itself (resetting their connections with on_retarget = close).
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")) or is_ip(name):
         raise LeaseError(f"hostname: {value[:80]!r} is not a valid host name")
     return name
 
@@ -151,16 +154,24 @@ class Lease:
     def from_message(cls, doc: object, *, seen: float | None = None, source: object = DHCP,
                      extra: Iterable[str] = ()) -> Lease:
         """Validate ``{"mac", "ip", "hostname"?}``; ``extra`` names further keys the caller reads."""
+        doc = cls.check_keys(doc, extra)
+        return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
+                   seen=time.time() if seen is None else seen, source=source)  # type: ignore[arg-type]
+
+    @staticmethod
+    def check_keys(doc: object, extra: Iterable[str] = (),
+                   required: Iterable[str] = ("mac", "ip")) -> dict[str, Any]:
+        """``doc``, checked to be a lease object with the ``required`` keys and no other key than
+        a lease's and the ``extra`` ones."""
         if not isinstance(doc, dict):
             raise LeaseError(f"expected a lease object, got {type(doc).__name__}")
         unknown = set(doc) - {"mac", "ip", "hostname", *extra}
         if unknown:
             raise LeaseError(f"unknown key {sorted(map(str, unknown))[0]!r:.60}")
-        for key in ("mac", "ip"):
+        for key in required:
             if key not in doc:
                 raise LeaseError(f"missing {key!r}")
-        return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
-                   seen=time.time() if seen is None else seen, source=source)  # type: ignore[arg-type]
+        return doc
 
     def same(self, other: Lease | None) -> bool:
         """Equal but for ``seen``: what matters for forwarding, and which source may remove it."""
@@ -283,6 +294,12 @@ class LeaseTable:
         elif all(lease.outranks(old) for old in before.values() if old is not None):
             self._put(lease)
         return self._commit(before)
+
+    def release(self, ip: str, source: Source = DHCP) -> list[LeaseChange]:
+        """A ``del`` that names the address alone (a DHCPv6 lease whose MAC the DHCP server no
+        longer knows): the lease of ``source`` that holds it goes, whichever MAC that is."""
+        held = self.holding(ip)
+        return [] if held is None else self.apply_event("del", Lease(held.mac, held.ip, source=source))
 
     def apply_snapshot(self, leases: Iterable[Lease], source: Source = DHCP,
                        family: int | None = None) -> list[LeaseChange]:

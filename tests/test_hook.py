@@ -154,7 +154,8 @@ def test_error_reply_fails_with_its_message(server: ServerThread) -> None:
     server.fail = True
     proc = hook("add", A, "10.0.0.1", socket_path=server.path)
     assert proc.returncode == 1
-    assert proc.stderr == ("fastfwd-dhcp-hook: add refused: lease recorded, but re-pointing rules failed: "
+    assert proc.stderr == (f"fastfwd-dhcp-hook: add {A} 10.0.0.1 refused: "
+                           "lease recorded, but re-pointing rules failed: "
                            "engine said no\n")
 
 
@@ -282,12 +283,14 @@ def test_refusal_sent_before_reading_is_still_reported(sockdir: Path) -> None:
     refuser = threading.Thread(target=refuse, daemon=True)
     refuser.start()
     try:
-        proc = hook("snapshot", str(_big_lease_file(sockdir)), socket_path=path)
+        leases = _big_lease_file(sockdir)
+        proc = hook("snapshot", str(leases), socket_path=path)
     finally:
         refuser.join(timeout=30)
         listener.close()
     assert proc.returncode == 1
-    assert proc.stderr == "fastfwd-dhcp-hook: snapshot refused: permission denied: not an allowed user or group\n"
+    assert proc.stderr == (f"fastfwd-dhcp-hook: snapshot {leases} refused: "
+                           "permission denied: not an allowed user or group\n")
 
 
 def _big_lease_file(directory: Path) -> Path:
@@ -319,3 +322,58 @@ def test_hook_waits_for_a_restarting_daemon(sockdir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
+
+
+def test_snapshot_of_an_empty_lease_file_removes_no_lease(server: ServerThread, sockdir: Path) -> None:
+    """dnsmasq rewrites its lease file in place, emptying it first: a snapshot read at that
+    moment must not drop every lease (dnsmasq reports no renewals, so none would come back)."""
+    server.table.apply_event("add", Lease(mac=A, ip="10.0.0.1", hostname="vm1"))
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text("")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert proc.returncode == 0
+    assert proc.stderr == f"fastfwd-dhcp-hook: {leases} is empty (being rewritten?): nothing sent\n"
+    assert server.leases() == [(A, "10.0.0.1", "vm1")] and server.calls == []
+
+
+def test_snapshot_of_a_lease_file_that_is_a_pipe_is_refused_without_waiting(server: ServerThread,
+                                                                            sockdir: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: a hook run from a timer would hang."""
+    fifo = sockdir / "dnsmasq.leases"
+    os.mkfifo(fifo)
+    proc = hook("snapshot", str(fifo), socket_path=server.path, timeout=20)
+    assert (proc.returncode, proc.stderr) == (2, f"fastfwd-dhcp-hook: cannot read {fifo}: not a regular file\n")
+    assert server.calls == []
+
+
+def test_dhcpv6_del_without_a_known_mac_removes_the_lease_holding_the_address(server: ServerThread) -> None:
+    """dnsmasq's lease file keeps no MAC for a DHCPv6 lease: once dnsmasq restarted, the lease's
+    expiry ('del') comes with the DUID alone. Were it skipped, the lease would never go, and
+    its name would point at an address no machine holds."""
+    duid = "00:01:00:01:2c:5e:7a:10:52:54:00:00:00:0a"
+    server.table.apply_event("add", Lease(mac=A, ip="fd00::10", hostname="vm6"))
+    server.table.apply_event("add", Lease(mac=A, ip="10.0.0.1", hostname="vm6"))
+    proc = hook("del", duid, "fd00::10", "vm6", socket_path=server.path, env={"DNSMASQ_IAID": "1234"})
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert server.leases() == [(A, "10.0.0.1", "vm6")]
+
+
+def test_snapshot_of_a_lease_file_with_blank_lines(server: ServerThread, sockdir: Path) -> None:
+    """dnsmasq reads its lease file word by word, so a blank line (a file edited by hand) is
+    nothing to it: it must not make the file unusable here either."""
+    server.table.apply_event("add", Lease(mac=C, ip="10.0.0.3"))
+    leases = sockdir / "dnsmasq.leases"
+    leases.write_text(f"\n1900000000 {A} 10.0.0.1 vm1 *\n  \n\t\n1900000000 {B} 10.0.0.2 * *\n\n")
+    proc = hook("snapshot", str(leases), socket_path=server.path)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert server.leases() == [(A, "10.0.0.1", "vm1"), (B, "10.0.0.2", None)]
+
+
+def test_an_event_the_daemon_did_not_get_is_named_in_the_error(sockdir: Path) -> None:
+    """dnsmasq logs the script's stderr and exit status, never its arguments: the line must say
+    which lease event was lost, so that it can be made good (by hand, or by a snapshot)."""
+    path = sockdir / "absent.sock"
+    proc = hook("--timeout", "0.5", "del", A, "10.0.0.1", "vm1", socket_path=path)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"fastfwd-dhcp-hook: del {A} 10.0.0.1 vm1: cannot reach fastfwd at {path}: "
+                           "no such socket (is the daemon running?)\n")

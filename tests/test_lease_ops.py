@@ -121,3 +121,26 @@ def test_a_rule_left_pending_by_a_taken_port_is_tried_again_by_a_reload() -> Non
             _open_conversation(port, b"V").close()
     finally:
         vm.close()
+
+
+def test_a_host_name_that_reads_as_an_address_is_dropped_and_leaves_that_addresss_rules_alone() -> None:
+    """A guest picks its own host name: one that reads as an address (RFC 1123 rules out
+    dotted-decimal names) must not reach the rules that target that address literally, whose
+    live connections an on_retarget = "close" would reset at each of its lease events."""
+    vm = EchoServer("127.0.0.1", greeting=b"V")
+    port = free_port()
+    try:
+        with short_dir() as tmp, daemon(tmp, "-c", str(config(tmp / "f.toml", {port: f"127.0.0.1:{vm.port}"},
+                                                                on_retarget="close"))) as proc:
+            live = _open_conversation(port, b"V")
+            try:
+                started = hook(proc, "add", MAC1, "127.0.0.9", "127.0.0.1")
+                out, err = started.communicate(timeout=60)
+                assert (started.returncode, out) == (0, "")
+                assert err == "fastfwd-dhcp-hook: ignoring invalid host name '127.0.0.1'\n"
+                assert _still_talks(live)
+            finally:
+                live.close()
+            assert f"lease {MAC1}: 127.0.0.9\n" in proc.log()
+    finally:
+        vm.close()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from fastfwd.lease_server import EVENT_MAX, SNAPSHOT_MAX, LeaseServer
-from fastfwd.leases import STATE_FILE, Lease, LeaseChange, LeaseTable
+from fastfwd.leases import NEIGHBOURS, STATE_FILE, Lease, LeaseChange, LeaseTable
 from fastfwd.unixserver import Access, JsonLineServer, PeerCred, Request
 
 from helpers_control import short_dir
@@ -619,3 +619,26 @@ def test_many_large_snapshots_at_once_take_turns_and_all_apply(run: Run, sockdir
     assert all(r["ok"] for r in replies) and len(on_change.calls) == 12
     last = {x.mac[:11] for x in table}
     assert len(last) == 1 and len(table) == 4000  # exactly one whole snapshot, the last applied
+
+
+def test_a_del_without_a_mac_removes_the_dhcp_lease_holding_the_address(run: Run, sockdir: Path) -> None:
+    table, on_change = LeaseTable(), Recorder()
+    table.apply_event("add", Lease(mac=A, ip="fd00::1"))
+    table.apply_event("add", Lease(mac=B, ip="fd00::2", source=NEIGHBOURS))
+
+    async def main() -> list[dict[str, Any]]:
+        async with LeaseServer(sockdir / "l.sock", table, on_change):
+            c = await Client.connect(sockdir / "l.sock")
+            replies = [await c.ask({"event": "del", "ip": "fd00::1"}),
+                       await c.ask({"event": "del", "ip": "fd00::2"}),   # not DHCP's to remove
+                       await c.ask({"event": "del", "ip": "fd00::9"}),   # no one holds it
+                       await c.ask({"event": "add", "ip": "fd00::3"}),
+                       await c.ask({"event": "del", "ip": "fd00::3", "iaid": 1})]
+            await c.close()
+            return replies
+    replies = run(main())
+    assert replies[:3] == [{"ok": True, "changed": 1}, {"ok": True, "changed": 0}, {"ok": True, "changed": 0}]
+    assert replies[3] == {"ok": False, "error": "missing 'mac'"}
+    assert replies[4] == {"ok": False, "error": "unknown key 'iaid'"}
+    assert [(x.mac, x.ip) for x in table] == [(B, "fd00::2")]
+    assert [[(c.old.mac, c.new) for c in changes] for changes in on_change.calls] == [[(A, None)]]

@@ -592,3 +592,10 @@ def test_leases_are_validated_and_normalized_however_they_are_made() -> None:
         mac="52:54:00:aa:bb:cc", ip="fd00::1", hostname="vm1")
     with pytest.raises(LeaseError, match="mac"):
         Lease(mac="bogus", ip="10.0.0.1")
+
+
+@pytest.mark.parametrize("name", ["10.0.0.9", "127.0.0.1", "1.2.3.4"])
+def test_a_host_name_that_reads_as_an_ipv4_address_is_rejected(name: str) -> None:
+    with pytest.raises(LeaseError, match="hostname"):
+        normalize_hostname(name)
+    assert normalize_hostname("10.0.0.vm") == "10.0.0.vm" and normalize_hostname("42") == "42"
