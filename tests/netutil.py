@@ -203,7 +203,13 @@ class SyncForwarder:
     def resolve(self, name: str, ip: str | None) -> list["fastfwd.ActiveRule"]:
         return self._loop.run(self.fw.resolve(name, ip))
 
+    def settle(self) -> None:
+        self._loop.run(self.fw.settle())
+
     def counters(self, rule: "fastfwd.ActiveRule") -> "fastfwd.Counters":
+        """Settled first: a worker counts a send once it returned, so a client may already
+        hold a reply the counters read at once would leave out."""
+        self.settle()
         return self.fw.counters(rule)
 
     def sessions(self, rule: "fastfwd.ActiveRule") -> list[tuple[str, int]]:
@@ -745,7 +751,7 @@ def process_threads() -> list[str]:
 
 # A forwarder in a child process: argv[1] is a JSON object {"nofile": N or null, "rules":
 # [[spec, proto, {options}], ...], "workers": N}. It prints one JSON line with the real ports,
-# then answers each "counters" line on stdin with the JSON counters of every rule, and exits
+# then answers each "counters" line on stdin with the JSON counters of every rule (settled), and exits
 # when stdin closes.
 _CHILD = r"""
 import asyncio, dataclasses, json, resource, signal, sys
@@ -765,6 +771,7 @@ async def main():
         loop = asyncio.get_running_loop()
         while (line := await loop.run_in_executor(None, sys.stdin.readline)):
             if line.strip() == "counters":
+                await fw.settle()   # what the clients already received is counted
                 print(json.dumps([dataclasses.asdict(fw.counters(r)) for r in rules]), flush=True)
 
 asyncio.run(main())
