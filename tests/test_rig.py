@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import os
 import re
@@ -19,9 +18,9 @@ from typing import Any
 import pytest
 
 import fastfwd
-from netutil import (LOOP4, AsyncEchoServer, ChildForwarder, SyncForwarder, TcpServer, UdpEcho, connect,
-                     echo_handler, echo_once, is_refused, make_rule, many_echo, payload, process_threads,
-                     refusing_port, run_async, spec, udp_roundtrip, udp_socket, wait_for)
+from netutil import (LOOP4, AsyncEchoServer, TcpServer, UdpEcho, connect, echo_handler, echo_once, is_refused,
+                     make_rule, many_echo, payload, process_threads, refusing_port, run_async, udp_roundtrip,
+                     udp_socket, wait_for)
 
 
 def threads_back_to(threads: list[str]) -> None:
@@ -156,31 +155,6 @@ def test_counters_are_exact_as_soon_as_settle_returns() -> None:
 
     with TcpServer(echo_handler) as tcp_server, UdpEcho() as udp_server:
         run_async(main(tcp_server.port, udp_server.port))
-
-
-def _exact_after_each_echo(port: int, udp_port: int, counters: Callable[[], list[dict[str, int]]]) -> None:
-    """Echo through TCP rule ``port`` and UDP rule ``udp_port`` (in that order in
-    ``counters()``) and, right after each reply, read counters that must already include it."""
-    with connect(port) as stream, udp_socket() as dgram:
-        for i in range(1, 201):
-            message = payload(100 + i, i)
-            assert echo_once(stream, message) == message
-            assert counters()[0]["bytes_down"] == sum(range(101, 101 + i))
-            assert udp_roundtrip(dgram, (LOOP4, udp_port), message) == message
-            udp = counters()[1]
-            assert udp["datagrams_down"] == udp["datagrams_up"] >= i
-
-
-def test_the_test_helpers_read_counters_that_include_what_the_client_got(fwd: SyncForwarder) -> None:
-    """The suite's forwarders (the ``fwd`` fixture, a ChildForwarder) read counters the way
-    tests compare them with what a far end received: settled, or short now and then on a
-    loaded machine."""
-    with TcpServer(echo_handler) as tcp_server, UdpEcho() as udp_server:
-        rules = [fwd.forward(tcp_server.port), fwd.forward(udp_server.port, "udp")]
-        _exact_after_each_echo(rules[0].port, rules[1].port,
-                               lambda: [dataclasses.asdict(fwd.counters(r)) for r in rules])
-        with ChildForwarder.start([(spec(tcp_server.port), "tcp", {}), (spec(udp_server.port), "udp", {})]) as child:
-            _exact_after_each_echo(*child.ports, child.counters)
 
 
 def test_settle_on_a_forwarder_with_no_rules_or_not_running() -> None:
