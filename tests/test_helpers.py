@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from netutil import (LOOP4, ChildForwarder, SyncForwarder, TcpServer, UdpEcho, child_env, connect, echo_handler,
                      echo_once, free_port_range, payload, spec, udp_roundtrip, udp_socket)
 
@@ -45,8 +47,11 @@ def test_concurrent_test_runs_probe_port_ranges_apart() -> None:
     holds its ports: the largest ranges the suite asks for (test_many_rules') must not overlap."""
     count = 4005
     mine = free_port_range(count)
-    other = subprocess.run([sys.executable, "-c", f"import netutil; print(netutil.free_port_range({count}))"],
-                           cwd=Path(__file__).parent, env=child_env(), capture_output=True, text=True, timeout=60)
+    code = f"import netutil; print(netutil._PORTS_CLAIM is not None, netutil.free_port_range({count}))"
+    other = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=child_env(),
+                           capture_output=True, text=True, timeout=60)
     assert other.returncode == 0, other.stderr
-    theirs = int(other.stdout)
-    assert mine + count <= theirs or theirs + count <= mine, (mine, theirs)
+    own_block, theirs = other.stdout.split()
+    if own_block == "False":
+        pytest.skip("every port block is held by other test runs on this machine")
+    assert mine + count <= int(theirs) or int(theirs) + count <= mine, (mine, theirs)
