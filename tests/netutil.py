@@ -203,7 +203,13 @@ class SyncForwarder:
     def resolve(self, name: str, ip: str | None) -> list["fastfwd.ActiveRule"]:
         return self._loop.run(self.fw.resolve(name, ip))
 
+    def settle(self) -> None:
+        self._loop.run(self.fw.settle())
+
     def counters(self, rule: "fastfwd.ActiveRule") -> "fastfwd.Counters":
+        """Settled first: a worker counts a send once it returned, so a client may already
+        hold a reply the counters read at once would leave out."""
+        self.settle()
         return self.fw.counters(rule)
 
     def sessions(self, rule: "fastfwd.ActiveRule") -> list[tuple[str, int]]:
@@ -617,10 +623,36 @@ def udp_roundtrip(sock: socket.socket, target: tuple[str, int], data: bytes, tri
 # Ports
 # ------------------------------------------------------------------------------------------
 
+#: Ports 10000-31999 (below the ephemeral range) in blocks, one per test run on the machine:
+#: room for the most a test holds at once (test_many_rules: 4,005 with 1,200 more).
+PORT_BLOCK = 5500
+
+
+def _claim_port_block() -> tuple[int, socket.socket | None]:
+    """The first port of a block no other test run on this machine searches, and what holds
+    it: an abstract Unix socket named after it, freed when this process ends. Runs that probe
+    a range free and bind it a while later (a daemon starting) must not search the same ports.
+    With every block claimed, the first is shared (None)."""
+    for first in range(10000, 32000, PORT_BLOCK):
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            claim.bind(f"\0fastfwd-tests-ports-{first}")
+            return first, claim
+        except OSError:
+            claim.close()
+    return 10000, None
+
+
+# Claimed at import, before any test counts this process's fds.
+_PORTS_FROM, _PORTS_CLAIM = _claim_port_block()
+
+
 def free_port_range(count: int, host: str = LOOP4, kinds: tuple[int, ...] = (socket.SOCK_STREAM,),
-                    start: int = 10000, stop: int = 32000) -> int:
-    """The first of ``count`` consecutive ports free (at the moment of asking) on ``host``."""
-    for base in range(start + (os.getpid() % 97) * 13, stop - count, count + 7):
+                    start: int | None = None) -> int:
+    """The first of ``count`` consecutive ports free (at the moment of asking) on ``host``, in
+    this test run's block (from port ``start`` on, if given)."""
+    base = start or _PORTS_FROM
+    while base + count <= _PORTS_FROM + PORT_BLOCK:
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + count):
@@ -631,7 +663,7 @@ def free_port_range(count: int, host: str = LOOP4, kinds: tuple[int, ...] = (soc
                     s.bind((host, port))
             return base
         except OSError:
-            continue
+            base = port + 1  # the first range past the port taken
         finally:
             for s in socks:
                 s.close()
@@ -745,7 +777,7 @@ def process_threads() -> list[str]:
 
 # A forwarder in a child process: argv[1] is a JSON object {"nofile": N or null, "rules":
 # [[spec, proto, {options}], ...], "workers": N}. It prints one JSON line with the real ports,
-# then answers each "counters" line on stdin with the JSON counters of every rule, and exits
+# then answers each "counters" line on stdin with the JSON counters of every rule (settled), and exits
 # when stdin closes.
 _CHILD = r"""
 import asyncio, dataclasses, json, resource, signal, sys
@@ -765,6 +797,7 @@ async def main():
         loop = asyncio.get_running_loop()
         while (line := await loop.run_in_executor(None, sys.stdin.readline)):
             if line.strip() == "counters":
+                await fw.settle()   # what the clients already received is counted
                 print(json.dumps([dataclasses.asdict(fw.counters(r)) for r in rules]), flush=True)
 
 asyncio.run(main())

@@ -19,15 +19,19 @@ def unacked(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
-def fill(sock: socket.socket, data: bytes) -> int:
-    """Send without blocking until the socket takes no more; how many bytes it took."""
+def fill(sock: socket.socket, data: bytes) -> tuple[int, bool]:
+    """Send without blocking until the socket takes no more, or is reset: how many bytes it
+    took, and whether it was reset (the kernel keeps a reset socket's count of unacknowledged
+    bytes, so the first is exact either way)."""
     sent = 0
     while sent < len(data):
         try:
             sent += sock.send(data[sent:sent + (1 << 20)])
         except BlockingIOError:
             break
-    return sent
+        except ConnectionResetError:
+            return sent, True
+    return sent, False
 
 
 def flood_until_stalled(sock: socket.socket, data: bytes, passed_on: Callable[[], int]) -> int:
@@ -37,7 +41,9 @@ def flood_until_stalled(sock: socket.socket, data: bytes, passed_on: Callable[[]
     sent, last = [0], [(-1, -1, -1)]
 
     def stalled() -> bool:
-        sent[0] += fill(sock, data[sent[0]:])
+        took, was_reset = fill(sock, data[sent[0]:])
+        assert not was_reset, "reset before the path filled up"
+        sent[0] += took
         now = (sent[0], unacked(sock), passed_on())
         still, last[0] = now == last[0], now
         return still

@@ -227,11 +227,14 @@ def test_a_target_gone_silent_while_the_client_sends_is_reset(net: Net, cut: str
             else:
                 net.drop_all() if cut == "drop" else net.vanish("target")
             sock.setblocking(False)
-            sent = MB + fill(sock, data[MB:])
+            # The idle timeout counts from the forwarder's last move, so on a loaded machine it
+            # may reset the client while the client still fills its own socket.
+            took, reset_while_filling = fill(sock, data[MB:])
+            sent = MB + took
             counters = ended(rule, net.fw)
             acknowledged = sent - unacked(sock)     # a reset socket keeps the count
             sock.settimeout(TIMEOUT)
-            assert closed_how(sock) == "reset"
+            assert reset_while_filling or closed_how(sock) == "reset"
             gate.set()
         assert bytes(got) == data[:MB]
         assert counters.bytes_up >= MB
