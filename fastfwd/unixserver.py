@@ -158,8 +158,7 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
         raise OSError(errno.ENAMETOOLONG, f"too long for a Unix socket ({len(os.fsencode(path))} bytes, "
                       f"at most {MAX_SOCKET_PATH})", str(path))
     _check_owners(path.parent)
-    new_dirs = [d for d in (path.parent, *path.parent.parents) if not os.path.lexists(d)]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    new_dirs = make_dirs(path.parent)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ffbind-") as private:
@@ -210,8 +209,17 @@ def _grant_users(path: str, access: Access) -> None:
                       "(list the users' group in allow_groups instead)") from None
 
 
+def make_dirs(directory: Path) -> list[Path]:
+    """Make ``directory`` and its missing parents; the ones made, deepest first. A file in
+    its place is left for the caller's use of it to report (as "Not a directory")."""
+    made = [d for d in (directory, *directory.parents) if not os.path.lexists(d)]
+    if made:
+        directory.mkdir(parents=True, exist_ok=True)
+    return made
+
+
 def remove_dirs(dirs: Iterable[Path]) -> None:
-    """Remove the directories ``bind_unix`` made (deepest first), as far as they are empty:
+    """Remove the directories ``make_dirs`` made (deepest first), as far as they are empty:
     one still holding another socket or the lease state stays."""
     for d in dirs:
         try:
