@@ -32,7 +32,8 @@ import time
 from typing import Any
 
 from .lease_file import read_lease_file
-from .leases import EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac, normalize_scope
+from .leases import (EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac,
+                     normalize_scope)
 from .unixclient import DaemonError, DaemonUnreachable, Parser, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"

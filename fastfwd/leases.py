@@ -325,7 +325,7 @@ class LeaseTable:
         if event == "del":
             held = self._leases.get(holder) if holder == lease.key else None
             if held is not None and (held.source, held.scope) == (lease.source, lease.scope):
-                self._drop(holder)
+                self._drop(lease.key)
         elif all(lease.outranks(old) for old in before.values() if old is not None):
             self._put(lease)
         return self._commit(before)

@@ -177,7 +177,7 @@ BAD_MESSAGES: list[tuple[bytes, str]] = [
     (json.dumps({**event("add"), "lease_time": 3600}).encode() + b"\n", "unknown key 'lease_time'"),
     (json.dumps({"event": "add", "ip": "10.0.0.1"}).encode() + b"\n", "missing 'mac'"),
     (json.dumps({"snapshot": {"mac": A}}).encode() + b"\n", "snapshot: expected a list"),
-    (json.dumps({"snapshot": [], "event": "add"}).encode() + b"\n", "only the 'snapshot' and 'family' keys"),
+    (json.dumps({"snapshot": [], "event": "add"}).encode() + b"\n", "only the 'snapshot', 'family' and 'scope' keys"),
     (json.dumps({"snapshot": [], "family": 5}).encode() + b"\n", "family: expected 4 or 6, got 5"),
     (json.dumps({"snapshot": [], "family": True}).encode() + b"\n", "family: expected 4 or 6, got True"),
     (json.dumps({"snapshot": [], "family": 4.0}).encode() + b"\n", "family: expected 4 or 6, got 4.0"),
