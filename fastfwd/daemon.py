@@ -634,7 +634,7 @@ class Daemon:
                 raise SettingsError(f"control_socket and lease_socket are both {os.path.abspath(c.lease_socket)}: "
                                     "give each its own path")
             units.append(LeaseServer(c.lease_socket, self.leases, self.leases_changed, access=access,
-                                     lock=self._lease_lock))
+                                     lock=self._lease_lock, lease_file=self.sources.dhcp_lease_file))
         for unit in units:
             try:
                 await unit.start()

@@ -13,6 +13,10 @@ snapshot (for example after a restart of both), which the daemon reconciles agai
 table; the IPv6 leases it holds are left alone. An empty lease file sends nothing (dnsmasq
 empties it before writing it again).
 
+Where several dnsmasq instances feed one daemon (one per bridge), each hook names its own with
+``--scope NAME`` (or ``$FASTFWD_SCOPE``), which goes with its events and snapshots: a snapshot
+then replaces only the leases that dnsmasq granted.
+
 A daemon that is restarting (its socket missing or refusing) is tried again until the
 timeout: dnsmasq never runs a failed script again.
 
@@ -28,10 +32,12 @@ import time
 from typing import Any
 
 from .lease_file import read_lease_file
-from .leases import EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac
+from .leases import (EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac,
+                     normalize_scope)
 from .unixclient import DaemonError, DaemonUnreachable, Parser, call, timeout_arg
 
 SOCKET_ENV = "FASTFWD_LEASE_SOCKET"
+SCOPE_ENV = "FASTFWD_SCOPE"
 #: Seconds between tries to reach a daemon whose socket is missing or refuses (restarting).
 RETRY_INTERVAL = 0.2
 
@@ -40,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         message = _message(args.action, args.args)
+        if message is not None and args.scope:  # none: a daemon from before scopes takes it
+            message["scope"] = normalize_scope(args.scope)
     except LeaseError as exc:
         print(f"fastfwd-dhcp-hook: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", "--lease-socket", dest="socket", metavar="PATH",
                         default=os.environ.get(SOCKET_ENV),
                         help=f"the lease socket (default: ${SOCKET_ENV}, else the daemon's default)")
+    parser.add_argument("--scope", metavar="NAME", default=os.environ.get(SCOPE_ENV),
+                        help="the DHCP server this one is, where several feed the daemon: a snapshot "
+                             f"replaces the leases of its scope only (default: ${SCOPE_ENV}, else none)")
     parser.add_argument("--timeout", type=timeout_arg, default=10.0, metavar="SECONDS",
                         help="seconds the whole exchange may take (default: 10)")
     parser.add_argument("action", help="add, old, del, snapshot; anything else is ignored")

@@ -2,9 +2,10 @@
 
 Messages (one JSON object per line)::
 
-    {"event": "add"|"old"|"del", "mac": "52:54:00:12:34:56", "ip": "10.0.0.5", "hostname": "vm1"}
+    {"event": "add"|"old"|"del", "mac": "52:54:00:12:34:56", "ip": "10.0.0.5", "hostname": "vm1",
+     "scope": "br0"}
     {"event": "del", "ip": "fd00::5"}    (the DHCP lease holding the address, whichever MAC)
-    {"snapshot": [{"mac": ..., "ip": ..., "hostname": ...}, ...], "family": 4}
+    {"snapshot": [{"mac": ..., "ip": ..., "hostname": ...}, ...], "family": 4, "scope": "br0"}
 
 Replies: ``{"ok": true, "changed": N}`` once the table has the change and the daemon's
 ``on_change`` callback (which re-points the rules) has returned; or ``{"ok": false, "error":
@@ -12,12 +13,15 @@ Replies: ``{"ok": true, "changed": N}`` once the table has the change and the da
 reply also means every earlier message is live. Saving the table is the table's business
 (see ``LeaseTable``'s ``save_delay``). A snapshot replaces the DHCP leases only: what other
 sources (the neighbour table) found stays; with ``family`` (optional, 4 or 6) it replaces the
-DHCP leases of that IP version only.
+DHCP leases of that IP version only. ``scope`` (optional) names the DHCP server a message
+comes from: a snapshot replaces the leases of its scope only. A message without one is the
+unnamed server's, and so is one whose scope is the path of the daemon's own lease file.
 
 Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 100,000 leases with host names).
 
 ``apply_lease_file`` and ``reread_lease_file`` take the same snapshot from dnsmasq's lease
-file (``[sources] dhcp_lease_file``): events lost while the daemon was down are made good.
+file (``[sources] dhcp_lease_file``), as the unnamed server's: events lost while the daemon was
+down are made good.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from typing import Any
 
 from .lease_file import read_lease_file
 from .leases import (Lease, LeaseChange, LeaseError, LeaseTable, OnChange, held_address,
-                     normalize_hostname)
+                     normalize_hostname, normalize_scope)
 from .unixserver import OWNER_ONLY, Access, JsonLineServer, Request, RequestError
 
 log = logging.getLogger("fastfwd.leases")
@@ -44,17 +48,22 @@ class LeaseServer(JsonLineServer):
     """Serves ``table`` on ``path``; ``on_change(changes)`` must return once rules are live."""
 
     def __init__(self, path: str | os.PathLike[str], table: LeaseTable, on_change: OnChange, *,
-                 access: Access = OWNER_ONLY, lock: asyncio.Lock | None = None, **limits: Any) -> None:
+                 access: Access = OWNER_ONLY, lock: asyncio.Lock | None = None, lease_file: str | None = None,
+                 **limits: Any) -> None:
         """``lock`` serializes changes with other writers of ``table`` (say, an address source
-        watching the bridge); each message holds it from applying until ``on_change`` returned."""
+        watching the bridge); each message holds it from applying until ``on_change`` returned.
+        ``lease_file`` is the daemon's ``dhcp_lease_file``: the scope naming it is the unnamed
+        one, whose leases that file's snapshots replace, so the hook of the dnsmasq writing it
+        (``fastfwd-bridge`` names each dnsmasq by its lease file) agrees with them."""
         super().__init__(path, self._handle, name="lease", access=access, line_limit=EVENT_MAX,
                          max_line=SNAPSHOT_MAX, **limits)
         self.table = table
         self._on_change = on_change
         self._lock = lock if lock is not None else asyncio.Lock()
+        self._unnamed = {"", os.path.abspath(lease_file)} if lease_file is not None else {""}
 
     async def _handle(self, request: Request) -> dict[str, Any]:
-        change = _parse(request)
+        change = _parse(request, self._unnamed)
         async with self._lock:
             try:
                 changes = change(self.table)
@@ -138,16 +147,18 @@ def _held(lease: Lease) -> str:
     return f"{lease.ip} {lease.hostname}" if lease.hostname else lease.ip
 
 
-def _parse(request: Request) -> Callable[[LeaseTable], list[LeaseChange]]:
+def _parse(request: Request, unnamed: set[str]) -> Callable[[LeaseTable], list[LeaseChange]]:
     """Validate a whole message before anything is applied: what applies it to the table (an
-    event's name is checked by the table)."""
+    event's name is checked by the table). A scope in ``unnamed`` is the unnamed one."""
     doc = request.message
     if not isinstance(doc, dict):
         raise RequestError(f"expected a JSON object, got {type(doc).__name__}")
     try:
+        scope = normalize_scope(doc.get("scope"))
+        scope = "" if scope in unnamed else scope
         if "snapshot" in doc:
-            if not set(doc) <= {"snapshot", "family"}:
-                raise LeaseError("a snapshot message has only the 'snapshot' and 'family' keys")
+            if not set(doc) <= {"snapshot", "family", "scope"}:
+                raise LeaseError("a snapshot message has only the 'snapshot', 'family' and 'scope' keys")
             family = doc.get("family")
             if family is not None and (type(family) is not int or family not in (4, 6)):  # not True, not 4.0
                 raise LeaseError(f"family: expected 4 or 6, got {family!r}")
@@ -157,10 +168,10 @@ def _parse(request: Request) -> Callable[[LeaseTable], list[LeaseChange]]:
             now = time.time()  # the claims of one snapshot are equal (see LeaseTable.named)
             for i, entry in enumerate(doc["snapshot"]):
                 try:
-                    leases.append(Lease.from_message(entry, seen=now))
+                    leases.append(Lease.from_message(entry, seen=now, scope=scope))
                 except LeaseError as exc:
                     raise LeaseError(f"snapshot[{i}]: {exc}") from None
-            return functools.partial(LeaseTable.apply_snapshot, leases=leases, family=family)
+            return functools.partial(LeaseTable.apply_snapshot, leases=leases, family=family, scope=scope)
         if request.size > EVENT_MAX:
             raise LeaseError(f"event line too long (limit {EVENT_MAX} bytes)")
         if "event" not in doc:
@@ -170,10 +181,10 @@ def _parse(request: Request) -> Callable[[LeaseTable], list[LeaseChange]]:
         if doc["event"] == "del" and "mac" not in doc:
             # DHCPv6: dnsmasq keeps no MAC for a lease across its restart, so its expiry may
             # come with the address alone.
-            Lease.check_keys(doc, extra=("event",), required=("ip",))
+            Lease.check_keys(doc, extra=("event", "scope"), required=("ip",))
             normalize_hostname(doc.get("hostname"))  # checked as in any event, though unused
-            return functools.partial(LeaseTable.release, ip=held_address(doc["ip"]))
-        lease = Lease.from_message(doc, extra=("event",))
+            return functools.partial(LeaseTable.release, ip=held_address(doc["ip"]), scope=scope)
+        lease = Lease.from_message(doc, scope=scope, extra=("event", "scope"))
         return functools.partial(LeaseTable.apply_event, event=doc["event"], lease=lease)
     except LeaseError as exc:
         raise RequestError(str(exc)) from None

@@ -13,6 +13,11 @@ other way round. Where both know a MAC, or one address, **DHCP wins**: a DHCP le
 a neighbour-learned one, and a sighting never replaces a DHCP lease (the grant is what the
 guest was told to use; a sighting is only what answered on the bridge, and may be stale).
 
+A DHCP lease also remembers its *scope*: which DHCP server granted it (a name; "" for the
+unnamed one). Several servers (one dnsmasq per bridge) may feed one table, and a snapshot
+replaces the leases of its own scope only; an event takes the MAC's lease whatever scope held
+it (the VM moved to another server), and a ``del`` removes only a lease of its own scope.
+
 The table persists to one JSON file in the state directory: written to a temporary file,
 fsynced, renamed over the old one, and the directory fsynced, so a crash leaves either the
 old or the new file. With a ``save_delay``, changes are saved together at most that long
@@ -25,6 +30,7 @@ one, with a log line each.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import ipaddress
@@ -35,7 +41,6 @@ import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -65,6 +70,9 @@ SAVE_RETRY_MAX = 30.0
 
 _MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+#: A scope may be a lease file's path: up to PATH_MAX, and no control characters, which would
+#: break the log lines that name it.
+_SCOPE = re.compile(r"^[^\x00-\x1f\x7f]{0,4096}$")
 
 
 class LeaseError(ValueError):
@@ -117,6 +125,15 @@ def normalize_hostname(value: object) -> str | None:
     return name
 
 
+def normalize_scope(value: object) -> str:
+    """The name of the DHCP server that granted a lease; None or "" for the unnamed one."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not _SCOPE.fullmatch(value):
+        raise LeaseError(f"scope: {value!r:.80} is not a string of up to 4096 printable characters")
+    return value
+
+
 def client_hostname(value: str, note: Callable[[str], None]) -> str | None:
     """A host name a DHCP client chose: an invalid one is dropped with a ``note``, not fatal,
     since the lease (and the rules that follow its MAC) still matter."""
@@ -127,7 +144,7 @@ def client_hostname(value: str, note: Callable[[str], None]) -> str | None:
         return None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Lease:
     """One address held by one machine. ``seen`` is when its source first reported it as it
     stands: a report that repeats it changes nothing, so ``seen`` orders the claims to a name."""
@@ -137,6 +154,7 @@ class Lease:
     hostname: str | None = None
     seen: float = 0.0
     source: Source = DHCP
+    scope: str = ""
 
     def __post_init__(self) -> None:
         # Every way in (socket, state file, other address sources) is validated and normalized here.
@@ -145,6 +163,7 @@ class Lease:
         object.__setattr__(self, "hostname", normalize_hostname(self.hostname))
         if self.source not in SOURCES:
             raise LeaseError(f"source: expected one of {', '.join(SOURCES)}, got {self.source!r:.80}")
+        object.__setattr__(self, "scope", normalize_scope(self.scope))
 
     @functools.cached_property
     def key(self) -> LeaseKey:
@@ -152,11 +171,11 @@ class Lease:
 
     @classmethod
     def from_message(cls, doc: object, *, seen: float | None = None, source: object = DHCP,
-                     extra: Iterable[str] = ()) -> Lease:
+                     scope: object = "", extra: Iterable[str] = ()) -> Lease:
         """Validate ``{"mac", "ip", "hostname"?}``; ``extra`` names further keys the caller reads."""
         doc = cls.check_keys(doc, extra)
         return cls(mac=doc["mac"], ip=doc["ip"], hostname=doc.get("hostname"),
-                   seen=time.time() if seen is None else seen, source=source)  # type: ignore[arg-type]
+                   seen=time.time() if seen is None else seen, source=source, scope=scope)  # type: ignore[arg-type]
 
     @staticmethod
     def check_keys(doc: object, extra: Iterable[str] = (),
@@ -174,19 +193,34 @@ class Lease:
         return doc
 
     def same(self, other: Lease | None) -> bool:
-        """Equal but for ``seen``: what matters for forwarding, and which source may remove it."""
+        """Equal but for ``seen``: what matters for forwarding, and who may remove it."""
+        return other is not None and self.same_claim(other) and self.scope == other.scope
+
+    def same_claim(self, other: Lease | None) -> bool:
+        """Equal but for ``seen`` and ``scope``: another DHCP server reporting a lease as it
+        stands (the VM moved to its bridge) claims its host name no more than a repeat does."""
         return other is not None and (self.mac, self.ip, self.hostname, self.source) == (
             other.mac, other.ip, other.hostname, other.source)
+
+    def as_repeat_of(self, old: Lease | None) -> Lease:
+        """This lease with ``old``'s ``seen`` if it makes the same claim (see ``same_claim``)."""
+        if old is None or not self.same_claim(old) or self.seen == old.seen:
+            return self
+        return dataclasses.replace(self, seen=old.seen)
 
     def outranks(self, other: Lease) -> bool:
         """May this lease replace ``other`` (the same MAC and family, or the same address)?"""
         return SOURCES.index(self.source) >= SOURCES.index(other.source)
 
     def to_json(self) -> dict[str, Any]:
-        # DHCP, the default, is left out: a state file of DHCP leases alone stays readable
-        # by versions that predate sources.
-        doc = {"mac": self.mac, "ip": self.ip, "hostname": self.hostname, "seen": self.seen}
-        return doc if self.source == DHCP else {**doc, "source": self.source}
+        # DHCP and the unnamed scope, the defaults, are left out: a state file of such leases
+        # stays readable by versions that predate sources and scopes.
+        doc: dict[str, Any] = {"mac": self.mac, "ip": self.ip, "hostname": self.hostname, "seen": self.seen}
+        if self.source != DHCP:
+            doc["source"] = self.source
+        if self.scope:
+            doc["scope"] = self.scope
+        return doc
 
     @functools.cached_property
     def record(self) -> str:
@@ -195,7 +229,7 @@ class Lease:
         return _encode(self.to_json())
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LeaseChange:
     """One lease that appeared (``old`` None), went (``new`` None) or changed."""
 
@@ -208,7 +242,7 @@ class LeaseChange:
 OnChange = Callable[[list[LeaseChange]], Awaitable[None]]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class HostEntry:
     """A ``[hosts.NAME]`` entry: the name follows a MAC's lease, or stands for a fixed IP."""
 
@@ -279,41 +313,45 @@ class LeaseTable:
 
     # -- changing ----------------------------------------------------------------------------
     def apply_event(self, event: str, lease: Lease) -> list[LeaseChange]:
-        """Apply one event from ``lease.source``. ``add``/``old`` set the lease unless a lease
-        of a source that outranks it holds the MAC (for that family) or the address; ``del``
-        removes it if the MAC still holds that address, from the same source. Returns what
-        changed (a refreshed ``seen`` alone is not a change)."""
+        """Apply one event from ``lease.source`` and ``lease.scope``. ``add``/``old`` set the
+        lease unless a lease of a source that outranks it holds the MAC (for that family) or
+        the address; ``del`` removes it if the MAC still holds that address, from the same
+        source and scope. Returns what changed (a refreshed ``seen`` alone is not a change)."""
         if event not in EVENTS:
             raise LeaseError(f"event: expected one of {', '.join(EVENTS)}, got {event!r:.80}")
         holder = self._holders.get(lease.ip)
         # Only the MAC's own lease and the address's previous holder can change.
         before = {key: self._leases.get(key) for key in {lease.key, holder} if key is not None}
         if event == "del":
-            if holder == lease.key and self._leases[holder].source == lease.source:
-                self._drop(holder)
+            held = self._leases.get(holder) if holder == lease.key else None
+            if held is not None and (held.source, held.scope) == (lease.source, lease.scope):
+                self._drop(lease.key)
         elif all(lease.outranks(old) for old in before.values() if old is not None):
             self._put(lease)
         return self._commit(before)
 
-    def release(self, ip: str, source: Source = DHCP) -> list[LeaseChange]:
+    def release(self, ip: str, source: Source = DHCP, scope: str = "") -> list[LeaseChange]:
         """A ``del`` that names the address alone (a DHCPv6 lease whose MAC the DHCP server no
-        longer knows): the lease of ``source`` that holds it goes, whichever MAC that is."""
+        longer knows): the lease of ``source`` and ``scope`` that holds it goes, whichever MAC
+        that is."""
         held = self.holding(ip)
-        return [] if held is None else self.apply_event("del", Lease(held.mac, held.ip, source=source))
+        return [] if held is None else self.apply_event("del", Lease(held.mac, held.ip, source=source, scope=scope))
 
     def apply_snapshot(self, leases: Iterable[Lease], source: Source = DHCP,
-                       family: int | None = None) -> list[LeaseChange]:
-        """Make ``source``'s part of the table exactly ``leases``: any lease of that source
-        absent from it is gone; the other sources' leases stay, unless the snapshot outranks
-        them on their MAC or address. With ``family`` (4 or 6) the snapshot covers only that
-        IP version, and the source's leases of the other stay. Validated whole first, so a
-        snapshot that lists a MAC twice per family, or one address twice, or a lease of another
-        source or family, changes nothing."""
+                       family: int | None = None, scope: str = "") -> list[LeaseChange]:
+        """Make the part of the table of ``source`` and ``scope`` exactly ``leases``: any lease
+        of theirs absent from it is gone; the other leases stay, unless the snapshot claims
+        their MAC or address and their source does not outrank it. With ``family`` (4 or 6)
+        the snapshot covers only that IP version. Validated whole first, so a snapshot that
+        lists a MAC twice per family, or one address twice, or a lease of another source,
+        scope or family, changes nothing."""
         wanted: dict[LeaseKey, Lease] = {}
         holders: dict[str, LeaseKey] = {}
         for lease in leases:
             if lease.source != source:
                 raise LeaseError(f"a {source} snapshot lists a {lease.source} lease ({lease.mac})")
+            if lease.scope != scope:
+                raise LeaseError(f"a snapshot of scope {scope!r:.80} lists a lease of scope {lease.scope!r:.80}")
             if family is not None and lease.key[1] != family:
                 raise LeaseError(f"an IPv{family} snapshot lists {lease.ip} ({lease.mac})")
             if lease.key in wanted:
@@ -326,16 +364,19 @@ class LeaseTable:
         before: dict[LeaseKey, Lease | None] = {key: None for key in wanted}
         before.update(old)
         rank = SOURCES.index(source)
-        # Lower sources keep what the snapshot does not claim; higher ones displace it.
-        below = [lease for lease in old.values() if SOURCES.index(lease.source) < rank
-                 and lease.key not in wanted and lease.ip not in holders]
+
+        def covered(lease: Lease) -> bool:
+            return (lease.source, lease.scope) == (source, scope) and family in (None, lease.key[1])
+        # Lower sources, and the source's leases the snapshot does not cover (another scope or
+        # family), keep what the snapshot does not claim; higher sources displace it.
+        below = [lease for lease in old.values() if (SOURCES.index(lease.source) < rank or (
+                 lease.source == source and not covered(lease))) and lease.key not in wanted
+                 and lease.ip not in holders]
         above = [lease for lease in old.values() if SOURCES.index(lease.source) > rank]
-        uncovered = [lease for lease in old.values()
-                     if lease.source == source and family is not None and lease.key[1] != family]
         self._leases, self._holders, self._named = {}, {}, {}
         for key, lease in wanted.items():
-            self._set(old[key] if lease.same(old.get(key)) else lease)  # a repeat keeps its ``seen``
-        for lease in (*uncovered, *below, *above):
+            self._set(lease.as_repeat_of(old.get(key)))  # a repeat keeps its ``seen``
+        for lease in (*below, *above):
             self._put(lease)
         return self._commit(before)
 
@@ -345,6 +386,7 @@ class LeaseTable:
             # A repeat (dnsmasq's ``old`` at its restart) claims nothing anew: were its
             # ``seen`` renewed, it would take a contested name back from the later claim.
             return
+        lease = lease.as_repeat_of(replaced)
         if replaced is not None:
             self._drop(lease.key)
         # The newest holder of an address wins: the previous holder's del may have been lost.
@@ -461,7 +503,8 @@ class LeaseTable:
     def restore(cls, state_file: str | os.PathLike[str], *, save_delay: float = 0.0) -> LeaseTable:
         """The table saved in ``state_file``, bound to it for later saves. A missing file gives
         an empty table; a damaged one is moved aside to ``*.corrupt`` and gives an empty table.
-        An entry without a ``source`` (written before there were sources) is a DHCP lease."""
+        An entry without a ``source`` (written before there were sources) is a DHCP lease, one
+        without a ``scope`` a lease of the unnamed DHCP server."""
         path = Path(state_file)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)  # a write cut short by a crash: never valid state
@@ -486,7 +529,7 @@ class LeaseTable:
                 if not isinstance(seen, (int, float)) or isinstance(seen, bool):
                     raise LeaseError("seen: expected a time")
                 table._put(Lease.from_message(entry, seen=float(seen), source=entry.get("source", DHCP),
-                                              extra=("seen", "source")))
+                                              scope=entry.get("scope"), extra=("seen", "source", "scope")))
             except LeaseError as exc:
                 log.warning("lease state %s: entry %d skipped: %s", path, i, exc)
         log.info("restored %d lease(s) from %s", len(table), path)

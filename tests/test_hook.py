@@ -377,3 +377,26 @@ def test_an_event_the_daemon_did_not_get_is_named_in_the_error(sockdir: Path) ->
     assert proc.returncode == 1
     assert proc.stderr == (f"fastfwd-dhcp-hook: del {A} 10.0.0.1 vm1: cannot reach fastfwd at {path}: "
                            "no such socket (is the daemon running?)\n")
+
+
+def _scoped(server: ServerThread) -> list[tuple[str, str, str]]:
+    async def read() -> list[tuple[str, str, str]]:
+        return [(x.mac, x.ip, x.scope) for x in server.table]
+    return asyncio.run_coroutine_threadsafe(read(), server._loop).result(timeout=30)
+
+
+def test_the_scope_goes_with_events_and_snapshots(server: ServerThread, sockdir: Path) -> None:
+    """One dnsmasq per bridge, each hook told its scope: a snapshot of one bridge's lease file
+    replaces that bridge's leases alone. The option wins over the environment."""
+    bridge_a = {"FASTFWD_SCOPE": "br-a", "DNSMASQ_INTERFACE": "br-a", "DNSMASQ_LEASE_EXPIRES": "1900000000"}
+    for args, env in ((["add", A, "10.0.0.1", "vm1"], bridge_a), (["--scope", "br-b", "add", B, "10.0.0.2"], bridge_a),
+                      (["add", C, "10.0.0.3"], {})):
+        proc = hook(*args, socket_path=server.path, env=env)
+        assert (proc.returncode, proc.stderr) == (0, ""), args
+    assert _scoped(server) == [(A, "10.0.0.1", "br-a"), (B, "10.0.0.2", "br-b"), (C, "10.0.0.3", "")]
+    leasefile = sockdir / "br-a.leases"
+    leasefile.write_text(f"1900000000 {C} 10.0.0.9 * *\n")  # A released (its del lost), C moved here
+    assert hook("snapshot", str(leasefile), socket_path=server.path, env=bridge_a).returncode == 0
+    assert _scoped(server) == [(B, "10.0.0.2", "br-b"), (C, "10.0.0.9", "br-a")]
+    proc = hook("--scope", "br\x01a", "add", A, "10.0.0.1", socket_path=server.path)
+    assert proc.returncode == 2 and "scope" in proc.stderr

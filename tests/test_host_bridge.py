@@ -187,7 +187,8 @@ def test_a_real_lease_reaches_the_lease_socket(br: Bridge) -> None:
         br.sh("ip", "link", "set", "vm1-port", "master", "br-vms")
         ip = br.lab.dhcp_client(vm, hostname="vm1").wait_address()
         assert daemon.got.wait(30)
-        assert daemon.messages[0] == {"event": "add", "mac": VM_MAC, "ip": ip, "hostname": "vm1"}
+        assert daemon.messages[0] == {"event": "add", "mac": VM_MAC, "ip": ip, "hostname": "vm1",
+                                      "scope": str(br.state / "br-vms.leases")}
         assert ip.startswith(br.subnet + ".")
     finally:
         daemon.close()

@@ -177,7 +177,7 @@ BAD_MESSAGES: list[tuple[bytes, str]] = [
     (json.dumps({**event("add"), "lease_time": 3600}).encode() + b"\n", "unknown key 'lease_time'"),
     (json.dumps({"event": "add", "ip": "10.0.0.1"}).encode() + b"\n", "missing 'mac'"),
     (json.dumps({"snapshot": {"mac": A}}).encode() + b"\n", "snapshot: expected a list"),
-    (json.dumps({"snapshot": [], "event": "add"}).encode() + b"\n", "only the 'snapshot' and 'family' keys"),
+    (json.dumps({"snapshot": [], "event": "add"}).encode() + b"\n", "only the 'snapshot', 'family' and 'scope' keys"),
     (json.dumps({"snapshot": [], "family": 5}).encode() + b"\n", "family: expected 4 or 6, got 5"),
     (json.dumps({"snapshot": [], "family": True}).encode() + b"\n", "family: expected 4 or 6, got True"),
     (json.dumps({"snapshot": [], "family": 4.0}).encode() + b"\n", "family: expected 4 or 6, got 4.0"),
@@ -642,3 +642,33 @@ def test_a_del_without_a_mac_removes_the_dhcp_lease_holding_the_address(run: Run
     assert replies[4] == {"ok": False, "error": "unknown key 'iaid'"}
     assert [(x.mac, x.ip) for x in table] == [(B, "fd00::2")]
     assert [[(c.old.mac, c.new) for c in changes] for changes in on_change.calls] == [[(A, None)]]
+
+
+def test_a_snapshot_replaces_the_leases_of_its_scope_and_a_message_without_one_is_unscoped(
+        run: Run, sockdir: Path) -> None:
+    """Several DHCP servers feed one socket, each naming itself by a scope. The daemon's own
+    lease file (``[sources] dhcp_lease_file``), which it snapshots unscoped, names the unnamed
+    server by its path, so the hook of the dnsmasq writing it agrees with that snapshot."""
+    table = LeaseTable()
+    own = str(sockdir / "br-a.leases")
+
+    async def main() -> list[dict[str, Any]]:
+        async with LeaseServer(sockdir / "l.sock", table, Recorder(), lease_file=own):
+            c = await Client.connect(sockdir / "l.sock")
+            replies = [await c.ask(message) for message in (
+                {**event("add"), "scope": own},
+                {**event("add", mac=B, ip="10.0.0.2", hostname="vm2"), "scope": "br-b"},
+                {"snapshot": [], "family": 4},  # before scopes: the unnamed server's
+                {"snapshot": [{"mac": "52:54:00:00:00:0c", "ip": "10.0.0.3"}], "scope": "br-b"},
+                {**event("add"), "scope": 5},
+                {"event": "del", "ip": "10.0.0.3"},  # not the unnamed server's lease
+                {"snapshot": [], "scope": "br-c"},
+            )]
+            leases = [(x.mac, x.scope) for x in table]
+            replies.append(await c.ask({"event": "del", "ip": "10.0.0.3", "scope": "br-b"}))
+            await c.close()
+            return [*replies, leases]
+    *replies, leases = run(main())
+    assert [r.get("changed") for r in replies] == [1, 1, 1, 2, None, 0, 0, 1]
+    assert "scope" in replies[4]["error"]
+    assert leases == [("52:54:00:00:00:0c", "br-b")] and len(table) == 0

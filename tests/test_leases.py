@@ -599,3 +599,54 @@ def test_a_host_name_that_reads_as_an_ipv4_address_is_rejected(name: str) -> Non
     with pytest.raises(LeaseError, match="hostname"):
         normalize_hostname(name)
     assert normalize_hostname("10.0.0.vm") == "10.0.0.vm" and normalize_hostname("42") == "42"
+
+
+# -- scopes: which DHCP server granted a lease ---------------------------------------------------
+def test_a_snapshot_replaces_only_the_leases_of_its_scope() -> None:
+    table = LeaseTable([Lease(A, "10.0.0.1", "vm1", scope="br-a"), Lease(B, "10.0.1.2", "vm2", scope="br-b"),
+                        Lease(C, "10.0.2.3", "vm3"), Lease(A, "fd00::a", scope="br-a")])
+    changes = table.apply_snapshot([Lease(A, "10.0.0.9", scope="br-a")], family=4, scope="br-a")
+    assert [(c.old and c.old.ip, c.new and c.new.ip) for c in changes] == [("10.0.0.1", "10.0.0.9")]
+    assert sorted((x.ip, x.scope) for x in table) == [
+        ("10.0.0.9", "br-a"), ("10.0.1.2", "br-b"), ("10.0.2.3", ""), ("fd00::a", "br-a")]
+    # A snapshot without a scope is the unnamed server's, as before scopes: the others stay.
+    assert [c.old.ip for c in table.apply_snapshot([]) if c.old] == ["10.0.2.3"]
+    assert sorted(x.ip for x in table) == ["10.0.0.9", "10.0.1.2", "fd00::a"]
+    with pytest.raises(LeaseError, match="scope"):
+        table.apply_snapshot([Lease(C, "10.0.2.3", scope="br-a")], scope="br-b")
+
+
+def test_a_scope_takes_a_lease_another_scope_granted_and_removes_only_its_own() -> None:
+    """A VM moved to another bridge: that bridge's server now speaks for its lease. The move is
+    no new claim to the lease's host name, so it does not take the name from a later claim."""
+    table = LeaseTable([lease(A, "10.0.0.1", "vm1", seen=1.0, source=DHCP)])
+    table.apply_event("add", Lease(B, "10.0.0.2", "vm1", seen=2.0, scope="br-b"))
+    moved = table.apply_event("old", Lease(A, "10.0.0.1", "vm1", seen=3.0, scope="br-a"))
+    assert [(c.old.scope, c.new.scope) for c in moved if c.old and c.new] == [("", "br-a")]
+    assert table.for_mac(A) == Lease(A, "10.0.0.1", "vm1", seen=1.0, scope="br-a")
+    assert table.named("vm1") == "10.0.0.2"
+    # The snapshot of the server that lost it does not remove it, nor does that server's del.
+    assert table.apply_snapshot([], scope="") == []
+    assert table.apply_event("del", Lease(A, "10.0.0.1")) == []
+    assert len(table.apply_event("del", Lease(A, "10.0.0.1", scope="br-a"))) == 1
+    # A snapshot that lists another scope's lease takes it, as an event would.
+    table.apply_snapshot([Lease(B, "10.0.0.2", "vm1", scope="br-a")], scope="br-a")
+    assert [(x.mac, x.scope, x.seen) for x in table] == [(B, "br-a", 2.0)]
+
+
+def test_scopes_are_saved_and_a_file_from_before_scopes_loads_unscoped(tmp_path: Path) -> None:
+    state = tmp_path / STATE_FILE
+    table = LeaseTable(state_file=state)
+    table.apply_event("add", Lease(A, "10.0.0.1", "vm1", seen=1.0, scope="/var/lib/fastfwd/host/br-a.leases"))
+    table.apply_event("add", Lease(B, "10.0.0.2", seen=2.0))
+    assert list(LeaseTable.restore(state)) == list(table)
+    entries = json.loads(state.read_text())["leases"]
+    assert [e.get("scope") for e in entries] == ["/var/lib/fastfwd/host/br-a.leases", None]
+    _write_state(state, [{"mac": A, "ip": "10.0.0.1", "hostname": "vm1", "seen": 5.0}])
+    assert [x.scope for x in LeaseTable.restore(state)] == [""]
+
+
+@pytest.mark.parametrize("bad", [5, "br\n0", "x" * 4097, ["br-a"]], ids=["int", "newline", "long", "list"])
+def test_a_scope_is_a_string_of_printable_characters(bad: object) -> None:
+    with pytest.raises(LeaseError, match="scope"):
+        Lease(A, "10.0.0.1", scope=bad)  # type: ignore[arg-type]

@@ -207,8 +207,11 @@ def _pidfile(made: Made) -> str | None:
 
 def _setup_dhcp(plan: Plan, made: Made, record: Callable[[str], None]) -> None:
     # Written every time: a new --lease-socket reaches the dnsmasq already running it.
-    hook = write_hook(plan.state_dir / f"{plan.bridge}-dhcp-hook", plan.lease_socket)
     leasefile = plan.state_dir / f"{plan.bridge}.leases"
+    # The lease file names this dnsmasq: a snapshot of it (the hook's, or the daemon's
+    # dhcp_lease_file) then replaces the leases of this bridge alone.
+    hook = write_hook(plan.state_dir / f"{plan.bridge}-dhcp-hook", plan.lease_socket,
+                      scope=os.path.abspath(leasefile))
     pidfile = plan.state_dir / f"{plan.bridge}.dnsmasq.pid"
     made.files = sorted({*made.files, str(hook), str(leasefile), str(pidfile)})
     assert plan.dhcp_range is not None  # validate() filled it in
@@ -231,9 +234,10 @@ def _setup_dhcp(plan: Plan, made: Made, record: Callable[[str], None]) -> None:
     record(f"started dnsmasq (pid {made.dnsmasq_pid}): {shlex.join(args)}")
 
 
-def write_hook(path: Path, lease_socket: str) -> Path:
+def write_hook(path: Path, lease_socket: str, scope: str = "") -> Path:
     """dnsmasq's ``--dhcp-script`` takes a bare path: a small script that runs fastfwd's hook
-    with the lease socket to use (the installed entry point, else this interpreter)."""
+    with the lease socket to use (the installed entry point, else this interpreter) and the
+    ``scope`` naming its dnsmasq, if any."""
     installed = shutil.which(HOOK_ENTRY_POINT)
     if installed:
         command = shlex.quote(installed)
@@ -243,7 +247,8 @@ def write_hook(path: Path, lease_socket: str) -> Path:
                    f"{shlex.quote(sys.executable)} -m fastfwd.hook")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("#!/bin/sh\n# made by fastfwd-bridge: dnsmasq's --dhcp-script, telling fastfwd "
-                    f"about leases\nexec {command} --socket {shlex.quote(lease_socket)} \"$@\"\n")
+                    f"about leases\nexec {command} --socket {shlex.quote(lease_socket)}"
+                    f"{f' --scope {shlex.quote(scope)}' if scope else ''} \"$@\"\n")
     path.chmod(0o755)
     return path
 
