@@ -2,9 +2,11 @@
 Ethernet payload, jumbo, the largest IPv4 datagram) in segmentable runs and not, clients sharing
 a source port on different addresses, one client asking two of the host's addresses, one-way
 traffic (syslog up, a stream down) keeping its session, a lowered idle timeout reaching open
-sessions, and a target that moves to the other address family."""
+sessions, a target that moves to the other address family, replies to a client gone away, a
+pending rule, and the session cap of a port range."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import time
@@ -13,7 +15,7 @@ import pytest
 
 import fastfwd
 from netutil import (LOOP4, LOOP6, MAX_DATAGRAM, ChildForwarder, Received, SyncForwarder, UdpEcho, datagram,
-                     make_rule, spec, udp_roundtrip, udp_socket, wait_for)
+                     free_port_range, make_rule, spec, udp_roundtrip, udp_socket, wait_for)
 from test_wire_edges import frozen
 
 # Runs a segmented write may take (equal sizes, the last shorter; 7 x 8,000 fits one, 8 do not)
@@ -110,17 +112,13 @@ def test_traffic_one_way_keeps_a_session(fwd: SyncForwarder, direction: str) -> 
 def test_a_lowered_idle_timeout_reaches_the_sessions_already_open(fwd: SyncForwarder) -> None:
     """A reload shortening udp_idle_timeout (a table of DNS sessions grown too big) must
     expire the sessions already open by it, not only new ones."""
-    with UdpEcho() as server:
+    with UdpEcho() as server, contextlib.ExitStack() as stack:
         rule = fwd.forward(server.port, "udp", udp_idle_timeout=3600)
-        clients = [udp_socket() for _ in range(3)]
-        try:
-            for i, client in enumerate(clients):
-                assert udp_roundtrip(client, (LOOP4, rule.port), b"c%d" % i) == b"c%d" % i
-            fwd.apply([dataclasses.replace(rule.bound, options=fastfwd.RuleOptions(udp_idle_timeout=0.3))])
-            counters = fwd.wait_counter(rule, "sessions_expired", 3)
-        finally:
-            for client in clients:
-                client.close()
+        clients = [stack.enter_context(udp_socket()) for _ in range(3)]
+        messages = [b"c%d" % i for i in range(len(clients))]
+        assert [udp_roundtrip(c, (LOOP4, rule.port), m) for c, m in zip(clients, messages)] == messages
+        fwd.apply([dataclasses.replace(rule.bound, options=fastfwd.RuleOptions(udp_idle_timeout=0.3))])
+        counters = fwd.wait_counter(rule, "sessions_expired", 3)
     assert (counters.sessions_created, counters.sessions_active) == (3, 0)
     assert fwd.sessions(rule) == []
 
@@ -129,16 +127,15 @@ def test_a_target_moving_to_the_other_family_takes_the_clients_along(fwd: SyncFo
     """A name's lease moving from IPv4 to IPv6: a session's socket cannot reach the other
     family, so it ends (neither evicted nor expired), and the client's next datagram opens one
     that reaches the new target."""
-    with UdpEcho(LOOP4) as four:
-        with UdpEcho(LOOP6, port=four.port) as six:
-            fwd.resolve("svc", LOOP4)
-            rule = fwd.add(make_rule(four.port, "udp").with_target("svc"))
-            with udp_socket(timeout=5) as client:
-                assert udp_roundtrip(client, (LOOP4, rule.port), b"over ipv4") == b"over ipv4"
-                fwd.resolve("svc", LOOP6)
-                assert fwd.counters(rule).sessions_active == 0
-                assert udp_roundtrip(client, (LOOP4, rule.port), b"over ipv6") == b"over ipv6"
-            assert (four.total, six.total) == (1, 1)
+    with UdpEcho(LOOP4) as four, UdpEcho(LOOP6, port=four.port) as six:
+        fwd.resolve("svc", LOOP4)
+        rule = fwd.add(make_rule(four.port, "udp").with_target("svc"))
+        with udp_socket(timeout=5) as client:
+            assert udp_roundtrip(client, (LOOP4, rule.port), b"over ipv4") == b"over ipv4"
+            fwd.resolve("svc", LOOP6)
+            assert fwd.counters(rule).sessions_active == 0
+            assert udp_roundtrip(client, (LOOP4, rule.port), b"over ipv6") == b"over ipv6"
+        assert (four.total, six.total) == (1, 1)
     counters = fwd.counters(rule)
     assert (counters.sessions_created, counters.sessions_active) == (2, 1)
     assert counters.sessions_evicted == counters.sessions_expired == counters.drops == 0
@@ -163,3 +160,43 @@ def test_replies_to_a_client_gone_away_cost_no_other_client_a_reply(fwd: SyncFor
             assert [staying.recv(100) for _ in range(30)] == [datagram(seq, 70) for seq in range(30)]
         counters = fwd.wait_counter(rule, "datagrams_down", 60)
     assert (counters.datagrams_down, counters.drops, counters.sessions_active) == (60, 0, 2)
+
+
+def test_a_pending_rule_holds_its_port_and_counts_each_datagram_as_a_drop(fwd: SyncForwarder) -> None:
+    """A VM's rule before its lease and after the lease is gone: the port stays this rule's,
+    what clients send is counted lost, one by one, and forwarding starts with the lease."""
+    with UdpEcho() as server:
+        rule = fwd.add(make_rule(server.port, "udp").with_target("vm1"))
+        with udp_socket(timeout=5) as client:
+            with pytest.raises(OSError, match="in use"):     # nobody else takes the port meanwhile
+                udp_socket(port=rule.port).close()
+            for seq in range(5):
+                client.sendto(datagram(seq, 30), (LOOP4, rule.port))
+            assert fwd.wait_counter(rule, "drops", 5).drops == 5
+            fwd.resolve("vm1", LOOP4)
+            assert udp_roundtrip(client, (LOOP4, rule.port), b"up") == b"up"
+            fwd.resolve("vm1", None)
+            assert fwd.counters(rule).sessions_active == 0
+            client.sendto(b"down again", (LOOP4, rule.port))
+            counters = fwd.wait_counter(rule, "drops", 6)
+        assert server.total == 1
+    assert (counters.drops, counters.datagrams_up, counters.sessions_created) == (6, 1, 1)
+
+
+def test_the_session_cap_counts_the_sessions_of_every_port_of_a_range(fwd: SyncForwarder) -> None:
+    """udp_max_sessions is per rule: a range's ports share it, a client on each port being a
+    session of its own."""
+    count = 3
+    target = free_port_range(count, kinds=(socket.SOCK_DGRAM,))
+    servers = [UdpEcho(port=target + i) for i in range(count)]
+    try:
+        listen = free_port_range(count, kinds=(socket.SOCK_DGRAM,), start=target + count + 100)
+        rule = fwd.add(make_rule(target, "udp", listen_port=listen, count=count, udp_max_sessions=2))
+        with udp_socket() as client:
+            for i in range(count):
+                assert udp_roundtrip(client, (LOOP4, listen + i), b"port %d" % i) == b"port %d" % i
+        counters = fwd.counters(rule)
+    finally:
+        for server in servers:
+            server.close()
+    assert (counters.sessions_created, counters.sessions_evicted, counters.sessions_active) == (3, 1, 2)
