@@ -227,6 +227,9 @@ def traced_child(tracer: int) -> int:
 
 #: A line of strace -f: the pid, then a call or the end of one that was interrupted.
 TRACE_LINE = re.compile(r"\d+ +(?:<\.\.\. )?(\w+)[( ]")
+#: The paths of calls that change the file system (link and rename: both).
+WRITES = re.compile(r' (?:mkdir|rmdir|unlink|chmod|chown|setxattr)\("([^"]+)"| (?:link|rename)\("([^"]+)", "([^"]+)"'
+                    r'|openat\(AT_FDCWD, "([^"]+)", [^,)]*O_(?:WRONLY|RDWR|CREAT)')
 
 
 @pytest.mark.skipif(shutil.which("strace") is None or shutil.which("systemd-analyze") is None,
@@ -235,7 +238,8 @@ def test_the_session_makes_only_calls_the_units_sandbox_allows(tmp_path: Path) -
     """A call outside SystemCallFilter fails with EPERM under the unit, one needing a dropped
     capability with EPERM or EACCES; MemoryDenyWriteExecute refuses memory made executable
     (mprotect) or mapped writable and executable at once; RestrictAddressFamilies, sockets
-    of other families."""
+    of other families; ProtectSystem=strict, writes but to the sockets' directory
+    (RuntimeDirectory) and the state directory (StateDirectory)."""
     service = unit_service()
     allowed = set().union(*(syscall_group(entry) if entry.startswith("@") else {entry}
                             for entry in service["SystemCallFilter"].split()))
@@ -260,3 +264,8 @@ def test_the_session_makes_only_calls_the_units_sandbox_allows(tmp_path: Path) -
     assert not executable, "\n".join(executable)
     used = set(re.findall(r" socket(?:pair)?\((AF_\w+)", trace.read_text()))
     assert used <= families, f"refused by RestrictAddressFamilies: {sorted(used - families)}"
+    # Beside the sockets: their names and the private directories they are bound in first.
+    writable = re.compile(rf"{re.escape(str(s.tmp))}/(control\.sock|lease\.sock|\.ffbind-\w+(/s)?|state(/.*)?)"
+                          r"|/proc/self/task/\d+/comm")  # thread names
+    written = {path for line in lines for m in WRITES.finditer(line) for path in m.groups() if path}
+    assert written and not {path for path in written if not writable.fullmatch(path)}, sorted(written)
