@@ -1,9 +1,10 @@
-"""scripts/fastfwd.service against what the daemon does. One session (a config file with TCP
-rules that copy and splice, UDP, [hosts] names followed by a lease and by dnsmasq's lease file,
-allow_users and allow_groups, metrics over HTTP; status, a reload by SIGHUP and one by saving
-the file, then a drain) runs as the unit runs it: a root holding only its CapabilityBoundingSet,
-with no new privileges. Under strace, the same session must make no system call the unit's
-SystemCallFilter refuses and map no memory executable (MemoryDenyWriteExecute)."""
+"""scripts/fastfwd.service against what the daemon does, short of a systemd to run it. One
+session (a config file with TCP rules that copy and splice, UDP, [hosts] names followed by a
+lease and by dnsmasq's lease file, allow_users and allow_groups, metrics over HTTP; status, a
+reload by SIGHUP and one by saving the file, then a drain) runs as the unit runs it: a root
+holding only its CapabilityBoundingSet, with no new privileges. Under strace, the same session
+must do nothing the unit's sandbox refuses: system calls outside SystemCallFilter, executable
+memory, other address families, writes outside its two directories."""
 from __future__ import annotations
 
 import contextlib
@@ -225,10 +226,10 @@ def traced_child(tracer: int) -> int:
     return int(children.read_text().split()[0])
 
 
-#: A line of strace -f: the pid, then a call or the end of one that was interrupted.
-TRACE_LINE = re.compile(r"\d+ +(?:<\.\.\. )?(\w+)[( ]")
+#: A line of strace -ff (a file per thread, so no call is split in two): the call's name.
+TRACE_LINE = re.compile(r"(\w+)\(")
 #: The paths of calls that change the file system (link and rename: both).
-WRITES = re.compile(r' (?:mkdir|rmdir|unlink|chmod|chown|setxattr)\("([^"]+)"| (?:link|rename)\("([^"]+)", "([^"]+)"'
+WRITES = re.compile(r'(?:mkdir|rmdir|unlink|chmod|chown|setxattr)\("([^"]+)"|(?:link|rename)\("([^"]+)", "([^"]+)"'
                     r'|openat\(AT_FDCWD, "([^"]+)", [^,)]*O_(?:WRONLY|RDWR|CREAT)')
 
 
@@ -244,15 +245,14 @@ def test_the_session_makes_only_calls_the_units_sandbox_allows(tmp_path: Path) -
     allowed = set().union(*(syscall_group(entry) if entry.startswith("@") else {entry}
                             for entry in service["SystemCallFilter"].split()))
     families = set(service["RestrictAddressFamilies"].split())
-    trace = tmp_path / "trace"
     with session_files() as s:
-        strace = ["strace", "-f", "-qq", "-o", str(trace)]  # follows the workers and helper threads
+        strace = ["strace", "-ff", "-qq", "-o", str(tmp_path / "trace")]  # the workers and helper threads too
         d = DaemonProcess(s.tmp, "-c", str(s.config), prefix=[*unit_prefix(SESSION_CAPS), *strace])
         try:
             run_session(s, d, traced_child(d.proc.pid))
         finally:
             d.stop()
-    lines = trace.read_text().splitlines()
+    lines = [line for trace in tmp_path.glob("trace.*") for line in trace.read_text().splitlines()]
     calls = {m[1] for line in lines if (m := TRACE_LINE.match(line))}
     assert {"splice", "recvmmsg", "sendmmsg", "setxattr", "flock", "inotify_add_watch", "link"} <= calls  # it was all there
     assert calls <= allowed, f"refused by SystemCallFilter: {sorted(calls - allowed)}"
@@ -260,12 +260,12 @@ def test_the_session_makes_only_calls_the_units_sandbox_allows(tmp_path: Path) -
     # which this machine may lack; the daemon takes a smaller pipe.
     refused = [line for line in lines if re.search(r"= -1 E(PERM|ACCES) ", line) and "F_SETPIPE_SZ" not in line]
     assert not refused, "\n".join(refused)
-    executable = [line for line in lines if re.search(r" (pkey_)?mprotect\(.*PROT_EXEC|PROT_WRITE\|PROT_EXEC", line)]
+    executable = [line for line in lines if re.search(r"^(pkey_)?mprotect\(.*PROT_EXEC|PROT_WRITE\|PROT_EXEC", line)]
     assert not executable, "\n".join(executable)
-    used = set(re.findall(r" socket(?:pair)?\((AF_\w+)", trace.read_text()))
+    used = {m[1] for line in lines if (m := re.match(r"socket(?:pair)?\((AF_\w+)", line))}
     assert used <= families, f"refused by RestrictAddressFamilies: {sorted(used - families)}"
     # Beside the sockets: their names and the private directories they are bound in first.
     writable = re.compile(rf"{re.escape(str(s.tmp))}/(control\.sock|lease\.sock|\.ffbind-\w+(/s)?|state(/.*)?)"
                           r"|/proc/self/task/\d+/comm")  # thread names
-    written = {path for line in lines for m in WRITES.finditer(line) for path in m.groups() if path}
+    written = {path for line in lines if (m := WRITES.match(line)) for path in m.groups() if path}
     assert written and not {path for path in written if not writable.fullmatch(path)}, sorted(written)
