@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -263,11 +263,12 @@ def fastfwd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 class DaemonProcess:
     """``fastfwd run`` in a child process with its log captured to a file."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, prefix: Sequence[str] = ()) -> None:
+        """``prefix`` is a command the daemon runs under (setpriv, strace)."""
         self.log_path = tmp / "daemon.log"
         self.control_socket = tmp / "control.sock"
         self.lease_socket = tmp / "lease.sock"
-        cmd = [sys.executable, "-m", "fastfwd", "run", "--log-level", "debug",
+        cmd = [*prefix, sys.executable, "-m", "fastfwd", "run", "--log-level", "debug",
                "--control-socket", str(self.control_socket), "--lease-socket", str(self.lease_socket),
                "--state-dir", str(tmp / "state"), *args]
         self._log = open(self.log_path, "w")
@@ -301,8 +302,8 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def daemon(tmp: Path, *args: str, ready: str = "fastfwd started") -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp, *args)
+def daemon(tmp: Path, *args: str, ready: str = "fastfwd started", prefix: Sequence[str] = ()) -> Iterator[DaemonProcess]:
+    proc = DaemonProcess(tmp, *args, prefix=prefix)
     try:
         proc.wait_log(ready)
         yield proc
