@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  fastfwd lease del 52:54:00:12:34:56 192.168.122.10\n"
                "  fastfwd lease snapshot 52:54:00:12:34:56=192.168.122.10=vm1 ...\n")
     common = _daemon_socket_args("lease")
+    common.add_argument("--scope", metavar="NAME",
+                        help="the DHCP server the lease comes from, where several feed the daemon: a "
+                             "snapshot replaces that server's leases only (default: none, the unnamed one)")
     lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION", help="what to send")
     events = {
         "add": "MAC now holds IP (a new lease): rules that follow the MAC, or HOSTNAME, forward to IP\n"
@@ -356,6 +359,10 @@ def _lease(args: argparse.Namespace) -> int:
             message["family"] = args.family
     else:
         message = {"event": args.action, **_lease_fields(args.mac, args.ip, args.hostname)}
+    if args.scope is not None:  # none: a daemon from before scopes takes the message too
+        from .leases import normalize_scope
+
+        message["scope"] = _lease_checked("", lambda: normalize_scope(args.scope))
     reply = _call(args.socket or _settings(args).lease_socket, message, timeout=args.timeout)
     print(f"ok, {reply['changed']} lease(s) changed; rules follow")
     return 0
@@ -363,11 +370,21 @@ def _lease(args: argparse.Namespace) -> int:
 
 def _lease_fields(mac: str, ip: str, hostname: str | None, where: str = "") -> dict[str, str | None]:
     """A lease's fields, checked here: a typo is a usage error, not a refusal from the daemon."""
-    from .leases import LeaseError, normalize_hostname, normalize_ip, normalize_mac
+    from .leases import normalize_hostname, normalize_ip, normalize_mac
 
-    try:
+    def fields() -> dict[str, str | None]:
         return {"mac": normalize_mac(mac), "ip": normalize_ip(ip),
                 "hostname": normalize_hostname(hostname) if hostname is not None else None}
+    return _lease_checked(where, fields)
+
+
+def _lease_checked(where: str, check: Callable[[], _T]) -> _T:
+    """``check()``, which validates a lease's fields; its LeaseError becomes a UsageError: a
+    typo is the user's to mend, not a refusal from the daemon."""
+    from .leases import LeaseError
+
+    try:
+        return check()
     except LeaseError as exc:
         raise UsageError(f"{where}{exc}") from None
 

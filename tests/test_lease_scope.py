@@ -102,3 +102,21 @@ def test_the_daemons_lease_file_and_its_bridges_hook_speak_for_the_same_server(
         proc.wait_log("SIGHUP: ")
         assert echo_roundtrip(ports["b"]) and not echo_roundtrip(ports["a"])
         assert [mac for mac, _, _ in leases_of(tmp_path)] == [B, C]
+
+
+def test_leases_sent_by_hand_name_their_scope(tmp_path: Path, echoes: tuple[EchoServer, ...]) -> None:
+    """``fastfwd lease --scope``: what an operator sends by hand for one server is replaced by
+    that server's snapshot only; a scope the daemon would refuse is a usage error here."""
+    ports = write_config(tmp_path, {"a": f"vm1:{echoes[0].port}", "b": f"vm2:{echoes[1].port}"})
+    sock = ("--socket", str(tmp_path / "lease.sock"))
+    with daemon(tmp_path, "-c", "f.toml"):
+        assert fastfwd("lease", "add", "--scope", "br-a", A, "127.0.0.2", "vm1", *sock).returncode == 0
+        assert fastfwd("lease", "add", "--scope", "br-b", B, "127.0.0.3", "vm2", *sock).returncode == 0
+        assert leases_of(tmp_path) == [(A, "127.0.0.2", "br-a"), (B, "127.0.0.3", "br-b")]
+        assert fastfwd("lease", "snapshot", "--scope", "br-a", *sock).returncode == 0
+        assert echo_roundtrip(ports["b"]) and not echo_roundtrip(ports["a"])
+        assert leases_of(tmp_path) == [(B, "127.0.0.3", "br-b")]
+        bad = fastfwd("lease", "del", "--scope", "br\x01b", B, "127.0.0.3", *sock)
+        assert (bad.returncode, bad.stderr.strip()) == (
+            2, "fastfwd: scope: 'br\\x01b' is not a string of up to 4096 printable characters")
+        assert leases_of(tmp_path) == [(B, "127.0.0.3", "br-b")]
