@@ -130,6 +130,9 @@ class Forwarder:
                 except SpecError as exc:
                     raise SpecError(f"{setting}: {exc}") from None
         for name, ip in (hosts or {}).items():
+            # ip_address() takes an integer too: 5 would be 0.0.0.5.
+            if not isinstance(name, str) or not isinstance(ip, str):
+                raise TypeError(f"hosts: expected a name and an address as strings, got {name!r}: {ip!r}")
             if not is_ip(ip):
                 raise SpecError(f"hosts: {ip!r} for {name!r} is not an IP address")
         self._initial = [_check_rule(rule) for rule in rules]

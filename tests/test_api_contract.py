@@ -59,6 +59,9 @@ def test_something_other_than_a_rule_is_a_type_error() -> None:
     spec = "0:127.0.0.1:9"
     with pytest.raises(TypeError, match="expected a fastfwd.Rule, got '0:127.0.0.1:9'"):
         fastfwd.Forwarder([spec])   # type: ignore[list-item]
+    for hosts in ({5: "127.0.0.1"}, {"vm": 2130706433}):
+        with pytest.raises(TypeError, match="hosts: expected a name and an address as strings"):
+            fastfwd.Forwarder(hosts=hosts)   # type: ignore[dict-item]
 
     async def main() -> None:
         async with fastfwd.Forwarder(workers=1) as fw:
