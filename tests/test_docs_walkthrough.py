@@ -139,15 +139,8 @@ def run_with_caps(tmp: Path, caps: list[str], *args: str) -> DaemonProcess:
     names = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in caps)])
     config = tmp / "fastfwd.toml"
     config.write_text('[control]\nallow_groups = ["nogroup"]\n')  # the sockets are handed to it
-    wrapper = tmp / "python"
-    wrapper.write_text(f'#!/bin/sh\nexec setpriv --bounding-set={names} --inh-caps=-all "{sys.executable}" "$@"\n')
-    wrapper.chmod(0o755)
-    real = sys.executable
-    sys.executable = str(wrapper)  # DaemonProcess starts sys.executable
-    try:
-        return DaemonProcess(tmp, "-c", str(config), *args)
-    finally:
-        sys.executable = real
+    return DaemonProcess(tmp, "-c", str(config), *args,
+                         prefix=("setpriv", f"--bounding-set={names}", "--inh-caps=-all"))
 
 
 @pytest.mark.root
