@@ -118,10 +118,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         # which TOML would take for a statement.
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        # The decoder counts bytes from the start of the file: a user looks for a line.
-        before = raw[:exc.start]
-        line, column = before.count(b"\n") + 1, exc.start - before.rfind(b"\n")
-        raise ConfigError([f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line}, column {column}"],
+        # The decoder counts bytes from the start of the file: a user looks for a line. It
+        # counts them after a byte-order mark, in the bytes it was left (exc.object).
+        data, at = exc.object, exc.start
+        before = data[:at]
+        line, column = before.count(b"\n") + 1, at - before.rfind(b"\n")
+        raise ConfigError([f"not UTF-8 text: byte 0x{data[at]:02x} at line {line}, column {column}"],
                           str(path)) from None
     return replace(parse_config(text, str(path), base=path.parent), digest=content_digest(raw))
 

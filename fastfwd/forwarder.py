@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Self
 
 from . import engine_settings
-from .rules import Rule, RuleKey, SpecError, is_ip
+from .rules import Rule, RuleKey, SpecError, ip_address, ip_text, is_ip
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -139,7 +139,7 @@ class Forwarder:
         self._workers = workers or len(os.sched_getaffinity(0))
         self._pipe_size = pipe_size
         self._busy_poll_us = busy_poll_us
-        self._names: dict[str, str] = {name.lower(): ip for name, ip in (hosts or {}).items()}
+        self._names: dict[str, str] = {name.lower(): _spelled(ip) for name, ip in (hosts or {}).items()}
         self._table: dict[RuleKey, ActiveRule] = {}
         #: The table's rules by target host, so a name that moves visits its own rules only
         #: (a snapshot moving every VM would otherwise look at every rule once per name).
@@ -372,7 +372,7 @@ class Forwarder:
         if ip is None:
             self._names.pop(name, None)
         else:
-            self._names[name] = ip
+            ip = self._names[name] = _spelled(ip)
         # Rules already there are left alone (a renewed lease changes nothing), but a rule
         # left pending by a port it could not listen on is tried again.
         touched = [active for active in self._by_host.get(name, ()) if active.target_ip != ip]
@@ -560,6 +560,12 @@ def _stop(engine: Engine | None, rules: list[ActiveRule]) -> None:
         engine.close()
     for active in rules:
         active._set(installed=False)
+
+
+def _spelled(ip: str) -> str:
+    """``ip`` in the one spelling a rule's address has: another spelling of the address a
+    name has is no move (which would reset connections under on_retarget = "close")."""
+    return ip_text(ip_address(ip))
 
 
 def _check_rule(rule: object, what: str = "a fastfwd.Rule") -> Rule:

@@ -528,6 +528,11 @@ class LeaseTable:
                 seen = entry.get("seen") if isinstance(entry, dict) else None
                 if not isinstance(seen, (int, float)) or isinstance(seen, bool):
                     raise LeaseError("seen: expected a time")
+                if isinstance(entry.get("hostname"), str):
+                    # Saved before its kind of name was refused (dotted decimal): the lease
+                    # still matters to the rules following its MAC.
+                    note = functools.partial(log.warning, "lease state %s: entry %d: %s", path, i)
+                    entry = {**entry, "hostname": client_hostname(entry["hostname"], note)}
                 table._put(Lease.from_message(entry, seen=float(seen), source=entry.get("source", DHCP),
                                               scope=entry.get("scope"), extra=("seen", "source", "scope")))
             except LeaseError as exc:

@@ -305,3 +305,16 @@ def test_an_active_rule_is_read_only() -> None:
             assert fw.rules == [] and not active.installed
     run_async(main())
 
+
+
+def test_resolve_takes_an_address_however_it_is_spelled() -> None:
+    """A name given the address it has, spelled another way ([0:0::1] for [::1]), was a new
+    address: its rules re-pointed, resetting their live connections under on_retarget = close."""
+    async def main() -> None:
+        async with fastfwd.Forwarder(workers=1) as fw:
+            active = await fw.add(make_rule(9).with_target("svc"))
+            assert await fw.resolve("svc", "::1") == [active]
+            assert await fw.resolve("svc", "0:0::1") == []
+            assert (active.target_ip, fw.names) == ("::1", {"svc": "::1"})
+
+    run_async(main())

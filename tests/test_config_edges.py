@@ -39,6 +39,14 @@ def test_bytes_that_are_not_utf8_are_one_error_naming_their_line(tmp_path: Path)
     assert result.stderr == f"{path}: not UTF-8 text: byte 0xe9 at line 3, column 10\n"
 
 
+def test_bytes_that_are_not_utf8_after_a_byte_order_mark_are_named_where_they_are(tmp_path: Path) -> None:
+    # The mark is not text: lines and columns count as the user's editor shows them.
+    path = tmp_path / "f.toml"
+    path.write_bytes(b'\xef\xbb\xbf[[forward]]\nlisten = 8000\nto = "caf\xe9:80"\n')
+    result = fastfwd("check", str(path))
+    assert (result.returncode, result.stderr) == (2, f"{path}: not UTF-8 text: byte 0xe9 at line 3, column 10\n")
+
+
 @needs_engine
 def test_a_timeout_under_a_millisecond_is_a_millisecond_not_never(echo: EchoServer) -> None:
     # The engine keeps milliseconds, and 0 there means "never": 0.0004 s must not become that.

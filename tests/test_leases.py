@@ -392,6 +392,15 @@ def test_intact_state_keeps_the_entries_that_validate(tmp_path: Path, caplog: py
     assert "entry 1 skipped" in caplog.text and "entry 2 skipped" in caplog.text
 
 
+def test_a_saved_host_name_now_refused_loses_the_name_not_the_lease(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # Saved before dotted-decimal names were refused: the MAC's rules still need its address.
+    state = tmp_path / STATE_FILE
+    _write_state(state, [{"mac": A, "ip": "10.0.0.1", "hostname": "10.0.0.9", "seen": 1.0}])
+    assert list(LeaseTable.restore(state)) == [lease(A, "10.0.0.1", seen=1.0)]
+    assert "'10.0.0.9'" in caplog.text
+
+
 def test_restore_removes_temp_files_of_an_interrupted_write(tmp_path: Path) -> None:
     state, whole = _saved(tmp_path)
     partial = tmp_path / f".{STATE_FILE}.abc123.tmp"
