@@ -177,7 +177,9 @@ class Daemon:
                                   "run: python setup.py build_ext --inplace") from None
             except OSError as exc:  # threads, epoll sets, eventfds: the system's limits
                 raise DaemonError(f"cannot start the engine: {_reason(exc)}") from None
-            for rule in self.wanted_rules():
+            # With the state directory another daemon's, this one refuses once its sockets are
+            # checked (see _serve): it takes no port meanwhile, nor forwards for a moment.
+            for rule in self.wanted_rules() if self._state_taken is None else ():
                 try:
                     await fw.add(rule)  # one by one, so a failure names its rule
                 except ValueError as exc:  # rules that clash with each other; the message names them

@@ -39,11 +39,15 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused_and_the_first_serves_o
     (tmp_path / "a").mkdir()
     with daemon(tmp_path / "a", "-t", f"{port}:vm1:{echo.port}", "--state-dir", str(state)) as first:
         _leased(first)
+        refusal = f"fastfwd: state directory {state}: in use by another fastfwd daemon (pid {first.proc.pid})\n"
         # Its own sockets and ports: only the state directory is shared.
         second = run_cli("run", "--control-socket", str(tmp_path / "c.sock"), "--lease-socket",
                          str(tmp_path / "l.sock"), "--state-dir", str(state), "-t", f"{other_port}:vm1:{echo.port}")
-        assert (second.returncode, second.stderr) == (
-            1, f"fastfwd: state directory {state}: in use by another fastfwd daemon (pid {first.proc.pid})\n")
+        assert (second.returncode, second.stderr) == (1, refusal)
+        # The same rules too (the same config started twice): told of the directory, not a port.
+        second = run_cli("run", "--control-socket", str(tmp_path / "c.sock"), "--lease-socket",
+                         str(tmp_path / "l.sock"), "--state-dir", str(state), "-t", f"{port}:vm1:{echo.port}")
+        assert (second.returncode, second.stderr) == (1, refusal)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "state"]  # its sockets closed again
         assert [r["port"] for r in call(first.control_socket, {"cmd": "status"})["rules"]] == [port]
         assert echo_roundtrip(port) and not connects(other_port)
