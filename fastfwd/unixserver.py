@@ -163,13 +163,16 @@ def bind_unix(path: str | os.PathLike[str], access: Access, backlog: int = 1024,
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ffbind-") as private:
             tmp = os.path.join(private, "s")
-            # Bound through the directory's fd: its own path is longer than the final one,
-            # which may take all of sun_path.
-            where = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                sock.bind(f"/proc/self/fd/{where}/s")
-            finally:
-                os.close(where)
+            if len(os.fsencode(tmp)) <= MAX_SOCKET_PATH:
+                sock.bind(tmp)
+            else:
+                # Through the directory's fd: its path is longer than the final one, which may
+                # take all of sun_path. (Only then: it needs /proc, which a chroot may lack.)
+                where = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    sock.bind(f"/proc/self/fd/{where}/s")
+                finally:
+                    os.close(where)
             if access.group is not None:
                 os.chown(tmp, -1, access.group)
             os.chmod(tmp, access.mode)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +145,18 @@ def test_a_killed_daemons_socket_is_replaced_and_a_live_ones_is_not(sockdir: Pat
         assert (again.returncode, again.stderr) == (
             1, f"fastfwd: {second.control_socket}: another process is listening on this socket\n")
         assert call(second.control_socket, {"cmd": "status"})["ok"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) for a mount namespace without /proc")
+def test_a_socket_is_bound_where_proc_is_not_mounted(sockdir: Path) -> None:
+    """A chroot or a minimal container may lack /proc: a path that fits sun_path as it is binds
+    without it (the longest ones need /proc/self/fd)."""
+    path = sockdir / "c.sock"
+    code = ("from fastfwd.unixserver import Access, bind_unix; import sys; "
+            "bind_unix(sys.argv[1], Access()); print('bound')")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           'umount -l /proc && exec "$0" -c "$1" "$2"', sys.executable, code, str(path)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert (proc.returncode, proc.stdout) == (0, "bound\n"), proc.stderr
