@@ -27,7 +27,7 @@ log = logging.getLogger("fastfwd")
 _HELP = {
     "accepted": "TCP connections accepted and sent on to the target (those whose connect then failed too)",
     "active": "TCP connections open now",
-    "refused": "TCP connections reset at accept (allow list, max_connections, pending target, no fds) "
+    "refused": "TCP connections reset at accept (allow list, max_connections, no fds or memory) "
                "and UDP datagrams from sources the allow list does not admit",
     "connect_failed": "TCP connects to the target refused or timed out, and ICMP errors UDP datagrams "
                       "met on the way to the target (port unreachable, prohibited, too big for the path)",
