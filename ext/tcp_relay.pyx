@@ -179,7 +179,15 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
         conn_reset(w, c, side)
         return
     if c.state == CONN_CONNECTING:
-        if side == 0 or not c.wr[1]:
+        if side == 0:
+            if events & EPOLLERR:
+                # The client reset before the target answered (it gave up on a slow target):
+                # its place and fds are freed now, not at the connect timeout; what it sent
+                # is owed to no one and counts as discarded. (A FIN still waits: those bytes
+                # are passed on once the target connects.)
+                conn_close(w, c, True)
+            return
+        if not c.wr[1]:
             return
         # Writable without an error means connected; only a failure needs SO_ERROR's reason.
         if events & (EPOLLERR | EPOLLHUP):

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from netutil import (SPLICE_THRESHOLD, SyncForwarder, TcpServer, blackhole, closed_how, connect, echo_once,
-                     forwarder, make_rule, payload, recv_exact, refusing_port, turned_away_how, wait_for)
+                     forwarder, make_rule, payload, recv_exact, refusing_port, reset, turned_away_how, wait_for)
 
 #: Answer sizes around the splice threshold, so "auto" switches the down direction to splice
 #: between two answers of one keep-alive connection.
@@ -122,3 +122,20 @@ def test_a_connect_the_target_never_answers_holds_its_slot_until_the_connect_tim
         with connect(rule.port):
             counters = fw.wait_counter(rule, "accepted", 2)
             assert (counters.refused, counters.active) == (1, 1)
+
+
+@pytest.mark.root
+def test_a_client_that_resets_while_the_target_is_still_connecting_frees_its_slot_at_once() -> None:
+    """Clients of a black-holed target give up and retry: one that resets before the target
+    answered frees its max_connections place (and its two fds) at once, not at the connect
+    timeout; what it had sent, now owed to no one, counts as discarded."""
+    with blackhole() as dead, forwarder() as fw:
+        rule = fw.add(make_rule(9, host=dead, listen_host="127.0.0.1", max_connections=1, connect_timeout=60))
+        for n in (1, 2):
+            client = connect(rule.port)
+            fw.wait_counter(rule, "accepted", n)
+            client.sendall(b"hello")
+            reset(client)
+            wait_for(lambda: fw.counters(rule).active == 0, 20, what="the reset client's place freed")
+        counters = fw.counters(rule)
+        assert (counters.refused, counters.connect_failed, counters.bytes_discarded) == (0, 0, 10)
