@@ -180,11 +180,10 @@ cdef void conn_event(worker_t* w, conn_t* c, int side, uint32_t events) noexcept
         return
     if c.state == CONN_CONNECTING:
         if side == 0:
-            if events & EPOLLERR:
-                # The client reset before the target answered (it gave up on a slow target):
-                # its place and fds are freed now, not at the connect timeout; what it sent
-                # is owed to no one and counts as discarded. (A FIN still waits: those bytes
-                # are passed on once the target connects.)
+            if events & EPOLLERR and unread(c.fd[0]) == 0:
+                # The client reset before the target answered, having sent nothing (it gave up
+                # on a slow target): its place and fds are freed now, not at the connect
+                # timeout. Bytes it did send still go to the target first, then the reset.
                 conn_close(w, c, True)
             return
         if not c.wr[1]:
@@ -280,13 +279,16 @@ cdef int unacked(int fd) noexcept nogil:
     return n if ioctl(fd, SIOCOUTQ, &n) == 0 else 0
 
 
+cdef int unread(int fd) noexcept nogil:
+    cdef int n = 0
+    return n if ioctl(fd, SIOCINQ, &n) == 0 else 0
+
+
 cdef void discard_leg(conn_t* c, int d, rule_worker_t* rw) noexcept nogil:
     """Reset leg ``d``, counting the bytes that loses which a peer counts as delivered: unread
     in the leg's receive queue, or written towards its peer and not yet acknowledged."""
-    cdef int unread = 0
     cdef int queued
-    if ioctl(c.fd[d], SIOCINQ, &unread) == 0:
-        rw.c.bytes_discarded += <uint64_t>unread
+    rw.c.bytes_discarded += <uint64_t>unread(c.fd[d])
     if d == 0 or c.state != CONN_CONNECTING:    # a target that never answered has only a SYN
         queued = unacked(c.fd[d])
         if queued > 0 and c.half[1 - d].done == DONE_FIN:
