@@ -464,7 +464,7 @@ class Forwarder:
             del self._by_host[host]
 
     def _update(self, active: ActiveRule, rule: Rule, diff: Diff) -> None:
-        old = active.rule
+        old, was = active.rule, active.target_ip
         active._set(rule=rule)
         if old.target_host != rule.target_host:
             self._unindex(active, old.target_host)
@@ -477,6 +477,8 @@ class Forwarder:
             diff.retargeted.append(active)
         elif old.options == rule.options:
             diff.unchanged.append(active)
+        if old.options.source != rule.options.source and was is not None and active.target_ip == was:
+            _warn_loopback_source(active, was)  # a new address: _point has looked at it
 
     def _configure(self, active: ActiveRule, target_ip: str | None = None) -> None:
         o = active.rule.options
@@ -515,6 +517,8 @@ class Forwarder:
                             _describe(active), exc.strerror, ip)
         self._require().set_target(active.id, ip, active.rule.target_port, close_live)
         active._set(target_ip=ip)
+        if ip is not None and ip != was:
+            _warn_loopback_source(active, ip)
         if repool and not usable and ip is not None:  # (ip: for the type checker)
             log.warning("%s: no IPv%d address in its source pool; its connections leave from the kernel's "
                         "choice", _describe(active), ipaddress.ip_address(ip).version)
@@ -625,6 +629,22 @@ def _pool(source: tuple[str, ...], target_ip: str | None) -> tuple[str, ...]:
     # runs three times per rule at load.
     v6 = ":" in target_ip
     return tuple(addr for addr in source if (":" in addr) == v6)
+
+
+def _warn_loopback_source(active: ActiveRule, target_ip: str) -> None:
+    """Warn if the rule's connections to ``target_ip`` would leave from a loopback source
+    while the target is not loopback: the kernel routes nothing from 127.x or ::1 off this
+    host, so each would fail (connect_failed). Not refused: a target that is an address of
+    this host's own works, and telling that would cost a look at its interfaces."""
+    pool = _pool(active.rule.options.source, target_ip)
+    if not pool:
+        return
+    target = ipaddress.ip_address(target_ip)
+    looped = [addr for addr in pool if ipaddress.ip_address(addr).is_loopback]
+    if looped and not (target.is_loopback or target.is_unspecified):
+        log.warning("%s: source %s is loopback but the target %s is not: its connections cannot leave "
+                    "this host from a loopback address, so unless %s is this host's own they fail",
+                    _describe(active), ", ".join(looped), target_ip, target_ip)
 
 
 def _check_local(addr: str) -> None:

@@ -15,7 +15,8 @@ reply also means every earlier message is live. Saving the table is the table's 
 sources (the neighbour table) found stays; with ``family`` (optional, 4 or 6) it replaces the
 DHCP leases of that IP version only. ``scope`` (optional) names the DHCP server a message
 comes from: a snapshot replaces the leases of its scope only. A message without one is the
-unnamed server's, and so is one whose scope is the path of the daemon's own lease file.
+unnamed server's, and so is one whose scope is the path of the daemon's own lease file. A
+scope that is an absolute path is resolved (``os.path.realpath``) before it is compared or kept.
 
 Line caps: an event line may be 64 KiB, a snapshot line 8 MiB (about 100,000 leases with host names).
 
@@ -60,7 +61,7 @@ class LeaseServer(JsonLineServer):
         self.table = table
         self._on_change = on_change
         self._lock = lock if lock is not None else asyncio.Lock()
-        self._unnamed = {"", os.path.abspath(lease_file)} if lease_file is not None else {""}
+        self._unnamed = {"", _resolved(lease_file)} if lease_file is not None else {""}
 
     async def _handle(self, request: Request) -> dict[str, Any]:
         change = _parse(request, self._unnamed)
@@ -147,6 +148,14 @@ def _held(lease: Lease) -> str:
     return f"{lease.ip} {lease.hostname}" if lease.hostname else lease.ip
 
 
+def _resolved(scope: str) -> str:
+    """A scope that is an absolute path names a lease file: resolved as the file system does
+    (symlinks, ``..``, doubled slashes), so that every spelling of one file is one server.
+    realpath, not normpath: a symlinked directory is a common spelling, and ``..`` after a
+    symlink is not what normpath makes of it. It costs a few lstat calls per such message."""
+    return os.path.realpath(scope) if os.path.isabs(scope) else scope
+
+
 def _parse(request: Request, unnamed: set[str]) -> Callable[[LeaseTable], list[LeaseChange]]:
     """Validate a whole message before anything is applied: what applies it to the table (an
     event's name is checked by the table). A scope in ``unnamed`` is the unnamed one."""
@@ -154,7 +163,7 @@ def _parse(request: Request, unnamed: set[str]) -> Callable[[LeaseTable], list[L
     if not isinstance(doc, dict):
         raise RequestError(f"expected a JSON object, got {type(doc).__name__}")
     try:
-        scope = normalize_scope(doc.get("scope"))
+        scope = _resolved(normalize_scope(doc.get("scope")))
         scope = "" if scope in unnamed else scope
         if "snapshot" in doc:
             if not set(doc) <= {"snapshot", "family", "scope"}:

@@ -72,6 +72,8 @@ REQUEST_TIMEOUT = 5.0
 EXCHANGE_TIMEOUT = 10.0
 #: How long what a refused request still sends is read and dropped before closing.
 LINGER = 1.0
+#: The largest request head (request line and header fields) read; a longer one gets 431.
+HEAD_MAX = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,23 @@ async def scrape(fw: Forwarder, reload: ReloadReading | None = None) -> bytes:
     return await asyncio.to_thread(exposition, await snapshot_in_turns(fw), reload)
 
 
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    """The request head, up to the empty line that ends it; None past ``HEAD_MAX``. A line
+    may end in a bare LF, as RFC 9112 (section 2.2) lets a recipient take it: ``nc`` probes
+    and simple scrapers send that."""
+    head = bytearray()
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:  # one line past the reader's limit (HEAD_MAX)
+            return None
+        head += line
+        if len(head) > HEAD_MAX:
+            return None
+        if line in (b"\n", b"\r\n"):
+            return bytes(head)
+
+
 async def serve_http(fw: Forwarder, host: str, port: int,
                      reload: Callable[[], ReloadReading | None] = lambda: None) -> asyncio.Server:
     """A minimal HTTP/1.0 endpoint answering every GET with the metrics (``scrape``, with
@@ -207,11 +226,8 @@ async def serve_http(fw: Forwarder, host: str, port: int,
         closed = False
         try:
             async with asyncio.timeout(EXCHANGE_TIMEOUT):
-                try:
-                    async with asyncio.timeout(REQUEST_TIMEOUT):
-                        request: bytes | None = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.LimitOverrunError:  # no end of the header in the reader's 64 KiB
-                    request = None
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    request = await _read_head(reader)
                 if writer not in waiting:
                     return  # its request came, but a newer connection had closed it already
                 del waiting[writer]
@@ -250,6 +266,6 @@ async def serve_http(fw: Forwarder, host: str, port: int,
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 writer.transport.abort()
 
-    server = await asyncio.start_server(handle, host.strip("[]"), port)
+    server = await asyncio.start_server(handle, host.strip("[]"), port, limit=HEAD_MAX)
     log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
     return server

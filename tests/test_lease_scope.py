@@ -104,6 +104,31 @@ def test_the_daemons_lease_file_and_its_bridges_hook_speak_for_the_same_server(
         assert [mac for mac, _, _ in leases_of(tmp_path)] == [B, C]
 
 
+def test_the_daemons_lease_file_named_through_another_spelling_is_the_unnamed_scope(
+        tmp_path: Path, echoes: tuple[EchoServer, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook may name ``dhcp_lease_file`` through a symlinked directory, a ``..`` or a doubled
+    slash: it is the same file, so its leases are the unnamed scope's, which the daemon's
+    snapshot of that file replaces."""
+    monkeypatch.setattr(bridge.shutil, "which", lambda name: None)
+    a_file = tmp_path / "br-a.leases"
+    a_file.write_text(f"1900000000 {C} 127.0.0.4 vm3 *\n")
+    (tmp_path / "link").symlink_to(tmp_path)
+    (tmp_path / "sub").mkdir()
+    spellings = {A: f"{tmp_path}/link/br-a.leases", B: f"{tmp_path}/sub/../br-a.leases//"}
+    hooks = {mac: bridge.write_hook(tmp_path / f"hook-{i}", str(tmp_path / "lease.sock"), scope=scope)
+             for i, (mac, scope) in enumerate(spellings.items())}
+    ports = write_config(tmp_path, {"a": f"vm1:{echoes[0].port}", "b": f"vm2:{echoes[1].port}"},
+                         extra=f'[sources]\ndhcp_lease_file = "{a_file}"\n')
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        dnsmasq_runs(hooks[A], "add", A, "127.0.0.2", "vm1", interface="br-a")
+        dnsmasq_runs(hooks[B], "add", B, "127.0.0.3", "vm2", interface="br-a")
+        assert leases_of(tmp_path) == [(A, "127.0.0.2", None), (B, "127.0.0.3", None), (C, "127.0.0.4", None)]
+        assert all(echo_roundtrip(port) for port in ports.values())
+        proc.signal(signal.SIGHUP)  # the file never had vm1 and vm2: the snapshot takes them away
+        proc.wait_log("SIGHUP: ")
+        assert leases_of(tmp_path) == [(C, "127.0.0.4", None)]
+
+
 def test_leases_sent_by_hand_name_their_scope(tmp_path: Path, echoes: tuple[EchoServer, ...]) -> None:
     """``fastfwd lease --scope``: what an operator sends by hand for one server is replaced by
     that server's snapshot only; a scope the daemon would refuse is a usage error here."""

@@ -88,6 +88,22 @@ def test_a_flood_of_idle_connections_cannot_use_up_the_daemons_fds(tmp_path: Pat
             assert "fastfwd_accepted_total{listen" in scrape(mport)
 
 
+def test_a_request_whose_lines_end_in_a_bare_lf_is_answered(tmp_path: Path) -> None:
+    """``printf 'GET / HTTP/1.0\\n\\n' | nc``: RFC 9112 lets a recipient take a bare LF as a
+    line's end, and simple probes and scrapers send it."""
+    port, mport = free_port(), free_port()
+    with contextlib.closing(EchoServer()) as echo:
+        (tmp_path / "f.toml").write_text(f'[[forward]]\nname = "web"\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n'
+                                         f'[control]\nmetrics_listen = "127.0.0.1:{mport}"\n')
+        with daemon(tmp_path, "-c", "f.toml"):
+            for request in (b"GET / HTTP/1.0\n\n", b"GET /metrics HTTP/1.0\nHost: x\r\nAccept: */*\n\n"):
+                with socket.create_connection(("127.0.0.1", mport), timeout=10) as sock:
+                    sock.sendall(request)
+                    answer = b"".join(iter(lambda: sock.recv(1 << 16), b""))
+                assert answer.startswith(b"HTTP/1.0 200 OK\r\n"), (request, answer[:200])
+                assert b"fastfwd_accepted_total{" in answer, request
+
+
 async def no_rules(fw: object) -> list:
     """What ``metrics.snapshot_in_turns`` reads from a forwarder with no rules (or none at all)."""
     return []

@@ -384,6 +384,7 @@ def test_metrics_answers_bad_requests_with_http_errors_and_keep_alive_with_a_clo
     monkeypatch.setattr(metrics, "exposition", lambda readings, reload: b"# the metrics\n")
     requests = [
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 300_000 + b"\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\n" + b"X-Junk: a\n" * 10_000 + b"\n",  # short lines, 100 KB in all
         b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
     ]
@@ -396,8 +397,9 @@ def test_metrics_answers_bad_requests_with_http_errors_and_keep_alive_with_a_clo
         finally:
             server.close()
             await server.wait_closed()
-    too_large, post, keep_alive = run(main())
-    assert too_large.startswith(b"HTTP/1.0 431 Request Header Fields Too Large\r\n"), too_large[:200]
+    too_large, too_many, post, keep_alive = run(main())
+    for answer in (too_large, too_many):
+        assert answer.startswith(b"HTTP/1.0 431 Request Header Fields Too Large\r\n"), answer[:200]
     assert post.startswith(b"HTTP/1.0 405 Method Not Allowed\r\n") and b"\r\nAllow: GET\r\n" in post
     # HTTP/1.0 answers close the connection (the helper read to the end), whatever was asked.
     assert keep_alive.startswith(b"HTTP/1.0 200 OK\r\n") and keep_alive.endswith(b"\r\n\r\n# the metrics\n")

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 import fastfwd
-from netutil import LOOP4, SyncForwarder, TcpServer, UdpEcho, connect, udp_roundtrip, udp_socket
+from netutil import LOOP4, SyncForwarder, TcpServer, UdpEcho, connect, free_port_range, udp_roundtrip, udp_socket
 
 SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
@@ -63,3 +63,34 @@ def test_a_name_whose_family_the_pool_lacks_still_connects_and_warns(
             assert client.recv(2) == b"ok"
         assert server.result() == "::1"
     assert "no IPv6 address in its source pool" in caplog.text
+
+
+def test_a_loopback_source_toward_a_target_off_this_host_warns_once(
+        fwd: SyncForwarder, caplog: pytest.LogCaptureFixture) -> None:
+    """The kernel does not route from 127.x off the host, so each connection would fail: the
+    rule still starts (a target that is this host's own address works), with one warning."""
+    loopback = fastfwd.RuleOptions(source=("127.0.0.2", "127.0.0.3"))
+    with caplog.at_level(logging.WARNING, "fastfwd"):
+        fwd.add(fastfwd.Rule.parse("0:127.0.0.1:9", options=loopback))
+        fwd.add(fastfwd.Rule.parse("0:vm1:9", options=loopback))
+        fwd.resolve("vm1", "127.0.0.5")
+        assert not caplog.records
+        fwd.add(fastfwd.Rule.parse("0:192.0.2.1:9", name="far", options=loopback))
+        fwd.add(fastfwd.Rule.parse("0:vm2:9", name="far-name", options=loopback))
+        fwd.resolve("vm2", "192.0.2.2")
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned
+    for rule, target in (("'far'", "192.0.2.1"), ("'far-name'", "192.0.2.2")):
+        assert [m for m in warned if m.startswith(rule + ":") and target in m and "127.0.0.2, 127.0.0.3" in m
+                and "cannot leave this host from a loopback address" in m], (rule, warned)
+
+
+def test_a_reload_giving_a_rule_a_loopback_source_toward_a_target_off_this_host_warns(
+        fwd: SyncForwarder, caplog: pytest.LogCaptureFixture) -> None:
+    spec = f"{free_port_range(1)}:192.0.2.1:9"
+    fwd.apply([fastfwd.Rule.parse(spec)])
+    with caplog.at_level(logging.WARNING, "fastfwd"):
+        diff = fwd.apply([fastfwd.Rule.parse(spec, options=fastfwd.RuleOptions(source=("127.0.0.2",)))])
+    assert len(diff.reconfigured) == 1
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "source 127.0.0.2 is loopback but the target 192.0.2.1 is not" in warned[0], warned
