@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import logging
 import logging.handlers
 import os
@@ -33,7 +31,8 @@ from .lease_server import LeaseServer, apply_lease_file, reread_lease_file
 from .leases import STATE_FILE, HostEntry, LeaseChange, LeaseTable, name_updates, resolve_name, resolve_names
 from .notify import notify, reloading, watchdog_interval
 from .rules import Rule, split_hostports
-from .unixserver import Access, JsonLineServer, UnknownName, make_dirs, remove_dirs
+from .state_dir import StateDirLock
+from .unixserver import Access, JsonLineServer, UnknownName
 from .watcher import watch_config
 
 if TYPE_CHECKING:
@@ -56,9 +55,6 @@ FAILURE_LOG_INTERVAL = 60.0
 #: The counters the failure summary reports: each counts a client turned away or traffic
 #: lost. Pipe shortages and splice fallbacks are left to the metrics: their bytes still move.
 FAILURE_COUNTERS = ("connect_failed", "refused", "accept_paused", "drops", "truncated", "bytes_discarded")
-#: Times the state directory is made and locked again when it was removed meanwhile (by a
-#: daemon leaving it empty): more is something else removing it over and over.
-_STATE_DIR_TRIES = 5
 
 
 class DaemonError(Exception):
@@ -121,10 +117,8 @@ class Daemon:
         #: for the metrics.
         self.reload_results = {"applied": 0, "rejected": 0}
         self._loaded_at = time.time()
-        #: The state directory, held locked while this daemon serves, and the directories
-        #: made for it (removed again if left empty).
-        self._state_fd: int | None = None
-        self._state_made: list[Path] = []
+        #: The state directory, held locked while this daemon serves (None with DHCP off).
+        self._state_lock: StateDirLock | None = None
         #: Why this daemon may not start: another holds the state directory. Said once the
         #: sockets are open, so that one on the same sockets too is told about them first.
         self._state_taken: str | None = None
@@ -160,7 +154,9 @@ class Daemon:
             if self.config.sources.dhcp:  # with DHCP off, leases from an earlier run must not resolve names
                 state = Path(self.control.state_dir) / STATE_FILE
                 try:
-                    if self._take_state_dir(state.parent):  # else another daemon's: not read, not touched
+                    self._state_lock = StateDirLock(state.parent)
+                    self._state_taken = self._state_lock.take()
+                    if self._state_taken is None:  # else another daemon's: not read, not touched
                         self.leases = LeaseTable.restore(state, save_delay=LEASE_SAVE_DELAY)
                 except OSError as exc:
                     raise DaemonError(f"lease state {state}: {_reason(exc)}") from None
@@ -265,41 +261,15 @@ class Daemon:
                     signal.signal(sig, before[sig])
         return 0
 
-    def _take_state_dir(self, path: Path) -> bool:
-        """Lock the state directory for this daemon; False if another process holds it. Two
-        daemons there would overwrite each other's leases.json and restore each other's leases.
-        A lock on the directory itself, not on a file in it: a failed start leaves nothing."""
-        for _ in range(_STATE_DIR_TRIES):
-            self._state_made = make_dirs(path)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = _flock_holder(os.fstat(fd))
-                os.close(fd)
-                self._state_taken = (f"state directory {path}: in use by another fastfwd daemon"
-                                     f"{f' (pid {pid})' if pid else ''}")
-                return False
-            except BaseException:
-                os.close(fd)
-                raise
-            if os.fstat(fd).st_nlink:  # 0: removed after it was opened, by a daemon leaving it empty
-                self._state_fd = fd
-                return True
-            os.close(fd)
-        raise OSError(errno.ESTALE, f"{path} is removed again each time it is made")
-
     def _let_go_of_state_dir(self) -> None:
         """Save the leases for the last time and unlock the state directory, removing the
         directories made for it if they are empty; this daemon writes no more there. (Only a
         daemon holding it has a lease table bound to a state file.)"""
-        if self._state_fd is None:
+        if self._state_lock is None or not self._state_lock.held:
             return
         self.leases.flush()  # however the run ends, what it learnt is on disk
         self.leases.state_file = None
-        remove_dirs(self._state_made)  # while locked: no other daemon can have it yet
-        os.close(self._state_fd)
-        self._state_fd = None
+        self._state_lock.release()
 
     @property
     def _stopping(self) -> bool:
@@ -724,22 +694,6 @@ _Settings = TypeVar("_Settings", EngineSettings, ControlSettings)
 def _overridden(settings: _Settings, **given: Any) -> _Settings:
     """``settings`` with the values the command line gave (None: not given)."""
     return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
-
-
-def _flock_holder(st: os.stat_result) -> int | None:
-    """The pid of the process holding a flock on the file ``st`` is of, as /proc/locks tells
-    it (None where it does not: another pid namespace, a file system it numbers otherwise)."""
-    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        with open("/proc/locks", encoding="ascii") as locks:
-            for line in locks:
-                # "3: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; a waiter's has "->" after "3:"
-                fields = line.split()
-                if fields[1:2] == ["FLOCK"] and fields[5:6] == [where]:
-                    return int(fields[4]) or None
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _reason(exc: BaseException) -> str:

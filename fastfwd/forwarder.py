@@ -282,10 +282,7 @@ class Forwarder:
         return active
 
     async def remove(self, rule: Rule | ActiveRule) -> None:
-        self._require()
-        active = self.find(rule)
-        if active is None:
-            raise KeyError(f"no such rule: {rule}")
+        _, active = self._held(rule)
         self._discard(active)
         _announce("removed", [active])
 
@@ -404,21 +401,24 @@ class Forwarder:
         self._require().sync()
 
     def counters(self, rule: Rule | ActiveRule) -> Counters:
-        engine = self._require()
-        active = self.find(rule)
-        if active is None:
-            raise KeyError(f"no such rule: {rule}")
+        engine, active = self._held(rule)
         return Counters(**engine.counters(active.id))
 
     def sessions(self, rule: Rule | ActiveRule) -> list[tuple[str, int]]:
         """Client addresses of the rule's live UDP sessions."""
+        engine, active = self._held(rule)
+        return engine.sessions(active.id)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _held(self, rule: Rule | ActiveRule) -> tuple[Engine, ActiveRule]:
+        """The running engine and the held rule ``rule`` names: RuntimeError when not running
+        (before the rule is looked for), KeyError when the rule is not held."""
         engine = self._require()
         active = self.find(rule)
         if active is None:
             raise KeyError(f"no such rule: {rule}")
-        return engine.sessions(active.id)
+        return engine, active
 
-    # -- internals ---------------------------------------------------------------------------
     def _require(self) -> Engine:
         if self._engine is None:
             raise RuntimeError("the forwarder is not running (use 'async with' or await start())")

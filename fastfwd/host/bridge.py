@@ -264,8 +264,9 @@ def destroy(bridge: str, state_dir: Path | None = None) -> list[str]:
 
 def _undo(bridge: str, made: Made, state_dir: Path) -> list[str]:
     done = []
-    if made.dnsmasq_pid is not None and dnsmasq.stop(made.dnsmasq_pid, pidfile=_pidfile(made)):
-        done.append(f"stopped dnsmasq (pid {made.dnsmasq_pid})")
+    pid = made.dnsmasq_pid
+    if _stop_ours(made):
+        done.append(f"stopped dnsmasq (pid {pid})")
     if made.firewall:
         done.extend(f"removed nftables table inet {name}" for name in firewall.remove(bridge))
     if made.ip_forward_was is not None:
