@@ -68,13 +68,21 @@ cdef void tcp_accept(worker_t* w, listener_t* l) noexcept nogil:
             if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
                 out_of_fds(w, l)
             return
-        if rw.conf.target.sa.sa_family == AF_UNSPEC or not rule_allows(rw.conf, &peer) or (
-                rw.conf.max_connections and ff_load_int(&r.active_conns) >= rw.conf.max_connections):
+        if rw.conf.target.sa.sa_family == AF_UNSPEC or not rule_allows(rw.conf, &peer) or not take_place(
+                r, rw.conf.max_connections):
             rw.c.refused += 1
             reset_close(fd)
             continue
         if not conn_start(w, l, fd):
             return
+
+
+cdef bint take_place(rule_t* r, int cap) noexcept nogil:
+    # Add first, then compare: workers accepting at the same instant cannot all take the last place.
+    if ff_add_int(&r.active_conns, 1) <= cap or not cap:
+        return True
+    ff_add_int(&r.active_conns, -1)
+    return False
 
 
 cdef void out_of_fds(worker_t* w, listener_t* l) noexcept nogil:
@@ -99,7 +107,8 @@ cdef void out_of_fds(worker_t* w, listener_t* l) noexcept nogil:
 
 
 cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
-    """Open the target leg for an accepted client. False when out of fds or memory."""
+    """Open the target leg for an accepted client, whose place in active_conns is taken.
+    False when out of fds or memory."""
     cdef rule_t* r = <rule_t*>l.rule
     cdef rule_worker_t* rw = &r.per_worker[w.id]
     cdef rconf_t* conf = rw.conf
@@ -111,6 +120,7 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
     tfd = socket(target.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     c = <conn_t*>calloc(1, sizeof(conn_t)) if tfd >= 0 else NULL
     if c == NULL:
+        ff_add_int(&r.active_conns, -1)
         rw.c.refused += 1
         reset_close(cfd)
         if tfd >= 0:
@@ -130,7 +140,6 @@ cdef bint conn_start(worker_t* w, listener_t* l, int cfd) noexcept nogil:
     c.last_active = w.now
     c.forks = w.forks
     c.half[0].splicing = c.half[1].splicing = conf.splice_mode == SPLICE_ALWAYS
-    ff_add_int(&r.active_conns, 1)
     rw.c.accepted += 1
     rw.nconns += 1
     w.live += 1

@@ -139,3 +139,36 @@ def test_a_client_that_resets_while_the_target_is_still_connecting_frees_its_slo
             wait_for(lambda: fw.counters(rule).active == 0, 20, what="the reset client's place freed")
         counters = fw.counters(rule)
         assert (counters.refused, counters.connect_failed, counters.bytes_discarded) == (0, 0, 0)
+
+
+def test_max_connections_holds_when_workers_accept_at_the_same_instant(fwd: SyncForwarder) -> None:
+    """Bursts of clients reach both workers at once: however their accepts interleave, no more
+    than max_connections of each burst are taken (the rest are refused and counted)."""
+    cap, clients, bursts = 8, 64, 100
+    with socket.create_server(("127.0.0.1", 0), backlog=1024) as target:
+        target.setblocking(False)
+        rule = fwd.forward(target.getsockname()[1], max_connections=cap)
+        for burst in range(1, bursts + 1):
+            before = fwd.counters(rule)
+            held = [socket.socket() for _ in range(clients)]
+            try:
+                for sock in held:
+                    sock.setblocking(False)
+                    sock.connect_ex(("127.0.0.1", rule.port))
+                wait_for(lambda: (lambda c: c.accepted + c.refused)(fwd.counters(rule))
+                         == before.accepted + before.refused + clients, what=f"burst {burst} taken")
+                taken = fwd.counters(rule).accepted - before.accepted
+                assert taken <= cap, f"burst {burst}: {taken} connections taken past a cap of {cap}"
+            finally:
+                for sock in held:
+                    sock.close()
+            wait_for(lambda: drained(target) and fwd.counters(rule).active == 0, what=f"burst {burst} closed")
+
+
+def drained(listener: socket.socket) -> bool:
+    """Accept and close what waits on a non-blocking listener; True (for wait_for)."""
+    while True:
+        try:
+            listener.accept()[0].close()
+        except BlockingIOError:
+            return True
