@@ -179,16 +179,21 @@ class Forwarder:
         try:
             if drain > 0:
                 self._draining.add(engine)
+                _DRAINING.add(self)
                 with engine.batch():    # every listener is closed when the batch ends
                     for active in rules:
                         self._uninstall(engine, active, close_live=False)
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + drain
-                while engine.live_connections() and loop.time() < deadline:
+                while engine in self._draining and engine.live_connections() and loop.time() < deadline:
                     await asyncio.sleep(0.05)
         finally:
+            # An engine a fork took out of the set has no workers in this process to close.
+            owned = engine in self._draining or drain <= 0
             self._draining.discard(engine)
-            _stop(engine, rules)
+            if not self._draining:
+                _DRAINING.discard(self)
+            _stop(engine if owned else None, rules)
 
     def _detach(self) -> tuple[Engine | None, list[ActiveRule]]:
         """Take the engine and the rules out of the forwarder, which is closed from then on."""
@@ -536,6 +541,8 @@ class Forwarder:
 
 #: Forwarders started and not closed, closed at interpreter exit (see Forwarder._abandon).
 _RUNNING: weakref.WeakSet[Forwarder] = weakref.WeakSet()
+#: Forwarders that began a close(drain=...): a forked child must not close those engines either.
+_DRAINING: weakref.WeakSet[Forwarder] = weakref.WeakSet()
 
 
 @atexit.register
@@ -551,8 +558,16 @@ def _forget_after_fork() -> None:
     modules at exit, and the child's copies of the sockets close when it exits."""
     for fw in list(_RUNNING):
         engine, rules = fw._detach()
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine))
+        _keep_forever(engine)
         _stop(None, rules)
+    for fw in list(_DRAINING):
+        for engine in fw._draining:
+            _keep_forever(engine)
+        fw._draining.clear()    # its drain sees this and ends without closing the engine
+
+
+def _keep_forever(engine: Engine | None) -> None:
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine))
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -268,6 +268,49 @@ def test_a_forked_child_sees_the_forwarder_closed_and_exits() -> None:
         0, "child: the forwarder is not running (use 'async with' or await start())\nchild exited\n"), result.stderr
 
 
+# A child forked while a drain runs exits as a program normally does: asyncio.run cancels the
+# drain, whose engine (the parent's: its workers did not follow) must not be closed in the child.
+_FORKED_DURING_DRAIN = r"""
+import asyncio, os, socket, sys, time
+import fastfwd
+
+async def main(timeout, server_port):
+    fw = fastfwd.Forwarder(workers=2)
+    await fw.start()
+    rule = await fw.add(fastfwd.Rule.parse(f"0:127.0.0.1:{server_port}"))
+    live = socket.create_connection(("127.0.0.1", rule.port), timeout=timeout)
+    live.sendall(b"ping")
+    assert live.recv(4) == b"ping"
+    draining = asyncio.ensure_future(fw.close(drain=60))
+    await asyncio.sleep(0.1)
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("child hung", flush=True)
+            break
+        time.sleep(0.02)
+    else:
+        print("child exited", flush=True)
+    live.close()    # the parent's drain goes on: it ends once the connection has
+    await asyncio.wait_for(draining, timeout)
+    print("drained", flush=True)
+
+asyncio.run(main(float(sys.argv[1]), int(sys.argv[2])))
+"""
+
+
+def test_a_child_forked_during_a_drain_exits() -> None:
+    with TcpServer(echo_handler) as server:
+        result = subprocess.run([sys.executable, "-c", _FORKED_DURING_DRAIN, str(TIMEOUT), str(server.port)],
+                                capture_output=True, text=True, timeout=3 * TIMEOUT, env=child_env(), check=False)
+    assert (result.returncode, result.stdout) == (0, "child exited\ndrained\n"), result.stderr
+
+
 def test_close_during_a_drain_ends_it() -> None:
     """``close()`` while another task drains: it returned at once, the workers and the
     connections it promises to have ended still there until the drain's deadline."""
