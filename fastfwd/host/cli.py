@@ -11,6 +11,7 @@ import grp
 import ipaddress
 import os
 import pwd
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    # A setup stopped by SIGTERM (a service manager, kill) or a closed terminal undoes what it
+    # made, as after Ctrl-C: the default action would end the process before the undo runs.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     try:
         return _run(args)
     except ValueError as exc:  # a value given that cannot be used
@@ -114,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _run(args: argparse.Namespace) -> int:
