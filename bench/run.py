@@ -25,7 +25,7 @@ from .figures import BY_NAME as FIGURES_BY_NAME
 from .figures import FULL, QUICK, Figure, Settings
 from .subjects import BY_NAME as SUBJECTS_BY_NAME
 from .subjects import REPO, SUBJECTS, Subject, engine_build
-from .system import BoxCpu, machine
+from .system import BoxCpu, machine, restore_left_changed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTROL = "control"
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         raise SystemExit("run as root: the bench changes net.ipv4.ip_local_port_range and binds ports below 1024")
+    for line in restore_left_changed():
+        log(f"restored a setting an interrupted run left changed: {line}")
     settings = QUICK if args.quick else FULL
     chosen = _names(args.only, SUBJECTS_BY_NAME, "subjects")
     subjects = [s for s in SUBJECTS if chosen is None or s.name in chosen]

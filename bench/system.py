@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import struct
@@ -15,6 +16,11 @@ from .procs import CLK_TCK
 
 PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 TW_REUSE = Path("/proc/sys/net/ipv4/tcp_tw_reuse")
+#: The settings a run changed and has not put back yet, with their old values. A run killed
+#: before it could restore them (SIGKILL, its sandbox restarted) left the box changed, and the
+#: next one would have measured on it: that run restores them first. /run is empty after a
+#: boot, as the settings are back to the box's own then.
+CHANGED = Path("/run/fastfwd-bench-changed.json")
 
 
 def machine() -> dict[str, object]:
@@ -54,11 +60,42 @@ class BoxCpu:
 def sysctl(path: Path, value: str) -> Iterator[None]:
     """Set a kernel setting for a figure, and put it back after."""
     old = path.read_text()
+    _changed(path, old)
     path.write_text(f"{value}\n")
     try:
         yield
     finally:
         path.write_text(old)
+        _changed(path, None)
+
+
+def restore_left_changed() -> list[str]:
+    """Put back the settings a killed run left changed; one line for each, saying what."""
+    restored = []
+    for name, old in _read_changed().items():
+        path = Path(name)
+        restored.append(f"{path.name}: {' '.join(path.read_text().split())} -> {' '.join(old.split())}")
+        path.write_text(old)
+    CHANGED.unlink(missing_ok=True)
+    return restored
+
+
+def _read_changed() -> dict[str, str]:
+    return json.loads(CHANGED.read_text()) if CHANGED.exists() else {}
+
+
+def _changed(path: Path, old: str | None) -> None:
+    changed = _read_changed()
+    if old is None:
+        changed.pop(str(path), None)
+    else:
+        changed.setdefault(str(path), old)   # the first old value is the box's own
+    if not changed:
+        CHANGED.unlink(missing_ok=True)
+        return
+    tmp = CHANGED.with_suffix(".tmp")
+    tmp.write_text(json.dumps(changed))
+    tmp.replace(CHANGED)
 
 
 def local_port_range(low: int, high: int) -> contextlib.AbstractContextManager[None]:
