@@ -1,8 +1,9 @@
 """The TOML config file: loading, complete validation, and the typed settings it yields.
 
 Validation collects every problem before giving up, and each message names its key path
-(``forward[3].listen: range 8000-7999 is reversed``), so one run of ``fastfwd check`` shows
-everything to fix. ``docs/config.md`` is the reference for the schema and its defaults.
+and, where it can be told for certain, its line (``forward[3].listen: range 8000-7999 is
+reversed (at line 14)``), so one run of ``fastfwd check`` shows everything to fix.
+``docs/config.md`` is the reference for the schema and its defaults.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import engine_settings
+from . import config_lines, engine_settings
 from .leases import HostEntry, LeaseError
 from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_name, check_target_host,
                     is_ip, listen_address, parse_ports, seconds, split_hostports)
@@ -142,8 +143,16 @@ def parse_config(text: str, source: str = "<config>", *, base: Path | None = Non
     v = _Validator(base or Path.cwd())
     config = v.config(doc, source)
     if v.errors:
-        raise ConfigError(list(dict.fromkeys(v.errors)), source)
+        # The text is read again for the lines only now: a good file is not slowed down.
+        lines = config_lines.key_lines(text)
+        errors = (_at_line(error, lines.get(place)) for error, place in zip(v.errors, v.places))
+        raise ConfigError(list(dict.fromkeys(errors)), source)
     return config
+
+
+def _at_line(error: str, line: int | None) -> str:
+    # At the end, as tomllib places a syntax error's "(at line L, column C)".
+    return error if line is None else f"{error} (at line {line})"
 
 
 def parse_rule_options(doc: Any, path: str = "options") -> RuleOptions:
@@ -172,9 +181,12 @@ class _Validator:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.errors: list[str] = []
+        self.places: list[str] = []  # each error's key path in the file, for its line
 
-    def error(self, path: str, message: str) -> None:
+    def error(self, path: str, message: str, *, at: str | None = None) -> None:
+        """Record a problem at ``path``; ``at`` is where the file shows it, when not there."""
         self.errors.append(f"{path}: {message}")
+        self.places.append(at or path)
 
     def table(self, doc: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
         """The table at ``path`` with unknown keys reported (naming the closest valid one)."""
@@ -325,8 +337,10 @@ class _Validator:
                 # target the protocol cannot reach at 'to'.
                 key, _, problem = str(exc).partition(": ")
                 if key in _TUPLE_OPTIONS:
-                    # Not in the entry: the user would look for the key there in vain.
-                    self.error(f"{path}.{key}", problem + via + ("" if key in entry else " (set in [defaults])"))
+                    if key in entry:
+                        self.error(f"{path}.{key}", problem + via)
+                    else:  # the user would look for the key in the entry in vain; its line is the entry's
+                        self.error(f"{path}.{key}", problem + via + " (set in [defaults])", at=path)
                 elif key.startswith("target "):
                     self.error(f"{path}.to", str(exc) + via)
                 else:

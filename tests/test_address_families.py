@@ -416,17 +416,17 @@ def test_good_specs_of_either_family(spec: str, listen: str, target: str) -> Non
 
 @pytest.mark.parametrize("entry, error", [
     ('listen = "[::1]:8000"\nto = "127.0.0.1:80"\nallow = ["127.0.0.0/8"]\n',
-     "forward[0].allow: no IPv6 network, so every client of [::1]:8000 would be refused"),
+     "forward[0].allow: no IPv6 network, so every client of [::1]:8000 would be refused (at line 4)"),
     ('listen = 8000\nto = "127.0.0.1:80"\nallow = ["::ffff:10.0.0.0/104"]\n',
      ("forward[0].allow: '::ffff:10.0.0.0/104' is an IPv4-mapped network, which no client matches: "
-      "write '10.0.0.0/8' (IPv4 clients are seen as IPv4)")),
+      "write '10.0.0.0/8' (IPv4 clients are seen as IPv4) (at line 4)")),
     ('listen = 8000\nto = "[::1]:80"\nsource = ["127.0.0.2"]\n',
-     "forward[0].source: '127.0.0.2' is IPv4 but the target ::1 is IPv6"),
+     "forward[0].source: '127.0.0.2' is IPv4 but the target ::1 is IPv6 (at line 4)"),
     ('listen = "[::ffff:127.0.0.1]:8000"\nto = "127.0.0.1:80"\n',
-     "forward[0].listen: listen address '::ffff:127.0.0.1' is an IPv4-mapped address: write 127.0.0.1"),
+     "forward[0].listen: listen address '::ffff:127.0.0.1' is an IPv4-mapped address: write 127.0.0.1 (at line 2)"),
     ('listen = 8000\nto = "localhost:80"\n',
      ("forward[0].to: target host 'localhost' is a loopback name: write 127.0.0.1 or [::1] "
-      "(names come from [hosts] and DHCP leases)")),
+      "(names come from [hosts] and DHCP leases) (at line 3)")),
 ])
 def test_a_config_names_the_key_of_a_family_mistake(entry: str, error: str) -> None:
     with pytest.raises(ConfigError) as info:

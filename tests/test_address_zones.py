@@ -33,11 +33,11 @@ def test_a_spec_with_a_zone_is_refused_saying_why(spec: str, what: str) -> None:
 
 
 @pytest.mark.parametrize("text, error", [
-    (f'[hosts.vm1]\nip = "{SCOPED}"\n', f"hosts.vm1.ip: '{SCOPED}' {ZONE}"),
+    (f'[hosts.vm1]\nip = "{SCOPED}"\n', f"hosts.vm1.ip: '{SCOPED}' {ZONE} (at line 2)"),
     (f'[[forward]]\nlisten = "[{SCOPED}]:8000"\nto = "127.0.0.1:80"\n',
-     f"forward[0].listen: listen address '{SCOPED}' {ZONE}"),
+     f"forward[0].listen: listen address '{SCOPED}' {ZONE} (at line 2)"),
     (f'[[forward]]\nlisten = 8000\nto = "[{SCOPED}]:80"\n',
-     f"forward[0].to: target host '{SCOPED}' {ZONE}"),
+     f"forward[0].to: target host '{SCOPED}' {ZONE} (at line 3)"),
 ])
 def test_a_config_with_a_zone_names_the_key(text: str, error: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -34,9 +34,9 @@ def test_check_lists_every_error_of_one_file_and_exits_nonzero(tmp_path: Path) -
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"{path}: forward[0].conect_timeout: unknown key (did you mean 'connect_timeout'?)",
-        f"{path}: forward[0].listen: range 8000-7999 is reversed",
-        f"{path}: engine.workers: expected an integer from 1 to 1024, got 0",
+        f"{path}: forward[0].conect_timeout: unknown key (did you mean 'connect_timeout'?) (at line 4)",
+        f"{path}: forward[0].listen: range 8000-7999 is reversed (at line 2)",
+        f"{path}: engine.workers: expected an integer from 1 to 1024, got 0 (at line 6)",
     ]
 
 
@@ -105,7 +105,7 @@ def test_run_with_a_bad_config_lists_its_errors_and_starts_nothing(tmp_path: Pat
     path.write_text('[[forward]]\nlisten = "8000-7999"\nto = "127.0.0.1:1-2"\n')
     result = fastfwd("run", "-c", str(path), "-t", "0:127.0.0.1:1")
     assert result.returncode == 2
-    assert result.stderr == f"{path}: forward[0].listen: range 8000-7999 is reversed\n"
+    assert result.stderr == f"{path}: forward[0].listen: range 8000-7999 is reversed (at line 2)\n"
 
 
 def test_run_in_process_leaves_the_sighup_handler_it_found(tmp_path: Path) -> None:

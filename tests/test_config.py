@@ -31,35 +31,37 @@ def test_all_errors_are_collected_not_just_the_first() -> None:
                      and "[engine]" not in t and "[control]" not in t and "[sources]" not in t
                      and "[forwards]" not in t)
     errors = errors_of(text)
-    assert "forward[0].listen: range 8000-7999 is reversed" in errors
-    assert "forward[1].conect_timeout: unknown key (did you mean 'connect_timeout'?)" in errors
-    assert "forward[8].splice: expected 'auto', 'always' or 'never', got 'maybe'" in errors
+    assert "forward[0].listen: range 8000-7999 is reversed (at line 2)" in errors
+    assert "forward[1].conect_timeout: unknown key (did you mean 'connect_timeout'?) (at line 8)" in errors
+    assert "forward[8].splice: expected 'auto', 'always' or 'never', got 'maybe' (at line 37)" in errors
     assert len(errors) >= 12
 
 
 def test_error_message_carries_the_source() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config('[[forward]]\nlisten = "9-1"\nto = "1.2.3.4:1-9"\n', "/etc/fastfwd.toml")
-    assert str(info.value) == "/etc/fastfwd.toml: forward[0].listen: range 9-1 is reversed"
+    assert str(info.value) == "/etc/fastfwd.toml: forward[0].listen: range 9-1 is reversed (at line 2)"
 
 
 def test_unknown_key_far_from_any_lists_the_valid_ones() -> None:
-    assert errors_of('[sources]\nzzz = 1\n') == ["sources.zzz: unknown key (valid keys: dhcp, neighbours, dhcp_lease_file)"]
+    assert errors_of('[sources]\nzzz = 1\n') == [
+        "sources.zzz: unknown key (valid keys: dhcp, neighbours, dhcp_lease_file) (at line 2)"]
 
 
 def test_wrong_shapes_are_errors_not_crashes() -> None:
     errors = errors_of('forward = 3\nhosts = "x"\nengine = []\n[[control]]\n')
     assert errors == [
-        "hosts: expected a table of [hosts.NAME] entries, got a string",
-        "forward: expected an array of tables ([[forward]])",
-        "engine: expected a table, got an array",
-        "control: expected a table, got an array",
+        "hosts: expected a table of [hosts.NAME] entries, got a string (at line 2)",
+        "forward: expected an array of tables ([[forward]]) (at line 1)",
+        "engine: expected a table, got an array (at line 3)",
+        "control: expected a table, got an array (at line 4)",
     ]
+    # An entry of an inline array has no line of its own: none is given.
     assert errors_of('forward = [1]\n') == ["forward[0]: expected a table, got an integer"]
     assert errors_of('[[forward]]\nlisten = true\nto = 5\nname = 3\n') == [
-        "forward[0].name: expected a string, got an integer",
-        "forward[0].listen: expected '[ADDR:]PORT[-END]', got True",
-        "forward[0].to: expected 'HOST:PORT[-END]', got 5",
+        "forward[0].name: expected a string, got an integer (at line 4)",
+        "forward[0].listen: expected '[ADDR:]PORT[-END]', got True (at line 2)",
+        "forward[0].to: expected 'HOST:PORT[-END]', got 5 (at line 3)",
     ]
 
 
@@ -184,4 +186,5 @@ def test_overlaps_among_thousands_of_rules_are_each_reported_once_on_the_later_e
     text += '[[forward]]\nlisten = "127.0.0.2:10000-10009"\nto = "127.0.0.1:1-10"\n'  # another address: fine
     text += '[[forward]]\nlisten = "0.0.0.0:10005-10007"\nto = "127.0.0.1:1-3"\n'  # a wildcard clashes with both
     assert errors_of(text) == [
-        "forward[4002].listen: tcp ports 10005-10007 overlaps forward[4001] (tcp 127.0.0.2:10000-10009 -> 127.0.0.1:1-10)"]
+        "forward[4002].listen: tcp ports 10005-10007 overlaps forward[4001] (tcp 127.0.0.2:10000-10009 -> 127.0.0.1:1-10)"
+        " (at line 12009)"]

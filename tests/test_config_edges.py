@@ -68,14 +68,15 @@ def test_an_ipv4_mapped_target_that_is_the_rules_own_listener_is_refused(proto: 
     with pytest.raises(ConfigError) as info:
         parse_config(f'[[forward]]\nproto = "{proto}"\nlisten = 8000\nto = "[::ffff:127.0.0.1]:8000"\n')
     assert info.value.errors == [
-        "forward[0].to: target [::ffff:127.0.0.1]:8000 is this rule's own listener: it would forward to itself"]
+        "forward[0].to: target [::ffff:127.0.0.1]:8000 is this rule's own listener: it would forward to itself"
+        " (at line 4)"]
 
 
 def test_an_ipv4_mapped_multicast_target_is_refused_for_tcp() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config('[[forward]]\nlisten = 8000\nto = "[::ffff:224.0.0.1]:80"\n')
     assert info.value.errors == [
-        "forward[0].to: target ::ffff:224.0.0.1 is a multicast address: TCP cannot connect to it"]
+        "forward[0].to: target ::ffff:224.0.0.1 is a multicast address: TCP cannot connect to it (at line 3)"]
 
 
 @needs_engine
@@ -99,7 +100,8 @@ def test_a_reload_taking_a_command_line_rules_port_names_both_and_changes_nothin
     ('source = ["::1"]', "forward[0].source: '::1' is IPv6 but the target 127.0.0.1 is IPv4"),
 ])
 def test_an_option_that_does_not_fit_a_rule_says_when_it_comes_from_defaults(defaults: str, error: str) -> None:
-    # The entry has no such key: without the hint, the user looks for it there in vain.
+    # The entry has no such key: without the hint, the user looks for it there in vain. The
+    # line is the entry's, the one the key path names.
     with pytest.raises(ConfigError) as info:
         parse_config(f'[defaults]\n{defaults}\n[[forward]]\nlisten = "[::1]:8000"\nto = "127.0.0.1:80"\n')
-    assert info.value.errors == [f"{error} (set in [defaults])"]
+    assert info.value.errors == [f"{error} (set in [defaults]) (at line 3)"]

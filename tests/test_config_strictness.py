@@ -21,7 +21,7 @@ def test_two_host_entries_differing_only_in_case_are_an_error() -> None:
     # whichever entry happened to come second.
     with pytest.raises(ConfigError) as info:
         parse_config('[hosts.VM1]\nip = "10.0.0.1"\n[hosts.vm1]\nip = "10.0.0.2"\n')
-    assert info.value.errors == ["hosts.vm1: 'vm1' is the same name as hosts.VM1 (names ignore case)"]
+    assert info.value.errors == ["hosts.vm1: 'vm1' is the same name as hosts.VM1 (names ignore case) (at line 3)"]
 
 
 @pytest.mark.parametrize("ports", ["8_0", "+80", "80 -90", "٨٠", "80-+90"])
@@ -31,14 +31,14 @@ def test_a_port_is_ascii_digits_only(ports: str) -> None:
         Rule.parse(f"{ports}:127.0.0.1:80")
     with pytest.raises(ConfigError) as info:
         parse_config(f'[[forward]]\nlisten = "{ports}"\nto = "127.0.0.1:80"\n')
-    assert info.value.errors == [f"forward[0].listen: {ports!r} is not a port or a port range"]
+    assert info.value.errors == [f"forward[0].listen: {ports!r} is not a port or a port range (at line 2)"]
 
 
 def test_a_host_entry_named_by_an_address_is_an_error() -> None:
     # A 'to' with an address forwards to that address: such an entry would never be used.
     with pytest.raises(ConfigError) as info:
         parse_config('[hosts."10.0.0.9"]\nmac = "52:54:00:00:00:01"\n')
-    assert info.value.errors == ["hosts.10.0.0.9: '10.0.0.9' is not a valid host name"]
+    assert info.value.errors == ["hosts.10.0.0.9: '10.0.0.9' is not a valid host name (at line 1)"]
 
 
 @pytest.mark.parametrize("to, proto, says", [
@@ -49,7 +49,7 @@ def test_a_host_entry_named_by_an_address_is_an_error() -> None:
 def test_a_target_no_connection_could_reach_is_an_error_at_to(to: str, proto: str, says: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(f'[[forward]]\nlisten = 8080\nto = "{to}"\nproto = "{proto}"\n')
-    assert info.value.errors == [f"forward[0].to: {says}"]
+    assert info.value.errors == [f"forward[0].to: {says} (at line 3)"]
 
 
 def test_one_port_on_the_ipv4_and_the_ipv6_wildcard_is_not_an_overlap() -> None:
@@ -63,7 +63,8 @@ def test_one_port_on_the_ipv4_and_the_ipv6_wildcard_is_not_an_overlap() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config('[[forward]]\nlisten = "[::]:8000"\nto = "127.0.0.1:80"\n'
                      '[[forward]]\nlisten = "[::1]:8000"\nto = "127.0.0.1:80"\n')
-    assert info.value.errors == ["forward[1].listen: tcp port 8000 overlaps forward[0] (tcp [::]:8000 -> 127.0.0.1:80)"]
+    assert info.value.errors == [
+        "forward[1].listen: tcp port 8000 overlaps forward[0] (tcp [::]:8000 -> 127.0.0.1:80) (at line 5)"]
 
 
 @needs_engine
@@ -105,7 +106,8 @@ def test_a_rule_name_that_would_forge_log_lines_is_refused(name: str) -> None:
 def test_daemon_settings_refuse_nan_and_infinite_seconds() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("[control]\ndrain_deadline = nan\n")
-    assert info.value.errors == ["control.drain_deadline: expected a number of seconds from 0 to 1000000000, got nan"]
+    assert info.value.errors == [
+        "control.drain_deadline: expected a number of seconds from 0 to 1000000000, got nan (at line 2)"]
 
 
 @pytest.mark.parametrize("proto", ['["tcp", 1]', '[{}, "udp"]', '[["tcp"], "udp"]'])
@@ -119,7 +121,7 @@ def test_a_proto_list_of_other_things_than_names_is_an_error(proto: str) -> None
 def test_a_rule_name_that_is_not_a_string_is_reported_once() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config('[[forward]]\nlisten = "8000"\nto = "127.0.0.1:80"\nname = 5\n')
-    assert info.value.errors == ["forward[0].name: expected a string, got an integer"]
+    assert info.value.errors == ["forward[0].name: expected a string, got an integer (at line 4)"]
 
 
 @pytest.mark.parametrize("section, key", [("control", "lease_socket"), ("control", "control_socket"),
@@ -128,7 +130,8 @@ def test_a_path_with_a_nul_character_is_an_error(section: str, key: str) -> None
     # No system call takes such a path: accepted, it stopped the daemon with a traceback.
     with pytest.raises(ConfigError) as info:
         parse_config(f'[{section}]\n{key} = "/run/a\\u0000b"\n')
-    assert info.value.errors == [f"{section}.{key}: '/run/a\\x00b' holds a NUL character, which no file path can"]
+    assert info.value.errors == [
+        f"{section}.{key}: '/run/a\\x00b' holds a NUL character, which no file path can (at line 2)"]
 
 
 @pytest.mark.parametrize("ip, listen, to, says", [
@@ -140,7 +143,7 @@ def test_a_host_entry_with_an_ip_is_checked_as_that_address_would_be(ip: str, li
     # listener (each connection would open another, without end), is the same error through it.
     with pytest.raises(ConfigError) as info:
         parse_config(f'[hosts.vm1]\nip = "{ip}"\n[[forward]]\nlisten = "{listen}"\nto = "vm1:{to}"\n')
-    assert info.value.errors == [f"forward[0].to: {says} (hosts.vm1)"]
+    assert info.value.errors == [f"forward[0].to: {says} (hosts.vm1) (at line 5)"]
 
 
 @pytest.mark.parametrize("key", ["allow_users", "allow_groups"])
@@ -150,4 +153,4 @@ def test_a_numeric_user_or_group_id_no_system_has_is_an_error(key: str, number: 
     # 4294967295 is chown's "leave as is", not an id.
     with pytest.raises(ConfigError) as info:
         parse_config(f"[control]\n{key} = [0, {number}]\n")
-    assert info.value.errors == [f"control.{key}: id {number} is not a {key[6:-1]} id (0 to 4294967294)"]
+    assert info.value.errors == [f"control.{key}: id {number} is not a {key[6:-1]} id (0 to 4294967294) (at line 2)"]

@@ -137,7 +137,7 @@ def test_the_setting_is_a_path_beside_the_config_and_needs_dhcp(tmp_path: Path) 
     assert parse_config("").sources.dhcp_lease_file is None
     with pytest.raises(ConfigError) as info:
         parse_config('[sources]\ndhcp = false\ndhcp_lease_file = "/var/lib/misc/dnsmasq.leases"\n')
-    assert info.value.errors == ["sources.dhcp_lease_file: needs dhcp = true (its leases are DHCP leases)"]
+    assert info.value.errors == ["sources.dhcp_lease_file: needs dhcp = true (its leases are DHCP leases) (at line 3)"]
 
 
 LINES = [f"1900000000 {mac} 127.0.0.{i} vm{i} *\n" for i, mac in enumerate((A, B, C), 2)]

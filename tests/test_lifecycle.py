@@ -91,7 +91,7 @@ def test_the_config_file_has_the_same_worker_bound(tmp_path: Path) -> None:
     path.write_text("[engine]\nworkers = 100000\n")
     result = run_cli("check", str(path))
     assert (result.returncode, result.stderr) == (
-        2, f"{path}: engine.workers: expected an integer from 1 to 1024, got 100000\n")
+        2, f"{path}: engine.workers: expected an integer from 1 to 1024, got 100000 (at line 2)\n")
 
 
 @needs_engine

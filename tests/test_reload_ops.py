@@ -94,13 +94,14 @@ def test_status_tells_whether_the_last_reload_was_applied_and_why_not(tmp_path: 
         assert _status(proc)["config"] == {"file": "f.toml", "last_reload": None}
         write_atomic(path, forward(port, f"127.0.0.1:{echo.port}", idle_timeout=-1))
         proc.wait_log("rejected, rules unchanged")
+        # The log, the status reply and `fastfwd status` all name the key's line in the file.
+        problem = "forward[0].idle_timeout: expected a number of seconds from 0 to 1000000000, got -1 (at line 4)"
+        assert f": f.toml: {problem}\n" in proc.log()
         last = _status(proc)["config"]["last_reload"]
-        assert (last["applied"], last["error"]) == (
-            False, "forward[0].idle_timeout: expected a number of seconds from 0 to 1000000000, got -1")
+        assert (last["applied"], last["error"]) == (False, problem)
         line = _config_line(proc)
         assert line.startswith("config: f.toml, last reload ") and line.endswith(
-            " ago rejected (the rules from before run): forward[0].idle_timeout: expected a number of seconds "
-            "from 0 to 1000000000, got -1"), line
+            f" ago rejected (the rules from before run): {problem}"), line
 
         busy = taken.getsockname()[1]
         write_atomic(path, forward(port, f"127.0.0.1:{echo.port}") + forward(busy, f"127.0.0.1:{echo.port}"))
