@@ -370,10 +370,12 @@ def _lease(args: argparse.Namespace) -> int:
 
 def _lease_fields(mac: str, ip: str, hostname: str | None, where: str = "") -> dict[str, str | None]:
     """A lease's fields, checked here: a typo is a usage error, not a refusal from the daemon."""
-    from .leases import normalize_hostname, normalize_ip, normalize_mac
+    from .leases import held_address, normalize_hostname, normalize_mac
 
     def fields() -> dict[str, str | None]:
-        return {"mac": normalize_mac(mac), "ip": normalize_ip(ip),
+        # held_address, as the daemon checks it: 0.0.0.0, a multicast or the broadcast
+        # address is as much a typo as a malformed one.
+        return {"mac": normalize_mac(mac), "ip": held_address(ip),
                 "hostname": normalize_hostname(hostname) if hostname is not None else None}
     return _lease_checked(where, fields)
 

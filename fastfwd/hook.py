@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from .lease_file import read_lease_file
-from .leases import (EVENTS, LeaseError, client_hostname, normalize_ip, normalize_mac,
+from .leases import (EVENTS, LeaseError, client_hostname, held_address, normalize_mac,
                      normalize_scope)
 from .unixclient import DaemonError, DaemonUnreachable, Parser, call, timeout_arg
 
@@ -128,10 +128,11 @@ def _message(action: str, args: list[str]) -> dict[str, Any] | None:
         mac = os.environ.get("DNSMASQ_MAC", "")  # DHCPv6: the argument is the client's DUID
         if not _is_mac(mac):
             if action == "del":  # the address alone says which lease went
-                return {"event": action, "ip": normalize_ip(args[1])}
+                return {"event": action, "ip": held_address(args[1])}
             _skipped(f"{action} {args[1]}")
             return None
-    message: dict[str, Any] = {"event": action, "mac": normalize_mac(mac), "ip": normalize_ip(args[1])}
+    # held_address, as the daemon checks it: 0.0.0.0 or a multicast address is a bad argument.
+    message: dict[str, Any] = {"event": action, "mac": normalize_mac(mac), "ip": held_address(args[1])}
     if len(args) == 3:
         message["hostname"] = client_hostname(args[2], _note)
     return message

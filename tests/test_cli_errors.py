@@ -120,7 +120,10 @@ def test_an_unreadable_config_is_one_line_and_exit_2(tmp_path: Path, command: st
     (("del", MAC, "10.0.0.300"), ("IP", "'10.0.0.300'")),
     (("add", MAC, "10.0.0.1", "not a name!"), ("host name", "'not a name!'")),
     (("snapshot", f"{MAC}=10.0.0"), ("'10.0.0'",)),
-], ids=["mac", "ip", "hostname", "snapshot-ip"])
+    (("add", MAC, "0.0.0.0"), ("ip", "'0.0.0.0'", "not a machine's address")),
+    (("old", MAC, "ff02::1"), ("ip", "'ff02::1'", "not a machine's address")),
+    (("snapshot", f"{MAC}=255.255.255.255"), ("'255.255.255.255'", "not a machine's address")),
+], ids=["mac", "ip", "hostname", "snapshot-ip", "unspecified-ip", "multicast-ip", "snapshot-broadcast"])
 def test_lease_with_a_bad_value_is_a_usage_error_before_any_daemon_is_asked(
         tmp_path: Path, args: tuple[str, ...], parts: tuple[str, ...]) -> None:
     line = one_line(run_cli("lease", *args, "--socket", str(tmp_path / "none.sock")), 2, *parts)

@@ -229,6 +229,19 @@ def test_rules_added_at_run_time_survive_reload_and_can_be_removed(tmp_path: Pat
         assert not echo_roundtrip(extra) and echo_roundtrip(fixed)
 
 
+def test_rules_added_at_run_time_are_not_kept_across_a_restart(tmp_path: Path, echo: EchoServer) -> None:
+    """docs/leases.md: a rule added on the control socket lives until removed there or the
+    daemon stops; nothing saves it, so the next start has the config file's rules alone."""
+    fixed, extra = free_port(), free_port()
+    (tmp_path / "f.toml").write_text(f'[[forward]]\nlisten = {fixed}\nto = "127.0.0.1:{echo.port}"\n')
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert call(proc.control_socket, {"cmd": "add", "spec": f"127.0.0.1:{extra}:127.0.0.1:{echo.port}"})["ok"]
+        assert echo_roundtrip(extra)
+    with daemon(tmp_path, "-c", "f.toml") as proc:
+        assert [r["port"] for r in status(proc)["rules"]] == [fixed]
+        assert echo_roundtrip(fixed) and not connects(extra)
+
+
 def test_port_0_rules_keep_their_port_across_reloads(tmp_path: Path, echo: EchoServer) -> None:
     (tmp_path / "f.toml").write_text("# rules from the command line and the control socket only\n")
     with daemon(tmp_path, "-c", "f.toml", "-t", f"0:127.0.0.1:{echo.port}") as proc:

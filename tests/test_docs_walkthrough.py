@@ -170,6 +170,40 @@ def test_the_units_capabilities_are_enough_and_needed(echo: EchoServer) -> None:
             d.stop()
 
 
+@pytest.mark.root
+@needs_engine
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_a_lease_file_the_unit_cannot_read_is_sent_by_a_hook_outside_its_sandbox() -> None:
+    """docs/vm-hosts.md: a lease file another user keeps 0600 is unreadable to the daemon under
+    the unit's capabilities, and as unreadable to an ExecStartPost= hook, which gets the same
+    bounding set; the hook run with full privileges (ExecStartPost=+...) sends it."""
+    caps = unit_service()["CapabilityBoundingSet"].split()
+    bounding = ("setpriv", "--bounding-set=" + ",".join(
+        ["-all", *("+" + c.removeprefix("CAP_").lower() for c in caps)]), "--inh-caps=-all")
+    mac = "52:54:00:12:34:56"
+    with short_dir() as tmp:
+        os.chmod(tmp, 0o755)
+        leases = tmp / "dnsmasq.leases"
+        leases.write_text(f"1900000000 {mac} 192.0.2.10 vm1 *\n")
+        os.chown(leases, 65534, 65534)
+        leases.chmod(0o600)
+        (tmp / "fastfwd.toml").write_text(f'[sources]\ndhcp_lease_file = "{leases}"\n')
+        d = DaemonProcess(tmp, "-c", str(tmp / "fastfwd.toml"), prefix=bounding)
+        try:
+            d.wait_log("fastfwd started")
+            assert f"cannot read {leases}: Permission denied" in d.log()
+            hook = [sys.executable, "-m", "fastfwd.hook", "--socket", str(d.lease_socket), "snapshot", str(leases)]
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            sandboxed = subprocess.run([*bounding, *hook], capture_output=True, text=True, timeout=30, env=env)
+            assert sandboxed.returncode == 2 and "Permission denied" in sandboxed.stderr, sandboxed.stderr
+            assert status_json(d.control_socket)["leases"] == []
+            privileged = subprocess.run(hook, capture_output=True, text=True, timeout=30, env=env)
+            assert privileged.returncode == 0, privileged.stderr
+            assert [lease["mac"] for lease in status_json(d.control_socket)["leases"]] == [mac]
+        finally:
+            d.stop()
+
+
 def test_the_units_writable_directories_are_the_control_defaults() -> None:
     """docs/config.md: under the unit only /run/fastfwd and /var/lib/fastfwd are writable, and
     those are where a root daemon puts its sockets and lease state by default."""

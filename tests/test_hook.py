@@ -163,6 +163,8 @@ def test_error_reply_fails_with_its_message(server: ServerThread) -> None:
     (["add", A], "add takes MAC IP [HOSTNAME]"),
     (["add", A, "10.0.0.1", "vm1", "extra"], "add takes MAC IP [HOSTNAME]"),
     (["add", A, "10.0.0.300"], "not an IPv4 or IPv6 address"),
+    (["add", A, "0.0.0.0"], "not a machine's address"),
+    (["del", "00:01:00:01:aa:bb:cc:dd", "ff02::1"], "not a machine's address"),
     (["snapshot"], "snapshot takes one argument"),
     (["snapshot", "/nonexistent/dnsmasq.leases"], "cannot read /nonexistent/dnsmasq.leases: No such file or directory\n"),
 ])

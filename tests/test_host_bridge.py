@@ -136,6 +136,19 @@ def test_setup_check_idempotent_destroy(br: Bridge) -> None:
     assert "nothing recorded" in br("destroy", "br-vms").stdout
 
 
+def test_check_fails_when_the_bridge_lacks_the_expected_address(br: Bridge) -> None:
+    """docs/vm-hosts.md's check table: the address item fails not only with no address but
+    also without the one expected (given, else setup's record)."""
+    br.setup("--no-dhcp")
+    assert br.checks()["address"] == "PASS"
+    assert br.checks("--address", f"{br.subnet}.2/24")["address"] == "FAIL"
+    br.sh("ip", "addr", "add", f"{br.subnet}.3/24", "dev", "br-vms")
+    br.sh("ip", "addr", "del", f"{br.subnet}.1/24", "dev", "br-vms")
+    out = br("check", "br-vms", ok=False).stdout
+    assert f"FAIL address: br-vms lacks {br.subnet}.1/24" in out
+    br("destroy", "br-vms")
+
+
 def test_destroy_leaves_what_it_found(br: Bridge) -> None:
     # Already there before setup: the bridge (with another address), forwarding, a table.
     br.sh("ip", "link", "add", "br-vms", "type", "bridge")

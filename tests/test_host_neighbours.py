@@ -174,3 +174,33 @@ def test_watch_reports_existing_entries_at_start(run) -> None:
                 await watch.aclose()
 
         assert run(first()) == Sighting("add", "10.99.0.7", OTHER_MAC)
+
+
+@root
+def test_an_entry_deleted_by_hand_counts_as_failed_until_the_vm_talks_again() -> None:
+    """docs/vm-hosts.md: the kernel's own garbage collection of an entry is ignored, but
+    ``ip neigh del`` (or ``flush``) first reports the entry failed, so its lease goes; the VM's
+    next packet to the host brings it back."""
+    with Lab() as lab:
+        topo = _Topology(lab)
+        vm_ip = str(topo.vm_ip)
+
+        async def scenario() -> None:
+            table = LeaseTable()
+
+            async def on_change(changes: list[LeaseChange]) -> None:
+                pass
+
+            feeder = asyncio.create_task(feed_neighbours(table, on_change, interfaces=["br0"], netns=topo.host))
+            try:
+                assert await _sh(lab, topo.vm, "busybox", "ping", "-c1", "-W2", str(topo.host_ip)) == 0
+                await _wait(lambda: table.for_mac(VM_MAC) is not None)
+                assert await _sh(lab, topo.host, "ip", "neigh", "del", vm_ip, "dev", "br0") == 0
+                await _wait(lambda: table.for_mac(VM_MAC) is None)
+                assert await _sh(lab, topo.vm, "busybox", "ping", "-c1", "-W2", str(topo.host_ip)) == 0
+                await _wait(lambda: table.for_mac(VM_MAC) is not None)
+            finally:
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
+
+        asyncio.run(scenario())

@@ -111,3 +111,17 @@ def test_an_existing_tap_that_is_not_as_asked_is_refused(lab: Lab, make: list[st
         create_tap("tap-vm1", "br0", 0, netns=ns)
     assert all(word in str(refused.value) for word in words), refused.value
     assert "master" not in lab.run(ns, ["ip", "-j", "link", "show", "tap-vm1"]).stdout  # left as it was
+
+
+@root
+def test_the_tap_command_refuses_a_device_not_as_asked_with_exit_2(lab: Lab) -> None:
+    """docs/vm-hosts.md: ``fastfwd-bridge tap`` with a name held by another user's TAP says so
+    in one line, exit status 2 (a value given that cannot be used), and leaves the device."""
+    ns = lab.netns("tapcli")
+    ensure_bridge("br0", netns=ns)
+    lab.run(ns, ["ip", "tuntap", "add", "dev", "tap-vm1", "mode", "tap", "user", "65534", "vnet_hdr"])
+    done = lab.run(ns, [sys.executable, "-m", "fastfwd.host", "--state-dir", str(lab.dir / "state"),
+                        "tap", "vm1", "--bridge", "br0", "--user", "0"], check=False)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.startswith("fastfwd-bridge: 'tap-vm1' exists owned by uid 65534") and done.stderr.count("\n") == 1
+    assert "master" not in lab.run(ns, ["ip", "-j", "link", "show", "tap-vm1"]).stdout

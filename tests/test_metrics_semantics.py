@@ -326,3 +326,24 @@ def test_a_renamed_rule_goes_on_counting_under_its_new_name_only(fwd) -> None:
         assert exchange(port, payload(1000)) == Received.of(b"")
         settled(fwd, "new", {"fastfwd_accepted_total": 2, "fastfwd_bytes_up_total": 2000, "fastfwd_active": 0})
         assert set(parse(metrics.render(fwd.fw).decode())) == {"new"}
+
+
+def test_a_lease_moving_a_vm_keeps_the_rules_series(fwd) -> None:
+    """docs/metrics.md: the ``target`` label of a lease-driven rule is the name as written, so
+    the lease moving its VM to another address ends no series: the counters go on under the
+    same labels. (Only an edited ``to`` starts a series under a new target.)"""
+    with TcpServer(exchange_handler(b""), host="127.0.0.1") as one, \
+            TcpServer(exchange_handler(b""), host="127.0.0.2", port=one.port) as two:
+        rule = fwd.add(ff.Rule.parse(f"0:vm1:{one.port}", "tcp", name="web"))
+        fwd.resolve("vm1", "127.0.0.1")
+        assert exchange(rule.port, payload(1000)) == Received.of(b"")
+        settled(fwd, "web", {"fastfwd_accepted_total": 1, "fastfwd_active": 0})
+        before = {key for key in series(metrics.render(fwd.fw).decode()) if dict(key[1])["rule"] == "web"}
+        fwd.resolve("vm1", "127.0.0.2")
+        assert exchange(rule.port, payload(2000)) == Received.of(b"")
+        m = settled(fwd, "web", {"fastfwd_accepted_total": 2, "fastfwd_active": 0})
+        after = {key for key in series(metrics.render(fwd.fw).decode()) if dict(key[1])["rule"] == "web"}
+        assert (one.accepted, two.accepted) == (1, 1)
+    assert after == before
+    assert {dict(labels)["target"] for _, labels in after} == {f"vm1:{one.port}"}
+    assert m["fastfwd_bytes_up_total"] == 3000

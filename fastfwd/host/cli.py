@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = Parser(prog="fastfwd-bridge", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                description="Host networking for VMs behind fastfwd.\n\nExit status: 0 done (check: no FAIL); "
-                           "1 it could not be done (check: a FAIL);\n2 bad arguments; 130 interrupted.")
+                           "1 it could not be done (check: a FAIL);\n2 bad arguments; 130 interrupted (Ctrl-C), "
+                           "143 stopped by SIGTERM, 129 by SIGHUP.")
     state_help = "where setup records what it made (default: /var/lib/fastfwd/host)"
     p.add_argument("--state-dir", type=Path, help=state_help)
     # What setup, check and destroy share. --state-dir also after the command, where users put
