@@ -14,7 +14,8 @@ Fds: at most ``max_clients`` connections are open (fewer if the process may open
 more wait in the listen backlog, which holds none of ours. When all are taken, the connection
 that has waited longest on its client (for a line, or to take a reply), if that is at least
 ``EVICT_AFTER``, is closed to make room, so idle clients cannot keep a DHCP hook out; one
-that just connected is never taken for idle.
+that just connected is never taken for idle. One fd is kept in reserve: when forwarding has
+taken every other, a client is still served on it.
 """
 from __future__ import annotations
 
@@ -340,6 +341,13 @@ def _readable(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+def _spare_fd() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 def _fd_share() -> int:
     """Connections one socket may hold: an eighth of the open-file limit, so that the lease
     and control sockets together leave most fds to forwarding."""
@@ -372,6 +380,9 @@ class JsonLineServer:
         self._sock: socket.socket | None = None
         self._listening = False
         self._retry: asyncio.TimerHandle | None = None  # after a failed accept
+        #: An fd kept aside, so a client still gets in when forwarding has taken all the others.
+        self._reserve: int | None = None
+        self._failing = False  # accepting failed (said once in the log) until one needs no reserve
         self._recheck: asyncio.TimerHandle | None = None  # when a waiting connection may be closed
         self._inode: int | None = None
         #: The directories made for the socket file, removed with it.
@@ -386,6 +397,7 @@ class JsonLineServer:
         self._sock = bind_unix(self.path, self._access, BACKLOG, made=self._made)
         self._inode = os.stat(self.path).st_ino
         self._max_clients = min(self._max_clients, _fd_share())
+        self._reserve = _spare_fd()
         self._resume()
         users = f", users {', '.join(map(str, sorted(self._access.uids)))} by ACL" if self._access.uids else ""
         log.info("%s socket listening on %s (mode %o%s)", self.name, self.path, self._access.mode, users)
@@ -399,6 +411,9 @@ class JsonLineServer:
                 timer.cancel()
         self._sock.close()
         self._sock = None
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -446,11 +461,25 @@ class JsonLineServer:
                 conn, _ = self._sock.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # out of fds or memory: try again in a second, not in a busy loop
-                log.warning("%s socket: cannot accept a connection: %s", self.name, exc.strerror)
+            except OSError as exc:
+                out_of_fds = exc.errno in (errno.EMFILE, errno.ENFILE)
+                if not self._failing:   # once, not at every retry
+                    self._failing = True
+                    if out_of_fds:
+                        log.warning("%s socket: out of file descriptors: a client is served on the one kept "
+                                    "in reserve, others wait", self.name)
+                    else:
+                        log.warning("%s socket: cannot accept a connection: %s", self.name, exc.strerror)
+                if out_of_fds and self._reserve is not None:
+                    os.close(self._reserve)
+                    self._reserve = None
+                    continue
+                # Out of memory, or the reserve is in use: again in a second, not in a busy loop.
                 self._pause()
                 self._retry = loop.call_later(1.0, self._retry_accept)
                 return
+            if self._reserve is not None:
+                self._failing = False
             conn.setblocking(False)
             task = loop.create_task(self._connection(conn))
             self._tasks.add(task)
@@ -484,6 +513,8 @@ class JsonLineServer:
         return True
 
     def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._reserve is None and self._sock is not None:
+            self._reserve = _spare_fd()  # the fd the connection held is free again, unless taken
         self._tasks.discard(task)
         self._waiting.pop(task, None)
         self._resume()

@@ -21,12 +21,14 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import signal
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from watchfiles import awatch
+from watchfiles._rust_notify import WatchfilesRustInternalError
 
 from .config import content_digest
 
@@ -39,6 +41,9 @@ logging.getLogger("watchfiles").setLevel(logging.WARNING)
 #: tell whether the file is open for writing (see _open_for_writing), this alone decides, and
 #: a writer pausing longer between two writes is caught half way.
 SETTLE_MS = 150
+#: Errors that are a shortage (of fds, memory, inotify watches), not the file's doing: the
+#: watch waits them out.
+_SHORT_OF = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC)
 
 
 def fingerprint(path: Path) -> str | None:
@@ -55,12 +60,14 @@ async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 5
     ``since`` is the fingerprint of the content already in use (None: whatever the file
     holds now); a file that differs from it already yields at the first check."""
     last = since if since is not None else fingerprint(path)
+    short = False
     while True:
         dirs = _watched_dirs(path)
         stop = asyncio.Event()
         try:
             async for _ in awatch(*dirs, watch_filter=None, recursive=False, step=step_ms, stop_event=stop,
                                   rust_timeout=recheck_ms, yield_on_timeout=True):
+                short = False
                 if fingerprint(path) != last:
                     now = await _finished(path, settle_ms)
                     if now != last:
@@ -82,6 +89,22 @@ async def watch_config(path: Path, *, since: str | None = None, step_ms: int = 5
             # A directory was deleted between being chosen and being watched (a symlinked
             # directory swapped, the old one removed at once): choose the directories again.
             await asyncio.sleep(step_ms / 1000)
+        except (OSError, WatchfilesRustInternalError) as exc:
+            if _errno_of(exc) not in _SHORT_OF:
+                raise
+            # Forwarding took every fd, say: a change made meanwhile is seen once it is over.
+            if not short:
+                log.warning("cannot watch %s: %s; trying again every %d ms", path, exc, recheck_ms)
+                short = True
+            await asyncio.sleep(recheck_ms / 1000)
+
+
+def _errno_of(exc: Exception) -> int | None:
+    """The errno behind ``exc``: the watcher library gives it only in its message."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
 
 
 async def _finished(path: Path, settle_ms: int) -> str | None:
@@ -110,6 +133,8 @@ def _look(path: Path, probe: bool = True) -> tuple[bool, str | None]:
         # waiting for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno in _SHORT_OF:
+            raise
         return exc.errno == errno.EWOULDBLOCK, None
     try:
         # Only a regular file: a FIFO (`-c <(...)`) was read once, at start, and a read now

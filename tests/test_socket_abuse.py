@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -226,6 +227,31 @@ def test_a_flood_of_idle_clients_cannot_use_up_the_daemons_fds_nor_keep_the_hook
         assert (hook.returncode, hook.stderr) == (0, "")
         assert echo_roundtrip(port), "the flood stopped forwarding"
         assert [x["mac"] for x in status(proc)["leases"]] == [A]
+
+
+def test_status_answers_when_forwarding_has_used_up_the_daemons_fds(tmp_path: Path, echo: EchoServer) -> None:
+    """Forwarded connections take every fd the daemon may open: the control socket still
+    answers (each socket server keeps one fd in reserve for this) and says so once in the log,
+    not every second, and the config watcher waits the shortage out instead of stopping: an
+    edit made once fds are free again is applied."""
+    pytest.importorskip("fastfwd._engine", reason="the data-plane engine is not built")
+    port, added = free_port(), free_port()
+    config = tmp_path / "f.toml"
+    config.write_text(f'[[forward]]\nlisten = {port}\nto = "127.0.0.1:{echo.port}"\n')
+    with short_dir() as sockets, daemon(sockets, "-c", str(config)) as proc:
+        with fd_flood(proc.proc.pid, lambda: socket.create_connection(("127.0.0.1", port), timeout=2), room=64):
+            limit = resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE)[0]
+            wait_until(lambda: len(os.listdir(f"/proc/{proc.proc.pid}/fd")) >= limit - 1, what="the daemon's fds used up")
+            for _ in range(3):
+                reply = status(proc)
+            (rule,) = reply["rules"]
+            assert rule["counters"]["accept_paused"] > 0, rule
+        config.write_text(config.read_text() + f'[[forward]]\nlisten = {added}\nto = "127.0.0.1:{echo.port}"\n')
+        wait_until(lambda: len(status(proc)["rules"]) == 2, timeout=30, what="the edit applied: " + proc.log())
+        assert echo_roundtrip(added)
+        log = proc.log()
+        assert 1 <= log.count("control socket: out of file descriptors") <= 3, log
+        assert "ERROR" not in log, log
 
 
 def test_the_client_waits_for_room_in_a_full_listen_backlog() -> None:
