@@ -230,10 +230,27 @@ def test_the_engine_stub_matches_the_compiled_module() -> None:
         engine.close()
 
 
+# The parent's side of the fork scripts below: it reaps the child within the timeout, or
+# kills it, and prints which.
+_REAP = r"""
+import os, time
+
+def reap(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("child hung", flush=True)
+            return
+        time.sleep(0.02)
+    print("child exited", flush=True)
+"""
+
 # A forked child that drops its copy of a running forwarder, tries to use it and exits as a
 # program normally does (sys.exit, atexit handlers run); the parent reaps it within TIMEOUT.
-_FORKED = r"""
-import asyncio, os, sys, time
+_FORKED = _REAP + r"""
+import asyncio, sys
 import fastfwd
 fw = fastfwd.Forwarder(workers=2)
 asyncio.run(fw.start())
@@ -245,16 +262,7 @@ if pid == 0:
         print("child:", exc, flush=True)
     del fw
     sys.exit(0)
-deadline = time.monotonic() + float(sys.argv[1])
-while os.waitpid(pid, os.WNOHANG) == (0, 0):
-    if time.monotonic() > deadline:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        print("child hung", flush=True)
-        break
-    time.sleep(0.02)
-else:
-    print("child exited", flush=True)
+reap(pid, float(sys.argv[1]))
 asyncio.run(fw.close())
 """
 
@@ -270,8 +278,8 @@ def test_a_forked_child_sees_the_forwarder_closed_and_exits() -> None:
 
 # A child forked while a drain runs exits as a program normally does: asyncio.run cancels the
 # drain, whose engine (the parent's: its workers did not follow) must not be closed in the child.
-_FORKED_DURING_DRAIN = r"""
-import asyncio, os, socket, sys, time
+_FORKED_DURING_DRAIN = _REAP + r"""
+import asyncio, socket, sys
 import fastfwd
 
 async def main(timeout, server_port):
@@ -286,16 +294,7 @@ async def main(timeout, server_port):
     pid = os.fork()
     if pid == 0:
         sys.exit(0)
-    deadline = time.monotonic() + timeout
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            print("child hung", flush=True)
-            break
-        time.sleep(0.02)
-    else:
-        print("child exited", flush=True)
+    reap(pid, timeout)
     live.close()    # the parent's drain goes on: it ends once the connection has
     await asyncio.wait_for(draining, timeout)
     print("drained", flush=True)
