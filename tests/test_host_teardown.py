@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -119,7 +120,11 @@ def test_a_record_setup_cannot_read_is_one_line_and_is_kept(tmp_path: Path, caps
     from fastfwd.host.cli import main
 
     (tmp_path / "br-x.json").write_text(record)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     assert main([command, "br-x", "--state-dir", str(tmp_path)]) == 1
+    # Its handlers put back: left in place, a fork of the caller (pyroute2's netns helper) took
+    # the SIGTERM that stops it as SystemExit and ran on as a copy of the whole test session.
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fastfwd-bridge: setup's record {tmp_path / 'br-x.json'} cannot be read: ")
     assert "\n" not in err and (tmp_path / "br-x.json").read_text() == record

@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # A setup stopped by SIGTERM (a service manager, kill) or a closed terminal undoes what it
     # made, as after Ctrl-C: the default action would end the process before the undo runs.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
+    # Put back after: a program calling main() keeps its own handlers (a forked child of its
+    # would otherwise raise SystemExit on SIGTERM and run on as a copy of it).
+    before = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run(args)
     except ValueError as exc:  # a value given that cannot be used
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
