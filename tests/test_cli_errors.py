@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from helpers_control import daemon, free_port, needs_engine, short_dir
-from netutil import child_env, cli_sandbox, is_refused, run_cli, start_cli, stop_process, wait_for
+from netutil import (child_env, cli_sandbox, free_port_range, is_refused, run_cli, start_cli, stop_process,
+                     wait_for)
 
 #: Root with every capability dropped: file modes and privileged ports apply as to any user,
 #: and the test's interpreter (which may sit under /root) still runs.
@@ -235,8 +236,8 @@ def test_ctrl_c_on_the_hook_waiting_for_a_reply_is_one_line() -> None:
 # -- a target name nothing knows ------------------------------------------------------------------
 @needs_engine
 def test_a_target_name_nothing_knows_is_warned_about_and_its_port_refuses(tmp_path: Path) -> None:
-    port = free_port()
-    with short_dir() as d, daemon(d, "-t", f"{port}:db.example.com:5432", "-t", f"{free_port()}:127.0.0.1:9") as proc:
+    port = free_port_range(2)    # two ports at once: free_port() twice may give one port twice
+    with short_dir() as d, daemon(d, "-t", f"{port}:db.example.com:5432", "-t", f"{port + 1}:127.0.0.1:9") as proc:
         assert is_refused(port)
         warning, = [line for line in proc.log().splitlines() if "WARNING" in line]
     assert warning.endswith("target 'db.example.com' has no address: it is not in [hosts] and no DHCP lease "
@@ -247,7 +248,8 @@ def test_a_target_name_nothing_knows_is_warned_about_and_its_port_refuses(tmp_pa
 def test_a_host_booting_before_its_vms_warns_once_for_all_their_names(tmp_path: Path) -> None:
     """Hundreds of VMs not up yet: one line naming the first few, not a line per name."""
     names = [f"vm{i:02}" for i in range(12)]
-    ports = [free_port() for _ in names]
+    # Twelve at once from this run's block: free_port() twelve times may give one port twice.
+    ports = list(range(first := free_port_range(len(names)), first + len(names)))
     specs = [arg for name, port in zip(names, ports) for arg in ("-t", f"{port}:{name}:22")]
     with short_dir() as d, daemon(d, *specs) as proc:
         assert all(is_refused(port) for port in ports)
