@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from . import config_lines, engine_settings
 from .leases import HostEntry, LeaseError
 from .rules import (DEFAULT_LISTEN, Proto, Rule, RuleOptions, SpecError, check_name, check_target_host,
-                    is_ip, listen_address, parse_ports, seconds, split_hostports)
+                    is_ip, listen_address, options_unused, parse_ports, seconds, split_hostports)
 
 _OPTION_KEYS = tuple(f.name for f in fields(RuleOptions))
 _S = TypeVar("_S", "EngineSettings", "ControlSettings", "SourceSettings")
@@ -304,6 +304,8 @@ class _Validator:
                 self.error(f"{path}.name", str(exc).removeprefix("name: "))
                 name = None  # reported: the rules are still checked, without it
         options = self.options(entry, path, defaults)
+        for key, why in options_unused(entry, protos or ()):
+            self.error(f"{path}.{key}", why)
         listen = target = None
         for key in ("listen", "to"):
             if key not in entry:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from .config import ConfigError, parse_rule_options
 from .forwarder import COUNTER_NAMES
 from .leases import Lease
-from .rules import Rule, SpecError
+from .rules import Rule, SpecError, options_unused
 from .unixserver import OWNER_ONLY, Access, JsonLineServer, Request, RequestError
 
 if TYPE_CHECKING:
@@ -180,8 +180,13 @@ def _rule(doc: dict[str, Any], keys: tuple[str, ...]) -> Rule:
     if not isinstance(options, dict):
         raise RequestError('"options" must be an object of rule options')
     try:
-        return Rule.parse(spec, proto, name=name, options=parse_rule_options(options))
+        rule_options = parse_rule_options(options)
     except ConfigError as exc:
         raise RequestError("; ".join(exc.errors)) from None
+    unused = options_unused(options, (proto,))
+    if unused:
+        raise RequestError("; ".join(f"options.{key}: {why}" for key, why in unused))
+    try:
+        return Rule.parse(spec, proto, name=name, options=rule_options)
     except SpecError as exc:
         raise RequestError(str(exc)) from None

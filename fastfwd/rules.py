@@ -38,6 +38,22 @@ class SpecError(ValueError):
     """A port spec or rule field that cannot be used; the message names the problem."""
 
 
+#: The options one protocol alone uses: set on a rule of only the other, they would do
+#: nothing, without a word.
+_ONE_PROTOCOL: dict[str, Proto] = {
+    "connect_timeout": "tcp", "idle_timeout": "tcp", "half_closed_timeout": "tcp", "splice": "tcp",
+    "splice_threshold": "tcp", "max_connections": "tcp", "on_retarget": "tcp", "on_remove": "tcp",
+    "udp_idle_timeout": "udp", "udp_max_sessions": "udp",
+}
+
+
+def options_unused(names: Iterable[str], protos: Iterable[Proto]) -> list[tuple[str, str]]:
+    """Each option among ``names`` that no protocol in ``protos`` uses, with why."""
+    protos = tuple(protos)
+    return [(name, f"a {_ONE_PROTOCOL[name].upper()} option, and this rule is {protos[0].upper()} only")
+            for name in names if name in _ONE_PROTOCOL and _ONE_PROTOCOL[name] not in protos]
+
+
 @dataclass(frozen=True)
 class RuleOptions:
     """Per-rule behaviour. Times are in seconds; 0 disables a timeout or a cap."""

@@ -154,3 +154,21 @@ def test_a_numeric_user_or_group_id_no_system_has_is_an_error(key: str, number: 
     with pytest.raises(ConfigError) as info:
         parse_config(f"[control]\n{key} = [0, {number}]\n")
     assert info.value.errors == [f"control.{key}: id {number} is not a {key[6:-1]} id (0 to 4294967294) (at line 2)"]
+
+
+def test_an_option_only_the_other_protocol_uses_is_an_error_where_the_rule_sets_it() -> None:
+    # It would do nothing: a UDP rule has no connections to cap, a TCP rule no sessions.
+    with pytest.raises(ConfigError) as info:
+        parse_config('[[forward]]\nlisten = 80\nto = "127.0.0.1:9"\nudp_max_sessions = 5\n'
+                     '[[forward]]\nproto = "udp"\nlisten = 53\nto = "127.0.0.1:9"\nmax_connections = 9\n'
+                     'on_retarget = "close"\n')
+    assert info.value.errors == [
+        "forward[0].udp_max_sessions: a UDP option, and this rule is TCP only (at line 4)",
+        "forward[1].max_connections: a TCP option, and this rule is UDP only (at line 9)",
+        "forward[1].on_retarget: a TCP option, and this rule is UDP only (at line 10)"]
+    # Both protocols use them; [defaults] serve rules of either.
+    config = parse_config('[defaults]\nudp_max_sessions = 5\nmax_connections = 9\n'
+                          '[[forward]]\nproto = "both"\nlisten = 80\nto = "127.0.0.1:9"\nudp_idle_timeout = 3\n'
+                          'splice = "never"\n[[forward]]\nlisten = 81\nto = "127.0.0.1:9"\n')
+    assert [(r.proto, r.options.udp_max_sessions, r.options.max_connections) for r in config.rules] == [
+        ("tcp", 5, 9), ("udp", 5, 9), ("tcp", 5, 9)]

@@ -230,6 +230,11 @@ def test_bad_requests_get_errors_and_change_nothing(sockdir: Path) -> None:
          "options.idle_timeout: expected a number of seconds from 0 to 1000000000, got -1; "
          "options.allow: expected an array of strings, got '10.0.0.0/8'"),
         ({"cmd": "add", "spec": "2222:vm1:22", "options": [1]}, '"options" must be an object'),
+        ({"cmd": "add", "spec": "2222:vm1:22", "options": {"udp_max_sessions": 5}},
+         "options.udp_max_sessions: a UDP option, and this rule is TCP only"),
+        ({"cmd": "add", "spec": "2222:vm1:22", "proto": "udp", "options": {"max_connections": 5, "splice": "never"}},
+         "options.max_connections: a TCP option, and this rule is UDP only; "
+         "options.splice: a TCP option, and this rule is UDP only"),
         ({"cmd": "add", "spec": "2222:vm1:22", "force": True}, "unknown key 'force' for add"),
         ({"cmd": "add", "spec": f"127.0.0.1:{busy_port}:127.0.0.1:22"}, "cannot add:"),
         ({"cmd": "remove", "spec": "127.0.0.1:2222:vm1:22"}, "no rule listens on 127.0.0.1:2222:vm1:22"),
