@@ -154,9 +154,12 @@ def test_every_option_key_of_rule_options_is_accepted() -> None:
               "on_retarget": '"close"', "on_remove": '"close"'}
     assert set(values) == set(RuleOptions.__dataclass_fields__)
     body = "".join(f"{k} = {v}\n" for k, v in values.items())
-    rule, = parse_config(f'[[forward]]\nlisten = 1\nto = "127.0.0.1:2"\n{body}').rules
-    assert rule.options == RuleOptions(1, 2, 3, "always", 4096, 5, 6, 7, ("127.0.0.0/8",), ("127.0.0.2",),
-                                       "close", "close")
+    # Both protocols: each takes its own options and the other's (a rule of one only would
+    # refuse the other's, test_config_strictness).
+    rules = parse_config(f'[[forward]]\nproto = "both"\nlisten = 1\nto = "127.0.0.1:2"\n{body}').rules
+    assert [r.proto for r in rules] == ["tcp", "udp"]
+    assert {r.options for r in rules} == {RuleOptions(1, 2, 3, "always", 4096, 5, 6, 7, ("127.0.0.0/8",),
+                                                      ("127.0.0.2",), "close", "close")}
 
 
 def test_docs_example_is_valid_and_documents_every_default() -> None:
