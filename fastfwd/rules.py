@@ -48,8 +48,11 @@ _ONE_PROTOCOL: dict[str, Proto] = {
 
 
 def options_unused(names: Iterable[str], protos: Iterable[Proto]) -> list[tuple[str, str]]:
-    """Each option among ``names`` that no protocol in ``protos`` uses, with why."""
+    """Each option among ``names`` that no protocol in ``protos`` uses, with why; none when
+    ``protos`` is empty (the rule's protocol is itself in error)."""
     protos = tuple(protos)
+    if not protos:
+        return []
     return [(name, f"a {_ONE_PROTOCOL[name].upper()} option, and this rule is {protos[0].upper()} only")
             for name in names if name in _ONE_PROTOCOL and _ONE_PROTOCOL[name] not in protos]
 

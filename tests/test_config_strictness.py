@@ -172,3 +172,10 @@ def test_an_option_only_the_other_protocol_uses_is_an_error_where_the_rule_sets_
                           'splice = "never"\n[[forward]]\nlisten = 81\nto = "127.0.0.1:9"\n')
     assert [(r.proto, r.options.udp_max_sessions, r.options.max_connections) for r in config.rules] == [
         ("tcp", 5, 9), ("udp", 5, 9), ("tcp", 5, 9)]
+
+
+def test_an_unknown_proto_is_the_one_error_for_its_rules_options() -> None:
+    # Which protocol's options fit is not known then: the check once failed with IndexError.
+    with pytest.raises(ConfigError) as info:
+        parse_config('[[forward]]\nproto = "sctp"\nlisten = 80\nto = "127.0.0.1:9"\nsplice = "never"\n')
+    assert [e.split(":")[0] for e in info.value.errors] == ["forward[0].proto"]
