@@ -466,8 +466,8 @@ class JsonLineServer:
                 if not self._failing:   # once, not at every retry
                     self._failing = True
                     if out_of_fds:
-                        log.warning("%s socket: out of file descriptors: a client is served on the one kept "
-                                    "in reserve, others wait", self.name)
+                        log.warning("%s socket: out of file descriptors: clients are served one at a time on "
+                                    "the one kept in reserve", self.name)
                     else:
                         log.warning("%s socket: cannot accept a connection: %s", self.name, exc.strerror)
                 if out_of_fds and self._reserve is not None:
